@@ -1,0 +1,46 @@
+"""A static KV cache: every layer's keys and values preallocated once, written in place.
+
+Slot s of the cache holds the keys/values of the s-th token fed to the model (padding included),
+so a left-padded batch shares one slot index per step. `key_valid` marks which slots hold real
+tokens; `padded` says whether any slot is padding at all, so the common unpadded case skips the mask.
+Fixed shapes are what lets a decode step be captured once as a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Qwen2Config
+
+
+class KVCache:
+    def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, Hkv, S, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.padded = False
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0  # slots written so far (kept by the DecodeSession, on the host)
+
+    def update(self, layer_idx: int, k, v, slots, kv_len):
+        """Write k/v (B, Hkv, T, hd) into `slots` (T,); return slots [0, kv_len) (all when None)."""
+        self.k[layer_idx].index_copy_(2, slots, k)
+        self.v[layer_idx].index_copy_(2, slots, v)
+        if kv_len is None:
+            return self.k[layer_idx], self.v[layer_idx]
+        return self.k[layer_idx][:, :, :kv_len], self.v[layer_idx][:, :, :kv_len]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K and V bytes one token adds, all layers and batch rows: 2 * L * Hkv * hd * size * B."""
+        k = self.k[0]
+        return 2 * len(self.k) * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.bytes_per_token * self.max_len
+
+    @property
+    def used_bytes(self) -> int:
+        return self.bytes_per_token * self.length

@@ -1,0 +1,184 @@
+"""Generation: prefill the prompt once, then decode one token per step through the KV cache.
+
+DecodeSession is the loop's state (the cache, the next slot, each row's next position);
+`generate` streams one prompt's tokens, `generate_batch` runs several left-padded prompts at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .cache import KVCache
+from .errors import ContextLengthError, GenerationError
+from .sampling import Sampler, SamplingSettings
+
+
+class DecodeSession:
+    """One batch's KV cache and the calls that fill it: prefill(prompt), then step(token) per token."""
+
+    def __init__(self, model, batch_size: int = 1, max_len: int | None = None):
+        config = model.config
+        max_len = max_len or config.max_position_embeddings
+        if max_len > config.max_position_embeddings:
+            raise ContextLengthError(
+                f"{max_len} tokens exceed the model's context of max_position_embeddings="
+                f"{config.max_position_embeddings}")
+        self.model = model
+        with torch.inference_mode():
+            self.cache = KVCache(config, batch_size, max_len, model.device, model.dtype)
+            self.next_position = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+        self.decode_fn = getattr(model, "decode_fn", None)  # set by qwen2.fast for CUDA graphs
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def _check_room(self, n: int):
+        if self.cache.length + n > self.cache.max_len:
+            raise ContextLengthError(
+                f"the cache holds {self.cache.max_len} tokens; {self.cache.length} are used and "
+                f"{n} more do not fit")
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed (B, T) prompt tokens (left-padded when attention_mask is given); return (B, V) logits."""
+        B, T = input_ids.shape
+        self._check_room(T)
+        device = self.cache.key_valid.device
+        slots = torch.arange(self.cache.length, self.cache.length + T, device=device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+            self.cache.padded = self.cache.padded or not bool(attention_mask.all())
+            positions = self.next_position[:, None] + attention_mask.long().cumsum(-1) - 1
+            positions = positions.clamp(min=0)
+            self.next_position += attention_mask.long().sum(-1)
+        else:
+            positions = self.next_position[:, None] + torch.arange(T, device=device)
+            self.next_position += T
+        logits = self.model(input_ids.to(device), attention_mask, cache=self.cache, slots=slots,
+                            positions=positions, kv_len=self.cache.length + T, last_only=True)
+        self.cache.length += T
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, (B,); return the next (B, V) logits."""
+        self._check_room(1)
+        slot = self.cache.length
+        if self.decode_fn is not None:
+            logits = self.decode_fn(self, token_ids, slot)
+        else:
+            slots = torch.tensor([slot], device=self.cache.key_valid.device)
+            logits = self.model(token_ids[:, None], cache=self.cache, slots=slots,
+                                positions=self.next_position[:, None], kv_len=slot + 1, last_only=True)[:, -1]
+        self.next_position += 1
+        self.cache.length += 1
+        return logits
+
+
+def _as_prompt(input_ids, vocab_size: int) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise GenerationError(f"input_ids must have shape [1, T] with T >= 1; got {list(ids.shape)}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise GenerationError(f"input_ids must be integer token ids; got {ids.dtype}")
+    _check_ids(ids, vocab_size)
+    return ids.long()
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int):
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise GenerationError(f"token id {bad} is outside the vocab [0, {vocab_size})")
+
+
+def _check_budget(model, prompt_len: int, max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 1")
+    limit = model.config.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise ContextLengthError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+            f"limit max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens")
+
+
+def default_stop_ids(model) -> set[int]:
+    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             stop_token_ids=None, seed: int | None = None) -> Iterator[int]:
+    """Stream the ids of new tokens for one prompt (LongTensor [1, T]); the stop token is not yielded.
+
+    Arguments are checked before the first token, so a bad setting raises at the call, and leaves the
+    model as it was. Closing the generator (break) drops its cache.
+    """
+    settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+    prompt = _as_prompt(input_ids, model.config.vocab_size).to(model.device)
+    _check_budget(model, prompt.shape[1], max_new_tokens)
+    stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
+    return _generate(model, prompt, max_new_tokens, settings, stop, seed)
+
+
+def _generate(model, prompt, max_new_tokens, settings, stop, seed):
+    session = DecodeSession(model, 1, prompt.shape[1] + max_new_tokens)
+    sampler = Sampler(settings, prompt, model.config.vocab_size, seed)
+    logits = session.prefill(prompt)
+    for i in range(max_new_tokens):
+        next_id = sampler(logits)  # (1,), on the device
+        token = int(next_id)  # the one host sync per token: we must see it to stream and to stop
+        if token in stop:
+            return
+        yield token
+        if i + 1 < max_new_tokens:
+            logits = session.step(next_id)
+
+
+def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                   stop_token_ids=None, seed: int | None = None, pad_token_id: int = 0) -> list[list[int]]:
+    """Generate for several prompts at once, left-padded into one batch; one list of new ids per prompt.
+
+    Greedy results equal generating each prompt alone. A row that meets a stop token stops growing
+    while the others go on.
+    """
+    settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("prompts must be a non-empty list of non-empty token id lists")
+    longest = max(len(p) for p in prompts)
+    _check_budget(model, longest, max_new_tokens)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, longest - len(prompt):] = 1
+    _check_ids(ids, model.config.vocab_size)
+    stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
+    ids, mask = ids.to(model.device), mask.to(model.device)
+
+    session = DecodeSession(model, len(prompts), longest + max_new_tokens)
+    sampler = Sampler(settings, ids, model.config.vocab_size, seed, prompt_mask=mask)
+    logits = session.prefill(ids, mask)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for i in range(max_new_tokens):
+        next_ids = sampler(logits)
+        for row, token in enumerate(next_ids.tolist()):
+            if done[row]:
+                continue
+            if token in stop:
+                done[row] = True
+            else:
+                outputs[row].append(token)
+        if all(done) or i + 1 == max_new_tokens:
+            break
+        logits = session.step(next_ids)
+    return outputs

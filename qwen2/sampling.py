@@ -1,0 +1,126 @@
+"""From logits to the next token.
+
+Applied in this order, each as its reference (transformers' logits processors) defines it:
+repetition penalty, temperature, top-k, top-p, min-p, then a draw. temperature=0 is greedy
+(argmax after the repetition penalty). Everything stays on the model's device: no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GenerationError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        def bad(name, value, expected):
+            raise GenerationError(f"{name}={value!r} is invalid; expected {expected}")
+
+        def number(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, value, "a finite number")
+
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            number(name, getattr(self, name))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if self.temperature < 0:
+            bad("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if self.top_k < 0:
+            bad("top_k", self.top_k, ">= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", self.top_p, "in (0, 1] (1 = off)")
+        if not 0 <= self.min_p < 1:
+            bad("min_p", self.min_p, "in [0, 1) (0 = off)")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = off)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits, seen, penalty: float):
+    """Tokens already in the text: positive logits divided by the penalty, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_top_k(logits, k: int):
+    """Keep the k largest logits (ties with the k-th kept too)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits, p: float):
+    """Keep the smallest set of most likely tokens whose probability sums to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= 1 - p
+    drop[..., -1:] = False  # always keep the most likely token
+    return logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+
+
+def apply_min_p(logits, min_p: float):
+    """Drop tokens less likely than min_p times the most likely one."""
+    if min_p <= 0.0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
+
+
+def process_logits(logits, settings: SamplingSettings, seen=None):
+    """All processors in order; returns the logits the draw is made from.  (B, V) -> (B, V)"""
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.greedy:
+        return logits
+    logits = logits / settings.temperature
+    logits = apply_top_k(logits, settings.top_k)
+    logits = apply_top_p(logits, settings.top_p)
+    return apply_min_p(logits, settings.min_p)
+
+
+class Sampler:
+    """Picks next tokens for a batch, tracking which tokens each row has seen (for the penalty)."""
+
+    def __init__(self, settings: SamplingSettings, prompt_ids: torch.Tensor, vocab_size: int,
+                 seed: int | None = None, prompt_mask: torch.Tensor | None = None):
+        self.settings = settings
+        device = prompt_ids.device
+        self.seen = None
+        if settings.repetition_penalty != 1.0:
+            real = prompt_mask.long() if prompt_mask is not None else torch.ones_like(prompt_ids)
+            counts = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.long, device=device)
+            self.seen = counts.scatter_add_(1, prompt_ids, real) > 0  # padding marks nothing
+        self.generator = None
+        if seed is not None and not settings.greedy:
+            self.generator = torch.Generator(device=device).manual_seed(int(seed))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) float logits -> (B,) token ids."""
+        logits = process_logits(logits.float(), self.settings, self.seen)
+        if self.settings.greedy:
+            ids = logits.argmax(dim=-1)
+        else:
+            ids = torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
+        if self.seen is not None:
+            self.seen.scatter_(1, ids[:, None], True)
+        return ids

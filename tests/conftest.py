@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny Qwen2 checkpoints written by the oracle (transformers' save_pretrained)
+with random weights, plus a byte-level BPE tokenizer built with `tokenizers`.
+
+Nothing is downloaded: every checkpoint a test loads is made here, in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+
+
+def make_checkpoint(
+    directory: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    with_tokenizer: bool = True,
+    **overrides,
+) -> Path:
+    """Write a random-weight Qwen2 checkpoint with the reference implementation; return its dir."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+    cfg = dict(TINY, **overrides)
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(**cfg)
+    ref = transformers.Qwen2ForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # the default init leaves biases at zero; give them values to test
+        for name, param in ref.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    ref.save_pretrained(directory, **kwargs)
+    if with_tokenizer:
+        from tests.tokenizer_factory import save_tiny_tokenizer
+
+        ids = save_tiny_tokenizer(directory)
+        assert ids["vocab_size"] <= cfg["vocab_size"]
+        gen = {"eos_token_id": [ids["im_end"], ids["endoftext"]], "bos_token_id": ids["endoftext"],
+               "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
+               "do_sample": True}
+        (directory / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny GQA, tied-embedding checkpoint in float32 with tokenizer files."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"))
