@@ -122,16 +122,18 @@ class Qwen2Config:
             raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default or yarn)")
 
         # Sliding window: layers i >= max_window_layers use it when use_sliding_window is true.
-        window = raw.get("sliding_window")
+        # Absent keys take transformers' defaults (sliding_window 4096, max_window_layers 28);
+        # an explicit null window means no window.
+        window = raw.get("sliding_window", 4096)
         if raw.get("layer_types"):
             cfg["layer_types"] = list(raw["layer_types"])
-            if "sliding_attention" in cfg["layer_types"]:
-                cfg["sliding_window"] = int(window or 4096)
         elif raw.get("use_sliding_window") and window:
-            first = int(raw.get("max_window_layers", n_layers))
-            cfg["sliding_window"] = int(window)
+            first = raw.get("max_window_layers")
+            first = 28 if first is None else int(first)
             cfg["layer_types"] = ["sliding_attention" if i >= first else "full_attention"
                                   for i in range(n_layers)]
+        if "sliding_attention" in cfg.get("layer_types", []):  # else no layer uses a window: None
+            cfg["sliding_window"] = int(window or 4096)
         bad = set(cfg.get("layer_types", [])) - {"full_attention", "sliding_attention"}
         if bad:
             raise ConfigError(f"{source}: unknown layer_types {sorted(bad)}")
@@ -157,34 +159,41 @@ class Qwen2Config:
         return out
 
 
-def _shape(hidden, layers, heads, kv_heads, inter, vocab, tied, max_pos=32768):
+def _shape(hidden, layers, heads, kv_heads, inter, vocab, tied, max_pos, eps=1e-6):
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, intermediate_size=inter, vocab_size=vocab,
                 tie_word_embeddings=tied, max_position_embeddings=max_pos, rope_theta=1_000_000.0,
-                rms_norm_eps=1e-6, torch_dtype="bfloat16")
+                rms_norm_eps=eps, torch_dtype="bfloat16")
 
 
-# Official shapes, from the config.json of each release (base and -Instruct share a shape).
+# Official shapes, from the config.json of each base release. Base and -Instruct share the tensor
+# shapes but not two scalars: every -Instruct repo has max_position_embeddings=32768 and
+# rms_norm_eps=1e-6, while most base repos declare 131072 positions and the largest ones 1e-5.
 # Qwen2.5-0.5B/1.5B/3B are tied; 7B and up are untied; 0.5B-3B have 2 KV heads.
 _OFFICIAL = {
-    "Qwen/Qwen2-0.5B": _shape(896, 24, 14, 2, 4864, 151936, True),
-    "Qwen/Qwen2-1.5B": _shape(1536, 28, 12, 2, 8960, 151936, True),
-    "Qwen/Qwen2-7B": _shape(3584, 28, 28, 4, 18944, 152064, False),
-    "Qwen/Qwen2-72B": _shape(8192, 80, 64, 8, 29568, 152064, False),
-    "Qwen/Qwen2.5-0.5B": _shape(896, 24, 14, 2, 4864, 151936, True),
-    "Qwen/Qwen2.5-1.5B": _shape(1536, 28, 12, 2, 8960, 151936, True),
-    "Qwen/Qwen2.5-3B": _shape(2048, 36, 16, 2, 11008, 151936, True),
-    "Qwen/Qwen2.5-7B": _shape(3584, 28, 28, 4, 18944, 152064, False),
-    "Qwen/Qwen2.5-14B": _shape(5120, 48, 40, 8, 13824, 152064, False),
-    "Qwen/Qwen2.5-32B": _shape(5120, 64, 40, 8, 27648, 152064, False),
-    "Qwen/Qwen2.5-72B": _shape(8192, 80, 64, 8, 29568, 152064, False),
+    "Qwen/Qwen2-0.5B": _shape(896, 24, 14, 2, 4864, 151936, True, 131072),
+    "Qwen/Qwen2-1.5B": _shape(1536, 28, 12, 2, 8960, 151936, True, 131072),
+    "Qwen/Qwen2-7B": _shape(3584, 28, 28, 4, 18944, 152064, False, 131072),
+    "Qwen/Qwen2-72B": _shape(8192, 80, 64, 8, 29568, 152064, False, 131072, eps=1e-5),
+    "Qwen/Qwen2.5-0.5B": _shape(896, 24, 14, 2, 4864, 151936, True, 32768),
+    "Qwen/Qwen2.5-1.5B": _shape(1536, 28, 12, 2, 8960, 151936, True, 131072),
+    "Qwen/Qwen2.5-3B": _shape(2048, 36, 16, 2, 11008, 151936, True, 32768),
+    "Qwen/Qwen2.5-7B": _shape(3584, 28, 28, 4, 18944, 152064, False, 131072),
+    "Qwen/Qwen2.5-14B": _shape(5120, 48, 40, 8, 13824, 152064, False, 131072, eps=1e-5),
+    "Qwen/Qwen2.5-32B": _shape(5120, 64, 40, 8, 27648, 152064, False, 131072, eps=1e-5),
+    "Qwen/Qwen2.5-72B": _shape(8192, 80, 64, 8, 29568, 152064, False, 131072, eps=1e-5),
 }
+_INSTRUCT = dict(max_position_embeddings=32768, rms_norm_eps=1e-6)
 
 
 def official_config(repo_id: str) -> Qwen2Config:
-    """The official shape of a known Qwen2 / Qwen2.5 repo id (any -Instruct suffix)."""
-    base = str(repo_id).removesuffix("-Instruct")
+    """The official shape of a known Qwen2 / Qwen2.5 repo id (base or -Instruct)."""
+    repo_id = str(repo_id)
+    base = repo_id.removesuffix("-Instruct")
     if base not in _OFFICIAL:
         known = ", ".join(sorted(_OFFICIAL))
         raise ConfigError(f"no built-in shape for {repo_id!r}; known: {known} (and their -Instruct)")
-    return Qwen2Config(**_OFFICIAL[base])
+    shape = dict(_OFFICIAL[base])
+    if repo_id != base:
+        shape.update(_INSTRUCT)
+    return Qwen2Config(**shape)

@@ -26,10 +26,13 @@ class DecodeSession:
                 f"{max_len} tokens exceed the model's context of max_position_embeddings="
                 f"{config.max_position_embeddings}")
         self.model = model
+        # qwen2.fast.CudaGraphDecoder (when enabled) lends a cache from its pool and replays steps.
+        decoder = getattr(model, "decode_fn", None)
         with torch.inference_mode():
-            self.cache = KVCache(config, batch_size, max_len, model.device, model.dtype)
+            cache = decoder.acquire_cache(self, batch_size, max_len) if decoder is not None else None
+            self.decode_fn = decoder if cache is not None else None
+            self.cache = cache or KVCache(config, batch_size, max_len, model.device, model.dtype)
             self.next_position = torch.zeros(batch_size, dtype=torch.long, device=model.device)
-        self.decode_fn = getattr(model, "decode_fn", None)  # set by qwen2.fast for CUDA graphs
 
     @property
     def length(self) -> int:

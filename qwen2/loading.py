@@ -151,15 +151,22 @@ def init_random_weights(model: Qwen2ForCausalLM, seed: int = 0):
 
 
 def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
-               attn_backend: str = "sdpa", quantize: str | None = None) -> Qwen2ForCausalLM:
+               attn_backend: str = "sdpa", quantize: str | None = None, fuse: bool = True,
+               cuda_graphs: bool = False) -> Qwen2ForCausalLM:
     """Load a Qwen2 checkpoint (a local directory or a hub repo id) for inference.
 
     random_weights=True builds the shape without any weights file: from the directory's config.json
     when `source` is a directory, else from the built-in table of official Qwen2/Qwen2.5 shapes.
     dtype=None picks the checkpoint's dtype on GPU and the faster of bf16/fp32 on CPU.
     quantize="int8" stores the linear weights as int8 with per-channel scales (qwen2/quant.py).
+    fuse=True merges q/k/v and gate/up into one product each; cuda_graphs=True replays decode
+    steps as CUDA graphs (CUDA only; qwen2/fast.py). Neither changes the math.
     """
     dev = resolve_device(device)
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize={quantize!r} is not supported; expected 'int8' or None")
+    if cuda_graphs and dev.type != "cuda":
+        raise ConfigError(f"cuda_graphs=True needs a CUDA device; got {dev}")
     directory = None
     if random_weights:
         path = Path(str(source)).expanduser()
@@ -196,4 +203,11 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
         from .quant import quantize_model
 
         quantize_model(model, quantize)
+    if fuse or cuda_graphs:
+        from .fast import enable_cuda_graphs, fuse_projections
+
+        if fuse:
+            fuse_projections(model)
+        if cuda_graphs:
+            enable_cuda_graphs(model)
     return model

@@ -40,17 +40,18 @@ def ids_for(seed, shape, vocab=512):
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
-def test_fp32_logits_match_reference(pair, backend):
+def test_fp32_logits_match_reference(pair, backend, fuse):
     name, directory, ref = pair
-    ours = qwen2.load_model(directory, dtype="float32", attn_backend=backend)
+    ours = qwen2.load_model(directory, dtype="float32", attn_backend=backend, fuse=fuse)
     ids = ids_for(1, (2, 24))
     with torch.no_grad():
         expected = ref(ids).logits.float()
     got = ours(ids)
     assert got.shape == expected.shape == (2, 24, 512)
     delta = (got - expected).abs().max().item()
-    print(f"[parity] {name} {backend} fp32 max|dlogits| = {delta:.3e}")
+    print(f"[parity] {name} {backend} {'fused' if fuse else 'plain'} fp32 max|dlogits| = {delta:.3e}")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
