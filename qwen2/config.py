@@ -28,7 +28,11 @@ DTYPES = {
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None or isinstance(name, torch.dtype):
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():  # e.g. torch.int8 or float64: the network is not built for them
+            raise ConfigError(f"unsupported dtype {name}; expected one of float32, bfloat16, float16")
         return name
     key = str(name).removeprefix("torch.")
     if key not in DTYPES:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
+from .model import ATTENTION_BACKENDS, sdpa_attention
 from .quant import Int8Linear
 
 
@@ -65,6 +66,26 @@ def fuse_projections(model):
     return model
 
 
+def single_query_attention(q, k, v, mask, scale):
+    """Attention for one new token as plain products and sums, which torch.compile fuses into a
+    couple of small kernels; a general attention kernel is overkill for a single query row.
+    Longer inputs (prefill) go to SDPA.  q (B, H, T, hd), k/v (B, Hkv, S, hd)."""
+    B, H, T, hd = q.shape
+    if T != 1:
+        return sdpa_attention(q, k, v, mask, scale)
+    n_kv = k.shape[1]
+    q = q.view(B, n_kv, H // n_kv, 1, hd).float()  # query heads grouped under their KV head
+    scores = (q * k[:, :, None].float()).sum(-1) * scale  # (B, Hkv, groups, S)
+    if mask is not None:  # (B or 1, 1, 1, S)
+        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, groups, hd)
+    return out.to(v.dtype).view(B, H, 1, hd)
+
+
+ATTENTION_BACKENDS["single_query"] = single_query_attention
+
+
 def _bucket(n: int, limit: int) -> int:
     """Round a cache length up to a power of two (>= 256), so few graphs serve all lengths."""
     size = 256
@@ -82,6 +103,7 @@ class CudaGraphDecoder:
         self.mempool = torch.cuda.graph_pool_handle()
         self.step_fn = model.forward
         if compile:
+            model.set_attention_backend("single_query")
             self.step_fn = torch.compile(model.forward, fullgraph=True, dynamic=False)
 
     def acquire_cache(self, session, batch_size: int, max_len: int) -> KVCache:
@@ -94,6 +116,7 @@ class CudaGraphDecoder:
             return None
         entry["busy"] = True
         weakref.finalize(session, entry.__setitem__, "busy", False)
+        session.graph_entry = entry
         cache = entry["cache"]
         cache.key_valid.zero_()
         cache.length = 0
@@ -123,7 +146,7 @@ class CudaGraphDecoder:
         entry.update(graph=graph, **static)
 
     def __call__(self, session, token_ids, slot):
-        entry = next(e for e in self.pool.values() if e["cache"] is session.cache)
+        entry = session.graph_entry
         positions = session.next_position[:, None]
         if entry["graph"] is None:
             self._capture(entry, token_ids, slot, positions)

@@ -18,7 +18,7 @@ from .sampling import Sampler, SamplingSettings
 class DecodeSession:
     """One batch's KV cache and the calls that fill it: prefill(prompt), then step(token) per token."""
 
-    def __init__(self, model, batch_size: int = 1, max_len: int | None = None):
+    def __init__(self, model, batch_size: int = 1, max_len: int | None = None, eager: bool = False):
         config = model.config
         max_len = max_len or config.max_position_embeddings
         if max_len > config.max_position_embeddings:
@@ -26,8 +26,9 @@ class DecodeSession:
                 f"{max_len} tokens exceed the model's context of max_position_embeddings="
                 f"{config.max_position_embeddings}")
         self.model = model
-        # qwen2.fast.CudaGraphDecoder (when enabled) lends a cache from its pool and replays steps.
-        decoder = getattr(model, "decode_fn", None)
+        # qwen2.fast.CudaGraphDecoder (when enabled) lends a cache from its pool and replays steps;
+        # eager=True keeps to plain module calls (the profiler's hooks do not fire inside a graph).
+        decoder = None if eager else getattr(model, "decode_fn", None)
         with torch.inference_mode():
             cache = decoder.acquire_cache(self, batch_size, max_len) if decoder is not None else None
             self.decode_fn = decoder if cache is not None else None
@@ -134,14 +135,26 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.
 def _generate(model, prompt, max_new_tokens, settings, stop, seed):
     session = DecodeSession(model, 1, prompt.shape[1] + max_new_tokens)
     sampler = Sampler(settings, prompt, model.config.vocab_size, seed)
+    # On CUDA, queue step i+1 before waiting for token i: the GPU computes while the host reads the
+    # token and the caller handles it. Stopping early then wastes one step, nothing else.
+    overlap = model.device.type == "cuda"
     logits = session.prefill(prompt)
     for i in range(max_new_tokens):
         next_id = sampler(logits)  # (1,), on the device
-        token = int(next_id)  # the one host sync per token: we must see it to stream and to stop
+        more = i + 1 < max_new_tokens
+        if overlap and more:
+            host_id = next_id.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            logits = session.step(next_id)
+            ready.synchronize()  # waits for the sampled id only, not for the step queued after it
+            token = int(host_id)
+        else:
+            token = int(next_id)  # the one host sync per token: we must see it to stream and to stop
         if token in stop:
             return
         yield token
-        if i + 1 < max_new_tokens:
+        if more and not overlap:
             logits = session.step(next_id)
 
 

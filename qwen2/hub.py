@@ -60,5 +60,6 @@ def resolve(source: str | os.PathLike, allow_patterns: list[str] | None = None) 
             "or pass a local directory"
         )
         raise ModelNotFoundError(
-            f"hub repo {source!r} is neither cached nor downloadable ({type(exc).__name__}): {how}"
+            f"hub repo {source!r} is neither cached nor downloadable ({type(exc).__name__}), and there "
+            f"is no local directory {str(path)!r} either: {how}"
         ) from exc

@@ -17,7 +17,7 @@ import torch
 from . import hub
 from .config import Qwen2Config, official_config, parse_dtype
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
-from .model import Qwen2ForCausalLM
+from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
 
 
 def resolve_device(device) -> torch.device:
@@ -152,7 +152,7 @@ def init_random_weights(model: Qwen2ForCausalLM, seed: int = 0):
 
 def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
                attn_backend: str = "sdpa", quantize: str | None = None, fuse: bool = True,
-               cuda_graphs: bool = False) -> Qwen2ForCausalLM:
+               cuda_graphs: bool = False, compile: bool = False) -> Qwen2ForCausalLM:
     """Load a Qwen2 checkpoint (a local directory or a hub repo id) for inference.
 
     random_weights=True builds the shape without any weights file: from the directory's config.json
@@ -160,13 +160,19 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     dtype=None picks the checkpoint's dtype on GPU and the faster of bf16/fp32 on CPU.
     quantize="int8" stores the linear weights as int8 with per-channel scales (qwen2/quant.py).
     fuse=True merges q/k/v and gate/up into one product each; cuda_graphs=True replays decode
-    steps as CUDA graphs (CUDA only; qwen2/fast.py). Neither changes the math.
+    steps as CUDA graphs (CUDA only; qwen2/fast.py); compile=True also fuses the step's kernels
+    with torch.compile before capturing it (slow to start, fast to run). None changes the math.
     """
     dev = resolve_device(device)
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; expected 'int8' or None")
+    cuda_graphs = cuda_graphs or compile
     if cuda_graphs and dev.type != "cuda":
-        raise ConfigError(f"cuda_graphs=True needs a CUDA device; got {dev}")
+        raise ConfigError(f"cuda_graphs/compile need a CUDA device; got {dev}")
+    # Check the cheap arguments before any file is read or downloaded.
+    dtype = parse_dtype(dtype)
+    if attn_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attn_backend {attn_backend!r} is unknown; expected one of {sorted(ATTENTION_BACKENDS)}")
     directory = None
     if random_weights:
         path = Path(str(source)).expanduser()
@@ -181,8 +187,13 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
         directory = hub.resolve(source)
         config = Qwen2Config.from_file(directory / "config.json")
         files = _weight_files(directory)
-    dtype = parse_dtype(dtype) or default_dtype(dev, config)
+    dtype = dtype or default_dtype(dev, config)
 
+    if dev.type == "cuda":
+        # cuDNN's attention builds a new plan for every sequence length it meets (tens of ms each):
+        # a chat meets a new length at every prompt and decode step. The flash / memory-efficient
+        # kernels need no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     model.to(dtype)
@@ -209,5 +220,5 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
         if fuse:
             fuse_projections(model)
         if cuda_graphs:
-            enable_cuda_graphs(model)
+            enable_cuda_graphs(model, compile=compile)
     return model

@@ -166,11 +166,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA d
 
 
 @needs_cuda
-@pytest.mark.parametrize("quantize", [None, "int8"])
-def test_cuda_graph_decode_equals_eager(tiny_model_dir, quantize):
+@pytest.mark.parametrize("quantize,compile", [(None, False), ("int8", False), (None, True)])
+def test_cuda_graph_decode_equals_eager(tiny_model_dir, quantize, compile):
     eager = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32", quantize=quantize)
     graphed = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32", quantize=quantize,
-                               cuda_graphs=True)
+                               cuda_graphs=True, compile=compile)
     ids = rand_ids(4, (1, 9)).cuda()
     full = eager(torch.cat([ids, rand_ids(5, (1, 10)).cuda()], 1))
     session = DecodeSession(graphed, 1, 19)
@@ -182,3 +182,32 @@ def test_cuda_graph_decode_equals_eager(tiny_model_dir, quantize):
     for _ in range(2):  # the pooled cache and its graph are reused by the next generations
         assert list(qwen2.generate(graphed, ids, max_new_tokens=16, stop_token_ids=[])) == \
             list(qwen2.generate(eager, ids, max_new_tokens=16, stop_token_ids=[]))
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_cuda_fp32_logits_match_reference(tiny_model_dir, backend):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ours = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32", attn_backend=backend)
+    ids = rand_ids(6, (2, 20))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    torch.testing.assert_close(ours(ids.cuda()).cpu(), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_single_query_attention_equals_sdpa(masked):
+    from qwen2.fast import single_query_attention
+    from qwen2.model import sdpa_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, t, 16, generator=gen) for h, t in ((6, 1), (2, 9), (2, 9)))
+    mask = torch.rand(2, 1, 1, 9, generator=gen) > 0.3 if masked else None
+    if masked:
+        mask[..., 0] = True
+    torch.testing.assert_close(single_query_attention(q, k, v, mask, 0.25), sdpa_attention(q, k, v, mask, 0.25),
+                               atol=1e-5, rtol=0)
+    # Longer inputs are SDPA's
+    q5 = torch.randn(2, 6, 5, 16, generator=gen)
+    torch.testing.assert_close(single_query_attention(q5, k, v, None, 0.25), sdpa_attention(q5, k, v, None, 0.25))

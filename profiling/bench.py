@@ -1,0 +1,195 @@
+"""Command line: profile a qwen2 model on one or more devices/dtypes and write run files.
+
+    python -m profiling.bench --model Qwen/Qwen2-0.5B-Instruct --device cpu --dtype float32 \\
+        --prompt-tokens 32 --new-tokens 8 --out run.json [--trace-dir traces] \\
+        [--baseline transformers] [--sweep 128,512,2048] [--quantize int8]
+
+Several devices or dtypes (`--device cpu,cuda --dtype float32,bfloat16`) write one file per
+combination: run.json -> run.cpu.float32.json, run.cuda0.bfloat16.json, ...
+Bad input gives one "error: ..." line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .device import dtype_name, parse_dtype, resolve_device
+from .errors import ProfilingError
+from .measure import check_context, parse_sweep, profile_model, sweep_steps
+from .progress import TqdmProgress
+from .runfile import save_run
+from .steps import quantization
+
+QUANTIZE = ("int8",)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + error
+        self.exit(2, f"error: {message} (see python -m profiling.bench --help)\n")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m profiling.bench",
+                description="Profile a qwen2 model: speed, per-layer time, memory; write JSON.")
+    p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights in the checkpoint's shape (no weight download)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; comma list allowed")
+    p.add_argument("--dtype", default="float32",
+                   help="float32, bfloat16 or float16; comma list allowed")
+    p.add_argument("--prompt-tokens", type=_positive, default=32)
+    p.add_argument("--new-tokens", type=_positive, default=8, help="timed decode steps")
+    p.add_argument("--warmup", type=_non_negative, default=1, help="untimed warm-up runs")
+    p.add_argument("--out", default="run.json", help="run file (one per device/dtype if several)")
+    p.add_argument("--trace-dir", default=None,
+                   help="also write a torch.profiler trace (TensorBoard + Perfetto) here")
+    p.add_argument("--baseline", default=None, choices=["transformers"],
+                   help="also time transformers' generate on the same model and prompt")
+    p.add_argument("--sweep", default=None, help="context lengths, e.g. 128,512,2048")
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE))
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="load with qwen2's CUDA-graph decode; its speed is recorded as "
+                        "fast_decode (per-block figures always come from the eager path)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and random weights")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def output_paths(out: str, combos: list[tuple[torch.device, torch.dtype]]) -> list[Path]:
+    path = Path(out)
+    if len(combos) == 1:
+        return [path]
+    suffix = path.suffix or ".json"
+    stem = path.name[: -len(path.suffix)] if path.suffix else path.name
+    return [path.with_name(f"{stem}.{re.sub(r'[^a-z0-9]', '', str(d))}.{dtype_name(t)}{suffix}")
+            for d, t in combos]
+
+
+def _split(text: str) -> list[str]:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise ProfilingError(f"empty list {text!r}")
+    return list(dict.fromkeys(items))
+
+
+def _precheck_context(model: str, prompt: int, new: int, sweep: list[int] | None) -> None:
+    """Check the context before loading weights, when the config is local."""
+    config_path = Path(model).expanduser() / "config.json"
+    if not config_path.is_file():
+        return
+    from qwen2.config import Qwen2Config
+
+    limit = Qwen2Config.from_file(config_path).max_position_embeddings
+    check_context(prompt, new, limit)
+    for ctx in sweep or []:
+        check_context(ctx, sweep_steps(new), limit, what="sweep context")
+
+
+def summary_line(run: dict, path: Path) -> str:
+    bw = run.get("bandwidth") or {}
+    roof = bw.get("roofline_fraction")
+    limit = bw.get("limit_bytes_per_s")
+    roof_text = (f" ({100 * roof:.1f}% of {limit / 1e9:.0f} GB/s {bw.get('limit_source')} roofline)"
+                 if roof is not None and limit else "")
+    line = (f"{run['device']} {run['dtype']}: TTFT {run['ttft_s'] * 1e3:.1f} ms, prefill "
+            f"{run['prefill_tokens_per_s']:.1f} tok/s, decode {run['decode_tokens_per_s']:.1f} "
+            f"tok/s{roof_text}")
+    if run.get("fast_decode"):
+        line += f"; fast-path decode {run['fast_decode']['decode_tokens_per_s']:.1f} tok/s"
+    if run.get("baseline"):
+        line += f"; transformers decode {run['baseline']['decode_tokens_per_s']:.1f} tok/s"
+    return f"{line} -> {path}"
+
+
+def run_cli(args) -> int:
+    devices = [resolve_device(d) for d in _split(args.device)]
+    dtypes = [parse_dtype(d) for d in _split(args.dtype)]
+    sweep = parse_sweep(args.sweep)
+    if args.baseline:
+        from .baseline import check_baseline
+
+        check_baseline(args.baseline)
+    _precheck_context(args.model, args.prompt_tokens, args.new_tokens, sweep)
+
+    import qwen2
+
+    combos = [(d, t) for d in devices for t in dtypes]
+    paths = output_paths(args.out, combos)
+    for (device, dtype), path in zip(combos, paths):
+        torch.manual_seed(args.seed)
+        extra = {"cuda_graphs": True} if args.cuda_graphs and device.type == "cuda" else {}
+        model = qwen2.load_model(args.model, device=str(device), dtype=dtype,
+                                 random_weights=args.random_weights, quantize=args.quantize,
+                                 **extra)
+        if args.quantize and not quantization(model):
+            model.quantization = args.quantize  # record it in the run even if the loader does not
+        bar = TqdmProgress(desc=f"{device} {dtype_name(dtype)}", disable=args.no_progress or None)
+        try:
+            run = profile_model(model, prompt_tokens=args.prompt_tokens,
+                                new_tokens=args.new_tokens, warmup=args.warmup,
+                                baseline=args.baseline, sweep=sweep, trace_dir=args.trace_dir,
+                                progress=bar, seed=args.seed)
+        finally:
+            bar.close()
+        save_run(run, path)
+        print(summary_line(run, path))
+        if run.get("trace"):
+            print(f"  trace: {run['trace']['open']['tensorboard']}")
+            print(f"  trace: {run['trace']['open']['perfetto']}")
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_cli(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except torch.OutOfMemoryError as exc:
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "out of memory"
+        print(f"error: out of memory: {first}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, ImportError) as exc:  # our errors, qwen2's errors, bad files
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

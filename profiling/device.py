@@ -1,0 +1,156 @@
+"""Devices, dtypes and the memory-bandwidth limit ("roofline") of a device.
+
+`resolve_device` turns "cpu" / "cuda" / "cuda:N" / "mps" into a torch.device and refuses, with a
+one-line reason, a device this machine does not have. `memory_bandwidth_limit` returns the peak
+bandwidth a decode step could reach: a published figure for known GPUs, otherwise a short
+measured copy/read benchmark (always measured on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+
+import torch
+
+from .errors import ProfilingError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+# Published HBM/GDDR bandwidth of common inference GPUs, bytes/s. Matched against the CUDA device
+# name (case-insensitive) in order, so the more specific patterns come first.
+GPU_BANDWIDTH_TABLE: list[tuple[str, float, str]] = [
+    (r"\bh200\b", 4.8e12, "H200"),
+    (r"\bh100\b.*\bnvl\b", 3.9e12, "H100 NVL"),
+    (r"\bh100\b.*\b(sxm|hbm3)", 3.35e12, "H100 SXM"),
+    (r"\bh100\b", 2.0e12, "H100 PCIe"),
+    (r"\ba100\b.*\b80\s?gb\b", 2.0e12, "A100 80GB"),
+    (r"\ba100\b", 1.555e12, "A100 40GB"),
+    (r"\bl40s?\b", 0.864e12, "L40/L40S"),
+    (r"\bl4\b", 0.3e12, "L4"),
+    (r"\bt4\b", 0.32e12, "T4"),
+    (r"\ba10g?\b", 0.6e12, "A10G"),
+]
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """"float32" | "bfloat16" | "float16" (or fp32/bf16/fp16) -> torch.dtype."""
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        raise ProfilingError(f"unsupported dtype {name}: expected float32, bfloat16 or float16")
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ProfilingError(f"unknown dtype {name!r}: expected float32, bfloat16 or float16")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """Parse a device name and check this machine has it; raise ProfilingError otherwise."""
+    text = str(name).strip().lower()
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if not match:
+        raise ProfilingError(f"unknown device {str(name)!r}: expected cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu":
+        return torch.device("cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
+            raise ProfilingError(f"device {text!r} is not available: {why}")
+        count = torch.cuda.device_count()
+        i = int(index) if index is not None else torch.cuda.current_device()
+        if i >= count:
+            raise ProfilingError(f"device {text!r} is not available: this machine has {count} "
+                                 f"CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return torch.device("cuda", i)
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        why = ("this torch build has no MPS support" if mps is None or not mps.is_built()
+               else "MPS needs Apple silicon with macOS 12.3+")
+        raise ProfilingError(f"device {text!r} is not available: {why}")
+    if index not in (None, "0"):
+        raise ProfilingError(f"device {text!r} is not available: there is only one MPS device")
+    return torch.device("mps")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def device_name(device: torch.device) -> str:
+    """A human name: the GPU model for CUDA, the CPU model for CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    from .environment import cpu_model
+
+    return cpu_model()
+
+
+def table_bandwidth(gpu_name: str) -> tuple[float, str] | None:
+    """(bytes/s, table entry) for a known GPU name, or None."""
+    lowered = gpu_name.lower()
+    for pattern, bandwidth, label in GPU_BANDWIDTH_TABLE:
+        if re.search(pattern, lowered):
+            return bandwidth, label
+    return None
+
+
+def _best_time(fn, device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def _measure(device_str: str, nbytes: int, repeats: int) -> dict:
+    device = torch.device(device_str)
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once so the first timed pass does not page-fault
+    src.sum()
+    copy_s = _best_time(lambda: dst.copy_(src), device, repeats)
+    read_s = _best_time(lambda: src.sum(), device, repeats)
+    del src, dst
+    copy_bw = 2 * n * 4 / copy_s  # a copy reads and writes every byte
+    read_bw = n * 4 / read_s
+    return {"copy_bytes_per_s": copy_bw, "read_bytes_per_s": read_bw,
+            "bytes_per_s": max(copy_bw, read_bw), "buffer_bytes": n * 4}
+
+
+def measure_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> dict:
+    """A short copy + read benchmark over a buffer larger than the caches (result cached)."""
+    if nbytes is None:
+        nbytes = 256 * 2**20 if device.type == "cpu" else 1024 * 2**20
+    return dict(_measure(str(device), int(nbytes), int(repeats)))
+
+
+def memory_bandwidth_limit(device: torch.device | str) -> tuple[float, str]:
+    """(bytes/s, source): source is "table" for a known GPU, else "measured"."""
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    if device.type == "cuda":
+        hit = table_bandwidth(torch.cuda.get_device_name(device))
+        if hit is not None:
+            return hit[0], "table"
+    return measure_bandwidth(device)["bytes_per_s"], "measured"

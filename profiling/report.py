@@ -1,0 +1,164 @@
+"""A standalone HTML report comparing run files.
+
+    python -m profiling.report run.cpu.json run.cuda.json -o report.html
+
+The page embeds plotly.js once, so it opens offline in any browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import html
+import sys
+from pathlib import Path
+
+import plotly.io as pio
+
+from . import charts
+from .errors import RunFileError
+from .runfile import load_run, validate_run
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+.note { color: #666; font-size: 0.85em; }
+"""
+
+
+def _fmt(value, digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return "–"
+    return f"{value * scale:,.{digits}f}{suffix}"
+
+
+def _bytes(value) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    scale, unit = charts.byte_unit(value)
+    return f"{value / scale:,.2f} {unit}"
+
+
+def _summary_table(runs: list[dict], labels: list[str]) -> str:
+    heads = ["run", "model", "prompt / new", "TTFT", "prefill tok/s", "decode tok/s",
+             "% roofline", "bandwidth limit", "weights", "KV cache", "peak", "hook overhead",
+             "transformers decode tok/s"]
+    rows = []
+    for run, label in zip(runs, labels):
+        bw = run.get("bandwidth") or {}
+        mem = run.get("memory") or {}
+        inst = run.get("instrumentation") or {}
+        base = run.get("baseline") or {}
+        limit = bw.get("limit_bytes_per_s")
+        cells = [
+            label, charts._model_name(run) or "?",
+            f"{run.get('prompt_tokens', '?')} / {run.get('new_tokens', '?')}",
+            _fmt(run.get("ttft_s"), 2, 1e3, " ms"),
+            _fmt(run.get("prefill_tokens_per_s")),
+            _fmt(run.get("decode_tokens_per_s")),
+            _fmt(bw.get("roofline_fraction"), 1, 100, "%"),
+            (f"{_fmt(limit, 0, 1e-9)} GB/s ({bw.get('limit_source')})" if limit else "–"),
+            _bytes(mem.get("weights_bytes")), _bytes(mem.get("kv_cache_bytes")),
+            _bytes(mem.get("peak_bytes")),
+            _fmt(inst.get("overhead_fraction_decode"), 1, 100, "%"),
+            _fmt(base.get("decode_tokens_per_s")),
+        ]
+        rows.append("<tr>" + "".join(
+            f"<td class='l'>{html.escape(str(c))}</td>" if i < 3 else f"<td>{html.escape(c)}</td>"
+            for i, c in enumerate(cells)) + "</tr>")
+    head = "".join(f"<th class='l'>{h}</th>" if i < 3 else f"<th>{h}</th>"
+                   for i, h in enumerate(heads))
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _environment_table(runs: list[dict], labels: list[str]) -> str:
+    keys = ["device_name", "cpu_model", "cpu_count", "torch_threads", "gpu_name",
+            "gpu_memory_bytes", "torch_version", "cuda_version", "python_version", "timestamp"]
+    head = "<th class='l'>run</th>" + "".join(f"<th class='l'>{k}</th>" for k in keys) + \
+        "<th class='l'>git commit</th><th class='l'>timer</th>"
+    rows = []
+    for run, label in zip(runs, labels):
+        env = run.get("environment") or {}
+        vals = [env.get(k) for k in keys]
+        vals[keys.index("gpu_memory_bytes")] = _bytes(env.get("gpu_memory_bytes")) \
+            if env.get("gpu_memory_bytes") else None
+        git = env.get("git") or {}
+        commit = (git.get("commit") or "")[:12] + (" (dirty)" if git.get("dirty") else "")
+        vals += [commit or None, (run.get("instrumentation") or {}).get("timer")]
+        rows.append("<tr><td class='l'>" + html.escape(label) + "</td>" + "".join(
+            f"<td class='l'>{html.escape('–' if v is None else str(v))}</td>" for v in vals)
+            + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def render_report(runs: list[dict], title: str = "Qwen2 Studio profiling report") -> str:
+    """The report as one HTML string."""
+    for i, run in enumerate(runs):
+        validate_run(run, where=f"run {i + 1}")
+    labels = charts.run_labels(runs)
+    figures = [
+        ("Throughput", charts.throughput_figure(runs)),
+        ("Per-layer latency (use the buttons to switch decode / prefill)",
+         charts.layer_latency_figure(runs, "decode")),
+        ("Memory", charts.memory_figure(runs)),
+    ]
+    if any(r.get("sweep") for r in runs):
+        figures.append(("Context sweep", charts.sweep_figure(runs)))
+    parts = []
+    for i, (heading, fig) in enumerate(figures):
+        div = pio.to_html(fig, full_html=False, include_plotlyjs="inline" if i == 0 else False,
+                          default_height="480px")
+        parts.append(f"<h2>{html.escape(heading)}</h2>{div}")
+    notes = sorted({str(r.get("decode_path")) for r in runs if r.get("decode_path")})
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="note">{len(runs)} run(s); generated {now}.</p>
+<h2>Summary</h2>
+{_summary_table(runs, labels)}
+<p class="note">Decode tok/s is the median over steps of the clean (hook-free) run; % roofline is
+(weights + KV bytes read per token) ÷ step time ÷ the device's bandwidth limit. Hook overhead is the
+hooked run's median step time against the clean run's.</p>
+{''.join(parts)}
+<h2>Environment</h2>
+{_environment_table(runs, labels)}
+{''.join(f'<p class="note">{html.escape(n)}</p>' for n in notes)}
+</body></html>
+"""
+
+
+def write_report(runs: list[dict], path, title: str = "Qwen2 Studio profiling report") -> Path:
+    """Write the standalone HTML report for `runs` to `path`; return the path."""
+    path = Path(path)
+    text = render_report(runs, title)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OSError(f"cannot write report {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m profiling.report",
+                                     description="Write a standalone HTML report comparing runs.")
+    parser.add_argument("runs", nargs="+", metavar="RUN.json", help="run files from profiling.bench")
+    parser.add_argument("-o", "--out", default="report.html", help="output HTML (report.html)")
+    parser.add_argument("--title", default="Qwen2 Studio profiling report")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(p) for p in args.runs]
+        out = write_report(runs, args.out, args.title)
+    except (RunFileError, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

