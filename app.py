@@ -79,7 +79,7 @@ class Runtime:
     """The chat model and tokenizer (loaded once) plus models for profiling other devices/dtypes."""
 
     def __init__(self, source: str, device: str | None, dtype: str | None, quantize: str | None,
-                 fallback_config: str | None = None):
+                 fallback_config: str | None = None, fast_decode: str = "off"):
         self.source, self.quantize = source, quantize
         device = device or default_device()
         print(f"[qwen2-studio] loading {source} on {device} (a first download shows its progress here)",
@@ -108,6 +108,25 @@ class Runtime:
         eos = [] if eos is None else (eos if isinstance(eos, (list, tuple)) else [eos])
         self.stop_ids = set(self.tokenizer.eos_token_ids) | {int(e) for e in eos}
         self._extra: dict = {}
+        self.prepare_fast_decode(fast_decode)
+
+    def prepare_fast_decode(self, mode: str):
+        """On CUDA, replay decode steps as a CUDA graph (compiled first when mode is "compile").
+        Capturing and compiling happen here, at start-up, so no chat reply pays for them."""
+        if mode == "off" or self.model.device.type != "cuda":
+            return
+        from qwen2.fast import enable_cuda_graphs, warm_up
+
+        print(f"[qwen2-studio] {'compiling and ' if mode == 'compile' else ''}capturing the decode step "
+              "as a CUDA graph (once, at start-up; compiling takes about a minute)...", flush=True)
+        try:
+            enable_cuda_graphs(self.model, compile=mode == "compile")
+            warm_up(self.model)
+        except Exception as exc:  # e.g. no Triton for torch.compile: decode eagerly, still correct
+            print(f"[qwen2-studio] fast decode unavailable ({type(exc).__name__}: {exc}); decoding eagerly",
+                  flush=True)
+            self.model.decode_fn = None
+            self.model.set_attention_backend("sdpa")
 
     @property
     def device(self) -> str:
@@ -484,6 +503,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA if present)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers")
+    p.add_argument("--fast-decode", default="off" if os.environ.get("SPACES_ZERO_GPU") else "compile",
+                   choices=["compile", "graphs", "off"],
+                   help="CUDA only: decode through a CUDA graph, compiled with torch.compile first (default)")
     p.add_argument("--runs-dir", default=env("QWEN2_STUDIO_RUNS_DIR", "runs"), help="profiling runs")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
@@ -496,7 +518,7 @@ def main(argv=None):
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    rt = Runtime(args.model, args.device, args.dtype, args.quantize, args.fallback_config)
+    rt = Runtime(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode)
     demo = build_demo(rt, runs_dir)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True,

@@ -99,6 +99,9 @@ class CudaGraphDecoder:
 
     def __init__(self, model, compile: bool = False):
         self.model = model
+        # A compiled step is specialised to the cache length: start at 4096 slots, so one compile
+        # serves every chat up to that length (longer ones compile the next bucket once).
+        self.min_len = min(4096, model.config.max_position_embeddings) if compile else 256
         self.pool = {}  # (batch, length) -> {"cache", "busy", "graph", buffers...}
         self.mempool = torch.cuda.graph_pool_handle()
         self.step_fn = model.forward
@@ -107,7 +110,7 @@ class CudaGraphDecoder:
             self.step_fn = torch.compile(model.forward, fullgraph=True, dynamic=False)
 
     def acquire_cache(self, session, batch_size: int, max_len: int) -> KVCache:
-        key = (batch_size, _bucket(max_len, self.model.config.max_position_embeddings))
+        key = (batch_size, _bucket(max(max_len, self.min_len), self.model.config.max_position_embeddings))
         entry = self.pool.get(key)
         if entry is None:
             cache = KVCache(self.model.config, batch_size, key[1], self.model.device, self.model.dtype)

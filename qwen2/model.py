@@ -293,7 +293,7 @@ class Qwen2ForCausalLM(nn.Module):
                 window is None or kv_len <= window)
             masks[kind] = None if trivial else visibility_mask(slots, key_slots, key_valid, window)
         h = self.model(input_ids, positions, masks, cache, slots, kv_len)
-        if last_only:
-            h = h[:, -1:]
+        if last_only:  # (B, D): a 2-D slice, because torch runs a strided 3-D one as a batched product
+            return self.lm_head(h[:, -1]).float()[:, None]
         return self.lm_head(h).float()
 

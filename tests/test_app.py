@@ -453,7 +453,7 @@ def test_dockerfile_lints_clean():
 def test_space_front_matter():
     yaml = pytest.importorskip("yaml")
     readme = ROOT / "README.md"
-    source = readme if readme.is_file() and readme.read_text().startswith("---") else ROOT / "docs" / "app.md"
+    source = readme
     text = source.read_text()
     assert text.startswith("---\n"), f"{source} has no front matter"
     meta = yaml.safe_load(text.split("---\n")[1])

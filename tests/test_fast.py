@@ -37,11 +37,12 @@ def test_quantize_rows_error_is_within_half_a_step():
     assert (err <= scales[:, None] / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("rows", [1, 15, 60], ids=["decode", "short", "prefill"])  # 60 > FUSED_MAX_ROWS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_equals_dequantized_float_linear(dtype):
+def test_int8_linear_equals_dequantized_float_linear(dtype, rows):
     lin = torch.nn.Linear(96, 40, bias=True).to(dtype)
     q8 = Int8Linear.from_linear(lin, fused_kernel=True)
-    x = torch.randn(3, 5, 96).to(dtype)
+    x = torch.randn(rows, 1, 96).to(dtype)
     dequant = q8.weight.float() * q8.scales.float()[:, None]
     expected = F.linear(x.float(), dequant, lin.bias.float())
     tol = 1e-4 if dtype == torch.float32 else 5e-2
