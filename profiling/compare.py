@@ -102,7 +102,10 @@ def compare_mode(args, mode, device, ids, prefill_ids, bandwidth) -> dict:
     n = args.new_tokens
     ours_rates, ref_rates, ours_prefill, ref_prefill = [], [], [], []
     # Warm up both over every length the rounds will meet (cold first calls run at half speed).
-    for make in (ours_generate(ours, ids, n), reference_generate(ref, ids, n)):
+    warm = [ours_generate(ours, ids, n), reference_generate(ref, ids, n)]
+    if args.prefill_tokens:
+        warm += [ours_generate(ours, prefill_ids, 1), reference_generate(ref, prefill_ids, 1)]
+    for make in warm:
         make()
     with PeakMemory(device) as peak:
         for _ in range(args.rounds):

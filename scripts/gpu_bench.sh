@@ -17,7 +17,7 @@ compare() {  # model tag extra-flags...
   timeout 280 python3 -m profiling.compare --model "$model" --random-weights --device cuda --modes bfloat16 \
     --new-tokens 128 --prefill-tokens 512 --rounds 3 "$@" --out "$out/compare-$tag.json" 2>&1 | grep -v -i warn | tail -6
 }
-has tests && timeout 300 python3 -m pytest -q tests/test_fast.py tests/test_generate.py tests/test_profiling.py -k "cuda or graph or cached or padded" 2>&1 | tail -4
+has tests && timeout 300 python3 -m pytest -q tests/test_fast.py tests/test_generate.py tests/test_profiling.py 2>&1 | tail -4
 has small && compare Qwen/Qwen2-0.5B-Instruct 0.5b-compiled --compile
 has large && compare Qwen/Qwen2-7B-Instruct 7b-compiled --compile
 has profile && timeout 200 python3 -m profiling.bench --model Qwen/Qwen2-0.5B-Instruct --random-weights --device cuda \
