@@ -7,7 +7,8 @@
   token costs one launch instead of hundreds. It needs fixed shapes and fixed addresses, so the
   KV caches it decodes into come from its own pool (one per batch size and length bucket) and
   attention reads the whole cache under a mask. Optionally the step is compiled first
-  (torch.compile) to fuse the small elementwise kernels the graph would replay one by one.
+  (torch.compile) to fuse the small elementwise kernels the graph would replay one by one; the
+  compiled step is specialised to the cache length, so each new length bucket compiles once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from .cache import KVCache
-from .model import ATTENTION_BACKENDS, sdpa_attention
+from .model import ATTENTION_BACKENDS, CAUSAL, sdpa_attention
 from .quant import Int8Linear
 
 
@@ -76,7 +77,7 @@ def single_query_attention(q, k, v, mask, scale):
     n_kv = k.shape[1]
     q = q.view(B, n_kv, H // n_kv, 1, hd).float()  # query heads grouped under their KV head
     scores = (q * k[:, :, None].float()).sum(-1) * scale  # (B, Hkv, groups, S)
-    if mask is not None:  # (B or 1, 1, 1, S)
+    if mask is not None and mask is not CAUSAL:  # (B or 1, 1, 1, S); CAUSAL with one query hides nothing
         scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))
     probs = scores.softmax(dim=-1)
     out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, groups, hd)
@@ -99,9 +100,6 @@ class CudaGraphDecoder:
 
     def __init__(self, model, compile: bool = False):
         self.model = model
-        # A compiled step is specialised to the cache length: start at 4096 slots, so one compile
-        # serves every chat up to that length (longer ones compile the next bucket once).
-        self.min_len = min(4096, model.config.max_position_embeddings) if compile else 256
         self.pool = {}  # (batch, length) -> {"cache", "busy", "graph", buffers...}
         self.mempool = torch.cuda.graph_pool_handle()
         self.step_fn = model.forward
@@ -110,7 +108,7 @@ class CudaGraphDecoder:
             self.step_fn = torch.compile(model.forward, fullgraph=True, dynamic=False)
 
     def acquire_cache(self, session, batch_size: int, max_len: int) -> KVCache:
-        key = (batch_size, _bucket(max(max_len, self.min_len), self.model.config.max_position_embeddings))
+        key = (batch_size, _bucket(max_len, self.model.config.max_position_embeddings))
         entry = self.pool.get(key)
         if entry is None:
             cache = KVCache(self.model.config, batch_size, key[1], self.model.device, self.model.dtype)

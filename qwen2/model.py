@@ -115,8 +115,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ----------------------------------------------------------------------------- attention
 
 
+# The mask of a fresh, unpadded prompt: query i sees keys 0..i. Passed as this marker rather than
+# a tensor so SDPA can pick its fastest causal kernel.
+CAUSAL = "causal"
+
+
 def eager_attention(q, k, v, mask, scale):
     """softmax(q k^T * scale, masked) v, spelled out.  q (B, H, T, hd), k/v (B, Hkv, S, hd)."""
+    if mask is CAUSAL:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     groups = q.shape[1] // k.shape[1]  # each KV head serves `groups` query heads
     k = k.repeat_interleave(groups, dim=1)  # (B, H, S, hd)
     v = v.repeat_interleave(groups, dim=1)
@@ -129,6 +136,8 @@ def eager_attention(q, k, v, mask, scale):
 
 def sdpa_attention(q, k, v, mask, scale):
     """The same math through torch's fused kernel (flash / memory-efficient / math, chosen by torch)."""
+    if mask is CAUSAL:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
@@ -288,10 +297,13 @@ class Qwen2ForCausalLM(nn.Module):
         for kind, window in (("full_attention", None), ("sliding_attention", self.config.sliding_window)):
             if kind not in self.config.layer_types:
                 continue
-            # One new token reading exactly its past needs no mask: skip building it.
-            trivial = cache is not None and T == 1 and kv_len is not None and key_valid is None and (
-                window is None or kv_len <= window)
-            masks[kind] = None if trivial else visibility_mask(slots, key_slots, key_valid, window)
+            S = key_slots.shape[0]
+            if key_valid is None and (window is None or S <= window) and T == S:
+                masks[kind] = CAUSAL  # a whole unpadded prompt from slot 0
+            elif key_valid is None and (window is None or S <= window) and T == 1 and kv_len is not None:
+                masks[kind] = None  # one new token reading exactly its past: nothing to hide
+            else:
+                masks[kind] = visibility_mask(slots, key_slots, key_valid, window)
         h = self.model(input_ids, positions, masks, cache, slots, kv_len)
         if last_only:  # (B, D): a 2-D slice, because torch runs a strided 3-D one as a batched product
             return self.lm_head(h[:, -1]).float()[:, None]

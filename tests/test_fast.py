@@ -209,6 +209,11 @@ def test_single_query_attention_equals_sdpa(masked):
         mask[..., 0] = True
     torch.testing.assert_close(single_query_attention(q, k, v, mask, 0.25), sdpa_attention(q, k, v, mask, 0.25),
                                atol=1e-5, rtol=0)
+    from qwen2.model import CAUSAL
+
+    one_key = k[:, :, :1], v[:, :, :1]
+    torch.testing.assert_close(single_query_attention(q, *one_key, CAUSAL, 0.25),
+                               sdpa_attention(q, *one_key, None, 0.25), atol=1e-5, rtol=0)
     # Longer inputs are SDPA's
     q5 = torch.randn(2, 6, 5, 16, generator=gen)
     torch.testing.assert_close(single_query_attention(q5, k, v, None, 0.25), sdpa_attention(q5, k, v, None, 0.25))
