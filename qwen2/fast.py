@@ -121,7 +121,7 @@ class CudaGraphDecoder:
         cache = entry["cache"]
         cache.key_valid.zero_()
         cache.length = 0
-        cache.padded = True  # always mask by key_valid: the graph must not depend on the prompt
+        cache.padded = False  # set by the prefill; a graph captured for the other case is re-captured
         return cache
 
     def _capture(self, entry, token_ids, slot, positions):
@@ -144,12 +144,13 @@ class CudaGraphDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
             static["logits"] = run()
-        entry.update(graph=graph, **static)
+        entry.update(graph=graph, graph_padded=cache.padded, **static)
 
     def __call__(self, session, token_ids, slot):
         entry = session.graph_entry
         positions = session.next_position[:, None]
-        if entry["graph"] is None:
+        if entry["graph"] is None or entry["graph_padded"] != session.cache.padded:
+            # The step's mask reads key_valid only when the batch has padding: one graph per case.
             self._capture(entry, token_ids, slot, positions)
         entry["ids"].copy_(token_ids[:, None])
         entry["slot"].fill_(slot)

@@ -217,3 +217,14 @@ def test_single_query_attention_equals_sdpa(masked):
     # Longer inputs are SDPA's
     q5 = torch.randn(2, 6, 5, 16, generator=gen)
     torch.testing.assert_close(single_query_attention(q5, k, v, None, 0.25), sdpa_attention(q5, k, v, None, 0.25))
+
+
+@needs_cuda
+def test_cuda_graphs_switch_between_padded_and_unpadded_batches(tiny_model_dir):
+    eager = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32")
+    graphed = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32", cuda_graphs=True)
+    prompts = [rand_ids(7, (1, 9))[0].tolist(), rand_ids(8, (1, 3))[0].tolist()]
+    same_length = [rand_ids(9, (1, 5))[0].tolist(), rand_ids(10, (1, 5))[0].tolist()]
+    for batch in (same_length, prompts, same_length):  # unpadded, padded, unpadded: re-captures
+        assert qwen2.generate_batch(graphed, batch, max_new_tokens=10, stop_token_ids=[]) == \
+            qwen2.generate_batch(eager, batch, max_new_tokens=10, stop_token_ids=[])
