@@ -95,6 +95,20 @@ def _bucket(n: int, limit: int) -> int:
     return min(size, limit)
 
 
+def _cudnn_attention_allowed():
+    """cuDNN's attention is the quickest for one query over a masked cache, but it builds a plan per
+    shape, which is why eager calls keep it off (qwen2/loading.py). A graph has one shape: the plan
+    is built once, while capturing, and every replay reuses it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    try:
+        return sdpa_kernel(order, set_priority=True)
+    except TypeError:  # torch without priorities: allow cuDNN, torch picks
+        return sdpa_kernel(order)
+
+
 class CudaGraphDecoder:
     """Replays a captured decode step; plugs into DecodeSession through `model.decode_fn`."""
 
@@ -137,12 +151,12 @@ class CudaGraphDecoder:
         # writes this step's k/v into `slot`: the replay right after writes the same values again.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with _cudnn_attention_allowed(), torch.cuda.stream(stream):
             for _ in range(3):
                 run()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.mempool):
+        with _cudnn_attention_allowed(), torch.cuda.graph(graph, pool=self.mempool):
             static["logits"] = run()
         entry.update(graph=graph, graph_padded=cache.padded, **static)
 
