@@ -92,7 +92,8 @@ def compare_mode(args, mode, device, ids, prefill_ids, bandwidth) -> dict:
     if base.random_weights:  # random init is seeded; check both really hold the same weights
         with torch.inference_mode():
             same = torch.equal(ours.model.norm.weight, base.model.norm.weight)
-        assert same, "our two loads disagree"
+        if not same:
+            raise RuntimeError("two loads of the same random weights differ: the seeded init is broken")
     extra = {}
     if quantize:
         extra = int8_agreement(ours, base, ids)
@@ -129,7 +130,7 @@ def compare_mode(args, mode, device, ids, prefill_ids, bandwidth) -> dict:
         "roofline_pct": 100 * bytes_ours * ours_tps / bandwidth,
         "weights_bytes": w_ours, "ref_weights_bytes": w_ref,
         "kv_cache_bytes": int(kv_per_token * (ids.shape[1] + n)), "peak_bytes": peak.peak_bytes,
-        "peak_source": peak.source, "reference": how, "greedy_equal": None, **extra,
+        "peak_source": peak.source, "reference": how, "greedy_equal": None, "new_tokens": n, **extra,
     }
     if args.prefill_tokens:
         row["prefill_ratio"] = statistics.median(ref_prefill) / statistics.median(ours_prefill)
@@ -169,8 +170,7 @@ def format_table(rows, bandwidth, bw_source) -> str:
              head, "-" * len(head)]
     for r in rows:
         prefill = f"{r['prefill_ratio']:.2f}x" if "prefill_ratio" in r else "-"
-        same = "-" if r["greedy_equal"] is None else f"{r['greedy_same_prefix']}"
-
+        same = "-" if r["greedy_equal"] is None else f"{r['greedy_same_prefix']}/{r['new_tokens']}"
         lines.append(f"{r['mode']:<9} {r['ours_tok_s']:>10.1f} {r['ref_tok_s']:>12.1f} {r['ratio']:>5.2f}x "
                      f"{r['ours_gb_s']:>9.1f} {r['roofline_pct']:>9.0f}% {prefill:>13} "
                      f"{r['weights_bytes'] / 1e6:>10.0f} {same:>11}")
