@@ -65,3 +65,18 @@ def make_checkpoint(
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny GQA, tied-embedding checkpoint in float32 with tokenizer files."""
     return make_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty HF cache with HF_HUB_OFFLINE=1: nothing is downloaded, only what a test lays out loads."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both at import time into module constants; patch those too.
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

@@ -311,20 +311,6 @@ def test_default_dtype_on_cpu_is_the_measured_one(tiny_model_dir):
 # ---- hub ids, offline ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads both at import time into module constants; patch those too.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_uncached_hub_id_offline_is_model_not_found(offline_hub):
     with pytest.raises(ModelNotFoundError) as info:
         qwen2.load_model("Org/Missing")

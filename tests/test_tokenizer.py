@@ -310,20 +310,6 @@ def test_byte_fallback_rejects_tiny_vocab():
 # ---- hub cache, offline -------------------------------------------------------------------
 
 
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    import huggingface_hub.constants as constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    # huggingface_hub reads both at import time into module constants; patch those too.
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
 def test_from_pretrained_hub_id_offline(tok_dir, offline_hub):
     snapshot = make_hub_cache(offline_hub, "Org/Name", tok_dir)
     assert (snapshot / "tokenizer.json").is_file()
