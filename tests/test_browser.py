@@ -102,8 +102,15 @@ def test_chat_stream_stop_and_dashboard(browser, server, artifacts):
         # The app stays usable: set max new tokens in the settings, chat again, see the stats line.
         page.get_by_text("System prompt and sampling").click()
         max_new = page.locator("#max-new-tokens input[type=number]")
-        max_new.fill("24")
-        max_new.press("Enter")
+        max_new.wait_for(state="visible", timeout=10_000)  # the accordion is still opening
+
+        def set_max_new_tokens():  # Gradio commits the number box on change; retry until the slider has it
+            max_new.fill("24")
+            max_new.press("Tab")
+            time.sleep(0.2)
+            return page.locator("#max-new-tokens input[type=range]").input_value() == "24"
+
+        wait_until(set_max_new_tokens, 15, "the max-new-tokens slider to take 24", interval=0.3)
         box.fill("Thanks! Now a short one.")
         box.press("Enter")
         stats = page.locator("#chat-stats")
