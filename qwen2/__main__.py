@@ -13,6 +13,7 @@ import time
 import torch
 
 from . import generate, load_model
+from .fast import warm_up
 from .errors import ModelNotFoundError, Qwen2Error, TokenizerError
 from .tokenizer import Tokenizer
 
@@ -23,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: best for the device)")
     p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers")
+    p.add_argument("--fast-decode", default="graphs", choices=["graphs", "compile", "off"],
+                   help="CUDA only: replay decode steps as a CUDA graph (default), also torch.compile them, or not")
     p.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -81,14 +84,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         try:
+            on_cuda = str(args.device).startswith("cuda")
             model = load_model(args.model, device=args.device, dtype=args.dtype,
-                               random_weights=args.random_weights, quantize=args.quantize)
+                               random_weights=args.random_weights, quantize=args.quantize,
+                               cuda_graphs=on_cuda and args.fast_decode != "off",
+                               compile=on_cuda and args.fast_decode == "compile")
             tok = load_tokenizer(args.model, model)
         except ModelNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if model.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
+        if getattr(model, "decode_fn", None) is not None:
+            compiling = " (compiling first: about a minute)" if args.fast_decode == "compile" else ""
+            print(f"capturing the decode step as a CUDA graph{compiling}...", file=sys.stderr, flush=True)
+            warm_up(model)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
             reply(model, tok, messages + [{"role": "user", "content": args.prompt}], args)

@@ -19,7 +19,7 @@ def run_cli(*args, stdin: str = "", env_extra=None):
 
 def test_one_shot_prompt_streams_a_reply_and_stats(tiny_model_dir):
     out = run_cli("--model", str(tiny_model_dir), "--prompt", "你好, hello", "--max-new-tokens", "12",
-                  "--temperature", "0")
+                  "--temperature", "0", "--fast-decode", "compile")  # a CUDA-only option: ignored on CPU
     assert out.returncode == 0, out.stderr
     stats = out.stdout.strip().splitlines()[-1]
     assert "prompt tokens" in stats and "first token" in stats and "tok/s" in stats and "cpu" in stats

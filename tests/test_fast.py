@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import qwen2
 from qwen2.config import Qwen2Config
-from qwen2.fast import fuse_projections
 from qwen2.generate import DecodeSession
 from qwen2.model import Qwen2ForCausalLM
 from qwen2.quant import Int8Linear, quantize_model, quantize_rows
