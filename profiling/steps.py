@@ -65,34 +65,31 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
     out = RunTimes()
     session = new_session(model, ids.shape[1] + new_tokens, eager=eager or hooks is not None)
 
-    clock.reset()
-    if hooks is not None:
-        hooks.start_step()
-    start = clock.mark()
-    token = session.prefill(ids).argmax(dim=-1)
-    end = clock.mark()
-    clock.finish()
-    out.prefill_s = clock.seconds(start, end)
-    if hooks is not None:
-        out.prefill_parts = hooks.collect()
-    tokens = [token]
-    if on_step:
-        on_step()
-
-    for _ in range(new_tokens):
+    def timed(call, *args):
+        """One greedy step through `call`: (next token, seconds, per-block parts or None)."""
         clock.reset()
         if hooks is not None:
             hooks.start_step()
         start = clock.mark()
-        token = session.step(token).argmax(dim=-1)
+        token = call(*args).argmax(dim=-1)
         end = clock.mark()
         clock.finish()
-        out.step_s.append(clock.seconds(start, end))
-        if hooks is not None:
-            out.step_parts.append(hooks.collect())
-        tokens.append(token)
+        seconds = clock.seconds(start, end)
+        parts = hooks.collect() if hooks is not None else None
         if on_step:
             on_step()
+        return token, seconds, parts
+
+    token, out.prefill_s, parts = timed(session.prefill, ids)
+    if parts is not None:
+        out.prefill_parts = parts
+    tokens = [token]
+    for _ in range(new_tokens):
+        token, seconds, parts = timed(session.step, token)
+        out.step_s.append(seconds)
+        if parts is not None:
+            out.step_parts.append(parts)
+        tokens.append(token)
 
     out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
     cache = session.cache
