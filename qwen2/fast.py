@@ -63,7 +63,6 @@ def fuse_projections(model):
             mlp.gate_up_proj = _concat([mlp.gate_proj, mlp.up_proj])
             del mlp.gate_proj, mlp.up_proj
             mlp.project_gate_up = types.MethodType(_project_gate_up_fused, mlp)
-    model.fused = True
     return model
 
 

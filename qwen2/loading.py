@@ -18,6 +18,7 @@ from . import hub
 from .config import Qwen2Config, official_config, parse_dtype
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
+from .quant import SCHEMES, quantize_model
 
 
 def resolve_device(device) -> torch.device:
@@ -164,8 +165,8 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     with torch.compile before capturing it (slow to start, fast to run). None changes the math.
     """
     dev = resolve_device(device)
-    if quantize not in (None, "int8"):
-        raise ConfigError(f"quantize={quantize!r} is not supported; expected 'int8' or None")
+    if quantize is not None and quantize not in SCHEMES:
+        raise ConfigError(f"quantize={quantize!r} is not supported; expected one of {SCHEMES} or None")
     cuda_graphs = cuda_graphs or compile
     if cuda_graphs and dev.type != "cuda":
         raise ConfigError(f"cuda_graphs/compile need a CUDA device; got {dev}")
@@ -211,8 +212,6 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     model.random_weights = random_weights
     model.generation_config = _read_generation_config(directory)
     if quantize:
-        from .quant import quantize_model
-
         quantize_model(model, quantize)
     if fuse or cuda_graphs:
         from .fast import enable_cuda_graphs, fuse_projections
