@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
-from . import generate, load_model
-from .fast import warm_up
+from . import load_model
+from .chat import ChatSession
 from .errors import ModelNotFoundError, Qwen2Error, TokenizerError
+from .generate import default_stop_ids
+from .options import FAST_DECODE_MODES, QUANT_SCHEMES
 from .tokenizer import Tokenizer
 
 
@@ -23,9 +24,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="Qwen/Qwen2-0.5B-Instruct", help="hub repo id or local directory")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: best for the device)")
-    p.add_argument("--quantize", default=None, choices=["int8"], help="weight-only int8 linear layers")
-    p.add_argument("--fast-decode", default="graphs", choices=["graphs", "compile", "off"],
-                   help="CUDA only: replay decode steps as a CUDA graph (default), also torch.compile them, or not")
+    p.add_argument("--quantize", default=None, choices=QUANT_SCHEMES, help="weight-only quantized linear layers")
+    p.add_argument("--fast-decode", default="auto", choices=FAST_DECODE_MODES,
+                   help="how decode steps run: CUDA graphs (graphs), a compiled step (compile: Inductor on "
+                        "CPU, compiled + graphs on CUDA), the best for the device (auto, default) or plain (off)")
     p.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -52,31 +54,26 @@ def sampling_kwargs(args, generation_config: dict) -> dict:
     )
 
 
-def reply(model, tok, messages, args, out=sys.stdout) -> str:
-    ids = torch.tensor([tok.encode_chat(messages)])
-    stream = tok.stream_decoder()
-    kwargs = sampling_kwargs(args, model.generation_config)
-    budget = min(args.max_new_tokens, model.config.max_position_embeddings - ids.shape[1])
+def reply(chat: ChatSession, tok, messages, args, out=sys.stdout) -> str:
+    """Stream one reply to the conversation `messages`, then its statistics line."""
+    model = chat.model
+    ids = tok.encode_chat(messages)
+    budget = min(args.max_new_tokens, chat.limit - len(ids))
     if budget < 1:
-        raise Qwen2Error(f"the conversation ({ids.shape[1]} tokens) fills the context "
-                         f"({model.config.max_position_embeddings}); start a new one")
-    start = time.perf_counter()
-    first = None
-    text, n = [], 0
-    for token in generate(model, ids, max_new_tokens=budget, stop_token_ids=tok.eos_token_ids, **kwargs):
-        first = first or time.perf_counter()
-        n += 1
+        raise Qwen2Error(f"the conversation ({len(ids)} tokens) fills the context "
+                         f"({chat.limit}); start a new one")
+    stream = tok.stream_decoder()
+    text = []
+    tokens = chat.reply(ids, max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
+                        **sampling_kwargs(args, model.info.generation_config))
+    for token in tokens:
         piece = stream.push(token)
         text.append(piece)
         out.write(piece)
         out.flush()
     tail = stream.flush()
     text.append(tail)
-    end = time.perf_counter()
-    ttft = (first or end) - start
-    rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
-    out.write(f"{tail}\n[{ids.shape[1]} prompt tokens, {n} new, first token {ttft * 1000:.0f} ms, "
-              f"{rate:.1f} tok/s, {model.device} {str(model.dtype).removeprefix('torch.')}]\n")
+    out.write(f"{tail}\n[{chat.stats.line()}]\n")
     return "".join(text)
 
 
@@ -84,24 +81,22 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         try:
-            on_cuda = str(args.device).startswith("cuda")
             model = load_model(args.model, device=args.device, dtype=args.dtype,
                                random_weights=args.random_weights, quantize=args.quantize,
-                               cuda_graphs=on_cuda and args.fast_decode != "off",
-                               compile=on_cuda and args.fast_decode == "compile")
+                               fast_decode=args.fast_decode)
             tok = load_tokenizer(args.model, model)
         except ModelNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if model.random_weights:
+        if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
-        if getattr(model, "decode_fn", None) is not None:
-            compiling = " (compiling first: about a minute)" if args.fast_decode == "compile" else ""
-            print(f"capturing the decode step as a CUDA graph{compiling}...", file=sys.stderr, flush=True)
-            warm_up(model)
+        if model.info.decoder is not None:
+            model.info.decoder.warm_up(progress=lambda fraction, message: print(
+                f"{message}{'...' if fraction < 1 else ''}", file=sys.stderr, flush=True))
+        chat = ChatSession(model)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
-            reply(model, tok, messages + [{"role": "user", "content": args.prompt}], args)
+            reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args)
             return 0
         print(f"Chatting with {args.model} on {model.device}. Empty line or Ctrl-D to quit.")
         while True:
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
                 return 0
             messages.append({"role": "user", "content": user})
             try:
-                messages.append({"role": "assistant", "content": reply(model, tok, messages, args)})
+                messages.append({"role": "assistant", "content": reply(chat, tok, messages, args)})
             except Qwen2Error as exc:
                 messages.pop()
                 print(f"error: {exc}", file=sys.stderr)
@@ -129,7 +124,7 @@ def load_tokenizer(source, model) -> Tokenizer:
     try:
         return Tokenizer.from_pretrained(source)
     except (ModelNotFoundError, TokenizerError):
-        if not model.random_weights:
+        if not model.info.random_weights:
             raise
         return Tokenizer.byte_fallback(model.config.vocab_size)
 

@@ -13,12 +13,19 @@ import torch
 from .config import Qwen2Config
 
 
+def kv_bytes_per_token(config: Qwen2Config, dtype: torch.dtype, batch_size: int = 1) -> int:
+    """K and V bytes one token adds to the cache, all layers: 2 * L * Hkv * hd * bytes * B."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * element * batch_size
+
+
 class KVCache:
     def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, Hkv, S, hd)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
+        self.bytes_per_token = kv_bytes_per_token(config, dtype, batch_size)
         self.padded = False
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0  # slots written so far (kept by the DecodeSession, on the host)
@@ -31,11 +38,10 @@ class KVCache:
             return self.k[layer_idx], self.v[layer_idx]
         return self.k[layer_idx][:, :, :kv_len], self.v[layer_idx][:, :, :kv_len]
 
-    @property
-    def bytes_per_token(self) -> int:
-        """K and V bytes one token adds, all layers and batch rows: 2 * L * Hkv * hd * size * B."""
-        k = self.k[0]
-        return 2 * len(self.k) * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+    def rewind(self, length: int):
+        """Forget every slot from `length` on (their stale k/v are overwritten before being read)."""
+        self.key_valid[:, length:] = False
+        self.length = min(self.length, length)
 
     @property
     def allocated_bytes(self) -> int:

@@ -12,32 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
-
 from .errors import ConfigError
-
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    if isinstance(name, torch.dtype):
-        if name not in DTYPES.values():  # e.g. torch.int8 or float64: the network is not built for them
-            raise ConfigError(f"unsupported dtype {name}; expected one of float32, bfloat16, float16")
-        return name
-    key = str(name).removeprefix("torch.")
-    if key not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; expected one of float32, bfloat16, float16")
-    return DTYPES[key]
 
 
 @dataclass

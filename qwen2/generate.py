@@ -6,6 +6,8 @@ DecodeSession is the loop's state (the cache, the next slot, each row's next pos
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -16,7 +18,12 @@ from .sampling import Sampler, SamplingSettings
 
 
 class DecodeSession:
-    """One batch's KV cache and the calls that fill it: prefill(prompt), then step(token) per token."""
+    """One batch's KV cache and the calls that fill it: prefill(prompt), then step(token) per token.
+
+    With a fast decode path (model.info.decoder) the cache is borrowed from its pool and each step
+    runs through it; eager=True keeps to plain module calls (the profiler's hooks do not fire inside
+    a graph or a compiled region).
+    """
 
     def __init__(self, model, batch_size: int = 1, max_len: int | None = None, eager: bool = False):
         config = model.config
@@ -26,13 +33,15 @@ class DecodeSession:
                 f"{max_len} tokens exceed the model's context of max_position_embeddings="
                 f"{config.max_position_embeddings}")
         self.model = model
-        # qwen2.fast.CudaGraphDecoder (when enabled) lends a cache from its pool and replays steps;
-        # eager=True keeps to plain module calls (the profiler's hooks do not fire inside a graph).
-        decoder = None if eager else getattr(model, "decode_fn", None)
+        decoder = None if eager else model.info.decoder
         with torch.inference_mode():
-            cache = decoder.acquire_cache(self, batch_size, max_len) if decoder is not None else None
-            self.decode_fn = decoder if cache is not None else None
-            self.cache = cache or KVCache(config, batch_size, max_len, model.device, model.dtype)
+            self.lease = decoder.acquire(batch_size, max_len) if decoder is not None else None
+            self.decoder = decoder if self.lease is not None else None
+            if self.lease is not None:
+                self.cache = self.lease.cache
+                weakref.finalize(self, self.lease.release)  # back to the pool when this session goes
+            else:
+                self.cache = KVCache(config, batch_size, max_len, model.device, model.dtype)
             self.next_position = torch.zeros(batch_size, dtype=torch.long, device=model.device)
 
     @property
@@ -61,8 +70,9 @@ class DecodeSession:
         else:
             positions = self.next_position[:, None] + torch.arange(T, device=device)
             self.next_position += T
-        logits = self.model(input_ids.to(device), attention_mask, cache=self.cache, slots=slots,
-                            positions=positions, kv_len=self.cache.length + T, last_only=True)
+        with eager_attention_kernels(device):
+            logits = self.model(input_ids.to(device), attention_mask, cache=self.cache, slots=slots,
+                                positions=positions, kv_len=self.cache.length + T, last_only=True)
         self.cache.length += T
         return logits[:, -1]
 
@@ -71,15 +81,36 @@ class DecodeSession:
         """Feed one token per row, (B,); return the next (B, V) logits."""
         self._check_room(1)
         slot = self.cache.length
-        if self.decode_fn is not None:
-            logits = self.decode_fn(self, token_ids, slot)
+        positions = self.next_position[:, None]
+        if self.decoder is not None:
+            logits = self.decoder.step(self.lease, token_ids, slot, positions)
         else:
             slots = torch.tensor([slot], device=self.cache.key_valid.device)
-            logits = self.model(token_ids[:, None], cache=self.cache, slots=slots,
-                                positions=self.next_position[:, None], kv_len=slot + 1, last_only=True)[:, -1]
+            with eager_attention_kernels(slots.device):
+                logits = self.model(token_ids[:, None], cache=self.cache, slots=slots, positions=positions,
+                                    kv_len=slot + 1, last_only=True)[:, -1]
         self.next_position += 1
         self.cache.length += 1
         return logits
+
+    @torch.inference_mode()
+    def rewind(self, length: int):
+        """Keep only the first `length` tokens (one unpadded row): a chat's next turn re-uses them."""
+        if self.cache.batch_size != 1 or self.cache.padded:
+            raise GenerationError("rewind needs a single unpadded row")
+        self.cache.rewind(length)
+        self.next_position.fill_(self.cache.length)
+
+
+def eager_attention_kernels(device: torch.device):
+    """On CUDA, leave cuDNN attention out of eager calls: it builds a plan for every sequence length
+    it meets (tens of ms each), and a chat meets a new length at every step. Flash / memory-efficient
+    kernels need no plan. (A CUDA graph has one shape and allows it: qwen2/cuda_graphs.py.)"""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _as_prompt(input_ids, vocab_size: int) -> torch.Tensor:
@@ -100,7 +131,8 @@ def _check_ids(ids: torch.Tensor, vocab_size: int):
         raise GenerationError(f"token id {bad} is outside the vocab [0, {vocab_size})")
 
 
-def _check_budget(model, prompt_len: int, max_new_tokens) -> None:
+def check_budget(model, prompt_len: int, max_new_tokens) -> None:
+    """The context-length check: max_new_tokens is a positive integer and prompt + reply fit."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 1")
     limit = model.config.max_position_embeddings
@@ -110,11 +142,14 @@ def _check_budget(model, prompt_len: int, max_new_tokens) -> None:
             f"limit max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens")
 
 
-def default_stop_ids(model) -> set[int]:
-    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
-    if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+def default_stop_ids(model, tokenizer=None) -> set[int]:
+    """Where a reply ends: generation_config.json's eos ids (else config.json's), plus the
+    tokenizer's end tokens when one is given (e.g. <|im_end|> and <|endoftext|> for Qwen2)."""
+    eos = model.info.generation_config.get("eos_token_id", model.config.eos_token_id)
+    ids = set() if eos is None else {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+    if tokenizer is not None:
+        ids |= set(tokenizer.eos_token_ids)
+    return ids
 
 
 def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
@@ -127,7 +162,7 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.
     """
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _as_prompt(input_ids, model.config.vocab_size).to(model.device)
-    _check_budget(model, prompt.shape[1], max_new_tokens)
+    check_budget(model, prompt.shape[1], max_new_tokens)
     stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
     return _generate(model, prompt, max_new_tokens, settings, stop, seed)
 
@@ -135,27 +170,40 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.
 def _generate(model, prompt, max_new_tokens, settings, stop, seed):
     session = DecodeSession(model, 1, prompt.shape[1] + max_new_tokens)
     sampler = Sampler(settings, prompt, model.config.vocab_size, seed)
-    # On CUDA, queue step i+1 before waiting for token i: the GPU computes while the host reads the
-    # token and the caller handles it. Stopping early then wastes one step, nothing else.
-    overlap = model.device.type == "cuda"
-    logits = session.prefill(prompt)
+    yield from stream_tokens(session, sampler, session.prefill(prompt), max_new_tokens, stop)
+
+
+def stream_tokens(session: DecodeSession, sampler: Sampler, logits: torch.Tensor, max_new_tokens: int,
+                  stop: set[int]) -> Iterator[int]:
+    """The decode loop of one row: sample a token, stream it, feed it back; the stop token is not
+    yielded (nor fed). On exit the cache holds the prompt and every yielded token but the last."""
+    queue_ahead = session.model.device.type == "cuda"
     for i in range(max_new_tokens):
         next_id = sampler(logits)  # (1,), on the device
         more = i + 1 < max_new_tokens
-        if overlap and more:
-            host_id = next_id.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-            logits = session.step(next_id)
-            ready.synchronize()  # waits for the sampled id only, not for the step queued after it
-            token = int(host_id)
-        else:
-            token = int(next_id)  # the one host sync per token: we must see it to stream and to stop
+        token, logits = _read_token(session, next_id, step_first=queue_ahead and more)
         if token in stop:
             return
         yield token
-        if more and not overlap:
+        if more and logits is None:
             logits = session.step(next_id)
+
+
+def _read_token(session, next_id, step_first: bool):
+    """The sampled id on the host: the one sync per token (we must see it to stream and to stop).
+
+    With step_first (on CUDA) the next step is queued before waiting, so the GPU computes it while
+    the host reads and streams this token; stopping early then wastes one step. Returns the id and
+    that step's logits (None when the step is left to the caller).
+    """
+    if not step_first:
+        return int(next_id), None
+    host_id = next_id.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    logits = session.step(next_id)
+    ready.synchronize()  # waits for the sampled id only, not for the step queued after it
+    return int(host_id), logits
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
@@ -170,7 +218,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise GenerationError("prompts must be a non-empty list of non-empty token id lists")
     longest = max(len(p) for p in prompts)
-    _check_budget(model, longest, max_new_tokens)
+    check_budget(model, longest, max_new_tokens)
     ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), longest, dtype=torch.long)
     for row, prompt in enumerate(prompts):

@@ -34,7 +34,7 @@ def looks_like_repo_id(source: str) -> bool:
     return bool(_REPO_ID.match(str(source))) and not str(source).startswith((".", "/", "~"))
 
 
-def resolve(source: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
+def resolve(source: str | os.PathLike) -> Path:
     """Return a local directory holding `source`'s files, downloading them if needed."""
     path = Path(os.path.expanduser(str(source)))
     if path.is_dir():
@@ -49,7 +49,7 @@ def resolve(source: str | os.PathLike, allow_patterns: list[str] | None = None) 
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(str(source), allow_patterns=allow_patterns or ALLOW_PATTERNS))
+        return Path(snapshot_download(str(source), allow_patterns=ALLOW_PATTERNS))
     except Exception as exc:  # the hub raises many types: offline, 401, 404, connection errors
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
         how = (

@@ -7,66 +7,19 @@ two full copies of the weights held. Pickled `*.bin` checkpoints are refused, ne
 
 from __future__ import annotations
 
-import functools
 import json
-import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import hub
-from .config import Qwen2Config, official_config, parse_dtype
+from .config import Qwen2Config, official_config
+from .decoders import make_decoder
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
-from .quant import SCHEMES, quantize_model
-
-
-def resolve_device(device) -> torch.device:
-    """A torch.device that exists on this machine, or a ConfigError saying what is available."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not a device name (cpu, cuda, cuda:N, mps): {exc}") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"device {device!r}: CUDA is not available on this machine (use cpu)")
-        if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"device {device!r}: only {count} CUDA device(s) here (cuda:0..cuda:{count - 1})")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError(f"device {device!r}: MPS is not available (Apple silicon only)")
-    elif dev.type != "cpu":
-        raise ConfigError(f"device {device!r} is not supported; expected cpu, cuda, cuda:N or mps")
-    return dev
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_prefers_bfloat16() -> bool:
-    """Measure: is a bf16 matrix-vector product faster than fp32 on this CPU?
-
-    bf16 is fast only with AVX-512 BF16 or AMX; elsewhere torch converts on the fly and fp32 wins.
-    Decode is matrix-vector work, so that is what we time (a few ms).
-    """
-    def best_time(dtype):
-        w = torch.randn(2048, 2048).to(dtype)
-        x = torch.randn(1, 2048).to(dtype)
-        for _ in range(3):
-            torch.nn.functional.linear(x, w)
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return best_time(torch.bfloat16) < best_time(torch.float32)
-
-
-def default_dtype(device: torch.device, config: Qwen2Config) -> torch.dtype:
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_prefers_bfloat16() else torch.float32
-    return parse_dtype(config.torch_dtype) or torch.bfloat16
+from .options import check_fast_decode, check_quantize, default_dtype, parse_dtype, resolve_device
+from .quant import quantize_model
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -107,18 +60,45 @@ def _read_generation_config(directory: Path | None) -> dict:
         return {}  # optional file: a broken one only loses the default sampling settings
 
 
+def checkpoint_targets(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
+    """Each checkpoint key -> the tensor it fills: a parameter, or a slice of a fused one.
+
+    Names equal the checkpoint keys, except that a fused model's `qkv_proj` holds the checkpoint's
+    q/k/v tensors one after the other (rows of the weight, entries of the bias) and `gate_up_proj`
+    holds gate then up.
+    """
+    targets = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        module_name, _, kind = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        parent, _, leaf = module_name.rpartition(".")
+        if leaf == "qkv_proj":
+            parts = {"q_proj": module.out_features - 2 * model.config.num_key_value_heads * model.config.head_dim}
+            parts["k_proj"] = parts["v_proj"] = (module.out_features - parts["q_proj"]) // 2
+        elif leaf == "gate_up_proj":
+            parts = dict.fromkeys(("gate_proj", "up_proj"), module.out_features // 2)
+        else:
+            targets[name] = param
+            continue
+        start = 0
+        for part, size in parts.items():
+            targets[f"{parent}.{part}.{kind}"] = param.narrow(0, start, size)
+            start += size
+    return targets
+
+
 def _copy_weights(model: Qwen2ForCausalLM, files: list[Path]):
     from safetensors import SafetensorError, safe_open
 
-    params = dict(model.named_parameters(remove_duplicate=False))
+    targets = checkpoint_targets(model)
     loaded = set()
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
-                    if key not in params:
+                    if key not in targets:
                         continue  # e.g. a stored rotary buffer or a tied lm_head we do not need
-                    target = params[key]
+                    target = targets[key]
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != tuple(target.shape):
                         raise CheckpointError(
@@ -131,7 +111,7 @@ def _copy_weights(model: Qwen2ForCausalLM, files: list[Path]):
         except OSError as exc:
             raise CheckpointError(f"{file} is unreadable: {exc}") from None
     tied = "lm_head.weight" if model.config.tie_word_embeddings else None
-    missing = [k for k in params if k not in loaded and k != tied]
+    missing = [k for k in targets if k not in loaded and k != tied]
     if model.config.tie_word_embeddings and "lm_head.weight" in loaded and "model.embed_tokens.weight" not in loaded:
         missing.remove("model.embed_tokens.weight")  # tied: either name fills the shared tensor
     if missing:
@@ -153,71 +133,70 @@ def init_random_weights(model: Qwen2ForCausalLM, seed: int = 0):
 
 def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
                attn_backend: str = "sdpa", quantize: str | None = None, fuse: bool = True,
-               cuda_graphs: bool = False, compile: bool = False) -> Qwen2ForCausalLM:
+               cuda_graphs: bool = False, compile: bool = False, fast_decode: str | None = None) -> Qwen2ForCausalLM:
     """Load a Qwen2 checkpoint (a local directory or a hub repo id) for inference.
 
     random_weights=True builds the shape without any weights file: from the directory's config.json
     when `source` is a directory, else from the built-in table of official Qwen2/Qwen2.5 shapes.
-    dtype=None picks the checkpoint's dtype on GPU and the faster of bf16/fp32 on CPU.
-    quantize="int8" stores the linear weights as int8 with per-channel scales (qwen2/quant.py).
-    fuse=True merges q/k/v and gate/up into one product each; cuda_graphs=True replays decode
-    steps as CUDA graphs (CUDA only; qwen2/fast.py); compile=True also fuses the step's kernels
-    with torch.compile before capturing it (slow to start, fast to run). None changes the math.
+    dtype=None picks the checkpoint's dtype on GPU; on CPU bf16 where the CPU computes in bf16 (or
+    with quantize), else fp32. quantize="int8" / "int4" stores the linear weights quantized
+    (qwen2/quant.py). fuse=True builds one q|k|v and one gate|up product per layer. fast_decode
+    ("auto", "graphs", "compile", "off"; qwen2/decoders.py) picks how decode steps run:
+    cuda_graphs=True is "graphs" and compile=True is "compile". None of these changes the math.
+    Where the model came from and how it runs is in `model.info` (qwen2/info.py).
     """
     dev = resolve_device(device)
-    if quantize is not None and quantize not in SCHEMES:
-        raise ConfigError(f"quantize={quantize!r} is not supported; expected one of {SCHEMES} or None")
-    cuda_graphs = cuda_graphs or compile
-    if cuda_graphs and dev.type != "cuda":
-        raise ConfigError(f"cuda_graphs/compile need a CUDA device; got {dev}")
-    # Check the cheap arguments before any file is read or downloaded.
-    dtype = parse_dtype(dtype)
+    quantize = check_quantize(quantize)
+    fast_decode = check_fast_decode("compile" if compile else "graphs" if cuda_graphs else fast_decode)
+    if fast_decode == "graphs" and dev.type != "cuda":
+        raise ConfigError(f"cuda_graphs / fast_decode='graphs' need a CUDA device; got {dev}")
+    dtype = parse_dtype(dtype)  # the cheap checks come before any file is read or downloaded
     if attn_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attn_backend {attn_backend!r} is unknown; expected one of {sorted(ATTENTION_BACKENDS)}")
-    directory = None
-    if random_weights:
-        path = Path(str(source)).expanduser()
-        if path.is_dir():
-            directory = path
-            config = Qwen2Config.from_file(path / "config.json")
-        elif hub.looks_like_repo_id(str(source)):
-            config = official_config(str(source))
-        else:
-            raise ModelNotFoundError(f"model directory not found: {path}")
-    else:
-        directory = hub.resolve(source)
-        config = Qwen2Config.from_file(directory / "config.json")
-        files = _weight_files(directory)
-    dtype = dtype or default_dtype(dev, config)
+    directory, config, files = _locate(source, random_weights)
+    dtype = dtype or default_dtype(dev, config.torch_dtype, quantize)
+    if quantize and dtype == torch.float32 and dev.type == "cpu":
+        warnings.warn(f"quantize={quantize!r} with float32 activations: on CPU the quantized kernels are "
+                      "much slower in float32 than in bfloat16 (dtype=None picks bfloat16)", stacklevel=2)
 
-    if dev.type == "cuda":
-        # cuDNN's attention builds a new plan for every sequence length it meets (tens of ms each):
-        # a chat meets a new length at every prompt and decode step. The flash / memory-efficient
-        # kernels need no plan.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    with torch.device("meta"):
-        model = Qwen2ForCausalLM(config)
-    model.to(dtype)
-    model.to_empty(device=dev)  # allocates once, uninitialised, in the target dtype
-    if config.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb.reset()
+    model = _materialise(config, dev, dtype, fuse)
     if random_weights:
         init_random_weights(model)
     else:
         _copy_weights(model, files)
     model.set_attention_backend(attn_backend)
     model.eval().requires_grad_(False)
-    model.source = str(source)
-    model.random_weights = random_weights
-    model.generation_config = _read_generation_config(directory)
+    model.info.source = str(source)
+    model.info.random_weights = random_weights
+    model.info.generation_config = _read_generation_config(directory)
     if quantize:
         quantize_model(model, quantize)
-    if fuse or cuda_graphs:
-        from .fast import enable_cuda_graphs, fuse_projections
+    model.info.decoder = make_decoder(model, fast_decode)
+    return model
 
-        if fuse:
-            fuse_projections(model)
-        if cuda_graphs:
-            enable_cuda_graphs(model, compile=compile)
+
+def _locate(source, random_weights: bool) -> tuple[Path | None, Qwen2Config, list[Path]]:
+    """The checkpoint directory (None for an official shape with random weights), its config and
+    its weight files (none with random weights)."""
+    if not random_weights:
+        directory = hub.resolve(source)
+        config = Qwen2Config.from_file(directory / "config.json")
+        return directory, config, _weight_files(directory)
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        return path, Qwen2Config.from_file(path / "config.json"), []
+    if hub.looks_like_repo_id(str(source)):
+        return None, official_config(str(source)), []
+    raise ModelNotFoundError(f"model directory not found: {path}")
+
+
+def _materialise(config: Qwen2Config, device: torch.device, dtype: torch.dtype, fused: bool) -> Qwen2ForCausalLM:
+    """The network allocated once on `device` in `dtype`, uninitialised (built on the meta device)."""
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config, fused=fused)
+    model.to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb.reset()
     return model

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2Config
+from .errors import ConfigError
+from .info import ModelInfo
 
 
 class RMSNorm(nn.Module):
@@ -141,29 +143,57 @@ def sdpa_attention(q, k, v, mask, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
-ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention}
+def single_query_attention(q, k, v, mask, scale):
+    """Attention for one new token as plain products and sums, which torch.compile fuses into a
+    couple of small kernels (a general attention kernel is overkill for one query row); used by the
+    compiled decode steps. Longer inputs (prefill) go to SDPA.  q (B, H, T, hd), k/v (B, Hkv, S, hd)."""
+    B, H, T, hd = q.shape
+    if T != 1:
+        return sdpa_attention(q, k, v, mask, scale)
+    n_kv = k.shape[1]
+    q = q.view(B, n_kv, H // n_kv, 1, hd).float()  # query heads grouped under their KV head
+    scores = (q * k[:, :, None].float()).sum(-1) * scale  # (B, Hkv, groups, S)
+    if mask is not None and mask is not CAUSAL:  # (B or 1, 1, 1, S); CAUSAL with one query hides nothing
+        scores = scores.masked_fill(~mask[:, :, None, 0], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, Hkv, groups, hd)
+    return out.to(v.dtype).view(B, H, 1, hd)
+
+
+# Every way to compute attention, by name; all give the same numbers (tests/test_parity.py).
+ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "single_query": single_query_attention}
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Qwen2Config, layer_idx: int):
+    """Grouped-query attention: H query heads share Hkv key/value heads; q, k and v carry a bias.
+
+    fused=True computes q|k|v as one product (one pass over the weights instead of three: faster
+    at batch 1, the same math); the loader fills its slices from the checkpoint's q/k/v tensors.
+    """
+
+    def __init__(self, config: Qwen2Config, layer_idx: int, fused: bool = False):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.q_size, self.kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.layer_type = config.layer_types[layer_idx]
-        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.fused = fused
+        if fused:
+            self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, self.q_size, bias=True)
+            self.k_proj = nn.Linear(config.hidden_size, self.kv_size, bias=True)
+            self.v_proj = nn.Linear(config.hidden_size, self.kv_size, bias=True)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.backend = "sdpa"
-
-    def project_qkv(self, x):
-        # qwen2/fast.py overrides this with one fused product; the math is the same.
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x, cos, sin, mask, cache=None, slots=None, kv_len=None):
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -171,7 +201,7 @@ class Attention(nn.Module):
         if cache is not None:  # write this step's keys/values into their slots, read all slots so far
             k, v = cache.update(self.layer_idx, k, v, slots, kv_len)  # (B, Hkv, S, hd)
         out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.q_size))
 
 
 def visibility_mask(query_slots, key_slots, key_valid, window):
@@ -191,34 +221,52 @@ def visibility_mask(query_slots, key_slots, key_valid, window):
     return allowed
 
 
+def attention_mask_for(query_slots, key_slots, key_valid, window, reads_exact_past: bool):
+    """The mask one kind of layer gets: CAUSAL, None (nothing to hide) or a visibility_mask tensor.
+
+    The two markers let SDPA take its fastest kernels in the common cases; anything else (padding,
+    a window shorter than the keys, a fixed-size cache read whole) needs the explicit tensor.
+    """
+    T, S = query_slots.shape[0], key_slots.shape[0]
+    plain = key_valid is None and (window is None or S <= window)  # no padding, no window in reach
+    if plain and T == S:
+        return CAUSAL  # a whole unpadded prompt from slot 0
+    if plain and T == 1 and reads_exact_past:
+        return None  # one new token reading exactly its past
+    return visibility_mask(query_slots, key_slots, key_valid, window)
+
+
 # ----------------------------------------------------------------------------- feed-forward and layers
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). fused=True computes gate|up as one product."""
 
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config, fused: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fused = fused
+        if fused:
+            self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        else:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+            self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def project_gate_up(self, x):
-        # qwen2/fast.py overrides this with one fused product; the math is the same.
-        return self.gate_proj(x), self.up_proj(x)
-
     def forward(self, x):
-        gate, up = self.project_gate_up(x)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Qwen2Config, layer_idx: int):
+    def __init__(self, config: Qwen2Config, layer_idx: int, fused: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx)
+        self.self_attn = Attention(config, layer_idx, fused)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, fused)
 
     def forward(self, h, cos, sin, mask, cache=None, slots=None, kv_len=None):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, slots, kv_len)
@@ -226,11 +274,11 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config, fused: bool = False):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, fused) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
@@ -243,16 +291,14 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, config: Qwen2Config):
+    def __init__(self, config: Qwen2Config, fused: bool = False):
         super().__init__()
         self.config = config
-        self.model = Qwen2Model(config)
+        self.model = Qwen2Model(config, fused)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.source = ""
-        self.generation_config: dict = {}
-        self.random_weights = False
+        self.info = ModelInfo()  # source, generation config, quantization, decode path: set by load_model
 
     @property
     def device(self) -> torch.device:
@@ -264,8 +310,6 @@ class Qwen2ForCausalLM(nn.Module):
 
     def set_attention_backend(self, backend: str):
         if backend not in ATTENTION_BACKENDS:
-            from .errors import ConfigError
-
             raise ConfigError(f"attn_backend {backend!r} is unknown; expected one of {sorted(ATTENTION_BACKENDS)}")
         for layer in self.model.layers:
             layer.self_attn.backend = backend
@@ -293,17 +337,9 @@ class Qwen2ForCausalLM(nn.Module):
             S = kv_len if kv_len is not None else cache.max_len
             key_slots = torch.arange(S, device=input_ids.device)
             key_valid = cache.key_valid[:, :S] if cache.padded else None
-        masks = {}
-        for kind, window in (("full_attention", None), ("sliding_attention", self.config.sliding_window)):
-            if kind not in self.config.layer_types:
-                continue
-            S = key_slots.shape[0]
-            if key_valid is None and (window is None or S <= window) and T == S:
-                masks[kind] = CAUSAL  # a whole unpadded prompt from slot 0
-            elif key_valid is None and (window is None or S <= window) and T == 1 and kv_len is not None:
-                masks[kind] = None  # one new token reading exactly its past: nothing to hide
-            else:
-                masks[kind] = visibility_mask(slots, key_slots, key_valid, window)
+        masks = {kind: attention_mask_for(slots, key_slots, key_valid, window, reads_exact_past=kv_len is not None)
+                 for kind, window in (("full_attention", None), ("sliding_attention", self.config.sliding_window))
+                 if kind in self.config.layer_types}
         h = self.model(input_ids, positions, masks, cache, slots, kv_len)
         if last_only:  # (B, D): a 2-D slice, because torch runs a strided 3-D one as a batched product
             return self.lm_head(h[:, -1]).float()[:, None]

@@ -19,11 +19,11 @@ def run_cli(*args, stdin: str = "", env_extra=None):
 
 def test_one_shot_prompt_streams_a_reply_and_stats(tiny_model_dir):
     out = run_cli("--model", str(tiny_model_dir), "--prompt", "你好, hello", "--max-new-tokens", "12",
-                  "--temperature", "0", "--fast-decode", "compile")  # a CUDA-only option: ignored on CPU
+                  "--temperature", "0", "--fast-decode", "off")
     assert out.returncode == 0, out.stderr
     stats = out.stdout.strip().splitlines()[-1]
     assert "prompt tokens" in stats and "first token" in stats and "tok/s" in stats and "cpu" in stats
-    new = int(stats.split("prompt tokens, ")[1].split(" new")[0])
+    new = int(stats.split(" new tokens")[0].split()[-1])
     assert 0 <= new <= 12  # greedy may meet an end token before the budget
 
 

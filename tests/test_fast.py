@@ -151,8 +151,8 @@ def test_int8_agreement_on_random_weights_is_reported(tiny_model_dir):
 
 
 def test_quantize_rejects_unknown_scheme(tiny_model_dir):
-    with pytest.raises(qwen2.ConfigError, match="int4"):
-        qwen2.load_model(tiny_model_dir, quantize="int4")
+    with pytest.raises(qwen2.ConfigError, match="'int3'.*int8"):
+        qwen2.load_model(tiny_model_dir, quantize="int3")
 
 
 def test_cuda_graphs_require_cuda(tiny_model_dir):
@@ -174,7 +174,7 @@ def test_cuda_graph_decode_equals_eager(tiny_model_dir, quantize, compile):
     ids = rand_ids(4, (1, 9)).cuda()
     full = eager(torch.cat([ids, rand_ids(5, (1, 10)).cuda()], 1))
     session = DecodeSession(graphed, 1, 19)
-    assert session.decode_fn is not None
+    assert session.decoder is graphed.info.decoder is not None
     torch.testing.assert_close(session.prefill(ids), full[:, 8], atol=1e-4, rtol=0)
     tail = rand_ids(5, (1, 10)).cuda()
     for t in range(10):
@@ -198,8 +198,7 @@ def test_cuda_fp32_logits_match_reference(tiny_model_dir, backend):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_single_query_attention_equals_sdpa(masked):
-    from qwen2.fast import single_query_attention
-    from qwen2.model import sdpa_attention
+    from qwen2.model import sdpa_attention, single_query_attention
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, t, 16, generator=gen) for h, t in ((6, 1), (2, 9), (2, 9)))

@@ -89,7 +89,7 @@ def test_default_stop_ids_come_from_generation_config(tiny_model_dir):
     model = qwen2.load_model(tiny_model_dir, dtype="float32")
     from qwen2.generate import default_stop_ids
 
-    assert default_stop_ids(model) == set(model.generation_config["eos_token_id"])
+    assert default_stop_ids(model) == set(model.info.generation_config["eos_token_id"])
     assert len(default_stop_ids(model)) == 2
 
 

@@ -22,7 +22,7 @@ import qwen2
 from qwen2 import hub
 from qwen2.config import Qwen2Config, official_config
 from qwen2.errors import CheckpointError, ConfigError, ModelNotFoundError, Qwen2Error
-from qwen2.loading import cpu_prefers_bfloat16
+from qwen2.options import cpu_has_bfloat16_math
 from qwen2.tokenizer import Tokenizer
 from tests.conftest import make_checkpoint
 from tests.tokenizer_factory import make_hub_cache
@@ -299,11 +299,14 @@ def test_unknown_attn_backend(tiny_model_dir):
     assert "'flash9'" in str(info.value) and "sdpa" in str(info.value) and "eager" in str(info.value)
 
 
-def test_default_dtype_on_cpu_is_the_measured_one(tiny_model_dir):
+def test_default_dtype_on_cpu_follows_the_cpu_features(tiny_model_dir):
     model = qwen2.load_model(tiny_model_dir)
-    assert model.dtype in (torch.bfloat16, torch.float32)
-    assert model.dtype == (torch.bfloat16 if cpu_prefers_bfloat16() else torch.float32)
-    assert isinstance(cpu_prefers_bfloat16(), bool)
+    assert model.dtype == (torch.bfloat16 if cpu_has_bfloat16_math() else torch.float32)
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else None
+    if flags is not None:  # the same answer as the kernel's feature flags
+        assert cpu_has_bfloat16_math() == ("avx512_bf16" in flags or "amx_bf16" in flags or "amx_tile" in flags)
+    # quantized weights always get bf16 activations: their fused kernels take bf16
+    assert qwen2.load_model(tiny_model_dir, quantize="int8").dtype == torch.bfloat16
     # not the checkpoint's own dtype by accident: the tiny checkpoint says float32
     assert json.loads((tiny_model_dir / "config.json").read_text())["dtype"] == "float32"
 
@@ -325,8 +328,8 @@ def test_cached_hub_id_loads_offline(tiny_model_dir, offline_hub):
     model = qwen2.load_model("Org/Tiny", dtype="float32")
     direct = qwen2.load_model(tiny_model_dir, dtype="float32")
     assert torch.equal(model(IDS), direct(IDS))
-    assert model.source == "Org/Tiny"
-    assert model.generation_config == direct.generation_config != {}
+    assert model.info.source == "Org/Tiny"
+    assert model.info.generation_config == direct.info.generation_config != {}
     assert model.config == direct.config
 
     tok = Tokenizer.from_pretrained("Org/Tiny")
@@ -561,8 +564,8 @@ def test_random_weights_with_a_hub_id_uses_the_official_shape_without_the_hub(mo
     model = qwen2.load_model("Qwen/Qwen2-0.5B-Instruct", random_weights=True, dtype="float32")
     assert asked == ["Qwen/Qwen2-0.5B-Instruct"]
     assert model.config is tiny
-    assert model.random_weights is True and model.source == "Qwen/Qwen2-0.5B-Instruct"
-    assert model.generation_config == {}
+    assert model.info.random_weights is True and model.info.source == "Qwen/Qwen2-0.5B-Instruct"
+    assert model.info.generation_config == {}
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 128)
 
 
@@ -580,7 +583,7 @@ def test_random_weights_from_a_directory_with_only_config_json(tiny_model_dir, t
     a = qwen2.load_model(d, random_weights=True, dtype="float32")
     b = qwen2.load_model(d, random_weights=True, dtype="float32")
     assert a.config == Qwen2Config.from_file(d / "config.json")
-    assert a.random_weights is True
+    assert a.info.random_weights is True
     la = a(IDS)
     assert torch.equal(la, b(IDS))  # same seed, same logits
     assert torch.isfinite(la).all()
@@ -604,7 +607,7 @@ def test_random_weights_missing_directory(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs", [dict(dtype="float8"), dict(dtype=torch.int8), dict(attn_backend="flash9"),
-                                    dict(device="quantum"), dict(quantize="int4")],
+                                    dict(device="quantum"), dict(quantize="int3")],
                          ids=["dtype", "torch-dtype", "attn_backend", "device", "quantize"])
 def test_bad_arguments_fail_before_reading_anything(monkeypatch, kwargs):
     """A typo in an argument must not cost a download or a multi-GB read first."""

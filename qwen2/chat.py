@@ -1,0 +1,181 @@
+"""A conversation with the model: message text, the per-reply statistics line, and a session that
+keeps the KV cache between turns.
+
+Each turn's prompt is the whole conversation rendered by the chat template, and it starts with the
+previous turn's prompt and reply. Recomputing that prefix would make every reply wait longer than
+the one before; ChatSession keeps the cache and feeds only the tokens that changed, so the time to
+first token stays flat as the chat grows.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .decoders import cache_bucket
+from .errors import ContextLengthError
+from .generate import DecodeSession, check_budget, stream_tokens
+from .options import dtype_name
+from .sampling import Sampler, SamplingSettings
+
+
+def message_text(content) -> str:
+    """The text of a message's content: a plain string, or content parts ({"type": "text", "text"},
+    Gradio's {"text", "files"}, lists of either); non-text parts (files, images) contribute nothing."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content)
+    return ""
+
+
+@dataclass
+class ReplyStats:
+    """What one reply cost. Decode speed needs two tokens: the first one is the prefill's."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens served from the kept cache, not recomputed
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # from the request to the first new token
+    decode_s: float = 0.0  # from the first new token to the last
+    device: str = ""
+    dtype: str = ""
+    stopped: bool = False
+    context_used: int = 0
+    context_limit: int = 0
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.reused_tokens
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        if self.new_tokens < 2 or self.decode_s <= 0:
+            return None
+        return (self.new_tokens - 1) / self.decode_s
+
+    def line(self) -> str:
+        """"42 prompt tokens (40 reused) · 17 new tokens · first token 120 ms · 23.5 tok/s · cpu
+        (bfloat16) · context 59/32768"; it starts with "stopped after" when the reply was cut short."""
+        prompt = f"{self.prompt_tokens} prompt tokens"
+        if self.reused_tokens:
+            prompt += f" ({self.reused_tokens} reused)"
+        rate = self.decode_tok_s
+        parts = [prompt, f"{self.new_tokens} new tokens", f"first token {self.ttft_s * 1000:.0f} ms",
+                 f"{rate:.1f} tok/s" if rate is not None else "decode n/a (1 token)",
+                 f"{self.device} ({self.dtype})"]
+        if self.context_limit:
+            parts.append(f"context {self.context_used}/{self.context_limit}")
+        line = " · ".join(parts)
+        return f"stopped after {self.new_tokens} new tokens · {line}" if self.stopped else line
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    """One conversation's KV cache, kept between turns.
+
+        chat = ChatSession(model)
+        for token in chat.reply(tokenizer.encode_chat(messages), max_new_tokens=256): ...
+        chat.stats.line()
+
+    A new prompt is compared with the tokens already in the cache (the previous prompt and reply);
+    the longest common prefix is kept and only the rest is prefilled. Any edit earlier in the
+    conversation simply shortens that prefix.
+    """
+
+    def __init__(self, model, max_len: int | None = None):
+        self.model = model
+        self.limit = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+        self.session: DecodeSession | None = None
+        self.cached: list[int] = []  # the ids whose keys/values are in the cache, in order
+        self.stats = ReplyStats(device=str(model.device), dtype=dtype_name(model.dtype), context_limit=self.limit)
+
+    def reset(self):
+        """Forget the conversation (its cache goes back to the pool)."""
+        self.session, self.cached = None, []
+
+    @property
+    def context_used(self) -> int:
+        return len(self.cached)
+
+    def reply(self, prompt_ids: list[int], max_new_tokens: int = 64, stop_token_ids=None, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+              seed: int | None = None) -> Iterator[int]:
+        """Stream the new token ids answering `prompt_ids` (the whole conversation, templated).
+        Arguments are checked here, before the first token; closing the generator (Stop) keeps what
+        was computed for the next turn."""
+        settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+        prompt = [int(t) for t in prompt_ids]
+        check_budget(self.model, len(prompt), max_new_tokens)
+        if len(prompt) + max_new_tokens > self.limit:
+            raise ContextLengthError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                     f"exceeds this chat's context of {self.limit} tokens")
+        stop = set() if stop_token_ids is None else {int(t) for t in stop_token_ids}
+        return self._reply(prompt, max_new_tokens, settings, stop, seed)
+
+    def _reply(self, prompt, max_new_tokens, settings, stop, seed):
+        started = time.perf_counter()
+        reused = min(common_prefix(prompt, self.cached), len(prompt) - 1)  # the last token's logits are needed
+        self.stats = ReplyStats(prompt_tokens=len(prompt), reused_tokens=reused, device=str(self.model.device),
+                                dtype=dtype_name(self.model.dtype), stopped=True,
+                                context_used=len(prompt), context_limit=self.limit)
+        try:
+            session = self._session_for(reused, len(prompt) + max_new_tokens)
+            ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
+            sampler = Sampler(settings, ids, self.model.config.vocab_size, seed)
+            logits = session.prefill(ids[:, reused:])
+            self.cached = list(prompt)
+            reply: list[int] = []
+            first = None
+            for token in stream_tokens(session, sampler, logits, max_new_tokens, stop):
+                now = time.perf_counter()
+                first = first or now
+                reply.append(token)
+                self.cached = (prompt + reply)[:session.cache.length]
+                self.stats.new_tokens, self.stats.context_used = len(reply), len(prompt) + len(reply)
+                self.stats.ttft_s, self.stats.decode_s = first - started, now - first
+                yield token
+            self.stats.stopped = False
+            self.stats.ttft_s = self.stats.ttft_s if first else time.perf_counter() - started
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):  # Stop keeps the cache; an error drops it
+                self.reset()
+            raise
+        finally:
+            if self.session is not None:
+                self.cached = self.cached[:self.session.cache.length]
+
+    def _session_for(self, reused: int, needed: int) -> DecodeSession:
+        """The live session rewound to `reused` tokens, or a larger one holding those tokens."""
+        old = self.session
+        if old is not None and old.cache.max_len >= needed:
+            old.rewind(reused)
+            return old
+        size = cache_bucket(needed, self.limit)
+        new = DecodeSession(self.model, 1, size)
+        if old is not None and reused:
+            with torch.inference_mode():
+                for src, dst in ((old.cache.k, new.cache.k), (old.cache.v, new.cache.v)):
+                    for a, b in zip(src, dst):
+                        b[:, :, :reused].copy_(a[:, :, :reused])
+                new.cache.key_valid[:, :reused] = True
+                new.cache.length = reused
+                new.next_position.fill_(reused)
+        else:
+            reused = 0
+        self.session, self.cached = new, self.cached[:reused]
+        return new

@@ -1,0 +1,108 @@
+"""Fast decode paths: a decode step with fixed shapes and fixed addresses, built once and reused.
+
+A CUDA graph (qwen2/cuda_graphs.py) and an Inductor-compiled CPU step (qwen2/cpu_compile.py) both
+need the step to look the same every token: the same tensors, the same sizes. So the KV caches they
+decode into come from a pool, one per (batch size, length bucket), and attention reads the whole
+cache under a mask instead of a growing slice. The math is the model's own forward; only how it is
+launched changes.
+
+A DecodeSession borrows a cache with `decoder.acquire(...)` (a CacheLease) and runs each step with
+`decoder.step(lease, ...)`. When the pooled cache is already lent to a live session, `acquire`
+returns None and that session runs eagerly on a cache of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache import KVCache
+
+
+def cache_bucket(n: int, limit: int) -> int:
+    """Round a cache length up to a power of two (>= 256), so few graphs or compiled steps serve all."""
+    size = 256
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+class CacheLease:
+    """A pooled KV cache lent to one session, with the decoder's state for it (graph, buffers)."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.state: dict = {}
+        self.busy = False
+
+    def release(self):
+        self.busy = False
+
+
+class PooledDecoder:
+    """Base of the fast decode paths: the cache pool and the warm-up; subclasses implement `step`."""
+
+    name = "pooled"
+
+    def __init__(self, model):
+        self.model = model
+        self.pool: dict[tuple[int, int], CacheLease] = {}
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.model.config, batch_size, max_len, self.model.device, self.model.dtype)
+
+    def acquire(self, batch_size: int, max_len: int) -> CacheLease | None:
+        key = (batch_size, cache_bucket(max_len, self.model.config.max_position_embeddings))
+        lease = self.pool.get(key)
+        if lease is None:
+            lease = self.pool[key] = CacheLease(self.new_cache(*key))
+        if lease.busy:
+            return None
+        lease.busy = True
+        lease.cache.rewind(0)
+        lease.cache.padded = False  # set again by the prefill when its batch has padding
+        return lease
+
+    def step(self, lease: CacheLease, token_ids: torch.Tensor, slot: int, positions: torch.Tensor) -> torch.Tensor:
+        """(B,) token ids written to `slot` at `positions` (B, 1) -> next logits (B, V), float32.
+
+        Must equal model(token_ids[:, None], cache=lease.cache, slots=[slot], positions=positions,
+        kv_len=None, last_only=True)[:, -1]."""
+        raise NotImplementedError
+
+    def warm_up(self, progress=None, prompt_len: int = 16, new_tokens: int = 4):
+        """Run one short generation so first-use costs (capture, compilation) are paid now, not in
+        the first reply. progress(fraction, message) is told before and after."""
+        from .generate import generate
+
+        if progress is not None:
+            progress(0.0, f"preparing the {self.name} decode step")
+        ids = torch.zeros(1, prompt_len, dtype=torch.long)
+        for _ in generate(self.model, ids, max_new_tokens=new_tokens, stop_token_ids=[]):
+            pass
+        if progress is not None:
+            progress(1.0, f"{self.name} decode step ready")
+
+
+def make_decoder(model, mode: str) -> PooledDecoder | None:
+    """The decoder for fast_decode `mode` on the model's device; None for "off" (and for "auto"
+    where no fast path applies). Raises ConfigError for a mode the device cannot run."""
+    from .errors import ConfigError
+
+    device = model.device.type
+    if mode == "off":
+        return None
+    if mode == "auto":
+        mode = {"cuda": "graphs"}.get(device, "off")  # CPU: see docs/benchmarks.md
+        if mode == "off":
+            return None
+    if device == "cuda":
+        from .cuda_graphs import CudaGraphDecoder
+
+        return CudaGraphDecoder(model, compile=mode == "compile")
+    if mode == "graphs":
+        raise ConfigError(f"fast_decode='graphs' (CUDA graphs) needs a CUDA device; got {model.device}")
+    if device == "cpu":
+        from .cpu_compile import CompiledCpuDecoder
+
+        return CompiledCpuDecoder(model)
+    raise ConfigError(f"fast_decode={mode!r} is not available on {model.device}; use 'off'")
