@@ -15,6 +15,17 @@ from pathlib import Path
 from .errors import ConfigError
 
 
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """The JSON object in `path`; `error` naming the file when it is unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path} is unreadable: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 @dataclass
 class Qwen2Config:
     vocab_size: int = 151936
@@ -124,13 +135,7 @@ class Qwen2Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path} not found: a Qwen2 checkpoint needs a config.json")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path} is unreadable: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_json_object(path, ConfigError), source=str(path))
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
+from .config import read_json_object
 from .errors import TokenizerError
 from .hub import resolve
 
@@ -377,15 +378,7 @@ class Tokenizer:
 
 def _read_json(path: Path) -> dict:
     """The JSON object in `path`, {} if the file is absent; TokenizerError if it is broken."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, TokenizerError) if path.is_file() else {}
 
 
 def _eos_ids(value, path: Path) -> list[int]:

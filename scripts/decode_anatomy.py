@@ -42,8 +42,7 @@ def main():
     logits = session.prefill(ids)
     tok = logits.argmax(-1)
     session.step(tok)
-    entry = session.graph_entry
-    replay = per_call(entry["graph"].replay)
+    replay = per_call(session.lease.state["graph"].replay)
     step = per_call(lambda: session.step(tok), n=100)
     n = 128
     stream = qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[])
@@ -58,7 +57,7 @@ def main():
           f"({1e3 / token:.0f} tok/s)")
     eager = DecodeSession(model, 1, session.cache.max_len, eager=True)  # same shapes: no recompile
     eager.prefill(ids)
-    fn = model.decode_fn.step_fn
+    fn = model.info.decoder.step_fn
     slot = torch.tensor([eager.length], device="cuda")
     with torch.inference_mode():
         fn(tok[:, None], cache=eager.cache, slots=slot, positions=eager.next_position[:, None],

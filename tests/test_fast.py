@@ -10,6 +10,7 @@ import qwen2
 from qwen2.config import Qwen2Config
 from qwen2.generate import DecodeSession
 from qwen2.model import Qwen2ForCausalLM
+from qwen2.decoders import PooledDecoder
 from qwen2.quant import Int8Linear, quantize_model, quantize_rows
 
 
@@ -226,3 +227,67 @@ def test_cuda_graphs_switch_between_padded_and_unpadded_batches(tiny_model_dir):
     for batch in (same_length, prompts, same_length):  # unpadded, padded, unpadded: re-captures
         assert qwen2.generate_batch(graphed, batch, max_new_tokens=10, stop_token_ids=[]) == \
             qwen2.generate_batch(eager, batch, max_new_tokens=10, stop_token_ids=[])
+
+
+class FullCacheDecoder(PooledDecoder):
+    """The pooled protocol with a plain forward over the whole fixed-size cache: what CUDA graphs and
+    the compiled CPU step run, minus the capture. Tests the pool, the leases and the masks on CPU."""
+
+    name = "full-cache"
+
+    def step(self, lease, token_ids, slot, positions):
+        slots = torch.tensor([slot], device=token_ids.device)
+        return self.model(token_ids[:, None], cache=lease.cache, slots=slots, positions=positions,
+                          kv_len=None, last_only=True)[:, -1]
+
+
+def test_pooled_decoder_protocol_equals_eager(tiny_model_dir):
+    import gc
+
+    eager = qwen2.load_model(tiny_model_dir, dtype="float32")
+    pooled = qwen2.load_model(tiny_model_dir, dtype="float32")
+    pooled.info.decoder = decoder = FullCacheDecoder(pooled)
+    ids = rand_ids(11, (1, 9))
+    for _ in range(2):  # the second generation reuses the pooled cache
+        assert list(qwen2.generate(pooled, ids, max_new_tokens=12, stop_token_ids=[])) == \
+            list(qwen2.generate(eager, ids, max_new_tokens=12, stop_token_ids=[]))
+    assert list(decoder.pool) == [(1, 256)]  # one bucket: 9 + 12 tokens round up to 256 (the context)
+    prompts = [rand_ids(12, (1, 7))[0].tolist(), rand_ids(13, (1, 3))[0].tolist()]  # padded batch
+    assert qwen2.generate_batch(pooled, prompts, max_new_tokens=8, stop_token_ids=[]) == \
+        qwen2.generate_batch(eager, prompts, max_new_tokens=8, stop_token_ids=[])
+    # A live session holds its cache: a second one runs eagerly on its own, and the lease comes
+    # back when the first session is gone.
+    first = DecodeSession(pooled, 1, 32)
+    second = DecodeSession(pooled, 1, 32)
+    assert first.decoder is decoder and second.decoder is None
+    del first
+    gc.collect()
+    assert DecodeSession(pooled, 1, 32).decoder is decoder
+    assert DecodeSession(pooled, 1, 32, eager=True).decoder is None
+
+
+def test_chat_session_through_a_pooled_decoder(tiny_model_dir):
+    from qwen2.chat import ChatSession
+
+    eager = qwen2.load_model(tiny_model_dir, dtype="float32")
+    pooled = qwen2.load_model(tiny_model_dir, dtype="float32")
+    pooled.info.decoder = FullCacheDecoder(pooled)
+    chat = ChatSession(pooled)
+    conversation = rand_ids(14, (1, 12))[0].tolist()
+    for turn in range(3):
+        reply = list(chat.reply(conversation, max_new_tokens=6, stop_token_ids=[]))
+        assert reply == list(qwen2.generate(eager, torch.tensor([conversation]), max_new_tokens=6,
+                                            stop_token_ids=[]))
+        assert chat.session.decoder is not None
+        conversation = conversation + reply + rand_ids(15 + turn, (1, 4))[0].tolist()
+
+
+def test_make_decoder_modes(tiny_model_dir):
+    from qwen2.decoders import make_decoder
+
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    assert make_decoder(model, "off") is None
+    with pytest.raises(qwen2.ConfigError, match="graphs"):
+        make_decoder(model, "graphs")
+    with pytest.raises(qwen2.ConfigError, match="fast_decode"):
+        qwen2.load_model(tiny_model_dir, fast_decode="turbo")
