@@ -98,6 +98,32 @@ def process_logits(logits, settings: SamplingSettings, seen=None):
     return apply_min_p(logits, settings.min_p)
 
 
+PROCESSORS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+
+
+def processor_stages(logits, settings: SamplingSettings, seen=None) -> list[tuple[str, torch.Tensor]]:
+    """The logits before the processors and after each one, in process_logits' order.
+
+    Returns [("logits", raw), ("repetition_penalty", ...), ("temperature", ...), ("top_k", ...),
+    ("top_p", ...), ("min_p", ...)]: every processor appears (an "off" setting leaves the logits as
+    they were), and the last entry equals process_logits(logits, settings, seen). Greedy settings
+    (temperature=0) stop after the repetition penalty, as process_logits does: the draw is argmax.
+    (B, V) -> list of (name, (B, V)).
+    """
+    stages = [("logits", logits)]
+    penalised = logits if seen is None else apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    stages.append(("repetition_penalty", penalised))
+    if settings.greedy:
+        return stages
+    x = penalised / settings.temperature
+    stages.append(("temperature", x))
+    for name, fn, value in (("top_k", apply_top_k, settings.top_k), ("top_p", apply_top_p, settings.top_p),
+                            ("min_p", apply_min_p, settings.min_p)):
+        x = fn(x, value)
+        stages.append((name, x))
+    return stages
+
+
 class Sampler:
     """Picks next tokens for a batch, tracking which tokens each row has seen (for the penalty)."""
 
