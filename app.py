@@ -2,11 +2,14 @@
 """Qwen2 Studio: chat with the from-scratch Qwen2 runtime and profile it, in one Gradio app.
 
     python app.py [--model ID_OR_DIR] [--device cpu|cuda|cuda:N|mps] [--dtype float32|bfloat16|float16]
-                  [--quantize int8] [--runs-dir runs] [--host 127.0.0.1] [--port 7860]
+                  [--quantize int8|int4] [--fast-decode auto|graphs|compile|off] [--runs-dir runs]
+                  [--host 127.0.0.1] [--port 7860]
 
 The model loads once, at start-up. A hub id that can be neither downloaded nor found in the cache
 falls back to random weights of the same official shape and a byte-level tokenizer, so the app
-always starts, and the page says so. Chat and profiling share one queue: one job at a time.
+always starts, and the page says so (and how to get real weights). Chat and profiling share one
+queue: one job at a time. Each browser session keeps its conversation's KV cache between turns
+(qwen2.chat.ChatSession), so a turn only prefills what is new.
 """
 
 from __future__ import annotations
@@ -22,35 +25,62 @@ if os.environ.get("SPACES_ZERO_GPU"):
         spaces = None
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
-import time  # noqa: E402
+import threading  # noqa: E402
 import traceback  # noqa: E402
+from collections import OrderedDict  # noqa: E402
 from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import profiling  # noqa: E402
 import profiling.charts  # noqa: E402
+import profiling.inside  # noqa: E402
+import profiling.inside_charts  # noqa: E402
+import profiling.report  # noqa: E402
+import profiling.trace  # noqa: E402
 import qwen2  # noqa: E402
+from profiling.runfile import run_label, shipped_runs, trace_file  # noqa: E402
+from qwen2 import options  # noqa: E402
+from qwen2.chat import ChatSession, message_text  # noqa: E402
 from qwen2.errors import ConfigError, ModelNotFoundError, Qwen2Error, TokenizerError  # noqa: E402
+from qwen2.generate import default_stop_ids  # noqa: E402
+from qwen2.sampling import SamplingSettings  # noqa: E402
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 RANDOM_NOTICE = "random weights: replies are noise; the profiling figures are real"
+RANDOM_MAX_NEW_TOKENS = 48  # the default reply length with random weights: noise, so keep it short
+REAL_WEIGHTS_HOWTO = (
+    "To chat with real weights, start the app with `python app.py --model DIR_OR_ID` (a checkpoint "
+    "directory, or a hub id such as `Qwen/Qwen2-0.5B-Instruct`) on a machine that can download it, "
+    "or put it in the Hugging Face cache first (`huggingface-cli download Qwen/Qwen2-0.5B-Instruct`; "
+    "`HF_HOME` / `HF_HUB_CACHE` say where the cache is). With `HF_HUB_OFFLINE=1` only the cache is read.")
 # Qwen2-Instruct's generation_config.json, for checkpoints that ship none.
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 COMPUTE_QUEUE = "compute"  # the concurrency group of every event that runs the model
-CSS = "#notice { border-left: 4px solid #f59e0b; padding: 0.25rem 0.75rem; background: #f59e0b14; }"
+EMPTY_HINT = "Type a message first: the message box is empty."
+STATS_TITLE = "📊 "  # per-reply statistics are "thought" messages whose title starts with this
+EXAMPLES = [
+    "Explain what a KV cache is, in three sentences.",
+    "用三句话介绍一下长城。",
+    "Write a Python function that checks whether a string is a palindrome, with a test.",
+]
+CSS = """
+#notice { border-left: 4px solid #f59e0b; padding: 0.25rem 0.75rem; background: #f59e0b14; }
+#busy-note:not(:empty) { border-left: 4px solid #3b82f6; padding: 0 0.75rem; }
+#kpi-table, #trace-ops { overflow-x: auto; }
+@media (max-width: 720px) { .gradio-container { padding: 0 4px !important; } }
+"""
 
 
 def on_gpu(fn):
     """Run `fn` under spaces.GPU on ZeroGPU hardware; leave it unchanged everywhere else."""
     return spaces.GPU(duration=120)(fn) if spaces is not None else fn
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -66,67 +96,85 @@ def device_choices() -> list[tuple[str, str]]:
     return choices
 
 
-def same_device(a, b) -> bool:
-    a, b = torch.device(a), torch.device(b)
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
 def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in str(text))
 
 
-class Runtime:
-    """The chat model and tokenizer (loaded once) plus models for profiling other devices/dtypes."""
+class Busy:
+    """What holds the model right now, in words, for the "busy" note."""
+
+    def __init__(self):
+        self.what: str | None = None
+
+    def hold(self, what: str):
+        owner = self
+
+        class _Hold:
+            def __enter__(self):
+                owner.what = what
+
+            def __exit__(self, *exc):
+                owner.what = None
+
+        return _Hold()
+
+    def note(self) -> str:
+        return (f"⏳ Busy: {self.what}. Your request waits in line and starts as soon as it is done."
+                if self.what else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The loaded model
+
+
+class LoadedModel:
+    """The chat model and its tokenizer (loaded once), plus models loaded for profiling others."""
 
     def __init__(self, source: str, device: str | None, dtype: str | None, quantize: str | None,
-                 fallback_config: str | None = None, fast_decode: str = "off"):
-        self.source, self.quantize = source, quantize
-        device = device or default_device()
-        print(f"[qwen2-studio] loading {source} on {device} (a first download shows its progress here)",
-              flush=True)
-        try:
-            self.model = qwen2.load_model(source, device=device, dtype=dtype, quantize=quantize)
-            self.shape_source = source
-        except ModelNotFoundError as exc:
-            print(f"[qwen2-studio] {exc}\n[qwen2-studio] starting with RANDOM WEIGHTS instead", flush=True)
-            self.shape_source = fallback_config or source
-            try:
-                self.model = qwen2.load_model(self.shape_source, device=device, dtype=dtype,
-                                              random_weights=True, quantize=quantize)
-            except ConfigError:  # a hub id with no built-in shape: use the default model's
-                self.shape_source = DEFAULT_MODEL
-                self.model = qwen2.load_model(DEFAULT_MODEL, device=device, dtype=dtype,
-                                              random_weights=True, quantize=quantize)
+                 fallback_config: str | None = None, fast_decode: str | None = None):
+        self.source, self.quantize = source, options.check_quantize(quantize)
+        device = options.resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        fast_decode = fast_decode or ("graphs" if device.type == "cuda" and not spaces else "off")
+        self.model, self.shape_source = self._load(device, dtype, fallback_config, fast_decode)
         try:
             self.tokenizer = qwen2.Tokenizer.from_pretrained(source)
         except (ModelNotFoundError, TokenizerError) as exc:
             print(f"[qwen2-studio] {exc}\n[qwen2-studio] using the byte-level fallback tokenizer", flush=True)
             self.tokenizer = qwen2.Tokenizer.byte_fallback(self.model.config.vocab_size)
-        # Stop on the tokenizer's end tokens and on generation_config.json's / config.json's eos ids.
-        eos = self.model.generation_config.get("eos_token_id",
-                                               getattr(self.model.config, "eos_token_id", None))
-        eos = [] if eos is None else (eos if isinstance(eos, (list, tuple)) else [eos])
-        self.stop_ids = set(self.tokenizer.eos_token_ids) | {int(e) for e in eos}
+        self.stop_ids = default_stop_ids(self.model, self.tokenizer)
         self._extra: dict = {}
-        self.prepare_fast_decode(fast_decode)
+        self.warm_up_fast_decode()
 
-    def prepare_fast_decode(self, mode: str):
-        """On CUDA, replay decode steps as a CUDA graph (compiled first when mode is "compile").
-        Capturing and compiling happen here, at start-up, so no chat reply pays for them."""
-        if mode == "off" or self.model.device.type != "cuda":
-            return
-        from qwen2.fast import enable_cuda_graphs, warm_up
-
-        print(f"[qwen2-studio] {'compiling and ' if mode == 'compile' else ''}capturing the decode step "
-              "as a CUDA graph (once, at start-up; compiling takes about a minute)...", flush=True)
+    def _load(self, device, dtype, fallback_config, fast_decode):
+        """(model, the source of its shape): the checkpoint, else random weights of its shape."""
+        print(f"[qwen2-studio] loading {self.source} on {device} (a first download shows its progress "
+              "here)", flush=True)
+        kwargs = dict(device=device, dtype=dtype, quantize=self.quantize, fast_decode=fast_decode)
         try:
-            enable_cuda_graphs(self.model, compile=mode == "compile")
-            warm_up(self.model)
-        except Exception as exc:  # e.g. no Triton for torch.compile: decode eagerly, still correct
+            return qwen2.load_model(self.source, **kwargs), self.source
+        except ModelNotFoundError as exc:
+            print(f"[qwen2-studio] {exc}\n[qwen2-studio] starting with RANDOM WEIGHTS instead", flush=True)
+        for shape_source in (fallback_config or self.source, DEFAULT_MODEL):
+            try:
+                return qwen2.load_model(shape_source, random_weights=True, **kwargs), shape_source
+            except ConfigError:  # a hub id with no built-in shape: use the default model's
+                continue
+        raise ConfigError(f"no model shape for {self.source}")
+
+    def warm_up_fast_decode(self):
+        """Pay for CUDA-graph capture / compilation now, at start-up, so no chat reply pays for it."""
+        decoder = self.model.info.decoder
+        if decoder is None:
+            return
+        print(f"[qwen2-studio] preparing the {decoder.name} decode path (once, at start-up; compiling "
+              "takes about a minute)...", flush=True)
+        try:
+            decoder.warm_up(lambda fraction, message: print(f"[qwen2-studio]   {fraction:4.0%} {message}",
+                                                            flush=True))
+        except Exception as exc:  # e.g. no Triton / C compiler for torch.compile: decode eagerly
             print(f"[qwen2-studio] fast decode unavailable ({type(exc).__name__}: {exc}); decoding eagerly",
                   flush=True)
-            self.model.decode_fn = None
-            self.model.set_attention_backend("sdpa")
+            self.model.info.decoder = None
 
     @property
     def device(self) -> str:
@@ -134,13 +182,23 @@ class Runtime:
 
     @property
     def dtype(self) -> str:
-        return str(self.model.dtype).removeprefix("torch.")
+        return options.dtype_name(self.model.dtype)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    @property
+    def random_weights(self) -> bool:
+        return self.model.info.random_weights
 
     def notice(self) -> str:
-        if self.model.random_weights:
+        if self.random_weights:
             return (f"⚠ **{RANDOM_NOTICE}.** `{self.source}` could be neither downloaded nor found in "
                     f"the local cache, so the model has the same shape with random weights"
-                    + (" and a byte-level fallback tokenizer." if self.tokenizer.is_fallback else "."))
+                    + (" and a byte-level fallback tokenizer" if self.tokenizer.is_fallback else "")
+                    + f"; replies stop after {RANDOM_MAX_NEW_TOKENS} new tokens by default.  \n"
+                    + REAL_WEIGHTS_HOWTO)
         if self.tokenizer.is_fallback:
             return "⚠ No tokenizer files were found: a byte-level fallback tokenizer is used."
         return ""
@@ -148,9 +206,15 @@ class Runtime:
     def summary(self) -> str:
         cfg = self.model.config
         params = sum(p.numel() for p in self.model.parameters())
+        decode = self.model.info.decode_path
         return (f"**Model** `{self.source}` · {params / 1e6:,.1f} M parameters · {cfg.num_hidden_layers} "
                 f"layers · context {cfg.max_position_embeddings:,} · **device** {self.device} · {self.dtype}"
-                + (f" · {self.quantize}" if self.quantize else ""))
+                + (f" · {self.quantize}" if self.quantize else "")
+                + (f" · decode: {decode}" if decode != "eager" else ""))
+
+    def sampling_defaults(self) -> dict:
+        gen = self.model.info.generation_config
+        return {**SAMPLING_DEFAULTS, **{k: v for k, v in gen.items() if k in SAMPLING_DEFAULTS and v is not None}}
 
     def token_text(self, decoder, token_id: int) -> str:
         """Streamed text of one token; ids with no text of their own (random weights) show as ⟨id⟩."""
@@ -162,15 +226,16 @@ class Runtime:
 
     def model_for(self, device: str, dtype: str | None):
         """The chat model when device and dtype match it, else a copy loaded for profiling (one kept)."""
-        dtype = None if dtype in (None, "", "auto") else dtype
-        if same_device(device, self.model.device) and (dtype is None or self.dtype == dtype):
+        device = options.resolve_device(device)
+        dtype = None if dtype in (None, "", "auto") else options.parse_dtype(dtype)
+        here = self.model.device
+        if (device.type, device.index or 0) == (here.type, here.index or 0) and dtype in (None, self.model.dtype):
             return self.model
-        key = (str(torch.device(device)), dtype)
+        key = (str(device), dtype)
         if key not in self._extra:
             self._extra.clear()
             self._extra[key] = qwen2.load_model(self.shape_source, device=device, dtype=dtype,
-                                                random_weights=self.model.random_weights,
-                                                quantize=self.quantize)
+                                                random_weights=self.random_weights, quantize=self.quantize)
         return self._extra[key]
 
 
@@ -178,27 +243,24 @@ class Runtime:
 # Chat
 
 
-def message_text(content) -> str:
-    """The text of a message's content: a plain string (API) or Gradio 6 content parts (UI)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):  # {"type": "text", "text": ...}, {"text", "files"}; files have none
-        return str(content.get("text") or "") if content.get("type", "text") == "text" else ""
-    if isinstance(content, (list, tuple)):
-        return "".join(message_text(part) for part in content)
-    return ""
+class ChatError(Exception):
+    """A reply that could not be made, with a message for the user."""
+
+
+def is_stats_message(item) -> bool:
+    metadata = item.get("metadata") if isinstance(item, dict) else getattr(item, "metadata", None)
+    return str((metadata or {}).get("title") or "").startswith(STATS_TITLE)
 
 
 def history_messages(history) -> list[dict]:
-    """Gradio's history as [{"role", "content": str}], skipping empty messages and non-text parts."""
+    """Gradio's history as [{"role", "content": str}], skipping empty messages, non-text parts and
+    the per-reply statistics."""
     messages = []
     for item in history or []:
         if isinstance(item, (list, tuple)) and len(item) == 2:  # [user, assistant] pairs
             pairs = [("user", item[0]), ("assistant", item[1])]
         elif isinstance(item, dict):
-            pairs = [(item.get("role"), item.get("content"))]
+            pairs = [] if is_stats_message(item) else [(item.get("role"), item.get("content"))]
         else:
             pairs = [(getattr(item, "role", None), getattr(item, "content", None))]
         for role, content in pairs:
@@ -225,82 +287,371 @@ def fit_context(tokenizer, context: int, system: str, turns: list[dict], text: s
             turns = turns[1:]
         dropped += 1
     if len(ids) >= context:
-        raise gr.Error(f"This message is {len(ids)} tokens with the system prompt, but the model's "
-                       f"context is {context} tokens: please shorten it.")
+        raise ChatError(f"This message is {len(ids)} tokens with the system prompt, but the model's "
+                        f"context is {context} tokens: please shorten it.")
     return ids, dropped, min(int(max_new), context - len(ids))
 
 
-def make_chat(rt: Runtime):
-    context = rt.model.config.max_position_embeddings
+def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> dict:
+    """The sampling keyword arguments, checked now (ChatError with a readable message)."""
+    try:
+        kwargs = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                      repetition_penalty=float(repetition_penalty))
+        SamplingSettings(**kwargs)
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max new tokens must be at least 1, not {max_new_tokens}")
+    except (TypeError, ValueError, Qwen2Error) as exc:
+        raise ChatError(f"Invalid setting: {exc}") from None
+    return {**kwargs, "seed": None if seed is None or int(seed) < 0 else int(seed)}
 
-    def chat(message, history, system_prompt, temperature, top_p, top_k, repetition_penalty,
-             max_new_tokens, seed):
-        """Stream a reply to `message`; yields (reply so far, stats line)."""
-        text = message_text(message)
-        if not text.strip():
-            return  # an empty message does nothing
-        try:
-            ids, dropped, max_new = fit_context(rt.tokenizer, context, system_prompt or "",
-                                                history_messages(history), text, int(max_new_tokens))
-            if dropped:
-                gr.Warning(f"The conversation is longer than the {context}-token context: "
-                           f"the {dropped} oldest turn(s) were left out.")
-            tokens = qwen2.generate(
-                rt.model, torch.tensor([ids], dtype=torch.long), max_new_tokens=max_new,
-                temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                repetition_penalty=float(repetition_penalty), stop_token_ids=rt.stop_ids,
-                seed=None if seed is None or int(seed) < 0 else int(seed))
-        except (ValueError, TypeError, Qwen2Error) as exc:  # bad settings: a readable message
-            raise gr.Error(str(exc)) from None
-        decoder = rt.tokenizer.stream_decoder()
-        reply, new, started, first = "", 0, time.perf_counter(), None
-        try:
-            for token_id in tokens:
-                first = first or time.perf_counter()
-                new += 1
-                piece = rt.token_text(decoder, token_id)
-                if piece:
-                    reply += piece
-                    yield reply, f"generating… {new} new tokens"
-            reply += decoder.flush()
-        except Qwen2Error as exc:
-            raise gr.Error(str(exc)) from None
-        finally:
-            tokens.close()  # Stop closes this generator at its yield: the KV cache goes here
-        end = time.perf_counter()
-        first = first or end
-        rate = (new - 1) / (end - first) if new > 1 and end > first else new / max(end - started, 1e-9)
-        stats = (f"**Stats:** {len(ids)} prompt tokens · {new} new tokens · first token "
-                 f"{(first - started) * 1000:.0f} ms · {rate:.1f} tok/s · {rt.device} ({rt.dtype})")
+
+def context_meter(used: int, limit: int) -> str:
+    filled = round(10 * used / max(limit, 1))
+    return f"context {'▰' * filled}{'▱' * (10 - filled)} {used:,} / {limit:,} tokens ({used / max(limit, 1):.1%})"
+
+
+class Conversations:
+    """One ChatSession (a conversation's KV cache) per browser or API session, the latest few kept."""
+
+    def __init__(self, lm: LoadedModel, keep: int = 4):
+        self.lm, self.keep = lm, keep
+        self.sessions: OrderedDict[str, ChatSession] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: str) -> ChatSession:
+        with self.lock:
+            if key not in self.sessions:
+                self.sessions[key] = ChatSession(self.lm.model)
+                while len(self.sessions) > self.keep:  # the oldest conversation gives its cache back
+                    self.sessions.popitem(last=False)[1].reset()
+            self.sessions.move_to_end(key)
+            return self.sessions[key]
+
+    def stats(self, key: str):
+        session = self.sessions.get(key)
+        return session.stats if session is not None else None
+
+    def drop(self, key: str):
+        with self.lock:
+            session = self.sessions.pop(key, None)
+        if session is not None:
+            session.reset()
+
+
+def next_token(tokens) -> int | None:
+    """The stream's next token id, or None at its end. Each step runs under inference_mode by itself:
+    Gradio may resume a streaming generator on another thread, so no mode may span a yield."""
+    with torch.inference_mode():
+        return next(tokens, None)
+
+
+class Chat:
+    """The reply stream shared by the page and the `/chat` API; yields (reply so far, stats so far)."""
+
+    def __init__(self, lm: LoadedModel, busy: Busy):
+        self.lm, self.busy = lm, busy
+        self.conversations = Conversations(lm)
+
+    def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
+        lm = self.lm
+        ids, dropped, max_new = fit_context(lm.tokenizer, lm.context, system or "", history_messages(history),
+                                            text, int(max_new_tokens))
+        notes = []
         if dropped:
-            stats += f"  \n⚠ trimmed: the {dropped} oldest turn(s) did not fit the {context}-token context"
+            notes.append(f"⚠ trimmed: the {dropped} oldest turn(s) did not fit the {lm.context}-token context")
         if max_new < int(max_new_tokens):
-            stats += f"  \n⚠ max new tokens lowered to {max_new} to fit the context"
-        yield reply, stats
+            notes.append(f"⚠ max new tokens lowered to {max_new} to fit the context")
+        session = self.conversations.get(key)
+        decoder, reply = lm.tokenizer.stream_decoder(), ""
+        tokens = None
+        with self.busy.hold("a chat reply is being written"):
+            try:
+                tokens = session.reply(ids, max_new_tokens=max_new, stop_token_ids=lm.stop_ids, **settings)
+                while (token_id := next_token(tokens)) is not None:
+                    reply += lm.token_text(decoder, token_id)
+                    yield reply, f"generating… {session.stats.new_tokens} new tokens"
+                reply += decoder.flush()
+            except (ValueError, TypeError, Qwen2Error) as exc:
+                raise ChatError(str(exc)) from None
+            finally:
+                if tokens is not None:
+                    tokens.close()  # Stop closes this generator at its yield
+        yield reply, self.stats_text(session.stats, notes)
 
-    return chat
+    def stats_text(self, stats, notes=()) -> str:
+        if stats is None:
+            return ""
+        return "  \n".join([f"**Stats:** {stats.line()}", context_meter(stats.context_used, stats.context_limit),
+                            *notes])
+
+    def stopped_stats(self, key: str):
+        stats = self.conversations.stats(key)
+        return None if stats is None else dataclasses.replace(stats, stopped=True)
+
+
+def stats_message(stats) -> dict:
+    return {"role": "assistant", "content": context_meter(stats.context_used, stats.context_limit),
+            "metadata": {"title": STATS_TITLE + stats.line(), "status": "done"}}
+
+
+def make_chat_events(chat: Chat):
+    """The page's chat events: start (instant), respond (streams, queued), stop; and the API's."""
+
+    def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+        """Check the message and settings before the box is cleared; returns
+        (textbox, chatbot, stats, pending message or None)."""
+        text = message_text(message)
+        try:
+            if not text.strip():
+                raise ChatError(EMPTY_HINT)
+            sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+        except ChatError as exc:
+            gr.Warning(str(exc))
+            return gr.update(), gr.skip(), f"⚠ {exc}", None
+        chatbot = [*(chatbot or []), {"role": "user", "content": text}]
+        waiting = chat.busy.note() or "waiting for the model…"
+        return gr.update(value="", interactive=False, submit_btn=False, stop_btn=True), chatbot, waiting, text
+
+    def respond(pending, chatbot, system_prompt, temperature, top_p, top_k, repetition_penalty,
+                max_new_tokens, seed, request: gr.Request):
+        """Stream the reply to `pending` (the message `start` moved into the chat); on any error, put
+        the message back in the box and the chat back as it was, and say what went wrong."""
+        if pending is None:
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        before = (chatbot or [])[:-1]
+        try:
+            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            for reply, stats in chat.stream(request.session_hash, pending, before, system_prompt, settings,
+                                            max_new_tokens):
+                yield [*chatbot, {"role": "assistant", "content": reply}], stats, gr.skip()
+        except ChatError as exc:
+            gr.Warning(f"Could not reply: {exc}")
+            yield before, f"⚠ Could not reply: {exc}", gr.update(value=pending)
+            return
+        except Exception as exc:  # never leave the page stuck: report, restore
+            traceback.print_exc()
+            gr.Warning(f"Could not reply: {type(exc).__name__}: {exc}")
+            yield before, f"⚠ Could not reply: {type(exc).__name__}: {exc}", gr.update(value=pending)
+            return
+        stats = chat.conversations.stats(request.session_hash)
+        yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), gr.skip()
+
+    def stop(chatbot, request: gr.Request):
+        """After Stop: the reply so far stays, with its statistics under it."""
+        stats = chat.stopped_stats(request.session_hash)
+        chatbot = list(chatbot or [])
+        if stats is None or not chatbot or chatbot[-1].get("role") != "assistant" or is_stats_message(chatbot[-1]):
+            return chatbot, gr.skip()
+        return [*chatbot, stats_message(stats)], chat.stats_text(stats)
+
+    def clear(request: gr.Request):
+        chat.conversations.drop(request.session_hash)
+        return ""
+
+    def api(message, system_prompt, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+            history, request: gr.Request):
+        """Stream a reply to `message` in this session's conversation; yields (reply so far, stats)."""
+        text = message_text(message)
+        try:
+            if not text.strip():
+                raise ChatError(EMPTY_HINT)
+            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            for reply, stats in chat.stream(request.session_hash, text, history, system_prompt, settings,
+                                            max_new_tokens):
+                turn = [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+                yield reply, stats, [*(history or []), *turn]  # a cancelled reply stays in the history
+        except ChatError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return start, respond, stop, clear, api
 
 
 # ---------------------------------------------------------------------------------------------
 # Dashboard
 
 
-def figures(runs: list[dict]) -> list:
-    """The dashboard's figures for `runs`: per-layer latency (a button switches decode/prefill),
-    memory, throughput with the roofline, and the context sweep (None when not measured)."""
-    charts = profiling.charts
+class Dashboard:
+    """Profiling runs, saved runs (this machine's and the shipped reference runs) and their views."""
 
-    def draw(fn, **kwargs):
+    SHIPPED = "shipped/"  # the dropdown value prefix of a reference run under docs/runs/
+
+    def __init__(self, lm: LoadedModel, runs_dir: Path, busy: Busy):
+        self.lm, self.runs_dir, self.busy = lm, runs_dir, busy
+
+    # -- run files ---------------------------------------------------------------------------
+    def run_choices(self) -> list[tuple[str, str]]:
+        """(label, value) per run file: the shipped reference runs first, then this machine's newest."""
+        choices = []
+        for path in shipped_runs():
+            choices.append((f"📦 {self.label(path)}", self.SHIPPED + path.name))
+        saved = sorted(self.runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+        choices += [(f"{path.name} · {self.label(path)}", path.name) for path in saved[:100]]
+        return choices
+
+    @staticmethod
+    def label(path: Path) -> str:
         try:
-            return fn(runs, **kwargs)
-        except Exception:  # one broken figure must not hide the others
-            traceback.print_exc()
-            return None
+            return run_label(profiling.load_run(path))
+        except (ValueError, OSError):
+            return "(not a run file)"
 
-    has_sweep = any(run.get("sweep") for run in runs)
-    return [draw(charts.layer_latency_figure, phase="decode"),
-            draw(charts.memory_figure), draw(charts.throughput_figure),
-            draw(charts.sweep_figure) if has_sweep else None]
+    def shipped_values(self) -> list[str]:
+        return [self.SHIPPED + p.name for p in shipped_runs()]
+
+    def path_of(self, value: str) -> Path:
+        if value.startswith(self.SHIPPED):
+            shipped = {p.name: p for p in shipped_runs()}
+            name = value[len(self.SHIPPED):]
+            if name not in shipped:
+                raise gr.Error(f"no shipped run {name}")
+            return shipped[name]
+        return self.runs_dir / Path(value).name
+
+    def new_stamp(self) -> str:
+        """A date-time prefix for this run's files that no earlier file uses."""
+        base = stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while any(self.runs_dir.glob(f"{stamp}-*")) or any(self.runs_dir.glob(f"compare-{stamp}.*")):
+            n += 1
+            stamp = f"{base}-{n}"
+        return stamp
+
+    # -- views -------------------------------------------------------------------------------
+    def views(self, runs: list[dict], theme: str, paths=None) -> list:
+        """[KPI table, layer, memory, throughput, sweep figures, baseline note, top ops, timeline]."""
+        charts, theme = profiling.charts, "dark" if theme == "dark" else "light"
+
+        def draw(fn, **kwargs):
+            try:
+                return fn(runs, theme=theme, **kwargs)
+            except Exception:  # one broken figure must not hide the others
+                traceback.print_exc()
+                return None
+
+        columns, rows = charts.headline_rows(runs)
+        has_sweep = any(run.get("sweep") for run in runs)
+        return [pd.DataFrame(rows, columns=columns),
+                draw(charts.layer_latency_figure, phase="decode"), draw(charts.memory_figure),
+                draw(charts.throughput_figure), draw(charts.sweep_figure) if has_sweep else None,
+                baseline_note(runs), *self.trace_views(runs, paths or [None] * len(runs), theme)]
+
+    @staticmethod
+    def trace_views(runs, paths, theme) -> list:
+        """The first traced run's top operations and timeline (None, None when no run has a trace)."""
+        for run, path in zip(runs, paths):
+            trace = trace_file(run, path)
+            if trace is None:
+                continue
+            try:
+                ops = pd.DataFrame(profiling.trace.top_ops(trace, n=15)).round(
+                    {"total_ms": 3, "mean_ms": 4, "percent": 1})
+                return [ops, profiling.charts.trace_timeline(trace, theme=theme)]
+            except Exception:
+                traceback.print_exc()
+        return [None, None]
+
+    # -- events ------------------------------------------------------------------------------
+    def profile(self, devices=None, dtype="auto", prompt_tokens=64, new_tokens=16, baseline=False,
+                sweep=False, trace=False, theme="light", progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
+        """Profile the model on each device; returns the views, the runs' JSON, files and a summary."""
+        devices = [devices] if isinstance(devices, str) else list(devices or [self.lm.device])
+        if baseline and not BASELINE_AVAILABLE:
+            raise gr.Error(BASELINE_MISSING)
+        stamp = self.new_stamp()
+        runs, files = [], []
+        trace_dir = self.runs_dir / "traces" / stamp if trace else None
+        with self.busy.hold("a profile is running"):
+            for i, device in enumerate(devices):
+                def report(fraction, desc="", i=i, device=device):
+                    progress((i + float(fraction)) / len(devices), desc=f"{device}: {desc}")
+                try:
+                    model = self.lm.model_for(device, dtype)
+                    run = profiling.profile_model(
+                        model, prompt_tokens=int(prompt_tokens), new_tokens=int(new_tokens), warmup=1,
+                        baseline="transformers" if baseline else None,
+                        sweep=sweep_lengths(model, new_tokens) if sweep else None,
+                        trace_dir=str(trace_dir) if trace_dir else None, progress=report)
+                except Exception as exc:  # bad settings, a missing device, OOM: say so and keep serving
+                    traceback.print_exc()
+                    raise gr.Error(f"Profiling on {device} failed: {exc}") from None
+                path = self.runs_dir / f"{stamp}-{slug(device)}.json"
+                profiling.save_run(run, path)
+                runs.append(run)
+                files.append(path)
+        traces = [str(t) for t in (trace_file(run, path) for run, path in zip(runs, files)) if t]
+        report_path = self.runs_dir / f"{stamp}-report.html"
+        profiling.report.write_report(runs, report_path)
+        status = f"Saved {', '.join(f'`{f.name}`' for f in files)} in `{self.runs_dir}`."
+        if traces:
+            status += ("  \nThe trace's top operations and timeline are below; the trace file is in the "
+                       "downloads (open it at https://ui.perfetto.dev or chrome://tracing).")
+        return [*self.views(runs, theme, files), runs, [str(f) for f in files] + [str(report_path)] + traces,
+                status, gr.update(choices=self.run_choices())]
+
+    def compare(self, selected=None, uploaded=None, theme="light"):
+        """Load saved runs and uploaded run files (copied into the runs directory) and compare them."""
+        paths = [self.path_of(value) for value in (selected or [])]
+        for upload in uploaded or []:
+            src = Path(upload if isinstance(upload, str) else upload.name)
+            try:
+                profiling.load_run(src)
+            except (ValueError, OSError) as exc:
+                raise gr.Error(f"{src.name} is not a run file: {exc}") from None
+            dest = self.runs_dir / src.name
+            while dest.exists():
+                dest = dest.with_name(f"{dest.stem}-copy{dest.suffix}")
+            shutil.copyfile(src, dest)
+            paths.append(dest)
+        runs = self.load(paths)
+        if not runs:
+            raise gr.Error("Choose saved runs, or upload run files (.json), to compare.")
+        report_path = self.runs_dir / f"compare-{self.new_stamp()}.html"
+        profiling.report.write_report(runs, report_path)
+        status = "Comparing " + "; ".join(f"**{run_label(r)}** (`{p.name}`)" for r, p in zip(runs, paths)) + "."
+        values = [self.SHIPPED + p.name if p.parent != self.runs_dir else p.name for p in paths]
+        return [*self.views(runs, theme, paths), runs, [str(report_path)], status,
+                gr.update(choices=self.run_choices(), value=values)]
+
+    @staticmethod
+    def load(paths) -> list[dict]:
+        runs = []
+        for path in paths:
+            try:
+                runs.append(profiling.load_run(path))
+            except (ValueError, OSError) as exc:
+                raise gr.Error(f"cannot load {path.name}: {exc}") from None
+        return runs
+
+    def on_page_load(self, theme="light"):
+        """The run list, with the shipped reference runs selected and shown (CPU vs GPU at first sight)."""
+        shipped = shipped_runs()
+        choices = gr.update(choices=self.run_choices(), value=self.shipped_values())
+        if not shipped:
+            return [gr.skip()] * len(VIEW_SLOTS) + [gr.skip(), choices]
+        runs = self.load(shipped)
+        status = ("Showing the reference runs shipped with the app: "
+                  + "; ".join(f"**{run_label(r)}**" for r in runs) + ". Run a profile to add this machine's.")
+        return [*self.views(runs, theme, shipped), status, choices]
+
+
+VIEW_SLOTS = ("kpi", "layers", "memory", "throughput", "sweep", "baseline_note", "trace_ops", "timeline")
+BASELINE_AVAILABLE = importlib.util.find_spec("transformers") is not None
+BASELINE_MISSING = ("The transformers baseline needs the transformers package, which is not installed "
+                    "here (pip install transformers).")
+
+
+def baseline_note(runs: list[dict]) -> str:
+    """Says, next to the baseline bars, where transformers' greedy tokens differ from ours, and why."""
+    notes = []
+    for run in runs:
+        base = run.get("baseline") or {}
+        if base and base.get("tokens_match") is False:
+            note = base.get("divergence_note") or f"outputs diverge at token {base.get('diverged_at')}"
+            notes.append(f"⚠ **{run_label(run)}**: transformers' greedy tokens differ from ours: {note}")
+        elif base and base.get("tokens_match"):
+            notes.append(f"✓ **{run_label(run)}**: transformers' greedy tokens equal ours.")
+    return "  \n".join(notes)
 
 
 def sweep_lengths(model, new_tokens: int) -> list[int]:
@@ -308,190 +659,242 @@ def sweep_lengths(model, new_tokens: int) -> list[int]:
     return [n for n in (16, 32, 64, 128, 256, 512, 1024) if n <= limit]
 
 
-def new_stamp(runs_dir: Path) -> str:
-    """A date-time prefix for this run's files that no earlier file uses."""
-    base = stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    n = 1
-    while any(runs_dir.glob(f"{stamp}-*")) or any(runs_dir.glob(f"compare-{stamp}.*")):
-        n += 1
-        stamp = f"{base}-{n}"
-    return stamp
+# ---------------------------------------------------------------------------------------------
+# Inside the model
 
 
-def write_report(runs: list[dict], path: Path) -> None:
-    from profiling.report import write_report as write
+class Inside:
+    """One InsideSession (a prompt's walk through the model, stepped a token at a time) per session."""
 
-    write(runs, path)
+    def __init__(self, lm: LoadedModel, busy: Busy, keep: int = 4):
+        self.lm, self.busy, self.keep = lm, busy, keep
+        self.sessions: OrderedDict[str, profiling.inside.InsideSession] = OrderedDict()
+
+    def start(self, prompt, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, seed=-1,
+              layer=0, request: gr.Request = None):
+        """Run `prompt` through the model; returns the views of the token it makes next."""
+        if not str(prompt or "").strip():
+            raise gr.Error("Type a prompt first, e.g. “The capital of France is”.")
+        try:
+            session = profiling.inside.InsideSession(
+                self.lm.model, self.lm.tokenizer, temperature=float(temperature), top_k=int(top_k),
+                top_p=float(top_p), min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+                seed=None if seed is None or int(seed) < 0 else int(seed))
+            with self.busy.hold("the Inside-the-model view is running"):
+                view = session.start(str(prompt))
+        except (ValueError, TypeError, Qwen2Error) as exc:
+            raise gr.Error(f"Cannot run this prompt: {exc}") from None
+        key = request.session_hash if request is not None else ""
+        self.sessions[key] = session
+        self.sessions.move_to_end(key)
+        while len(self.sessions) > self.keep:
+            self.sessions.popitem(last=False)
+        return self.figures(view, layer)
+
+    def step(self, layer=0, request: gr.Request = None):
+        """Feed the chosen token through the KV cache (one decode step); returns the new views."""
+        session = self.sessions.get(request.session_hash if request is not None else "")
+        if session is None:
+            raise gr.Error("Run a prompt first; then “Next token” advances it one decode step.")
+        try:
+            with self.busy.hold("the Inside-the-model view is running"):
+                view = session.step()
+        except Qwen2Error as exc:
+            raise gr.Error(str(exc)) from None
+        return self.figures(view, layer)
+
+    def figures(self, view: dict, layer) -> list:
+        """[summary, path, candidates, logit lens, attention figures, the view's JSON]."""
+        charts = profiling.inside_charts
+        layer = max(0, min(int(layer or 0), view["model"]["layers"] - 1))
+        return [inside_summary(view), charts.path_figure(view), charts.candidates_figure(view),
+                charts.logit_lens_figure(view), charts.attention_figure(view, layer), view]
+
+    @staticmethod
+    def attention(view, layer):
+        """Another layer's attention map, from the view already computed (no model run)."""
+        if not view:
+            return gr.skip()
+        return profiling.inside_charts.attention_figure(view, max(0, min(int(layer), view["model"]["layers"] - 1)))
 
 
-def make_dashboard_fns(rt: Runtime, runs_dir: Path):
-    def list_runs() -> list[str]:
-        files = sorted(runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        return [p.name for p in files]
-
-    def profile(devices=None, dtype="auto", prompt_tokens=64, new_tokens=16, baseline=False,
-                sweep=False, trace=False, progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-        """Profile the model on each device; return the figures, the runs' JSON, files and a summary."""
-        devices = [devices] if isinstance(devices, str) else list(devices or [rt.device])
-        stamp = new_stamp(runs_dir)
-        runs, files = [], []
-        trace_dir = runs_dir / "traces" / stamp if trace else None
-        for i, device in enumerate(devices):
-            def report(fraction, desc="", i=i, device=device):
-                progress((i + float(fraction)) / len(devices), desc=f"{device}: {desc}")
-            try:
-                model = rt.model_for(device, dtype)
-                run = profiling.profile_model(
-                    model, prompt_tokens=int(prompt_tokens), new_tokens=int(new_tokens), warmup=1,
-                    baseline="transformers" if baseline else None,
-                    sweep=sweep_lengths(model, new_tokens) if sweep else None,
-                    trace_dir=str(trace_dir) if trace_dir else None, progress=report)
-            except Exception as exc:  # bad settings, a missing device, OOM: say so and keep serving
-                traceback.print_exc()
-                raise gr.Error(f"Profiling on {device} failed: {exc}") from None
-            path = runs_dir / f"{stamp}-{slug(device)}.json"
-            profiling.save_run(run, path)
-            runs.append(run)
-            files.append(str(path))
-        traces = [str(p) for p in sorted(trace_dir.rglob("*")) if p.is_file()] if trace else []
-        report_path = runs_dir / f"{stamp}-report.html"
-        write_report(runs, report_path)
-        status = f"Saved {', '.join(f'`{Path(f).name}`' for f in files)} in `{runs_dir}`."
-        if trace:
-            status += (f"  \nTrace (in the downloads): `tensorboard --logdir {trace_dir}` (needs "
-                       f"`pip install tensorboard torch-tb-profiler`), or open the `.chrome_trace.json` "
-                       f"file in https://ui.perfetto.dev or chrome://tracing.")
-        return [*figures(runs), runs, files + [str(report_path)] + traces, status]
-
-    def compare(selected=None, uploaded=None):
-        """Load saved runs and uploaded run files (copied into the runs directory) and compare them."""
-        paths = [runs_dir / Path(name).name for name in (selected or [])]
-        for upload in uploaded or []:
-            src = Path(upload if isinstance(upload, str) else upload.name)
-            dest = runs_dir / src.name
-            while dest.exists():
-                dest = dest.with_name(f"{dest.stem}-copy{dest.suffix}")
-            try:
-                profiling.load_run(src)
-            except (ValueError, OSError) as exc:
-                raise gr.Error(f"{src.name} is not a run file: {exc}") from None
-            shutil.copyfile(src, dest)
-            paths.append(dest)
-        runs = []
-        for path in paths:
-            try:
-                runs.append(profiling.load_run(path))
-            except (ValueError, OSError) as exc:
-                raise gr.Error(f"cannot load {path.name}: {exc}") from None
-        if not runs:
-            raise gr.Error("Choose saved runs, or upload run files (.json), to compare.")
-        report_path = runs_dir / f"compare-{new_stamp(runs_dir)}.html"
-        write_report(runs, report_path)
-        status = f"Comparing {', '.join(f'`{p.name}`' for p in paths)}."
-        names = [p.name for p in paths]
-        return [*figures(runs), runs, [str(report_path)], status,
-                gr.update(choices=list_runs(), value=names)]
-
-    return list_runs, profile, compare
+def inside_summary(view: dict) -> str:
+    tokens = "".join(t["text"] for t in view["tokens"])
+    chosen = view["chosen"]
+    text = (f"**Step {view['step']}** ({view['phase']}) · {len(view['tokens'])} tokens · next token "
+            f"`{chosen['text']!r}` (id {chosen['id']}, p = {chosen['prob']:.3f}"
+            f"{', a stop token' if chosen['stop'] else ''})  \n**Text so far:** {tokens!r}")
+    return (f"⚠ {view['notice']}  \n" if view.get("notice") else "") + text
 
 
 # ---------------------------------------------------------------------------------------------
 # The page
 
 
-def build_demo(rt: Runtime, runs_dir: Path) -> gr.Blocks:
-    gen = {**SAMPLING_DEFAULTS, **{k: v for k, v in rt.model.generation_config.items()
-                                   if k in SAMPLING_DEFAULTS and v is not None}}
-    context = rt.model.config.max_position_embeddings
-    list_runs, profile, compare = make_dashboard_fns(rt, runs_dir)
-    chat = make_chat(rt)
+THEME_JS = "() => document.querySelector('.dark') ? 'dark' : 'light'"
 
+
+def chat_tab(lm: LoadedModel, chat: Chat):
+    """The Chat tab: the conversation, the box, the settings (also the inputs of the /chat API)."""
+    gen = lm.sampling_defaults()
+    default_new = RANDOM_MAX_NEW_TOKENS if lm.random_weights else min(512, lm.context // 2)
+    chatbot = gr.Chatbot(height=460, show_label=False, elem_id="chatbot", placeholder=(
+        f"Chat with `{lm.source}` running on {lm.device} ({lm.dtype}). Each reply shows its statistics "
+        "under it; the conversation's KV cache is kept between turns."))
+    textbox = gr.Textbox(placeholder="Type a message…", elem_id="chat-input", show_label=False,
+                         submit_btn=True, stop_btn=False, autofocus=True, lines=1)
+    stats = gr.Markdown("", elem_id="chat-stats")
+    gr.Examples([[e] for e in EXAMPLES], inputs=[textbox], label="Examples (English, Chinese, code)")
+    with gr.Accordion("System prompt and sampling (defaults from generation_config.json)", open=False):
+        system = gr.Textbox("", label="System prompt", lines=2, placeholder="e.g. You are a helpful assistant.")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=float(gen["temperature"]), step=0.05,
+                                    label="Temperature", info="0 = greedy")
+            top_p = gr.Slider(0.01, 1, value=float(gen["top_p"]), step=0.01, label="Top-p", info="1 = off")
+            top_k = gr.Slider(0, 200, value=int(gen["top_k"]), step=1, label="Top-k (0 = off)")
+        with gr.Row():
+            penalty = gr.Slider(0.5, 2, value=float(gen["repetition_penalty"]), step=0.01,
+                                label="Repetition penalty", info="1 = off")
+            max_new = gr.Slider(1, min(lm.context, 4096), value=default_new, step=1,
+                                label="Max new tokens", elem_id="max-new-tokens")
+            seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
+    settings = [temperature, top_p, top_k, penalty, max_new, seed]
+
+    start, respond, stop, clear, api = make_chat_events(chat)
+    pending = gr.State(None)
+    started = textbox.submit(start, [textbox, chatbot, *settings], [textbox, chatbot, stats, pending],
+                             queue=False, api_visibility="undocumented")
+    replying = started.then(on_gpu(respond), [pending, chatbot, system, *settings], [chatbot, stats, textbox],
+                            api_visibility="undocumented", concurrency_id=COMPUTE_QUEUE, concurrency_limit=1,
+                            show_progress="minimal", show_progress_on=chatbot)
+    ready = dict(fn=lambda: gr.update(interactive=True, submit_btn=True, stop_btn=False), outputs=textbox,
+                 api_visibility="undocumented", queue=False)
+    replying.then(**ready)  # whatever happened, the box is usable again
+    textbox.stop(None, None, None, cancels=[replying], queue=False, api_visibility="undocumented").then(
+        stop, [chatbot], [chatbot, stats], queue=False, api_visibility="undocumented").then(**ready)
+    chatbot.clear(clear, None, stats, queue=False, api_visibility="undocumented")
+
+    # The /chat API: the same settings, the conversation kept in this API session's state.
+    api_message = gr.Textbox(label="Message", visible=False)
+    api_reply = gr.Textbox(label="Reply", visible=False)
+    api_history = gr.State([])
+    gr.Button(visible=False).click(on_gpu(api), [api_message, system, *settings, api_history],
+                                   [api_reply, stats, api_history], api_name="chat",
+                                   concurrency_id=COMPUTE_QUEUE, concurrency_limit=1)
+
+
+def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
+    """The Dashboard tab: run a profile or compare runs; headline figures, charts and the trace."""
+    with gr.Row():
+        devices = gr.CheckboxGroup(device_choices(), value=[lm.device], label="Devices", min_width=240)
+        dtype = gr.Dropdown(["auto", *options.DTYPE_NAMES], value="auto", min_width=240,
+                            label="dtype (auto = the chat model's on its device)")
+    with gr.Row():
+        prompt_tokens = gr.Slider(8, min(4096, lm.context // 2), value=64, step=8, label="Prompt tokens",
+                                  min_width=240)
+        new_tokens = gr.Slider(2, min(256, lm.context // 4), value=16, step=1, label="New tokens", min_width=240)
+    with gr.Row():
+        baseline = gr.Checkbox(False, label="transformers baseline", interactive=BASELINE_AVAILABLE,
+                               info=None if BASELINE_AVAILABLE else BASELINE_MISSING)
+        sweep = gr.Checkbox(False, label="Context sweep")
+        trace = gr.Checkbox(False, label="Record a torch.profiler trace")
+    run_btn = gr.Button("Run", variant="primary", elem_id="run-profile")
+    status = gr.Markdown(f"Runs are saved to `{dash.runs_dir}`.", elem_id="profile-status")
+    kpi = gr.Dataframe(label="Headline figures (one row per run)", elem_id="kpi-table", interactive=False,
+                       wrap=True)
+    # The figures carry their own titles: no label badge over them.
+    layer_plot = gr.Plot(label="Per-layer latency", show_label=False, elem_id="layer-plot")
+    throughput_plot = gr.Plot(label="Throughput and roofline", show_label=False)
+    baseline_md = gr.Markdown("", elem_id="baseline-note")  # right under the baseline bars
+    memory_plot = gr.Plot(label="Memory", show_label=False)
+    sweep_plot = gr.Plot(label="Context sweep", show_label=False)
+    with gr.Accordion("Trace: top operations and timeline (record a trace, or compare a traced run)",
+                      open=True):
+        trace_ops = gr.Dataframe(label="Top operations", elem_id="trace-ops", interactive=False)
+        timeline = gr.Plot(label="Trace timeline", show_label=False)
+    downloads = gr.File(label="Run JSON, HTML report and trace", file_count="multiple", interactive=False)
+    with gr.Accordion("Run JSON", open=False):
+        run_json = gr.JSON(label="Runs")
+    with gr.Accordion("Compare saved, shipped or uploaded runs", open=True):
+        gr.Markdown("📦 marks the reference runs shipped with the app (CPU and GPU). Compare them with this "
+                    "machine's runs or with run files made elsewhere (`python -m profiling`, or this tab's "
+                    "download).")
+        with gr.Row():
+            saved = gr.Dropdown([], multiselect=True, label="Saved runs", scale=3, elem_id="saved-runs",
+                                allow_custom_value=True, min_width=240)
+            refresh = gr.Button("↻ Refresh", scale=0)
+        uploads = gr.File(label="Upload run files (.json)", file_count="multiple", file_types=[".json"],
+                          type="filepath")
+        compare_btn = gr.Button("Compare", elem_id="compare-runs")
+
+    views = [kpi, layer_plot, memory_plot, throughput_plot, sweep_plot, baseline_md, trace_ops, timeline]
+    run_btn.click(lambda: dash.busy.note() or gr.skip(), None, status, queue=False,
+                  api_visibility="undocumented").then(
+        on_gpu(dash.profile), [devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme],
+        [*views, run_json, downloads, status, saved], api_name="profile", show_progress_on=layer_plot,
+        concurrency_id=COMPUTE_QUEUE, concurrency_limit=1)
+    compare_btn.click(dash.compare, [saved, uploads, theme], [*views, run_json, downloads, status, saved],
+                      api_name="compare", show_progress_on=layer_plot)
+    refresh.click(lambda: gr.update(choices=dash.run_choices()), None, saved, api_visibility="undocumented")
+    return views, status, saved
+
+
+def inside_tab(lm: LoadedModel, inside: Inside):
+    """The Inside-the-model tab: one token being made, with the shapes, candidates, lens and attention."""
+    gr.Markdown("Watch one token being made by the loaded model: the path with the real tensor shapes, "
+                "the next-token candidates before and after each sampling setting, the logit lens (what "
+                "each layer would predict) and the attention maps. *Next token* takes one decode step.")
+    with gr.Row():
+        prompt = gr.Textbox("The capital of France is", label="Prompt", elem_id="inside-prompt", scale=4,
+                            min_width=240)
+        run = gr.Button("Run", variant="primary", elem_id="inside-run", scale=1, min_width=100)
+        step = gr.Button("Next token", elem_id="inside-step", scale=1, min_width=100)
+    with gr.Accordion("Sampling settings (temperature 0 = greedy)", open=False):
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature", min_width=160)
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k (0 = off)", min_width=160)
+            top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p (1 = off)", min_width=160)
+            min_p = gr.Slider(0, 0.99, value=0.0, step=0.01, label="Min-p (0 = off)", min_width=160)
+            penalty = gr.Slider(0.5, 2, value=1.0, step=0.01, label="Repetition penalty (1 = off)",
+                                min_width=160)
+            seed = gr.Number(0, precision=0, label="Seed (-1 = random)", min_width=160)
+    summary = gr.Markdown("", elem_id="inside-summary")
+    layer = gr.Slider(0, lm.model.config.num_hidden_layers - 1, value=0, step=1, label="Attention: layer",
+                      elem_id="inside-layer")
+    attention = gr.Plot(label="Attention", show_label=False, elem_id="inside-attention")
+    with gr.Row(equal_height=False):
+        candidates = gr.Plot(label="Next-token candidates", show_label=False, elem_id="inside-candidates",
+                             min_width=320)
+        lens = gr.Plot(label="Logit lens", show_label=False, elem_id="inside-lens", min_width=320)
+    path = gr.Plot(label="The path", show_label=False, elem_id="inside-path")
+    with gr.Accordion("The view as JSON", open=False):
+        view = gr.JSON(label="View")
+    outputs = [summary, path, candidates, lens, attention, view]
+    queued = dict(concurrency_id=COMPUTE_QUEUE, concurrency_limit=1, show_progress_on=[summary])
+    inputs = [prompt, temperature, top_k, top_p, min_p, penalty, seed, layer]
+    run.click(on_gpu(inside.start), inputs, outputs, api_name="inside", **queued)
+    prompt.submit(on_gpu(inside.start), inputs, outputs, api_visibility="undocumented", **queued)
+    step.click(on_gpu(inside.step), [layer], outputs, api_name="inside_step", **queued)
+    layer.release(inside.attention, [view, layer], attention, api_visibility="undocumented")
+
+
+def build_demo(lm: LoadedModel, runs_dir: Path) -> gr.Blocks:
+    busy = Busy()
+    dash = Dashboard(lm, runs_dir, busy)
     with gr.Blocks(title="Qwen2 Studio", analytics_enabled=False) as demo:
-        gr.Markdown(f"# Qwen2 Studio\n{rt.summary()}")
-        if rt.notice():
-            gr.Markdown(rt.notice(), elem_id="notice")
+        gr.Markdown(f"# Qwen2 Studio\n{lm.summary()}")
+        if lm.notice():
+            gr.Markdown(lm.notice(), elem_id="notice")
+        theme = gr.Textbox("light", visible=False, label="Chart theme (light or dark)")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                stats = gr.Markdown("", elem_id="chat-stats", render=False)
-                chat_ui = gr.ChatInterface(
-                    on_gpu(chat), api_name="chat", chatbot=gr.Chatbot(height=460, label=rt.source),
-                    textbox=gr.Textbox(placeholder="Type a message…", elem_id="chat-input", label="Message",
-                                       submit_btn=True, stop_btn=True, autofocus=True, scale=7),
-                    validator=lambda message: gr.validate(bool(message_text(message).strip()),
-                                                          "Type a message first."),
-                    additional_inputs=[
-                        gr.Textbox("", label="System prompt", lines=2, render=False,
-                                   placeholder="e.g. You are a helpful assistant."),
-                        gr.Slider(0, 2, value=float(gen["temperature"]), step=0.05, label="Temperature",
-                                  render=False),
-                        gr.Slider(0, 1, value=float(gen["top_p"]), step=0.01, label="Top-p", render=False),
-                        gr.Slider(0, 200, value=int(gen["top_k"]), step=1, label="Top-k (0 = off)",
-                                  render=False),
-                        gr.Slider(0.5, 2, value=float(gen["repetition_penalty"]), step=0.01,
-                                  label="Repetition penalty", render=False),
-                        gr.Slider(1, min(context, 4096), value=min(512, context // 2), step=1,
-                                  label="Max new tokens", render=False, elem_id="max-new-tokens"),
-                        gr.Number(-1, precision=0, label="Seed (-1 = random)", render=False),
-                    ],
-                    additional_inputs_accordion=gr.Accordion(
-                        "System prompt and sampling (defaults from generation_config.json)", open=False,
-                        render=False),
-                    additional_outputs=[stats],
-                )
-                stats.render()
-                chat_ui.textbox.stop(lambda s: (s or "").replace("generating…", "Stopped after"),
-                                     stats, stats, api_visibility="undocumented", queue=False)
+                chat_tab(lm, Chat(lm, busy))
             with gr.Tab("Dashboard", id="dashboard"):
-                with gr.Row():
-                    devices = gr.CheckboxGroup(device_choices(), value=[rt.device], label="Devices")
-                    dtype = gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value="auto",
-                                        label="dtype (auto = the chat model's on its device)")
-                with gr.Row():
-                    prompt_tokens = gr.Slider(8, min(4096, context // 2), value=64, step=8,
-                                              label="Prompt tokens")
-                    new_tokens = gr.Slider(2, min(256, context // 4), value=16, step=1, label="New tokens")
-                with gr.Row():
-                    baseline = gr.Checkbox(False, label="transformers baseline")
-                    sweep = gr.Checkbox(False, label="Context sweep")
-                    trace = gr.Checkbox(False, label="Record a torch.profiler trace")
-                run_btn = gr.Button("Run", variant="primary", elem_id="run-profile")
-                status = gr.Markdown(
-                    "Runs are saved to `%s`. A trace opens in TensorBoard with "
-                    "`tensorboard --logdir %s` (`pip install tensorboard torch-tb-profiler`)."
-                    % (runs_dir, runs_dir / "traces"), elem_id="profile-status")
-                layer_plot = gr.Plot(label="Per-layer latency: attention vs MLP, per device")
-                with gr.Row():
-                    memory_plot = gr.Plot(label="Memory", scale=1)
-                    throughput_plot = gr.Plot(label="Throughput and roofline", scale=2)
-                sweep_plot = gr.Plot(label="Context sweep")
-                downloads = gr.File(label="Run JSON, HTML report and trace", file_count="multiple",
-                                    interactive=False)
-                with gr.Accordion("Run JSON", open=False):
-                    run_json = gr.JSON(label="Runs")
-                with gr.Accordion("Compare saved or uploaded runs", open=True):
-                    gr.Markdown("Compare runs from this machine with run files made elsewhere, e.g. "
-                                "on a GPU box: `python -m profiling` or this tab's download.")
-                    with gr.Row():
-                        saved = gr.Dropdown(list_runs(), multiselect=True, label="Saved runs", scale=3,
-                                            allow_custom_value=True)  # runs appear after start-up
-                        refresh = gr.Button("↻ Refresh", scale=0)
-                    uploads = gr.File(label="Upload run files (.json)", file_count="multiple",
-                                      file_types=[".json"], type="filepath")
-                    compare_btn = gr.Button("Compare", elem_id="compare-runs")
-
-        plots = [layer_plot, memory_plot, throughput_plot, sweep_plot]
-        run_btn.click(
-            on_gpu(profile), [devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace],
-            plots + [run_json, downloads, status], api_name="profile", show_progress_on=layer_plot,
-        ).then(lambda: gr.update(choices=list_runs()), None, saved, api_visibility="undocumented")
-        compare_btn.click(compare, [saved, uploads], plots + [run_json, downloads, status, saved],
-                          api_name="compare", show_progress_on=layer_plot)
-        refresh.click(lambda: gr.update(choices=list_runs()), None, saved, api_visibility="undocumented")
-
-    # One model, one job at a time: chat (UI and API) and profiling share one queue.
-    for fn in demo.fns.values():
-        if fn.name in {"_submit_fn", "chat", "profile"}:
-            fn.concurrency_id, fn.concurrency_limit = COMPUTE_QUEUE, 1
+                views, status, saved = dashboard_tab(lm, dash, theme)
+            with gr.Tab("Inside the model", id="inside"):
+                inside_tab(lm, Inside(lm, busy))
+        demo.load(None, None, theme, js=THEME_JS).then(
+            dash.on_page_load, theme, [*views, status, saved], api_visibility="undocumented")
     return demo
 
 
@@ -501,12 +904,13 @@ def parse_args(argv=None):
     p.add_argument("--model", default=env("QWEN2_STUDIO_MODEL", DEFAULT_MODEL),
                    help="hub repo id or local checkpoint directory (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: CUDA if present)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--quantize", default=None, choices=["int8"], help="int8 weight-only linear layers")
-    p.add_argument("--fast-decode", default="off" if os.environ.get("SPACES_ZERO_GPU") else "graphs",
-                   choices=["graphs", "compile", "off"],
-                   help="CUDA only: replay decode steps as a CUDA graph (default); 'compile' also fuses "
-                        "kernels with torch.compile (about a minute per context-length bucket)")
+    p.add_argument("--dtype", default=None, choices=options.DTYPE_NAMES)
+    p.add_argument("--quantize", default=None, choices=options.QUANT_SCHEMES,
+                   help="weight-only quantized linear layers")
+    p.add_argument("--fast-decode", default=None, choices=options.FAST_DECODE_MODES,
+                   help="how decode steps run: 'graphs' replays CUDA graphs (the default on CUDA), "
+                        "'compile' also compiles the step (CPU: Inductor; about a minute at start-up), "
+                        "'auto' picks per device, 'off' plain module calls (the default elsewhere)")
     p.add_argument("--runs-dir", default=env("QWEN2_STUDIO_RUNS_DIR", "runs"), help="profiling runs")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
@@ -519,11 +923,12 @@ def main(argv=None):
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    rt = Runtime(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode)
-    demo = build_demo(rt, runs_dir)
+    lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode)
+    demo = build_demo(lm, runs_dir)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True,
-                allowed_paths=[str(runs_dir)], theme=gr.themes.Soft(), css=CSS)
+                allowed_paths=[str(runs_dir), str(profiling.runfile.SHIPPED_RUNS_DIR)],
+                theme=gr.themes.Soft(), css=CSS)
 
 
 if __name__ == "__main__":

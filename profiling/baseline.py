@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from qwen2.options import dtype_name
+
 from .device import synchronize
 from .errors import BaselineError, ProfilingError
-from .steps import quantization
 
 BASELINES = ("transformers",)
 
@@ -33,7 +34,7 @@ def check_baseline(name: str) -> None:
 
 
 def _source_dir(model) -> Path | None:
-    source = str(getattr(model, "source", "") or "")
+    source = str(model.info.source or "")
     if not source:
         return None
     path = Path(source).expanduser()
@@ -66,9 +67,9 @@ def _hf_config(model, source: Path | None):
 def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights under the checkpoint's key names.
 
-    The runtime's names equal the checkpoint keys, except where qwen2.fast.fuse_projections
-    merged q/k/v into `qkv_proj` (split back by `qkv_sizes`) and gate/up into `gate_up_proj`
-    (two equal halves).
+    The runtime's names equal the checkpoint keys, except that a fused model (the default) holds
+    q|k|v in `qkv_proj` (split back by the attention's q_size / kv_size) and gate|up in
+    `gate_up_proj` (two equal halves).
     """
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
@@ -76,7 +77,7 @@ def checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
         if ".self_attn.qkv_proj." in key:
             prefix, leaf = key.split(".qkv_proj.")
             attn = model.get_submodule(prefix)
-            sizes = list(getattr(attn, "qkv_sizes"))
+            sizes = [attn.q_size, attn.kv_size, attn.kv_size]
             for name, part in zip(("q_proj", "k_proj", "v_proj"), value.split(sizes, dim=0)):
                 out[f"{prefix}.{name}.{leaf}"] = part
         elif ".mlp.gate_up_proj." in key:
@@ -94,8 +95,8 @@ def load_reference(model):
 
     source = _source_dir(model)
     has_weights = source is not None and any(source.glob("*.safetensors"))
-    quantized = quantization(model)
-    if has_weights and not getattr(model, "random_weights", False):
+    quantized = model.info.quantization
+    if has_weights and not model.info.random_weights:
         ref = transformers.Qwen2ForCausalLM.from_pretrained(
             source, dtype=model.dtype, attn_implementation="sdpa")
         how = f"from_pretrained({source})" + (" (unquantized)" if quantized else "")
@@ -121,11 +122,21 @@ def load_reference(model):
     return ref, how
 
 
-def _timed_generate(ref, ids, n: int, device) -> tuple[float, list[int]]:
+def greedy_generation_config(max_new_tokens: int, pad_token_id: int = 0):
+    """transformers' GenerationConfig for exactly `max_new_tokens` greedy tokens (no early stop at
+    an end token), as our profiler and profiling.compare decode: the one home of that config.
+    repetition_penalty is set explicitly: transformers fills the fields a config leaves at their
+    defaults from the checkpoint's generation_config.json (Qwen2.5 small models: 1.1), which would
+    make its "greedy" run a penalised one."""
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
-                           pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                            do_sample=False, num_beams=1, repetition_penalty=1.0, pad_token_id=pad_token_id,
+                            eos_token_id=None, bos_token_id=None)
+
+
+def _timed_generate(ref, ids, n: int, device) -> tuple[float, list[int]]:
+    gen = greedy_generation_config(n)
     mask = torch.ones_like(ids)
     synchronize(device)
     start = time.perf_counter()
@@ -135,38 +146,65 @@ def _timed_generate(ref, ids, n: int, device) -> tuple[float, list[int]]:
     return elapsed, [int(t) for t in out[0, ids.shape[1]:].tolist()]
 
 
+def first_divergence(ours: list[int], theirs: list[int]) -> int | None:
+    """Index of the first token where two greedy outputs differ (None: the same tokens)."""
+    diverged = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+    if diverged is None and len(ours) != len(theirs):
+        return min(len(ours), len(theirs))
+    return diverged
+
+
+def divergence_note(diverged_at: int | None, dtype: torch.dtype, quantization: str | None) -> str:
+    """Why transformers' greedy tokens can differ from ours, in one line."""
+    if diverged_at is None:
+        return "same greedy tokens as transformers"
+    if quantization:
+        why = f"{quantization} weights here, unquantized weights in transformers"
+    elif dtype in (torch.bfloat16, torch.float16):
+        why = (f"{dtype_name(dtype)} rounding (different kernels sum in a different order) "
+               f"flips near-tied argmaxes")
+    else:
+        why = "float32 kernels sum in a different order; a near-tie flips the argmax"
+    return f"outputs diverge at token {diverged_at}: {why}"
+
+
+def _time_reference(ref, ids: torch.Tensor, new_tokens: int, warmup: int, device,
+                    stage) -> tuple[float, float, list[int]]:
+    """(time to first token, time of new_tokens + 1 tokens, those tokens) after a warm-up."""
+    with torch.inference_mode():
+        for _ in range(max(warmup, 1)):
+            _timed_generate(ref, ids, new_tokens + 1, device)
+        stage("baseline: timing", 3)
+        ttft_s, _ = _timed_generate(ref, ids, 1, device)
+        total_s, tokens = _timed_generate(ref, ids, new_tokens + 1, device)
+    return ttft_s, total_s, tokens
+
+
 def run_transformers_baseline(model, ids: torch.Tensor, new_tokens: int, warmup: int = 1,
                               plan=None, reference_tokens: list[int] | None = None) -> dict:
+    """transformers' greedy generate on the same weights and prompt: speed, tokens, and where
+    (and why) its tokens part from `reference_tokens` (ours)."""
     check_baseline("transformers")
     import transformers
 
     def stage(desc, units=0):
         if plan is not None:
             plan.stage(desc)
-            if units:
-                plan.advance(units)
+            plan.advance(units)
 
     stage("baseline: loading transformers model")
     ref, how = load_reference(model)
     stage("baseline: warm-up", 4)
     try:
-        with torch.inference_mode():
-            for _ in range(max(warmup, 1)):
-                _timed_generate(ref, ids, new_tokens + 1, model.device)
-            stage("baseline: timing", 3)
-            ttft_s, _ = _timed_generate(ref, ids, 1, model.device)
-            total_s, tokens = _timed_generate(ref, ids, new_tokens + 1, model.device)
+        ttft_s, total_s, tokens = _time_reference(ref, ids, new_tokens, warmup, model.device,
+                                                  stage)
     finally:
         del ref
         gc.collect()
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
     stage("baseline: done", 3)
-    decode_s = max(total_s - ttft_s, 1e-12)
-    mismatch = None
-    if reference_tokens is not None:
-        mismatch = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b),
-                        None)
+    diverged = None if reference_tokens is None else first_divergence(reference_tokens, tokens)
     return {
         "engine": "transformers",
         "version": transformers.__version__,
@@ -175,9 +213,11 @@ def run_transformers_baseline(model, ids: torch.Tensor, new_tokens: int, warmup:
                   "new_tokens + 1) - ttft) / new_tokens",
         "ttft_s": ttft_s,
         "prefill_tokens_per_s": ids.shape[1] / ttft_s if ttft_s > 0 else None,
-        "decode_tokens_per_s": new_tokens / decode_s,
+        "decode_tokens_per_s": new_tokens / max(total_s - ttft_s, 1e-12),
         "total_s": total_s,
         "generated_token_ids": tokens,
-        "tokens_match": None if reference_tokens is None else mismatch is None,
-        "first_mismatch": mismatch,
+        "tokens_match": None if reference_tokens is None else diverged is None,
+        "diverged_at": diverged,
+        "divergence_note": (None if reference_tokens is None else
+                            divergence_note(diverged, model.dtype, model.info.quantization)),
     }

@@ -2,7 +2,7 @@
 
     python -m profiling.bench --model Qwen/Qwen2-0.5B-Instruct --device cpu --dtype float32 \\
         --prompt-tokens 32 --new-tokens 8 --out run.json [--trace-dir traces] \\
-        [--baseline transformers] [--sweep 128,512,2048] [--quantize int8]
+        [--baseline transformers] [--sweep 128,512,2048] [--quantize int8] [--fast-decode auto]
 
 Several devices or dtypes (`--device cpu,cuda --dtype float32,bfloat16`) write one file per
 combination: run.json -> run.cpu.float32.json, run.cuda0.bfloat16.json, ...
@@ -19,14 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .device import dtype_name, parse_dtype, resolve_device
+from qwen2.options import FAST_DECODE_MODES, QUANT_SCHEMES, dtype_name, parse_dtype, resolve_device
+
 from .errors import ProfilingError
-from .measure import check_context, parse_sweep, profile_model, sweep_steps
+from .measure import profile_model
 from .progress import TqdmProgress
 from .runfile import save_run
-from .steps import quantization
-
-QUANTIZE = ("int8",)
+from .settings import parse_sweep
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,14 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_non_negative, default=1, help="untimed warm-up runs")
     p.add_argument("--out", default="run.json", help="run file (one per device/dtype if several)")
     p.add_argument("--trace-dir", default=None,
-                   help="also write a torch.profiler trace (TensorBoard + Perfetto) here")
+                   help="also write one torch.profiler trace file per run here (Perfetto, "
+                        "TensorBoard)")
     p.add_argument("--baseline", default=None, choices=["transformers"],
                    help="also time transformers' generate on the same model and prompt")
     p.add_argument("--sweep", default=None, help="context lengths, e.g. 128,512,2048")
-    p.add_argument("--quantize", default=None, choices=list(QUANTIZE))
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="load with qwen2's CUDA-graph decode; its speed is recorded as "
-                        "fast_decode (per-block figures always come from the eager path)")
+    p.add_argument("--quantize", default=None, choices=list(QUANT_SCHEMES))
+    p.add_argument("--fast-decode", default="off", choices=list(FAST_DECODE_MODES),
+                   help="load with qwen2's fast decode path (CUDA graphs / compiled CPU step); "
+                        "its speed is recorded as fast_decode (per-block figures always come "
+                        "from the eager path)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and random weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -95,19 +96,6 @@ def _split(text: str) -> list[str]:
     return list(dict.fromkeys(items))
 
 
-def _precheck_context(model: str, prompt: int, new: int, sweep: list[int] | None) -> None:
-    """Check the context before loading weights, when the config is local."""
-    config_path = Path(model).expanduser() / "config.json"
-    if not config_path.is_file():
-        return
-    from qwen2.config import Qwen2Config
-
-    limit = Qwen2Config.from_file(config_path).max_position_embeddings
-    check_context(prompt, new, limit)
-    for ctx in sweep or []:
-        check_context(ctx, sweep_steps(new), limit, what="sweep context")
-
-
 def summary_line(run: dict, path: Path) -> str:
     bw = run.get("bandwidth") or {}
     roof = bw.get("roofline_fraction")
@@ -124,45 +112,44 @@ def summary_line(run: dict, path: Path) -> str:
     return f"{line} -> {path}"
 
 
+def profile_one(args, device: torch.device, dtype: torch.dtype, path: Path) -> dict:
+    """Load the model on one device/dtype, profile it, write the run file; return the run."""
+    import qwen2
+
+    torch.manual_seed(args.seed)
+    model = qwen2.load_model(args.model, device=str(device), dtype=dtype,
+                             random_weights=args.random_weights, quantize=args.quantize,
+                             fast_decode=args.fast_decode)
+    bar = TqdmProgress(desc=f"{device} {dtype_name(dtype)}", disable=args.no_progress or None)
+    try:
+        run = profile_model(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                            warmup=args.warmup, baseline=args.baseline, sweep=args.sweep,
+                            trace_dir=args.trace_dir, progress=bar, seed=args.seed)
+    finally:
+        bar.close()
+    save_run(run, path)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return run
+
+
 def run_cli(args) -> int:
     devices = [resolve_device(d) for d in _split(args.device)]
     dtypes = [parse_dtype(d) for d in _split(args.dtype)]
-    sweep = parse_sweep(args.sweep)
+    parse_sweep(args.sweep)  # refuse a bad list before loading anything
     if args.baseline:
         from .baseline import check_baseline
 
         check_baseline(args.baseline)
-    _precheck_context(args.model, args.prompt_tokens, args.new_tokens, sweep)
-
-    import qwen2
-
     combos = [(d, t) for d in devices for t in dtypes]
-    paths = output_paths(args.out, combos)
-    for (device, dtype), path in zip(combos, paths):
-        torch.manual_seed(args.seed)
-        extra = {"cuda_graphs": True} if args.cuda_graphs and device.type == "cuda" else {}
-        model = qwen2.load_model(args.model, device=str(device), dtype=dtype,
-                                 random_weights=args.random_weights, quantize=args.quantize,
-                                 **extra)
-        if args.quantize and not quantization(model):
-            model.quantization = args.quantize  # record it in the run even if the loader does not
-        bar = TqdmProgress(desc=f"{device} {dtype_name(dtype)}", disable=args.no_progress or None)
-        try:
-            run = profile_model(model, prompt_tokens=args.prompt_tokens,
-                                new_tokens=args.new_tokens, warmup=args.warmup,
-                                baseline=args.baseline, sweep=sweep, trace_dir=args.trace_dir,
-                                progress=bar, seed=args.seed)
-        finally:
-            bar.close()
-        save_run(run, path)
+    for (device, dtype), path in zip(combos, output_paths(args.out, combos)):
+        run = profile_one(args, device, dtype, path)
         print(summary_line(run, path))
         if run.get("trace"):
-            print(f"  trace: {run['trace']['open']['tensorboard']}")
             print(f"  trace: {run['trace']['open']['perfetto']}")
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            print(f"  trace: {run['trace']['open']['tensorboard']}")
     return 0
 
 

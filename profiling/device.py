@@ -1,9 +1,8 @@
-"""Devices, dtypes and the memory-bandwidth limit ("roofline") of a device.
+"""A device's synchronize and its memory-bandwidth limit (the "roofline" of a decode step).
 
-`resolve_device` turns "cpu" / "cuda" / "cuda:N" / "mps" into a torch.device and refuses, with a
-one-line reason, a device this machine does not have. `memory_bandwidth_limit` returns the peak
-bandwidth a decode step could reach: a published figure for known GPUs, otherwise a short
-measured copy/read benchmark (always measured on CPU).
+`memory_bandwidth_limit` returns the peak bandwidth a decode step could reach: a published figure
+for known GPUs, otherwise a short measured copy/read benchmark (always measured on CPU).
+Device names and dtypes are qwen2.options' (`resolve_device`, `parse_dtype`, `dtype_name`).
 """
 
 from __future__ import annotations
@@ -13,14 +12,6 @@ import re
 import time
 
 import torch
-
-from .errors import ProfilingError
-
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 
 # Published HBM/GDDR bandwidth of common inference GPUs, bytes/s. Matched against the CUDA device
 # name (case-insensitive) in order, so the more specific patterns come first.
@@ -38,68 +29,11 @@ GPU_BANDWIDTH_TABLE: list[tuple[str, float, str]] = [
 ]
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """"float32" | "bfloat16" | "float16" (or fp32/bf16/fp16) -> torch.dtype."""
-    if isinstance(name, torch.dtype):
-        if name in DTYPES.values():
-            return name
-        raise ProfilingError(f"unsupported dtype {name}: expected float32, bfloat16 or float16")
-    key = str(name).strip().lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ProfilingError(f"unknown dtype {name!r}: expected float32, bfloat16 or float16")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """Parse a device name and check this machine has it; raise ProfilingError otherwise."""
-    text = str(name).strip().lower()
-    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
-    if not match:
-        raise ProfilingError(f"unknown device {str(name)!r}: expected cpu, cuda, cuda:N or mps")
-    kind, index = match.group(1), match.group(2)
-    if kind == "cpu":
-        return torch.device("cpu")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
-            raise ProfilingError(f"device {text!r} is not available: {why}")
-        count = torch.cuda.device_count()
-        i = int(index) if index is not None else torch.cuda.current_device()
-        if i >= count:
-            raise ProfilingError(f"device {text!r} is not available: this machine has {count} "
-                                 f"CUDA device(s), cuda:0 to cuda:{count - 1}")
-        return torch.device("cuda", i)
-    mps = getattr(torch.backends, "mps", None)
-    if mps is None or not mps.is_available():
-        why = ("this torch build has no MPS support" if mps is None or not mps.is_built()
-               else "MPS needs Apple silicon with macOS 12.3+")
-        raise ProfilingError(f"device {text!r} is not available: {why}")
-    if index not in (None, "0"):
-        raise ProfilingError(f"device {text!r} is not available: there is only one MPS device")
-    return torch.device("mps")
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def device_name(device: torch.device) -> str:
-    """A human name: the GPU model for CUDA, the CPU model for CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple MPS"
-    from .environment import cpu_model
-
-    return cpu_model()
 
 
 def table_bandwidth(gpu_name: str) -> tuple[float, str] | None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from qwen2.options import dtype_name
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,11 +52,19 @@ def git_info() -> dict:
     return {"commit": commit, "dirty": None if status is None else bool(status)}
 
 
+def _load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages: above the core count, other work competed."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     env = {
         "device": str(device),
         "device_type": device.type,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -65,6 +75,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
         "git": git_info(),
+        "load_average": _load_average(),
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":

@@ -45,9 +45,7 @@ def sites(model) -> list[Site]:
         for attr, part in LAYER_BLOCKS.items():
             out.append(Site(part, i, f"model.layers.{i}.{attr}", getattr(layer, attr)))
     out.append(Site("final_norm", None, "model.norm", model.model.norm))
-    lm_head = getattr(model, "lm_head", None)
-    if isinstance(lm_head, torch.nn.Module):
-        out.append(Site("lm_head", None, "lm_head", lm_head))
+    out.append(Site("lm_head", None, "lm_head", model.lm_head))
     return out
 
 

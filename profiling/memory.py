@@ -2,8 +2,9 @@
 
 Peak on CUDA is torch.cuda.max_memory_allocated (reset at the start). On CPU it is the peak
 resident set size: the kernel's high-water mark (VmHWM, reset through /proc/self/clear_refs) where
-Linux allows it, otherwise a psutil RSS sampler thread; both include the Python runtime and
-libraries, so "rest of peak" on CPU is everything besides weights and KV cache.
+Linux allows it, otherwise a psutil RSS sampler thread; both are the whole process (Python,
+torch, libraries, an app). `profiling.assemble.memory_section` takes the model's own peak apart
+from that process baseline.
 """
 
 from __future__ import annotations

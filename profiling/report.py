@@ -28,12 +28,6 @@ th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 """
 
 
-def _fmt(value, digits: int = 1, scale: float = 1.0, suffix: str = "") -> str:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return "–"
-    return f"{value * scale:,.{digits}f}{suffix}"
-
-
 def _bytes(value) -> str:
     if not isinstance(value, (int, float)):
         return "–"
@@ -41,40 +35,23 @@ def _bytes(value) -> str:
     return f"{value / scale:,.2f} {unit}"
 
 
-def _summary_table(runs: list[dict], labels: list[str]) -> str:
-    heads = ["run", "model", "prompt / new", "TTFT", "prefill tok/s", "decode tok/s",
-             "% roofline", "bandwidth limit", "weights", "KV cache", "peak", "hook overhead",
-             "transformers decode tok/s"]
-    rows = []
-    for run, label in zip(runs, labels):
-        bw = run.get("bandwidth") or {}
-        mem = run.get("memory") or {}
-        inst = run.get("instrumentation") or {}
-        base = run.get("baseline") or {}
-        limit = bw.get("limit_bytes_per_s")
-        cells = [
-            label, charts._model_name(run) or "?",
-            f"{run.get('prompt_tokens', '?')} / {run.get('new_tokens', '?')}",
-            _fmt(run.get("ttft_s"), 2, 1e3, " ms"),
-            _fmt(run.get("prefill_tokens_per_s")),
-            _fmt(run.get("decode_tokens_per_s")),
-            _fmt(bw.get("roofline_fraction"), 1, 100, "%"),
-            (f"{_fmt(limit, 0, 1e-9)} GB/s ({bw.get('limit_source')})" if limit else "–"),
-            _bytes(mem.get("weights_bytes")), _bytes(mem.get("kv_cache_bytes")),
-            _bytes(mem.get("peak_bytes")),
-            _fmt(inst.get("overhead_fraction_decode"), 1, 100, "%"),
-            _fmt(base.get("decode_tokens_per_s")),
-        ]
-        rows.append("<tr>" + "".join(
-            f"<td class='l'>{html.escape(str(c))}</td>" if i < 3 else f"<td>{html.escape(c)}</td>"
-            for i, c in enumerate(cells)) + "</tr>")
-    head = "".join(f"<th class='l'>{h}</th>" if i < 3 else f"<th>{h}</th>"
-                   for i, h in enumerate(heads))
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+def _summary_table(runs: list[dict]) -> str:
+    """The headline figures (charts.headline_rows), one row per run, plus the model's name."""
+    columns, rows = charts.headline_rows(runs)
+    head = "<th class='l'>model</th>" + "".join(
+        f"<th class='l'>{html.escape(c)}</th>" if i == 0 else f"<th>{html.escape(c)}</th>"
+        for i, c in enumerate(columns))
+    body = []
+    for run, row in zip(runs, rows):
+        cells = [f"<td class='l'>{html.escape(charts.model_name(run) or '?')}</td>"]
+        cells += [f"<td class='l'>{html.escape(str(v))}</td>" if i == 0 else
+                  f"<td>{'–' if v is None else f'{v:,}'}</td>" for i, v in enumerate(row)]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _environment_table(runs: list[dict], labels: list[str]) -> str:
-    keys = ["device_name", "cpu_model", "cpu_count", "torch_threads", "gpu_name",
+    keys = ["device_name", "cpu_model", "cpu_count", "torch_threads", "load_average", "gpu_name",
             "gpu_memory_bytes", "torch_version", "cuda_version", "python_version", "timestamp"]
     head = "<th class='l'>run</th>" + "".join(f"<th class='l'>{k}</th>" for k in keys) + \
         "<th class='l'>git commit</th><th class='l'>timer</th>"
@@ -119,10 +96,11 @@ def render_report(runs: list[dict], title: str = "Qwen2 Studio profiling report"
 <h1>{html.escape(title)}</h1>
 <p class="note">{len(runs)} run(s); generated {now}.</p>
 <h2>Summary</h2>
-{_summary_table(runs, labels)}
+{_summary_table(runs)}
 <p class="note">Decode tok/s is the median over steps of the clean (hook-free) run; % roofline is
-(weights + KV bytes read per token) ÷ step time ÷ the device's bandwidth limit. Hook overhead is the
-hooked run's median step time against the clean run's.</p>
+(weights + KV bytes read per token) ÷ step time ÷ the device's bandwidth limit. Peak MB (model) is
+the process's peak less its baseline (what it held besides the weights before the run). Hook
+overhead is the hooked run's median step time against the clean run's.</p>
 {''.join(parts)}
 <h2>Environment</h2>
 {_environment_table(runs, labels)}

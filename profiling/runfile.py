@@ -2,6 +2,7 @@
 
 `load_run` refuses, with a RunFileError naming the file, anything that is unreadable, not JSON,
 not a Qwen2 Studio run, from another schema version, or missing the keys the charts need.
+`run_label` says which run is which; `shipped_runs` lists the reference runs under docs/runs/.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from .environment import PROJECT_ROOT
 from .errors import RunFileError
 
 SCHEMA_NAME = "qwen2-studio.profile-run"
@@ -21,6 +23,7 @@ REQUIRED_KEYS = ("device", "dtype", "ttft_s", "prefill_tokens_per_s", "decode_to
                  "layers", "memory")
 REQUIRED_MEMORY_KEYS = ("weights_bytes", "kv_cache_bytes", "peak_bytes")
 REQUIRED_LAYER_KEYS = ("attention_ms", "mlp_ms")
+SHIPPED_RUNS_DIR = PROJECT_ROOT / "docs" / "runs"
 
 
 def validate_run(run, where: str = "run") -> dict:
@@ -60,13 +63,14 @@ def validate_run(run, where: str = "run") -> dict:
     return run
 
 
-def _strict(obj):
+def finite(obj):
+    """`obj` with every NaN / infinity replaced by None (recursively), so it is strict JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _strict(v) for k, v in obj.items()}
+        return {str(k): finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 
@@ -74,13 +78,14 @@ def save_run(run: dict, path) -> Path:
     """Validate and write `run` as JSON (atomically: a temp file renamed into place)."""
     path = Path(path)
     validate_run(run, where="run to save")
-    text = json.dumps(_strict(run), indent=2, allow_nan=False)
+    text = json.dumps(finite(run), indent=2, allow_nan=False)
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp's file is private; a run file is for sharing
         os.replace(tmp, path)
     except OSError as exc:
         raise RunFileError(f"{path}: cannot write run file ({exc.strerror or exc})") from None
@@ -106,3 +111,46 @@ def load_run(path) -> dict:
         raise RunFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
                            f"column {exc.colno})") from None
     return validate_run(run, where=str(path))
+
+
+def label_parts(run: dict) -> dict[str, str]:
+    """The parts of a run's label, in order: device, dtype, quantize (if any), tokens ("64+16 tok"),
+    weights ("real weights" / "random weights"), date and commit (where recorded)."""
+    model = run.get("model") or {}
+    env = run.get("environment") or {}
+    parts = {"device": str(run.get("device", "?")), "dtype": str(run.get("dtype", "?"))}
+    quantize = run.get("quantize") or model.get("quantize")
+    if quantize:
+        parts["quantize"] = str(quantize)
+    parts["tokens"] = f"{run.get('prompt_tokens', '?')}+{run.get('new_tokens', '?')} tok"
+    parts["weights"] = "random weights" if model.get("random_weights") else "real weights"
+    if env.get("timestamp"):
+        parts["date"] = str(env["timestamp"])[:10]
+    commit = (env.get("git") or {}).get("commit")
+    if commit:
+        parts["commit"] = str(commit)[:7]
+    return parts
+
+
+def run_label(run: dict) -> str:
+    """Which run this is, e.g. "cpu · bfloat16 · int8 · 64+16 tok · real weights · 2026-11-23 ·
+    abc1234" (device, dtype, quantization, prompt+new tokens, weights, date, commit)."""
+    return " · ".join(label_parts(run).values())
+
+
+def shipped_runs() -> list[Path]:
+    """The reference run files committed under docs/runs/ (sorted; [] where none are shipped)."""
+    if not SHIPPED_RUNS_DIR.is_dir():
+        return []
+    return sorted(SHIPPED_RUNS_DIR.glob("*.json"))
+
+
+def trace_file(run: dict, run_path=None) -> Path | None:
+    """The run's trace file: its recorded path, else the same name next to the run file."""
+    name = (run.get("trace") or {}).get("file")
+    if not name:
+        return None
+    candidates = [Path(name)]
+    if run_path is not None:
+        candidates.append(Path(run_path).parent / Path(name).name)
+    return next((p for p in candidates if p.is_file()), None)

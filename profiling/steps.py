@@ -16,30 +16,13 @@ import torch
 def new_session(model, max_len: int, eager: bool = True):
     """A DecodeSession with its own KV cache of exactly `max_len` slots.
 
-    eager=True keeps the session off any fast decode path the model carries (qwen2.fast's CUDA
-    graph `decode_fn`): forward hooks do not fire inside a replayed graph or a compiled region,
-    and that path's pooled caches are sized in buckets.
+    eager=True keeps the session off the model's fast decode path (`model.info.decoder`: CUDA
+    graphs or a compiled CPU step): forward hooks do not fire inside a replayed graph or a
+    compiled region, and that path's pooled caches are sized in buckets.
     """
     from qwen2.generate import DecodeSession
 
     return DecodeSession(model, batch_size=1, max_len=max_len, eager=eager)
-
-
-def quantization(model) -> str | None:
-    """The model's weight quantization scheme ("int8"), or None."""
-    value = getattr(model, "quantization", None) or getattr(model, "quantize", None)
-    return None if value in (None, False, "", "none") else str(value)
-
-
-def has_fast_decode(model) -> bool:
-    """Whether the model carries a non-eager decode path (qwen2.fast's CUDA-graph decode_fn)."""
-    return getattr(model, "decode_fn", None) is not None
-
-
-def prompt_ids(vocab_size: int, length: int, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """Deterministic pseudo-random prompt ids in [0, vocab_size), shape [1, length]."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (1, length), generator=gen).to(device)
 
 
 @dataclass
@@ -51,7 +34,6 @@ class RunTimes:
     tokens: list[int] = field(default_factory=list)
     kv_allocated_bytes: int = 0
     kv_used_bytes: int = 0
-    kv_bytes_per_token: int = 0
     kv_length: int = 0
 
 
@@ -95,7 +77,6 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
     cache = session.cache
     out.kv_allocated_bytes = int(cache.allocated_bytes)
     out.kv_used_bytes = int(cache.used_bytes)
-    out.kv_bytes_per_token = int(cache.bytes_per_token)
     out.kv_length = int(session.length)
     del session
     return out

@@ -1,91 +1,151 @@
-"""A few prefill/decode steps under torch.profiler, labelled per layer and per block.
+"""A few prefill/decode steps under torch.profiler, labelled per layer and per block, in ONE file.
 
-Writes, under DIR:
-  DIR/<run>/<worker>.<ts>.pt.trace.json   via tensorboard_trace_handler: `tensorboard --logdir DIR`
-                                           -> PyTorch Profiler tab (needs torch-tb-profiler)
-  DIR/<run>.chrome_trace.json             the same trace for https://ui.perfetto.dev or
-                                           chrome://tracing ("Open trace file")
+Writes DIR/<run>.pt.trace.json.gz: a gzipped Chrome trace that
+  - https://ui.perfetto.dev opens directly ("Open trace file"; chrome://tracing too),
+  - TensorBoard's PyTorch Profiler tab reads (`tensorboard --logdir DIR`, needs torch-tb-profiler),
+  - `top_ops(path)` and `profiling.charts.trace_timeline(path)` summarise and draw.
 The labels come from record_function ranges opened and closed by forward hooks (ModuleHooks with
 labels=True), so the model itself carries no profiling code.
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function, schedule
-from torch.profiler import tensorboard_trace_handler
 
-from .device import dtype_name
+from qwen2.options import dtype_name
+
 from .hooks import ModuleHooks
-from .steps import new_session, quantization
+from .steps import new_session
+
+TRACE_SUFFIX = ".pt.trace.json.gz"
+STEP_LABELS = ("qwen2.prefill", "qwen2.decode_step")
 
 
 def run_name_for(model) -> str:
     device = str(model.device).replace(":", "")
     name = f"qwen2-{device}-{dtype_name(model.dtype)}"
-    quantize = quantization(model)
-    if quantize:
-        name += f"-{quantize}"
+    if model.info.quantization:
+        name += f"-{model.info.quantization}"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
+
+
+def _profile_steps(model, ids: torch.Tensor, steps: int, prof, on_step=None) -> None:
+    """An unrecorded warm-up step, then ProfilerStep#1 = prefill and #2.. = decode steps."""
+    with ModuleHooks(model, clock=None, labels=True), torch.inference_mode():
+        warm = new_session(model, ids.shape[1] + 1)
+        warm.step(warm.prefill(ids).argmax(dim=-1))
+        del warm
+        prof.step()
+        session = new_session(model, ids.shape[1] + steps)
+        with record_function(STEP_LABELS[0]):
+            token = session.prefill(ids).argmax(dim=-1)
+        prof.step()
+        if on_step:
+            on_step()
+        for _ in range(steps):
+            with record_function(STEP_LABELS[1]):
+                token = session.step(token).argmax(dim=-1)
+            prof.step()
+            if on_step:
+                on_step()
 
 
 def run_trace(model, ids: torch.Tensor, steps: int, trace_dir, run_name: str | None = None,
               on_step=None) -> dict:
-    """Profile one prefill and `steps` decode steps; return where the files went."""
+    """Profile one prefill and `steps` decode steps into one trace file; say where it went."""
     trace_dir = Path(trace_dir)
-    run_name = run_name or run_name_for(model)
-    run_dir = trace_dir / run_name
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        trace_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OSError(f"cannot create trace directory {run_dir}: {exc.strerror or exc}") from None
-    before = set(run_dir.glob("*.pt.trace.json"))
-
-    device = model.device
+        raise OSError(f"cannot create trace directory {trace_dir}: {exc.strerror or exc}") from None
+    path = trace_dir / f"{run_name or run_name_for(model)}{TRACE_SUFFIX}"
     activities = [ProfilerActivity.CPU]
-    if device.type == "cuda":
+    if model.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    worker = run_name
-    # step 0 warms the profiler up (not recorded); then ProfilerStep#1 = prefill, #2.. = decode
     sched = schedule(wait=0, warmup=1, active=1 + steps, repeat=1)
-    with profile(activities=activities, schedule=sched, record_shapes=True, profile_memory=True,
-                 on_trace_ready=tensorboard_trace_handler(str(run_dir), worker_name=worker)) as prof:
-        with ModuleHooks(model, clock=None, labels=True), torch.inference_mode():
-            warm = new_session(model, ids.shape[1] + 1)
-            warm.step(warm.prefill(ids).argmax(dim=-1))
-            del warm
-            prof.step()
-            session = new_session(model, ids.shape[1] + steps)
-            with record_function("qwen2.prefill"):
-                token = session.prefill(ids).argmax(dim=-1)
-            prof.step()
-            if on_step:
-                on_step()
-            for i in range(steps):
-                with record_function("qwen2.decode_step"):
-                    token = session.step(token).argmax(dim=-1)
-                prof.step()
-                if on_step:
-                    on_step()
-            del session
-    new_files = sorted(set(run_dir.glob("*.pt.trace.json")) - before)
-    if not new_files:
-        raise RuntimeError(f"torch.profiler wrote no *.pt.trace.json under {run_dir}")
-    chrome = trace_dir / f"{run_name}.chrome_trace.json"
-    shutil.copyfile(new_files[-1], chrome)  # the handler's file is a Chrome trace already
+    with profile(activities=activities, schedule=sched, record_shapes=True,
+                 on_trace_ready=lambda prof: prof.export_chrome_trace(str(path))) as prof:
+        _profile_steps(model, ids, steps, prof, on_step)
+    if not path.is_file():
+        raise RuntimeError(f"torch.profiler wrote no trace at {path}")
     return {
-        "dir": str(trace_dir),
-        "run_dir": str(run_dir),
-        "tensorboard_files": [str(p) for p in new_files],
-        "chrome_trace": str(chrome),
+        "file": str(path),
+        "bytes": path.stat().st_size,
         "steps": {"prefill": 1, "decode": steps},
         "activities": [a.name for a in activities],
         "open": {
-            "tensorboard": f"tensorboard --logdir {trace_dir}  (PyTorch Profiler tab)",
-            "perfetto": f"open {chrome} at https://ui.perfetto.dev (or chrome://tracing)",
+            "perfetto": f"open {path} at https://ui.perfetto.dev (or chrome://tracing)",
+            "tensorboard": f"tensorboard --logdir {trace_dir}  (PyTorch Profiler tab; needs "
+                           f"pip install tensorboard torch-tb-profiler)",
         },
     }
+
+
+def load_trace_events(trace_path) -> list[dict]:
+    """The complete ("X") events of a Chrome trace file (.json or .json.gz)."""
+    path = Path(trace_path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise OSError(f"cannot read trace {path}: {exc}") from None
+    events = data.get("traceEvents", []) if isinstance(data, dict) else data
+    return [e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "dur" in e]
+
+
+def cpu_op_parents(events: list[dict]) -> list[int | None]:
+    """For each event, the index of the event it runs directly inside on the same thread (None
+    for a top-level one)."""
+    parents: list[int | None] = [None] * len(events)
+    by_thread: dict = {}
+    for i, e in enumerate(events):
+        by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(i)
+    for indices in by_thread.values():
+        indices.sort(key=lambda i: (events[i]["ts"], -events[i]["dur"]))
+        stack: list[int] = []
+        for i in indices:
+            while stack and events[stack[-1]]["ts"] + events[stack[-1]]["dur"] <= events[i]["ts"]:
+                stack.pop()
+            parents[i] = stack[-1] if stack else None
+            stack.append(i)
+    return parents
+
+
+def _self_times(events: list[dict]) -> list[float]:
+    """Each event's self time (us): its duration less that of the events directly inside it."""
+    selfs = [float(e["dur"]) for e in events]
+    for i, parent in enumerate(cpu_op_parents(events)):
+        if parent is not None:
+            selfs[parent] -= float(events[i]["dur"])
+    return selfs
+
+
+def top_ops(trace_path, n: int = 15) -> list[dict]:
+    """The `n` operators that take the most time in the trace's profiled steps.
+
+    On a GPU trace these are the GPU kernels; otherwise the CPU operators (aten::*), by self time
+    (time in the operator itself, not in operators it calls). Each row: name, calls, total_ms
+    (self time summed over calls), mean_ms, percent (of the profiled steps' time).
+    """
+    events = load_trace_events(trace_path)
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    ops = kernels or [e for e in events if e.get("cat") == "cpu_op"]
+    times = [float(e["dur"]) for e in ops] if kernels else _self_times(ops)
+    steps_us = sum(float(e["dur"]) for e in events if e.get("name") in STEP_LABELS) or \
+        sum(float(e["dur"]) for e in events if str(e.get("name", "")).startswith("ProfilerStep"))
+    totals: dict[str, list] = {}
+    for event, us in zip(ops, times):
+        row = totals.setdefault(str(event.get("name")), [0, 0.0])
+        row[0] += 1
+        row[1] += max(us, 0.0)
+    ranked = sorted(totals.items(), key=lambda kv: kv[1][1], reverse=True)[:n]
+    return [{"name": name, "calls": calls, "total_ms": us / 1e3, "mean_ms": us / 1e3 / calls,
+             "percent": 100 * us / steps_us if steps_us else None}
+            for name, (calls, us) in ranked]

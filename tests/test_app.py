@@ -110,8 +110,11 @@ def app(endless_dir, tmp_path_factory):
 
 
 def stats_numbers(stats: str) -> dict:
-    """{"prompt tokens": n, "new tokens": m} from a stats line."""
-    return {name: int(num) for num, name in re.findall(r"(\d+) (prompt tokens|new tokens)", stats)}
+    """{"prompt tokens": n, "new tokens": m, "reused": r} from a stats line (qwen2.chat.ReplyStats.line)."""
+    numbers = {name: int(num) for num, name in re.findall(r"(\d+) (prompt tokens|new tokens)", stats)}
+    reused = re.search(r"prompt tokens \((\d+) reused\)", stats)
+    numbers["reused"] = int(reused.group(1)) if reused else 0
+    return numbers
 
 
 def test_api_signature_every_parameter_but_the_message_has_a_default(app):
@@ -192,21 +195,37 @@ def test_cancel_stops_generation_and_the_next_chat_works(app):
 
 def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
     client = app.client()
-    with pytest.raises(AppError, match="top_p"):
+    _, before = client.predict("Remember this.", max_new_tokens=3, api_name="/chat")
+    # every slider's range is valid: top-p starts above 0, so 0 is refused by the slider itself
+    with pytest.raises(AppError, match="less than minimum"):
         client.predict("Hi", top_p=0.0, api_name="/chat")
     with pytest.raises(AppError, match="greater than maximum"):
         client.predict("Hi", temperature=5.0, api_name="/chat")
+    with pytest.raises(AppError, match="context"):  # a system prompt longer than the context
+        client.predict("Hi", "word " * 5000, api_name="/chat")
     with pytest.raises(AppError, match="cuda"):
         client.predict(devices=["cuda:7"], api_name="/profile")
-    reply, stats = client.predict("Hi", max_new_tokens=3, api_name="/chat")
+    # the conversation is kept: the next turn's prompt holds the first turn and nothing of the failures
+    _, stats = client.predict("Hi", max_new_tokens=3, api_name="/chat")
     assert stats_numbers(stats)["new tokens"] == 3
+    assert stats_numbers(stats)["reused"] >= stats_numbers(before)["prompt tokens"] - 1, (before, stats)
 
 
-def test_empty_message_does_nothing(app):
+def test_settings_are_checked_before_anything_runs():
+    import app as app_module
+
+    with pytest.raises(app_module.ChatError, match="top_p"):
+        app_module.sampling_settings(0.7, 0.0, 20, 1.05, 16, -1)
+    with pytest.raises(app_module.ChatError, match="max new tokens"):
+        app_module.sampling_settings(0.7, 0.8, 20, 1.05, 0, -1)
+    assert app_module.sampling_settings(0, 1, 0, 1, 1, 5)["seed"] == 5
+
+
+def test_empty_message_shows_the_hint(app):
     client = app.client()
     started = time.monotonic()
-    reply, _ = client.predict("   ", api_name="/chat")
-    assert reply is None  # no reply, no stats: the stats output is left as it was
+    with pytest.raises(AppError, match="Type a message first"):
+        client.predict("   ", api_name="/chat")
     assert time.monotonic() - started < 10
     # and it leaves no trace in the conversation
     _, stats = client.predict("Hi", max_new_tokens=2, api_name="/chat")
@@ -214,10 +233,39 @@ def test_empty_message_does_nothing(app):
     assert stats_numbers(stats)["prompt tokens"] == stats_numbers(stats_alone)["prompt tokens"]
 
 
+def test_the_kv_cache_is_kept_between_turns_so_prefill_stays_flat(app):
+    """Turn 4's prompt holds the whole conversation, but only its new part is prefilled."""
+    client = app.client()
+    turns = []
+    for i, text in enumerate(["Hello, who are you?", "Tell me about caches.", "And about attention?",
+                              "Thanks, one more thing."]):
+        _, stats = client.predict(text, max_new_tokens=8, seed=i, api_name="/chat")
+        turns.append(stats_numbers(stats))
+    prefilled = [t["prompt tokens"] - t["reused"] for t in turns]
+    assert turns[0]["reused"] == 0 and all(t["reused"] > 0 for t in turns[1:]), turns
+    assert turns[3]["prompt tokens"] >= 2.5 * turns[0]["prompt tokens"], turns  # the prompt grew...
+    assert prefilled[3] / prefilled[0] <= 1.5, (prefilled, turns)  # ...the work per turn did not
+    assert "context" in stats and "/ 4,096 tokens" in stats
+
+
+VIEWS = ("kpi", "layers", "memory", "throughput", "sweep", "baseline_note", "trace_ops", "timeline",
+         "runs", "files", "status", "saved")
+
+
+def views(out) -> dict:
+    """The outputs of /profile and /compare by name (the order of app.VIEW_SLOTS, then the rest)."""
+    assert len(out) == len(VIEWS), out
+    return dict(zip(VIEWS, out))
+
+
 def test_profile_returns_figures_and_saves_the_run(app, tmp_path):
     client = app.client(tmp_path)
-    out = client.predict(api_name="/profile")
-    layers, memory, throughput, sweep, runs, files, status = out
+    out = views(client.predict(api_name="/profile"))
+    layers, memory, throughput, sweep = out["layers"], out["memory"], out["throughput"], out["sweep"]
+    runs, files, status = out["runs"], out["files"], out["status"]
+    kpi = out["kpi"]  # the headline figures, one row per run
+    assert len(kpi["data"]) == 1 and any("first token" in h.lower() for h in kpi["headers"]), kpi
+    assert out["trace_ops"] is None or not out["trace_ops"].get("data"), out["trace_ops"]  # no trace asked
     for fig in (layers, memory, throughput):
         assert fig and fig.get("type") == "plotly", fig
         assert json.loads(fig["plot"])["data"]
@@ -231,33 +279,105 @@ def test_profile_returns_figures_and_saves_the_run(app, tmp_path):
     assert any(n.endswith("-cpu.json") for n in saved), saved
     assert "Saved" in status
 
-    # context sweep + trace
-    out = client.predict(["cpu"], "float32", 16, 4, False, True, True, api_name="/profile")
-    sweep, runs, files, status = out[3:]
-    assert sweep and json.loads(sweep["plot"])["data"]
-    assert runs[0]["sweep"] and runs[0]["dtype"] == "float32"
-    assert any(".pt.trace.json" in Path(f).name for f in files), files
-    assert "tensorboard --logdir" in status
+    # context sweep + trace: the trace is shown on the page (top operations and a timeline)
+    out = views(client.predict(["cpu"], "float32", 16, 4, False, True, True, api_name="/profile"))
+    assert out["sweep"] and json.loads(out["sweep"]["plot"])["data"]
+    assert out["runs"][0]["sweep"] and out["runs"][0]["dtype"] == "float32"
+    assert any("trace" in Path(f).name for f in out["files"]), out["files"]
+    ops = out["trace_ops"]
+    assert ops and len(ops["data"]) >= 3 and "name" in ops["headers"], ops
+    assert out["timeline"] and json.loads(out["timeline"]["plot"])["data"]
+    assert "trace" in out["status"]
 
 
 def test_compare_saved_and_uploaded_runs(app, tmp_path):
     client = app.client(tmp_path)
-    runs = client.predict(["cpu"], "auto", 16, 2, api_name="/profile")[4]
+    runs = views(client.predict(["cpu"], "auto", 16, 2, api_name="/profile"))["runs"]
     saved = sorted(app.runs_dir.glob("*-cpu.json"))
     assert saved
     # a run "from another machine": same format, another device label
     other = dict(runs[0], device="cuda:0", device_name="Pretend GPU")
     upload = tmp_path / "gpu-box-run.json"
     upload.write_text(json.dumps(other))
-    out = client.predict([saved[0].name], [handle_file(str(upload))], api_name="/compare")
-    layers, runs, files, status = out[0], out[4], out[5], out[6]
+    out = views(client.predict([saved[0].name], [handle_file(str(upload))], api_name="/compare"))
+    layers, runs, files, status = out["layers"], out["runs"], out["files"], out["status"]
     assert layers and {r["device"] for r in runs} == {"cpu", "cuda:0"}
+    assert len(out["kpi"]["data"]) == 2
     assert (app.runs_dir / "gpu-box-run.json").is_file()  # uploads join the saved runs
     assert any(Path(f).name.endswith(".html") for f in files) and "Comparing" in status
     bad = tmp_path / "not-a-run.json"
     bad.write_text('{"hello": 1}')
     with pytest.raises(AppError, match="not a run file"):
         client.predict([], [handle_file(str(bad))], api_name="/compare")
+
+
+def test_inside_the_model_endpoint_runs_a_prompt_and_steps(app):
+    client = app.client()
+    summary, path, candidates, lens, attention, view = client.predict("The capital of France is",
+                                                                      api_name="/inside")
+    for fig in (path, candidates, lens, attention):
+        assert fig and fig.get("type") == "plotly" and json.loads(fig["plot"])["data"], fig
+    assert view["step"] == 0 and view["phase"] == "prefill" and "Step 0" in summary
+    assert len(view["logit_lens"]["rows"]) == view["model"]["layers"] + 1
+    prompt_len = len(view["tokens"])
+    *_, stepped = client.predict(api_name="/inside_step")  # one decode step through the KV cache
+    assert stepped["step"] == 1 and len(stepped["tokens"]) == prompt_len + 1
+    assert stepped["tokens"][-1]["id"] == view["chosen"]["id"]  # greedy by default: the chosen token
+    with pytest.raises(AppError, match="Run a prompt first"):
+        app.client().predict(api_name="/inside_step")
+    with pytest.raises(AppError, match="Type a prompt first"):
+        client.predict("  ", api_name="/inside")
+
+
+def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_dir, monkeypatch):
+    """The reference runs under docs/runs/ validate, and the page opens with them selected and shown
+    (with a stand-in run when the checkout ships none)."""
+    import app as app_module
+    import profiling
+    import profiling.runfile
+    import qwen2
+
+    if not profiling.runfile.shipped_runs():
+        stand_in = tmp_path / "docs-runs"
+        model = qwen2.load_model(tiny_model_dir, dtype="float32")
+        profiling.save_run(profiling.profile_model(model, prompt_tokens=8, new_tokens=2, warmup=0),
+                           stand_in / "cpu-reference.json")
+        monkeypatch.setattr(profiling.runfile, "SHIPPED_RUNS_DIR", stand_in)
+    shipped = profiling.runfile.shipped_runs()
+    runs = [profiling.load_run(p) for p in shipped]  # load_run validates
+    dash = app_module.Dashboard(None, tmp_path, app_module.Busy())
+    out = dash.on_page_load("light")
+    *shown, status, saved = out
+    assert saved["value"] == [f"shipped/{p.name}" for p in shipped]
+    assert {value for _, value in saved["choices"]} >= set(saved["value"])
+    assert len(shown[0]) == len(runs)  # the KPI table: one row per shipped run
+    assert "reference runs" in status
+    # they compare like any saved run
+    compared = dash.compare(saved["value"])
+    assert [r["device"] for r in compared[8]] == [r["device"] for r in runs]
+
+
+def test_baseline_checkbox_needs_transformers(monkeypatch, tmp_path):
+    import gradio as gr
+
+    import app as app_module
+
+    assert app_module.BASELINE_AVAILABLE  # transformers is the test oracle here
+    monkeypatch.setattr(app_module, "BASELINE_AVAILABLE", False)
+    dash = app_module.Dashboard(None, tmp_path, app_module.Busy())
+    with pytest.raises(gr.Error, match="pip install transformers"):
+        dash.profile(["cpu"], baseline=True)
+
+
+def test_baseline_divergence_is_said_next_to_the_bars():
+    import app as app_module
+
+    run = {"device": "cuda:0", "dtype": "bfloat16", "prompt_tokens": 64, "new_tokens": 16,
+           "baseline": {"tokens_match": False, "diverged_at": 5,
+                        "divergence_note": "outputs diverge at token 5: bf16 rounding flips near-tied argmaxes"}}
+    note = app_module.baseline_note([run, {"device": "cpu", "baseline": {"tokens_match": True}}])
+    assert "diverge at token 5" in note and "bf16 rounding" in note and "equal ours" in note
+    assert app_module.baseline_note([{"device": "cpu"}]) == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,8 +420,13 @@ def offline_env(tmp: Path) -> dict:
 
 
 def check_offline_app(server: App):
-    assert RANDOM_NOTICE in json.dumps(server.config)
+    page = json.dumps(server.config)
+    assert RANDOM_NOTICE in page
+    assert "--model DIR_OR_ID" in page and "HF_HUB_OFFLINE" in page  # how to get real weights
     assert "RANDOM WEIGHTS" in server.log()
+    api = server.client().view_api(return_format="dict", print_info=False)["named_endpoints"]
+    defaults = {p["label"]: p["parameter_default"] for p in api["/chat"]["parameters"]}
+    assert defaults["Max new tokens"] == 48  # noise: a short default reply
     reply, stats = server.client().predict("Hello?", max_new_tokens=6, seed=0, api_name="/chat")
     assert isinstance(reply, str) and "prompt tokens" in stats
     assert stats_numbers(stats)["new tokens"] >= 1
@@ -373,7 +498,8 @@ def test_host_and_port_come_from_the_gradio_environment(monkeypatch):
 
 
 def test_history_arrives_as_strings_or_content_parts():
-    from app import history_messages, message_text
+    from app import history_messages, message_text, stats_message
+    from qwen2.chat import ReplyStats
 
     api = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
     ui = [{"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
@@ -383,6 +509,8 @@ def test_history_arrives_as_strings_or_content_parts():
           {"role": "user", "content": ""}]
     assert history_messages(api) == api
     assert history_messages(ui) == api
+    stats = stats_message(ReplyStats(prompt_tokens=5, new_tokens=2, context_used=7, context_limit=256))
+    assert history_messages([*api, stats]) == api  # the per-reply statistics are not conversation
     assert message_text({"text": "multimodal", "files": []}) == "multimodal"
 
 

@@ -1,8 +1,12 @@
 """The app in a real browser: Debian's chromium driven by Playwright (never a downloaded browser).
 
-Type a message and watch the reply stream, press Stop, chat again and see the stats line, then run
-a profile on the dashboard and see the plots render. Screenshots go to $ARTIFACTS_DIR (default:
-<system tmp>/qwen2-studio-artifacts).
+Chat: an empty message shows the hint; a reply streams, Stop keeps it with its statistics under it;
+an invalid setting gives a readable error with the message back in the box and the conversation
+kept; four turns prefill about as much each (the KV cache is kept). Dashboard: the shipped reference
+runs are preselected and shown with the headline-figures table; a profile renders the charts and
+the trace view; it reads on a narrow screen and in dark mode. Inside the model: a prompt's
+views render and "Next token" steps. Screenshots of every tab go to
+$ARTIFACTS_DIR (default: <system tmp>/qwen2-studio-artifacts).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_app import App, endless_checkpoint
+from tests.test_app import App, endless_checkpoint, stats_numbers
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -52,6 +56,18 @@ def server(tmp_path_factory):
     app.close()
 
 
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server.url)
+    page.locator("#chat-input textarea").wait_for(timeout=30_000)
+    yield page
+    page.close()
+    assert not errors, errors
+
+
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -62,80 +78,209 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_chat_stream_stop_and_dashboard(browser, server, artifacts):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    errors = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
+def open_settings(page):
+    toggle = page.get_by_text("System prompt and sampling")
+    if not page.locator("#max-new-tokens input[type=number]").is_visible():
+        toggle.click()
+    page.locator("#max-new-tokens input[type=number]").wait_for(state="visible", timeout=10_000)
+
+
+def set_number(page, label: str, value: str, slider_id: str | None = None):
+    """Type into a slider's number box; retry until the slider has it (Gradio commits on change)."""
+    box = page.get_by_label(f"number input for {label}") if slider_id is None else \
+        page.locator(f"#{slider_id} input[type=number]")
+    track = None if slider_id is None else page.locator(f"#{slider_id} input[type=range]")
+
+    def commit():
+        box.fill(value)
+        box.press("Tab")
+        time.sleep(0.2)
+        return track is None or track.input_value() == value
+
+    wait_until(commit, 15, f"{label} to take {value}", interval=0.3)
+
+
+def send(page, text: str):
+    box = page.locator("#chat-input textarea")
+    wait_until(lambda: box.is_enabled(), 30, "the message box to be usable")
+    box.fill(text)
+    box.press("Enter")
+
+
+def stats_lines(page) -> list[str]:
+    return [t for t in page.locator("#chatbot").get_by_text(re.compile("prompt tokens")).all_inner_texts()]
+
+
+def wait_for_reply_stats(page, n: int, timeout: float = 60) -> str:
+    """The statistics line of the n-th reply (1-based), once it is under the reply."""
+    wait_until(lambda: len(stats_lines(page)) >= n, timeout, f"the statistics of reply {n}")
+    return stats_lines(page)[n - 1]
+
+
+def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
+    assert "Qwen2 Studio" in page.locator("h1").first.inner_text()
+    box = page.locator("#chat-input textarea")
+    stats = page.locator("#chat-stats")
+
+    # An empty message shows the hint; no bubble appears.
+    box.press("Enter")
+    wait_until(lambda: "Type a message first" in stats.inner_text(), 10, "the empty-message hint")
+    assert page.locator("[data-testid=user]").count() == 0
+
+    # A long reply streams; Stop keeps it, with its statistics under it, and the box comes back.
+    open_settings(page)
+    set_number(page, "Max new tokens", "4000", "max-new-tokens")
+    send(page, "Hello! Tell me a long story, please.")
+    bot = page.locator("[data-testid=bot]").last
+    wait_until(lambda: page.locator("[data-testid=bot]").count() and bot.inner_text().strip(), 30,
+               "the first streamed tokens")
+    first = len(bot.inner_text())
+    wait_until(lambda: len(bot.inner_text()) > first, 30, "the reply to grow")
+    assert "generating" in stats.inner_text()
+    page.screenshot(path=str(artifacts / "01-chat-streaming.png"))
+    page.locator("#chat-input .stop-button").click()
+    line = wait_for_reply_stats(page, 1, 15)
+    assert "stopped after" in line and "tok/s" in line and "cpu" in line, line
+    wait_until(lambda: box.is_enabled(), 15, "the box to be usable after Stop")
+    stopped = page.locator("[data-testid=bot]").first.inner_text()
+    time.sleep(1.0)
+    assert page.locator("[data-testid=bot]").first.inner_text() == stopped, "the reply grew after Stop"
+    assert "context" in stats.inner_text()
+    page.screenshot(path=str(artifacts / "02-chat-stopped-with-stats.png"))
+
+    # The blocker: top-p cannot be set to 0 (every range is valid); a setting that cannot work (a
+    # system prompt longer than the context) gives a readable error, puts the message back in the
+    # box, keeps the conversation, and the next message works.
+    set_number(page, "Top-p", "0")
+    assert float(page.get_by_label("number input for Top-p").input_value()) > 0
+    page.get_by_label("System prompt").fill("word " * 5000)
+    bubbles = page.locator("[data-testid=user]").count()
+    send(page, "This one cannot fit.")
+    wait_until(lambda: "Could not reply" in stats.inner_text(), 60, "the readable error")
+    assert "context" in stats.inner_text()
+    wait_until(lambda: box.is_enabled() and box.input_value() == "This one cannot fit.", 15,
+               "the message back in a usable box")
+    assert page.locator("[data-testid=user]").count() == bubbles, "the history changed"
+    assert "Hello! Tell me a long story" in page.locator("#chatbot").inner_text()
+    assert page.locator("#chatbot").get_by_text("Error", exact=True).count() == 0
+    page.screenshot(path=str(artifacts / "03-chat-readable-error.png"))
+
+    page.get_by_label("System prompt").fill("")
+    set_number(page, "Max new tokens", "24", "max-new-tokens")
+    send(page, "Thanks! Now a short one.")
+    line = wait_for_reply_stats(page, 2)
+    assert "24 new tokens" in line and "stopped" not in line, line
+    assert stats_numbers(line)["reused"] > 0, line  # the first turn came from the kept cache
+    page.get_by_text("System prompt and sampling").click()  # fold the settings away again
+    page.screenshot(path=str(artifacts / "04-chat-reply-with-stats.png"), full_page=True)
+
+
+def test_time_to_first_token_stays_flat_over_four_turns(page, artifacts):
+    """Asserted on the work, not a wall time: turn 4 prefills about as many tokens as turn 1."""
+    open_settings(page)
+    set_number(page, "Max new tokens", "8", "max-new-tokens")
+    lines = []
+    for i, text in enumerate(["Hello, who are you?", "Tell me about caches.", "And about attention?",
+                              "Thanks, one more thing."], start=1):
+        send(page, text)
+        lines.append(stats_numbers(wait_for_reply_stats(page, i)))
+    prefilled = [n["prompt tokens"] - n["reused"] for n in lines]
+    assert lines[3]["prompt tokens"] >= 2.5 * lines[0]["prompt tokens"], lines
+    assert prefilled[3] / prefilled[0] <= 1.5, (prefilled, lines)
+    page.screenshot(path=str(artifacts / "05-chat-four-turns.png"), full_page=True)
+
+
+def kpi_rows(page) -> int:
+    """Rows of the headline-figures table (each run's label names its "prompt+new tok")."""
+    return len(re.findall(r"\d+\+\d+ tok", page.locator("#kpi-table").inner_text()))
+
+
+def test_dashboard_kpis_shipped_runs_profile_and_trace(page, server, artifacts):
+    from profiling.runfile import shipped_runs
+
+    page.get_by_role("tab", name="Dashboard").click()
+    shipped = shipped_runs()
+    if shipped:  # the reference runs are preselected in Compare and shown with their headline figures
+        wait_until(lambda: kpi_rows(page) >= len(shipped), 30, "the shipped runs' KPI rows")
+        selected = page.locator("#saved-runs").inner_text()
+        assert selected.count("📦") >= len(shipped), selected
+        wait_until(lambda: page.locator(".js-plotly-plot").count() >= 3, 30, "the shipped runs' charts")
+        page.screenshot(path=str(artifacts / "06-dashboard-shipped-runs.png"), full_page=True)
+
+    # Run a profile (context sweep + trace): KPI table, four charts, the trace's top ops and timeline.
+    page.get_by_label("Context sweep").check()
+    page.get_by_label("Record a torch.profiler trace").check()
+    page.locator("#run-profile").click()
     try:
-        page.goto(server.url)
-        box = page.locator("#chat-input textarea")
-        box.wait_for(timeout=30_000)
-        assert "Qwen2 Studio" in page.locator("h1").first.inner_text()
+        page.get_by_text(re.compile(r"cpu: .*%")).first.wait_for(timeout=10_000)
+        page.screenshot(path=str(artifacts / "07-dashboard-progress.png"))
+    except Exception:  # a fast run can finish before the progress bar is seen
+        pass
+    status = page.locator("#profile-status")
+    wait_until(lambda: "Saved" in status.inner_text(), 240, "the saved-run status")
+    wait_until(lambda: page.locator(".js-plotly-plot").count() >= 5, 30,
+               "plotly figures: layers, memory, throughput, context sweep, trace timeline")
+    assert kpi_rows(page) == 1
+    headers = page.locator("#kpi-table thead").inner_text().lower()
+    assert "first token" in headers and "tok/s" in headers, headers
+    assert page.locator("#trace-ops").inner_text().count("aten::") >= 3  # CPU operators
+    page.screenshot(path=str(artifacts / "08-dashboard-one-run.png"), full_page=True)
 
-        # An empty message does nothing: no bubble appears.
-        box.press("Enter")
-        time.sleep(0.5)
-        assert page.locator("[data-testid=user]").count() == 0
+    # Three runs side by side: this one plus the shipped ones, or plus two more of this machine's.
+    for _ in range(max(0, 2 - len(shipped))):
+        server.client().predict(["cpu"], "auto", 16, 2, api_name="/profile")
+    page.get_by_role("button", name="↻ Refresh").click()
+    time.sleep(1)
+    names = [p.name for p in sorted(server.runs_dir.glob("*-cpu.json"), reverse=True)]
+    picker = page.locator("#saved-runs input")
+    for name in names[:max(1, 3 - len(shipped))]:
+        picker.click()
+        picker.fill(name)
+        page.get_by_role("option").filter(has_text=name).first.click()
+    page.keyboard.press("Escape")
+    page.locator("#compare-runs").click()
+    wait_until(lambda: "Comparing" in status.inner_text(), 60, "the comparison")
+    wait_until(lambda: kpi_rows(page) >= 3, 30, "three KPI rows")
+    page.screenshot(path=str(artifacts / "09-dashboard-three-runs.png"), full_page=True)
 
-        # Type a message and watch the reply stream.
-        box.fill("Hello! Tell me a long story, please.")
-        box.press("Enter")
-        bot = page.locator("[data-testid=bot]").last
-        wait_until(lambda: page.locator("[data-testid=bot]").count() and bot.inner_text().strip(), 30,
-                   "the first streamed tokens")
-        first = len(bot.inner_text())
-        grown = wait_until(lambda: len(bot.inner_text()) > first and len(bot.inner_text()), 30,
-                           "the reply to grow")
-        assert grown > first
-        assert "generating" in page.locator("#chat-stats").inner_text()
-        page.screenshot(path=str(artifacts / "01-chat-streaming.png"))
+    # Narrow screen, then dark mode: the same page stays readable.
+    page.set_viewport_size({"width": 390, "height": 900})
+    time.sleep(1)
+    page.screenshot(path=str(artifacts / "10-dashboard-narrow.png"), full_page=True)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 420, f"the page scrolls sideways on a phone: {width}px"
 
-        # Stop: the reply stops growing, the stats line says so, and the send button comes back.
-        page.locator("#chat-input .stop-button").click()
-        wait_until(lambda: "Stopped after" in page.locator("#chat-stats").inner_text(), 15, "'Stopped after'")
-        page.locator("#chat-input .submit-button").wait_for(timeout=15_000)
-        stopped = len(bot.inner_text())
-        time.sleep(1.0)
-        assert len(bot.inner_text()) == stopped, "the reply kept growing after Stop"
-        page.screenshot(path=str(artifacts / "02-chat-stopped.png"))
 
-        # The app stays usable: set max new tokens in the settings, chat again, see the stats line.
-        page.get_by_text("System prompt and sampling").click()
-        max_new = page.locator("#max-new-tokens input[type=number]")
-        max_new.wait_for(state="visible", timeout=10_000)  # the accordion is still opening
-
-        def set_max_new_tokens():  # Gradio commits the number box on change; retry until the slider has it
-            max_new.fill("24")
-            max_new.press("Tab")
-            time.sleep(0.2)
-            return page.locator("#max-new-tokens input[type=range]").input_value() == "24"
-
-        wait_until(set_max_new_tokens, 15, "the max-new-tokens slider to take 24", interval=0.3)
-        box.fill("Thanks! Now a short one.")
-        box.press("Enter")
-        stats = page.locator("#chat-stats")
-        wait_until(lambda: "Stats:" in stats.inner_text(), 60, "the stats line")
-        text = stats.inner_text()
-        assert "24 new tokens" in text and "tok/s" in text and "cpu" in text, text
-        assert page.locator("[data-testid=bot]").count() == 2
-        page.get_by_text("System prompt and sampling").click()  # fold the settings away again
-        page.screenshot(path=str(artifacts / "03-chat-reply-with-stats.png"), full_page=True)
-
-        # Dashboard: run a profile, watch the progress, see the plots render.
+def test_dark_theme_charts(browser, server, artifacts):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        page.goto(server.url + "?__theme=dark")
         page.get_by_role("tab", name="Dashboard").click()
-        page.get_by_label("Context sweep").check()
         page.locator("#run-profile").click()
-        try:
-            page.get_by_text(re.compile(r"cpu: .*%")).first.wait_for(timeout=10_000)
-            page.screenshot(path=str(artifacts / "04-dashboard-progress.png"))
-        except Exception:  # a fast run can finish before the progress bar is seen
-            pass
-        wait_until(lambda: page.locator(".js-plotly-plot").count() >= 4, 180,
-                   "four plotly figures: layers, memory, throughput, context sweep")
-        status = page.locator("#profile-status")
-        wait_until(lambda: "Saved" in status.inner_text(), 30, "the saved-run status")
-        assert page.locator(".js-plotly-plot .main-svg").count() >= 4
-        page.screenshot(path=str(artifacts / "05-dashboard-plots.png"), full_page=True)
-        assert not errors, errors
+        wait_until(lambda: "Saved" in page.locator("#profile-status").inner_text(), 240, "a run")
+        wait_until(lambda: page.locator(".js-plotly-plot").count() >= 3, 30, "the charts")
+        background = page.locator(".js-plotly-plot .main-svg").first.evaluate(
+            "el => getComputedStyle(el).backgroundColor")
+        page.screenshot(path=str(artifacts / "11-dashboard-dark.png"), full_page=True)
+        assert background not in ("rgb(255, 255, 255)", "rgba(255, 255, 255, 1)"), background
     finally:
         page.close()
+
+
+def test_inside_the_model_tab(page, artifacts):
+    """Open the tab, run a prompt, see every view render; Next token takes one decode step."""
+    page.get_by_role("tab", name="Inside the model").click()
+    page.locator("#inside-prompt textarea").fill("The capital of France is")
+    started = time.monotonic()
+    page.locator("#inside-run").click()
+    summary = page.locator("#inside-summary")
+    wait_until(lambda: "Step 0" in summary.inner_text(), 60, "the prompt's views")
+    for view in ("#inside-attention", "#inside-candidates", "#inside-lens", "#inside-path"):
+        wait_until(lambda view=view: page.locator(f"{view} .js-plotly-plot").count(), 30, f"the {view} figure")
+    seconds = time.monotonic() - started
+    assert seconds < 30, f"the views took {seconds:.1f}s"
+    page.screenshot(path=str(artifacts / "12-inside-the-model.png"), full_page=True)
+    page.locator("#inside-step").click()
+    wait_until(lambda: "Step 1" in summary.inner_text(), 60, "one decode step")
+    assert "decode" in summary.inner_text()
+    page.screenshot(path=str(artifacts / "13-inside-next-token.png"), full_page=True)

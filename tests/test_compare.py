@@ -4,8 +4,10 @@ that the comparison runs on the same weights and reports what it claims)."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="the comparison's reference is transformers")
 
@@ -38,11 +40,71 @@ def test_compare_random_weights_from_a_local_config(tiny_model_dir, tmp_path, ca
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--modes", "int4"], "unknown mode"),
+    (["--modes", "int3"], "unknown mode"),
+    (["--against", "vllm"], "--against"),
+    (["--against", "llama.cpp"], "--against"),
+    (["--against", "llama.cpp", "/nonexistent/model.gguf"], "GGUF file not found"),
     (["--new-tokens", "1"], "--new-tokens"),
     (["--device", "cuda:7"], "cuda"),
 ])
-def test_compare_bad_input_is_one_line(tiny_model_dir, capsys, argv, message):
+def test_compare_bad_input_is_one_line(tiny_model_dir, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(compare, "require_engine", lambda engine: None)  # llama-cpp-python may be absent
     assert compare.main(["--model", str(tiny_model_dir), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_against_llama_cpp_without_llama_cpp_python_is_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import llama_cpp raises ImportError
+    assert compare.main(["--model", str(tiny_model_dir), "--against", "llama.cpp", str(gguf)]) == 2
+    err = capsys.readouterr().err
+    assert "llama-cpp-python" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+class FakeLlama:
+    """llama_cpp.Llama's surface that the comparison uses: reset, eval; its greedy next token
+    after t is (t + 1) % vocab."""
+
+    def __init__(self, vocab):
+        self.vocab, self.last, self.evals = vocab, None, []
+
+    def reset(self):
+        self.last = None
+
+    def eval(self, tokens):
+        self.evals.append(list(tokens))
+        self.last = tokens[-1]
+
+    def greedy(self):
+        return (self.last + 1) % self.vocab
+
+
+def test_against_llama_cpp_runs_both_on_the_same_prompt(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    gguf, out = tmp_path / "model.gguf", tmp_path / "rows.json"
+    gguf.write_bytes(b"GGUF")
+    fakes = []
+
+    def fake_load(path, threads, n_ctx):
+        assert path == str(gguf) and threads == torch.get_num_threads()
+        assert n_ctx >= 5 + 3
+        fakes.append(FakeLlama(512))
+        return fakes[-1], "fake", FakeLlama.greedy
+
+    monkeypatch.setattr(compare, "require_engine", lambda engine: None)
+    monkeypatch.setattr(compare, "load_llama", fake_load)
+    code = compare.main(["--model", str(tiny_model_dir), "--modes", "float32", "--prompt", "Hi there",
+                         "--new-tokens", "5", "--rounds", "2", "--against", "llama.cpp", str(gguf),
+                         "--out", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "llama.cpp" in table and "median" in table and "ratio" in table
+    row = json.loads(out.read_text())["rows"][0]
+    prompt = fakes[0].evals[0]
+    assert row["prompt_tokens"] == len(prompt) > 2 and row["new_tokens"] == 5
+    # warm-up + 2 rounds, each: the prompt in one eval, then one eval per further token (4)
+    assert len(fakes[0].evals) == 3 * 5 and all(len(e) == 1 for e in fakes[0].evals[1:5])
+    assert len(row["ours_tok_s_rounds"]) == len(row["ref_tok_s_rounds"]) == 2
+    assert row["ours_tok_s"] > 0 and row["ref_tok_s"] > 0 and row["ours_prefill_tok_s"] > 0
+    assert row["ratio"] == pytest.approx(row["ours_tok_s"] / row["ref_tok_s"])

@@ -8,21 +8,24 @@ at the end run only where one is present.
 from __future__ import annotations
 
 import copy
-import glob
+import gzip
 import json
 from pathlib import Path
 
+import plotly.io as pio
 import pytest
 import torch
 
 import profiling
 import profiling.charts as charts
-from profiling.device import (memory_bandwidth_limit, parse_dtype, resolve_device,
-                              table_bandwidth)
-from profiling.errors import BaselineError, ProfilingError, RunFileError
+from profiling.device import memory_bandwidth_limit, table_bandwidth
+from profiling.errors import BaselineError, RunFileError
 from profiling.hooks import ModuleHooks
+from profiling.prompts import seeded_prompt_ids
 from profiling.report import write_report
-from profiling.steps import prompt_ids, timed_run
+from profiling.runfile import run_label, shipped_runs
+from profiling.steps import timed_run
+from profiling.trace import top_ops
 from profiling.timers import CpuClock, summarize
 from tests.conftest import make_checkpoint
 
@@ -190,7 +193,7 @@ def test_hooks_are_removed(model, run):
 
 def test_hooks_are_removed_after_an_error(model):
     clock = CpuClock()
-    ids = prompt_ids(model.config.vocab_size, 4, torch.device("cpu"))
+    ids = seeded_prompt_ids(model.config.vocab_size, 4, torch.device("cpu"))
     boom = model.model.layers[0].mlp.register_forward_hook(
         lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     try:
@@ -204,10 +207,10 @@ def test_hooks_are_removed_after_an_error(model):
 
 
 def test_prompt_ids_are_deterministic():
-    a = prompt_ids(100, 50, torch.device("cpu"), seed=3)
-    b = prompt_ids(100, 50, torch.device("cpu"), seed=3)
+    a = seeded_prompt_ids(100, 50, torch.device("cpu"), seed=3)
+    b = seeded_prompt_ids(100, 50, torch.device("cpu"), seed=3)
     assert torch.equal(a, b) and a.shape == (1, 50) and int(a.max()) < 100 and int(a.min()) >= 0
-    assert not torch.equal(a, prompt_ids(100, 50, torch.device("cpu"), seed=4))
+    assert not torch.equal(a, seeded_prompt_ids(100, 50, torch.device("cpu"), seed=4))
 
 
 def test_summarize():
@@ -228,19 +231,19 @@ def test_sweep_points(run, model):
 
 
 # -- traces ----------------------------------------------------------------------------------
-def test_trace_dir_holds_a_tensorboard_trace(traced):
+def test_one_trace_file_per_run(traced):
     run, trace_dir, _ = traced
-    files = glob.glob(str(Path(trace_dir) / "*" / "*.pt.trace.json"))
-    assert len(files) == 1
-    assert run["trace"]["tensorboard_files"] == files
-    events = json.loads(Path(files[0]).read_text())["traceEvents"]
+    files = [p for p in Path(trace_dir).rglob("*") if p.is_file()]
+    assert files == [Path(run["trace"]["file"])] and files[0].name.endswith(".pt.trace.json.gz")
+    assert run["trace"]["bytes"] == files[0].stat().st_size
+    with gzip.open(files[0], "rt") as fh:
+        events = json.load(fh)["traceEvents"]
     names = {e.get("name") for e in events}
     for label in ("model.embed_tokens", "model.layers.0", "model.layers.2.self_attn",
                   "model.layers.1.mlp", "model.layers.0.input_layernorm", "lm_head",
                   "qwen2.prefill", "qwen2.decode_step"):
         assert label in names, label
-    chrome = Path(run["trace"]["chrome_trace"])
-    assert chrome.is_file() and "traceEvents" in json.loads(chrome.read_text())
+    assert "ui.perfetto.dev" in run["trace"]["open"]["perfetto"]
 
 
 def test_tensorboard_plugin_parses_the_trace(traced, tmp_path):
@@ -250,7 +253,7 @@ def test_tensorboard_plugin_parses_the_trace(traced, tmp_path):
     from torch_tb_profiler.profiler.run_generator import RunGenerator
 
     run, trace_dir, _ = traced
-    path = run["trace"]["tensorboard_files"][0]
+    path = run["trace"]["file"]
     match = consts.WORKER_PATTERN.match(Path(path).name)  # the loader's own file-name rule
     assert match, path
     data = RunProfileData.parse(match.group(1), None, path, str(tmp_path))
@@ -258,6 +261,24 @@ def test_tensorboard_plugin_parses_the_trace(traced, tmp_path):
     assert len(data.steps_names) == 1 + run["trace"]["steps"]["decode"]  # prefill + decode steps
     assert "overall" in [v.name for v in profile.views]
     assert "trace" in [v.name for v in profile.views]
+
+
+def test_top_ops(traced):
+    rows = top_ops(traced[0]["trace"]["file"], n=5)
+    assert 1 <= len(rows) <= 5
+    assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
+    for row in rows:
+        assert row["name"].startswith("aten::") and row["calls"] >= 1 and row["total_ms"] >= 0
+        assert 0 <= row["percent"] <= 100
+    assert sum(r["percent"] for r in rows) <= 100.5  # self times do not double count
+
+
+def test_trace_timeline(traced):
+    fig = charts.trace_timeline(traced[0]["trace"]["file"], theme="dark")
+    rows = {t.name for t in fig.data}
+    assert {"steps", "layers", "blocks", "operators"} <= rows
+    steps = next(t for t in fig.data if t.name == "steps")
+    assert len(steps.x) == 1 + traced[0]["trace"]["steps"]["decode"] and min(steps.base) == 0
 
 
 # -- run files -------------------------------------------------------------------------------
@@ -307,43 +328,7 @@ def test_load_run_refuses_a_truncated_run(run, tmp_path):
         profiling.load_run(_write(tmp_path / "r.json", broken))
 
 
-# -- devices, dtypes, bad input --------------------------------------------------------------
-def test_resolve_device():
-    assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device(" CPU ") == torch.device("cpu")
-    with pytest.raises(ProfilingError, match="unknown device"):
-        resolve_device("tpu")
-    with pytest.raises(ValueError, match="unknown device"):
-        resolve_device("cuda:x")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
-def test_cuda_without_a_gpu_is_refused():
-    for name in ("cuda", "cuda:0", "cuda:3"):
-        with pytest.raises(ProfilingError, match="not available"):
-            resolve_device(name)
-
-
-@pytest.mark.skipif(bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
-                    reason="this machine has MPS")
-def test_mps_off_apple_is_refused():
-    with pytest.raises(ProfilingError, match="not available"):
-        resolve_device("mps")
-
-
-def test_cuda_index_beyond_the_gpus_is_refused():
-    with pytest.raises(ProfilingError, match="not available"):
-        resolve_device(f"cuda:{torch.cuda.device_count() + 5}")
-
-
-def test_parse_dtype():
-    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float16") is torch.float16
-    assert parse_dtype(torch.float32) is torch.float32
-    for bad in ("float8", "int8", "", "float64"):
-        with pytest.raises(ProfilingError, match="dtype"):
-            parse_dtype(bad)
-
-
+# -- bandwidth, bad input -------------------------------------------------------------------
 def test_gpu_bandwidth_table():
     assert table_bandwidth("NVIDIA H200")[0] == 4.8e12
     assert table_bandwidth("NVIDIA H100 80GB HBM3")[0] == 3.35e12
@@ -368,15 +353,15 @@ def test_cpu_bandwidth_is_measured():
     ({"new_tokens": -1}, "new_tokens"),
     ({"new_tokens": 2.5}, "new_tokens"),
     ({"warmup": -1}, "warmup"),
-    ({"prompt_tokens": 300}, "exceeds the model's context of 256"),
-    ({"prompt_tokens": 250, "new_tokens": 7}, "exceeds the model's context"),
+    ({"prompt_tokens": 300}, "exceeds the context limit max_position_embeddings=256"),
+    ({"prompt_tokens": 250, "new_tokens": 7}, "exceeds the context"),
     ({"sweep": [64, 250]}, "sweep context"),
     ({"sweep": "64,abc"}, "integers"),
     ({"sweep": [0]}, ">= 1"),
     ({"baseline": "vllm"}, "unknown baseline"),
 ])
 def test_profile_model_refuses_bad_input(model, kwargs, message):
-    with pytest.raises(ProfilingError, match=message):
+    with pytest.raises(ValueError, match=message):
         profiling.profile_model(model, **kwargs)
 
 
@@ -388,8 +373,20 @@ def test_transformers_baseline_from_the_checkpoint(model):
     base = run["baseline"]
     assert base["engine"] == "transformers" and base["weights"].startswith("from_pretrained")
     assert base["decode_tokens_per_s"] > 0 and base["ttft_s"] > 0
-    assert base["tokens_match"] is True
+    assert base["tokens_match"] is True and base["diverged_at"] is None
+    assert base["divergence_note"] == "same greedy tokens as transformers"
     assert base["generated_token_ids"] == run["generated_token_ids"]
+
+
+def test_divergence_is_located_and_explained():
+    from profiling.baseline import divergence_note, first_divergence
+
+    assert first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert first_divergence([1, 2, 3], [1, 2]) == 2
+    note = divergence_note(5, torch.bfloat16, None)
+    assert note.startswith("outputs diverge at token 5: bfloat16 rounding")
+    assert "int8" in divergence_note(0, torch.bfloat16, "int8")
 
 
 def test_transformers_baseline_with_random_weights(ckpt):
@@ -423,7 +420,8 @@ def _variant(run: dict, device: str, dtype: str, speed: float) -> dict:
             layer[key] /= speed
     other["sweep"] = None
     other["baseline"] = {"engine": "transformers", "decode_tokens_per_s": 10.0,
-                         "prefill_tokens_per_s": 100.0}
+                         "prefill_tokens_per_s": 100.0, "tokens_match": False, "diverged_at": 5,
+                         "divergence_note": "outputs diverge at token 5: bf16 rounding"}
     return other
 
 
@@ -450,33 +448,57 @@ def test_layer_latency_figure(runs):
         charts.layer_latency_figure(runs, phase="both")
 
 
-def test_memory_figure(runs, run):
-    fig = charts.memory_figure(runs)
-    assert [t.name for t in fig.data][:2] == ["Weights", "KV cache (allocated)"]
-    assert fig.layout.barmode == "stack"
-    assert list(fig.data[0].x) == ["cpu float32", "cuda:0 bfloat16", "cuda:0 float16"]
+def test_memory_figure_shows_the_model_apart_from_the_process(runs, run):
+    fig = charts.memory_figure(runs, theme="dark")
+    names = [t.name for t in fig.data]
+    assert names[:3] == ["Weights", "KV cache (allocated)",
+                         "Activations / other (model peak − weights − KV)"]
+    assert list(fig.data[0].x) == ["cpu · float32", "cuda:0 · bfloat16", "cuda:0 · float16"]
     scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[fig.layout.yaxis.title.text]
-    total = sum(t.y[0] for t in fig.data) * scale
-    assert total == pytest.approx(max(run["memory"]["peak_bytes"],
-                                      run["memory"]["weights_bytes"] + run["memory"]["kv_cache_bytes"]))
+    stacked = fig.data[2].base[0] + fig.data[2].y[0]  # weights + KV + activations, run 0
+    mem = run["memory"]
+    assert stacked * scale == pytest.approx(mem["model_peak_bytes"], rel=1e-6)
+    assert mem["model_peak_bytes"] == max(mem["peak_bytes"] - mem["process_baseline_bytes"],
+                                          mem["weights_bytes"] + mem["kv_cache_bytes"])
+    process = next(t for t in fig.data if "whole-process peak RSS" in t.name)
+    assert process.y[0] * scale == pytest.approx(mem["peak_bytes"], rel=1e-6)
+    kv_alone = [t for t in fig.data if t.xaxis == "x2"]  # the KV cache on its own scale
+    assert kv_alone and kv_alone[0].y[0] > 0
 
 
-def test_throughput_figure_marks_the_roofline(runs):
+def test_throughput_figure_is_linear_and_says_when_outputs_diverge(runs):
     fig = charts.throughput_figure(runs)
     names = [t.name for t in fig.data]
     assert any("roofline" in n for n in names)
-    assert "decode (transformers)" in names
-    ours = fig.data[names.index("decode (ours)")]
+    ours = fig.data[names.index("decode (ours, eager; p10–p90 whiskers)")]
     assert list(ours.y) == pytest.approx([r["decode_tokens_per_s"] for r in runs])
-    assert "% of roofline" in ours.text[0]
+    assert "% of roofline" in ours.text[0] and ours.error_y.visible
+    base = fig.data[names.index("decode (transformers)")]
+    assert "⚠" in base.text[1] and "token 5" in base.customdata[1]
+    assert "diverge at token 5" in fig.layout.title.subtitle.text
+    assert fig.layout.yaxis.type == "linear" and fig.layout.yaxis.rangemode == "tozero"
 
 
-def test_sweep_figure(runs):
+def test_sweep_figure_is_linear_from_zero_with_spread(runs):
     fig = charts.sweep_figure(runs)
     lines = [t for t in fig.data if t.type == "scatter"]
     assert len(lines) == 2 and list(lines[0].x) == SWEEP  # only the run with a sweep
+    assert lines[0].error_y.visible and len(lines[0].error_y.array) == len(SWEEP)
+    assert fig.layout.xaxis.type == "linear" and fig.layout.yaxis.rangemode == "tozero"
     empty = charts.sweep_figure(runs[1:])
     assert any("no sweep data" in a.text for a in empty.layout.annotations)
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+def test_every_chart_follows_the_theme_and_leaves_room_for_its_title(runs, theme):
+    for fn in (charts.layer_latency_figure, charts.memory_figure, charts.throughput_figure,
+               charts.sweep_figure):
+        fig = fn(runs, theme=theme)
+        template = pio.templates["plotly_dark" if theme == "dark" else "plotly_white"]
+        assert fig.layout.template.layout.plot_bgcolor == template.layout.plot_bgcolor
+        assert fig.layout.margin.t >= 100 and fig.layout.title.text
+    with pytest.raises(ValueError, match="theme"):
+        charts.memory_figure(runs, theme="blue")
 
 
 def test_charts_accept_no_runs():
@@ -485,23 +507,75 @@ def test_charts_accept_no_runs():
         assert fn([]).layout.annotations
 
 
-def test_labels_are_unique_and_name_quantize(run):
+def test_headline_rows(runs, run):
+    columns, rows = charts.headline_rows(runs)
+    assert columns[0] == "run" and len(rows) == 3 and all(len(r) == len(columns) for r in rows)
+    row = dict(zip(columns, rows[0]))
+    assert row["run"] == run_label(run)
+    assert row["time to first token (ms)"] == pytest.approx(run["ttft_s"] * 1e3, abs=0.1)
+    assert row["decode tok/s"] == pytest.approx(run["decode_tokens_per_s"], abs=0.1)
+    assert row["ms per decode step"] == pytest.approx(run["decode"]["step_ms"]["median"], abs=0.01)
+    assert row["weights MB"] == pytest.approx(run["memory"]["weights_bytes"] / 1e6, abs=0.1)
+    assert row["peak MB (model)"] == pytest.approx(run["memory"]["model_peak_bytes"] / 1e6, abs=0.1)
+    assert row["hook overhead %"] is not None
+
+
+def test_run_label_says_which_run_is_which(run):
+    label = run_label(run)
+    assert label.startswith(f"cpu · float32 · {PROMPT}+{NEW} tok · real weights · ")
+    assert run["environment"]["timestamp"][:10] in label
+    q = copy.deepcopy(run)
+    q["quantize"], q["model"]["random_weights"] = "int8", True
+    assert run_label(q).startswith("cpu · float32 · int8 · ") and "random weights" in run_label(q)
+
+
+def test_chart_labels_are_short_unique_and_name_what_differs(run):
     q = copy.deepcopy(run)
     q["quantize"] = "int8"
-    labels = charts.run_labels([run, copy.deepcopy(run), q])
-    assert labels == ["cpu float32", "cpu float32 #2", "cpu float32 int8"]
-    other = copy.deepcopy(run)
-    other["model"]["source"] = "/models/other-model"
-    name = charts._model_name(run)
-    assert charts.run_labels([run, other]) == [f"cpu float32 · {name}", "cpu float32 · other-model"]
+    assert charts.run_labels([run, copy.deepcopy(run), q]) == [
+        "cpu · float32", "cpu · float32 #2", "cpu · float32 · int8"]
+    longer = copy.deepcopy(run)
+    longer["new_tokens"] = 32
+    assert charts.run_labels([run, longer]) == [f"cpu · float32 · {PROMPT}+{NEW} tok",
+                                                f"cpu · float32 · {PROMPT}+32 tok"]
+
+
+# -- shipped reference runs (docs/runs/) -----------------------------------------------------
+def test_shipped_runs_load_and_validate():
+    paths = shipped_runs()
+    assert paths, "docs/runs/ ships no reference run"
+    runs = [profiling.load_run(p) for p in paths]
+    for path, shipped in zip(paths, runs):
+        assert shipped["device"] == "cpu" or shipped["environment"]["gpu_name"], path
+        assert shipped["decode_tokens_per_s"] > 0 and shipped["ttft_s"] > 0, path
+        assert shipped["memory"]["model_peak_bytes"] >= shipped["memory"]["weights_bytes"], path
+        assert path.stat().st_size < 200_000, path  # run files stay small
+        trace = profiling.runfile.trace_file(shipped, path)
+        if shipped.get("trace"):
+            assert trace is not None and trace.stat().st_size < 2_000_000, path
+            assert top_ops(trace, n=3)
+    for fn in (charts.layer_latency_figure, charts.memory_figure, charts.throughput_figure):
+        fn(runs)
+    assert charts.headline_rows(runs)[1]
+
+
+def test_shipped_runs_without_a_gpu_run_or_any_run(run, tmp_path, monkeypatch):
+    monkeypatch.setattr(profiling.runfile, "SHIPPED_RUNS_DIR", tmp_path / "nowhere")
+    assert shipped_runs() == []
+    monkeypatch.setattr(profiling.runfile, "SHIPPED_RUNS_DIR", tmp_path)
+    profiling.save_run(run, tmp_path / "cpu.json")
+    assert shipped_runs() == [tmp_path / "cpu.json"]  # CPU only: every chart still draws
+    cpu_only = [profiling.load_run(p) for p in shipped_runs()]
+    for fn in (charts.layer_latency_figure, charts.memory_figure, charts.throughput_figure):
+        assert fn(cpu_only).data
 
 
 def test_report_renders(runs, tmp_path):
     path = write_report(runs, tmp_path / "report.html")
     text = path.read_text()
     assert text.startswith("<!DOCTYPE html>") and "plotly" in text.lower()
-    for label in charts.run_labels(runs):
-        assert label in text
+    for run_ in runs:
+        assert run_label(run_) in text
     assert text.count("<table>") == 2
     assert text.count("class=\"plotly-graph-div\"") == 4
 
@@ -539,7 +613,7 @@ def test_cuda_run_uses_events_and_one_sync_per_step(ckpt, monkeypatch):
     real = torch.cuda.synchronize
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: (calls.append(1), real(*a, **k)))
     clock = make_clock(model.device)
-    ids = prompt_ids(model.config.vocab_size, 8, model.device)
+    ids = seeded_prompt_ids(model.config.vocab_size, 8, model.device)
     with torch.inference_mode(), ModuleHooks(model, clock) as hooks:
         timed_run(model, ids, 4, clock, hooks=hooks)
     assert len(calls) == 1 + 4  # one per prefill and per decode step, none per hook

@@ -76,7 +76,7 @@ def test_output_paths():
     (["--device", "cuda"], "not available"),
     (["--device", "cuda:9"], "not available"),
     (["--device", "mps"], "not available"),
-    (["--device", "tpu"], "unknown device"),
+    (["--device", "tpu"], "not a device name"),
     (["--device", "cpu,cuda"], "not available"),
     (["--dtype", "float8"], "unknown dtype"),
     (["--prompt-tokens", "0"], "--prompt-tokens"),
@@ -84,11 +84,12 @@ def test_output_paths():
     (["--new-tokens", "0"], "--new-tokens"),
     (["--new-tokens", "-1"], "--new-tokens"),
     (["--new-tokens", "two"], "--new-tokens"),
-    (["--prompt-tokens", "300"], "exceeds the model's context of 256"),
+    (["--prompt-tokens", "300"], "exceeds the context limit max_position_embeddings=256"),
     (["--sweep", "64,300"], "sweep context"),
     (["--sweep", "a,b"], "integers"),
     (["--baseline", "vllm"], "--baseline"),
-    (["--quantize", "int4"], "--quantize"),
+    (["--quantize", "int3"], "--quantize"),
+    (["--fast-decode", "warp"], "--fast-decode"),
 ])
 def test_bench_bad_input(ckpt, tmp_path, capsys, extra, message):
     if "cuda" in " ".join(extra) and "cuda:9" not in extra and torch.cuda.is_available():
@@ -132,8 +133,9 @@ def test_end_to_end_bench_trace_sweep_and_report(ckpt, tmp_path):
     assert proc.returncode == 0, proc.stderr
     run = json.loads(out.read_text())
     assert [p["context_tokens"] for p in run["sweep"]] == [16, 64]
-    assert list(traces.glob("*/*.pt.trace.json")) and list(traces.glob("*.chrome_trace.json"))
-    assert "tensorboard --logdir" in proc.stdout
+    assert [p.name for p in traces.iterdir()] == ["qwen2-cpu-float32.pt.trace.json.gz"]
+    assert run["trace"]["file"] == str(traces / "qwen2-cpu-float32.pt.trace.json.gz")
+    assert "ui.perfetto.dev" in proc.stdout and "tensorboard --logdir" in proc.stdout
     report = tmp_path / "report.html"
     proc = _python("-m", "profiling.report", str(out), "-o", str(report))
     assert proc.returncode == 0, proc.stderr
