@@ -139,7 +139,7 @@ def logit_lens_figure(view: dict) -> go.Figure:
         texttemplate="%{text}", hovertext=hover, hoverinfo="text", colorscale=HEAT, zmin=0, zmax=1,
         colorbar=dict(title="p")))
     fig.update_layout(
-        title=_notice_title(view, f"Logit lens: where {token_label(target['text'])!s} appears"),
+        title=_notice_title(view, f"Logit lens: the layer where '{token_label(target['text'])}' appears"),
         yaxis=dict(autorange=True, tickfont=dict(size=10)), xaxis=dict(side="top"),
         height=max(300, 80 + 22 * len(rows)), margin=dict(l=10, r=10, t=70, b=10))
     return fig

@@ -22,7 +22,7 @@ def read_json_object(path: Path, error: type[Exception]) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{path} is unreadable: {exc}") from None
     if not isinstance(data, dict):
-        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -22,4 +22,4 @@ has small && compare Qwen/Qwen2-0.5B-Instruct 0.5b-compiled --compile
 has graphs && compare Qwen/Qwen2-0.5B-Instruct 0.5b-graphs --cuda-graphs
 has large && compare Qwen/Qwen2-7B-Instruct 7b-compiled --compile
 has profile && timeout 200 python3 -m profiling.bench --model Qwen/Qwen2-0.5B-Instruct --random-weights --device cuda \
-  --dtype bfloat16 --prompt-tokens 64 --new-tokens 32 --cuda-graphs --no-progress --out "$out/run-cuda-0.5b.json" 2>&1 | tail -12
+  --dtype bfloat16 --prompt-tokens 64 --new-tokens 32 --fast-decode graphs --no-progress --out "$out/run-cuda-0.5b.json" 2>&1 | tail -12
