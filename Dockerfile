@@ -21,6 +21,10 @@ ENV PYTHONUNBUFFERED=1 \
     GRADIO_ANALYTICS_ENABLED=False \
     QWEN2_STUDIO_MODEL=${BAKE_MODEL:-Qwen/Qwen2-0.5B-Instruct}
 
+# Inductor compiles the CPU decode step to C++ at start-up (the default fast path on CPU): it needs
+# a compiler. Without one the app still serves, decoding eagerly.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 

@@ -134,7 +134,9 @@ class LoadedModel:
                  fallback_config: str | None = None, fast_decode: str | None = None):
         self.source, self.quantize = source, options.check_quantize(quantize)
         device = options.resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        fast_decode = fast_decode or ("graphs" if device.type == "cuda" and not spaces else "off")
+        # auto: CUDA graphs on CUDA, the Inductor-compiled step on CPU (2.5x decode, docs/benchmarks.md);
+        # ZeroGPU attaches a GPU per call, so nothing can be captured ahead there.
+        fast_decode = fast_decode or ("off" if spaces else "auto")
         self.model, self.shape_source = self._load(device, dtype, fallback_config, fast_decode)
         try:
             self.tokenizer = qwen2.Tokenizer.from_pretrained(source)
@@ -907,10 +909,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=options.DTYPE_NAMES)
     p.add_argument("--quantize", default=None, choices=options.QUANT_SCHEMES,
                    help="weight-only quantized linear layers")
-    p.add_argument("--fast-decode", default=None, choices=options.FAST_DECODE_MODES,
-                   help="how decode steps run: 'graphs' replays CUDA graphs (the default on CUDA), "
-                        "'compile' also compiles the step (CPU: Inductor; about a minute at start-up), "
-                        "'auto' picks per device, 'off' plain module calls (the default elsewhere)")
+    p.add_argument("--fast-decode", default=env("QWEN2_FAST_DECODE"), choices=options.FAST_DECODE_MODES,
+                   help="how decode steps run: 'auto' (default) = CUDA graphs on CUDA, the Inductor-compiled "
+                        "step on CPU (about a minute at start-up, ~15 s once Inductor's cache is warm); "
+                        "'graphs', 'compile', or 'off' for plain module calls; also QWEN2_FAST_DECODE")
     p.add_argument("--runs-dir", default=env("QWEN2_STUDIO_RUNS_DIR", "runs"), help="profiling runs")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))

@@ -7,6 +7,7 @@ After each reply: prompt tokens, time to first token and decode tokens/s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -25,9 +26,11 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: best for the device)")
     p.add_argument("--quantize", default=None, choices=QUANT_SCHEMES, help="weight-only quantized linear layers")
-    p.add_argument("--fast-decode", default="auto", choices=FAST_DECODE_MODES,
+    p.add_argument("--fast-decode", default=os.environ.get("QWEN2_FAST_DECODE", "auto"),
+                   choices=FAST_DECODE_MODES,
                    help="how decode steps run: CUDA graphs (graphs), a compiled step (compile: Inductor on "
-                        "CPU, compiled + graphs on CUDA), the best for the device (auto, default) or plain (off)")
+                        "CPU, compiled + graphs on CUDA), the best for the device (auto, default) or plain (off); "
+                        "also QWEN2_FAST_DECODE")
     p.add_argument("--prompt", default=None, help="one-shot: answer this and exit")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=512)
@@ -91,8 +94,7 @@ def main(argv=None) -> int:
         if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
         if model.info.decoder is not None:
-            model.info.decoder.warm_up(progress=lambda fraction, message: print(
-                f"{message}{'...' if fraction < 1 else ''}", file=sys.stderr, flush=True))
+            warm_up(model)
         chat = ChatSession(model)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
@@ -117,6 +119,17 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def warm_up(model):
+    """Capture or compile the decode step now, with progress on stderr, not in the first reply;
+    where that cannot work (no C++ compiler for Inductor, say) decode eagerly and say so."""
+    try:
+        model.info.decoder.warm_up(progress=lambda fraction, message: print(message, file=sys.stderr, flush=True))
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path still answers
+        print(f"note: fast decode unavailable ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly",
+              file=sys.stderr)
+        model.info.decoder = None
 
 
 def load_tokenizer(source, model) -> Tokenizer:

@@ -1,4 +1,6 @@
-"""Weight-only int8: each linear weight row stored as int8 with one scale per output channel.
+"""Weight-only int8 and int4: linear weights stored in fewer bits, activations in the model's dtype.
+
+int8: each weight row stored as int8 with one scale per output channel.
 
 Decode reads every weight once per token, so its speed is bytes / bandwidth: halving the bytes of
 bf16 nearly halves the time, as long as the kernel dequantises on the fly. On CPU that kernel is
@@ -9,6 +11,17 @@ activations stay in the model's dtype; only storage changes:
 
 The tied embedding / LM head (27 % of Qwen2-0.5B) is quantized too: an embedding row and an LM-head
 output channel are the same row, so both share one int8 tensor and one set of scales.
+
+int4 (group-wise, asymmetric): each run of `group_size` weights along the input dimension of a row
+gets its own scale and minimum, and every weight is one of 16 levels between them:
+
+    W[o, i] ~= q[o, i] * scale[o, g] + min[o, g],   q in [0, 15],   g = i // group_size
+
+The kernel is `torch._weight_int4pack_mm_for_cpu` (two levels per byte in its own blocked layout,
+bf16/fp32 activations); it serves decode and prefill alike. With int4 the layers are int4 and the
+tied embedding / LM head stays int8 by default (`head="int8"`): the head decides every token, and
+int4 there costs agreement for a fifth of the bytes; `head="int4"` stores the LM head in int4 too
+(the embedding lookup keeps reading int8 rows, a few KB per token).
 """
 
 from __future__ import annotations
@@ -19,7 +32,10 @@ from torch import nn
 
 from .errors import ConfigError
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "int4")
+
+# Group size of int4 (weights per scale/min pair along the input dimension): 32, 64 or 128.
+INT4_GROUP_SIZE = 32
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,25 +103,139 @@ class Int8Embedding(nn.Module):
         return self.weight[ids].to(self.dtype) * self.scales[ids, None].to(self.dtype)
 
 
+# ----------------------------------------------------------------------------- int4
+
+
+def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> levels q (out, in) int32 in [0, 15], scale and min (out, in / group_size)."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // group_size, group_size)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.view(out_features, in_features), scale, low
+
+
+def _pack_block_rows(n: int) -> list[int]:
+    """Rows per block of the int4 CPU layout: 64 while they last, then the rest as one block."""
+    return [64] * (n // 64) + ([n % 64] if n % 64 else [])
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of torch._convert_weight_to_int4pack_for_cpu: (out, in / 2) uint8 -> (out, in) levels.
+
+    That layout stores each block of 64 rows (then the remaining rows as one block) k-major, two rows
+    per byte: in a block of 64, rows j and j + 32 share a byte (low, high nibble); in the remainder,
+    rows 2j and 2j + 1.
+    """
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    rows, start = [], 0
+    for n in _pack_block_rows(out_features):
+        block = packed[start:start + n].reshape(in_features, n // 2)  # (in, n / 2)
+        low, high = block & 15, block >> 4
+        if n == 64:
+            levels = torch.cat([low, high], -1)
+        else:
+            levels = torch.stack([low, high], -1).view(in_features, n)
+        rows.append(levels.t())
+        start += n
+    return torch.cat(rows).to(torch.uint8)
+
+
+def _choose_group_size(in_features: int, group_size: int) -> int:
+    while group_size >= 16 and in_features % group_size:
+        group_size //= 2
+    if group_size < 16:
+        raise ConfigError(f"int4 needs an input size divisible by 16 or more; got {in_features}")
+    return group_size
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias with W stored as group-wise int4 (see the module docstring).
+
+    `weight` is the kernel's packed (out, in / 2) uint8 tensor; `scales_and_zeros` (in / group, out, 2)
+    holds each group's scale and the kernel's zero point, min + 8 * scale (the kernel reads a level
+    q as (q - 8) * scale + zero).
+    """
+
+    def __init__(self, weight: nn.Parameter, scales_and_zeros: nn.Parameter, bias: nn.Parameter | None,
+                 group_size: int, in_features: int):
+        super().__init__()
+        self.weight, self.scales_and_zeros, self.bias = weight, scales_and_zeros, bias
+        self.group_size, self.in_features, self.out_features = group_size, in_features, weight.shape[0]
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias, group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
+        out_features, in_features = weight.shape
+        if out_features % 16:
+            raise ConfigError(f"int4 needs an output size divisible by 16; got {out_features}")
+        group_size = _choose_group_size(in_features, group_size)
+        q, scale, low = quantize_groups(weight, group_size)
+        packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+        scales_and_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], -1).contiguous().to(weight.dtype)
+        return cls(_int8_parameter(packed), _int8_parameter(scales_and_zeros), bias, group_size, in_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> "Int4Linear":
+        return cls.from_weight(linear.weight.data, linear.bias, group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float (out, in) weight this layer computes with, in its scales' dtype."""
+        sz = self.scales_and_zeros.float()  # (groups, out, 2)
+        scale, zero = sz[..., 0].t(), sz[..., 1].t()  # (out, groups)
+        levels = unpack_int4(self.weight).float().view(self.out_features, -1, self.group_size)
+        w = (levels - 8) * scale[..., None] + zero[..., None]
+        return w.view(self.out_features, self.in_features).to(self.scales_and_zeros.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), self.weight, self.group_size,
+                                              self.scales_and_zeros.to(x.dtype))
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, int4 group={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
 @torch.no_grad()
-def quantize_model(model, scheme: str = "int8"):
-    """Replace every linear layer (and the embedding / LM head) of `model` by its int8 version, in place."""
+def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZE, head: str | None = None):
+    """Replace every linear layer (and the embedding / LM head) of `model` by its quantized version, in place.
+
+    scheme "int8" or "int4" (group-wise, `group_size` weights per scale). `head` is how the LM head is
+    stored: "int8" (the default for both schemes) or "int4"; the embedding is int8 either way.
+    """
     if scheme not in SCHEMES:
         raise ConfigError(f"quantize={scheme!r} is not supported; expected one of {SCHEMES} or None")
+    head = head or "int8"
+    if head not in ("int8", "int4"):
+        raise ConfigError(f"head={head!r} is not supported; expected 'int8' or 'int4'")
+    if scheme == "int4" or head == "int4":
+        if model.device.type != "cpu":
+            raise ConfigError(f"int4 weights need the CPU kernel; this model is on {model.device}")
+        if group_size not in (32, 64, 128):
+            raise ConfigError(f"int4 group_size must be 32, 64 or 128; got {group_size}")
     fused = _has_int8_kernel(model.device)
     dtype = model.dtype
+
+    def quantized(linear: nn.Linear, kind: str) -> nn.Module:
+        if kind == "int4":
+            return Int4Linear.from_linear(linear, group_size)
+        return Int8Linear.from_linear(linear, fused)
+
     for layer in model.model.layers:
-        for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
-            for name in names:
-                setattr(block, name, Int8Linear.from_linear(getattr(block, name), fused))  # frees the float weight
+        for block in (layer.self_attn, layer.mlp):
+            for name in [n for n, m in block.named_children() if type(m) is nn.Linear]:  # fused or not
+                setattr(block, name, quantized(getattr(block, name), scheme))  # frees the float weight
 
     embed_q, embed_scales = quantize_rows(model.model.embed_tokens.weight.data)
     embed_q, embed_scales = _int8_parameter(embed_q), _int8_parameter(embed_scales)
-    if model.config.tie_word_embeddings:
+    if head == "int4":
+        model.lm_head = Int4Linear.from_weight(model.lm_head.weight.data, None, group_size)
+    elif model.config.tie_word_embeddings:
         model.lm_head = Int8Linear(embed_q, embed_scales, None, fused)  # the same int8 rows serve both
     else:
         model.lm_head = Int8Linear.from_linear(model.lm_head, fused)
     model.model.embed_tokens = Int8Embedding(embed_q, embed_scales, dtype)
-    model.quantization = scheme
+    model.info.quantization = scheme
     return model

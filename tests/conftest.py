@@ -7,10 +7,16 @@ Nothing is downloaded: every checkpoint a test loads is made here, in a temporar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# The app and `python -m qwen2` compile their CPU decode step at start-up by default (about a minute);
+# the subprocesses the tests start decode eagerly unless a test asks otherwise
+# (tests/test_cli.py and tests/test_cpu_compile.py cover the compiled start-up).
+os.environ.setdefault("QWEN2_FAST_DECODE", "off")
 
 TINY = dict(
     vocab_size=512,

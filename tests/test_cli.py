@@ -11,10 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args, stdin: str = "", env_extra=None):
+def run_cli(*args, stdin: str = "", env_extra=None, timeout=120):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "qwen2", *args], input=stdin, capture_output=True,
-                          text=True, timeout=120, env=env, cwd=ROOT)
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def test_one_shot_prompt_streams_a_reply_and_stats(tiny_model_dir):
@@ -51,3 +51,15 @@ def test_bad_model_and_bad_setting_give_one_line_errors(tiny_model_dir, tmp_path
     assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
     out = run_cli("--model", "Org/NotCached", "--prompt", "hi", env_extra={"HF_HUB_CACHE": str(tmp_path)})
     assert out.returncode == 2 and "Org/NotCached" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_auto_fast_decode_compiles_at_start_up_on_cpu(tiny_model_dir):
+    out = run_cli("--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
+                  "--temperature", "0", "--fast-decode", "auto", timeout=400)
+    assert out.returncode == 0, out.stderr
+    assert "compiling the CPU decode step" in out.stderr and "compiled in" in out.stderr
+    eager = run_cli("--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
+                    "--temperature", "0", "--fast-decode", "off")
+    assert "compiling" not in eager.stderr
+    reply = lambda o: o.stdout.rsplit("[", 1)[0]  # noqa: E731 - the text before the stats line
+    assert reply(out) == reply(eager)  # the compiled step gives the same greedy reply

@@ -1,0 +1,134 @@
+"""Compiled CPU decode: the decode step compiled once with Inductor and reused for every token.
+
+At one token per step a CPU decode is a string of matrix-vector products, one per weight matrix, and
+its speed is how fast those stream their weights from memory. torch's eager kernels reach a fraction
+of the machine's bandwidth at one row; Inductor, with the weights frozen into the compiled graph
+(`freezing`: constants it may pre-pack into the layout its GEMM kernels want) and the small ops
+between the products fused, gets closer. The math is the model's own forward, unchanged.
+
+Inductor specialises the step to its shapes, so the step always has the same ones: the KV cache is
+one of the pool's fixed-size caches (qwen2/decoders.py: a power-of-two length bucket) and attention
+reads all of it under a mask (kv_len=None). One compiled step serves a (batch size, bucket, padded)
+combination; a new combination compiles once, on first use. `warm_up` pays the first compile at
+start-up, with progress messages, so the first reply does not.
+
+Prefill stays eager (its shapes change with every prompt; its products are matrix-matrix and
+already near peak). int8 / int4 weights (qwen2/quant.py) go through the same path: their kernels are
+calls in the graph, and Inductor fuses what surrounds them.
+
+Measured on a 2-vCPU AMD EPYC, Qwen2.5-Coder-0.5B, 2 threads (docs/benchmarks.md): decode bf16
+13.2 -> 33 tok/s, int8 23 -> 44, int4 52; a max-autotune compile takes about a minute per
+(batch, bucket) and frozen bf16 weights are a second, prepacked copy of the weights in memory
+(the eager prefill keeps using the originals).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from .decoders import CacheLease, PooledDecoder, cache_bucket
+
+# Inductor options per compile mode. "max-autotune" times Inductor's own C++ GEMM templates against
+# the library kernels for every product and keeps the faster: slower to compile, the faster step
+# (one bf16 896 -> 9728 product at one row, 1 thread, busy VM: 3.2 ms eager, 2.0 ms "default",
+# 1.2 ms "max-autotune"; int8 1.2 / 1.9 / 0.75 ms). On CPU "max-autotune-no-cudagraphs" is the
+# same thing (CUDA graphs do not apply).
+COMPILE_MODES = {
+    "default": {},
+    "max-autotune": {"max_autotune": True},
+    "max-autotune-no-cudagraphs": {"max_autotune": True},
+}
+DEFAULT_MODE = "max-autotune"
+
+# One compiled step per (batch size, bucket, padded): allow more than dynamo's default of 8.
+_RECOMPILE_LIMIT = 64
+
+
+def _raise_recompile_limit():
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+
+
+class CompiledCpuDecoder(PooledDecoder):
+    """Runs DecodeSession's steps through an Inductor-compiled forward on pooled, fixed-size caches."""
+
+    name = "cpu-compile"
+    # A compile takes about a minute (docs/benchmarks.md), so a chat should rarely meet a new bucket:
+    # 2048 slots cost the 0.5B model 24 MB more cache reads per token, against 988 MB of bf16 weights.
+    min_bucket = 2048
+
+    def __init__(self, model, mode: str = DEFAULT_MODE, attention: str = "single_query"):
+        if model.device.type != "cpu":
+            from .errors import ConfigError
+
+            raise ConfigError(f"the compiled CPU decode needs a CPU model; this one is on {model.device}")
+        if mode not in COMPILE_MODES:
+            from .errors import ConfigError
+
+            raise ConfigError(f"compile mode {mode!r} is unknown; expected one of {sorted(COMPILE_MODES)}")
+        super().__init__(model)
+        self.mode = mode
+        # single_query: one query row as products and sums that Inductor fuses; prefill (T > 1) still
+        # goes to SDPA, so this changes nothing outside the compiled step.
+        if attention:
+            model.set_attention_backend(attention)
+        _raise_recompile_limit()
+        # Inductor reads `freezing` from its global config while it compiles (torch.compile's
+        # options= does not reach it: measured, the weights then stay graph inputs and the products
+        # plain aten::mm), so every call runs under a patch of the config; outside a compile the
+        # patch costs a few microseconds.
+        self.inductor_config = {"freezing": True, **COMPILE_MODES[mode]}
+        self.step_fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
+        self.compiled: dict[tuple, float] = {}  # (batch, bucket, padded) -> seconds its compile took
+        self._compile_lock = threading.Lock()
+
+    def _forward(self, ids, cache, slots, positions):
+        return self.model(ids, cache=cache, slots=slots, positions=positions, kv_len=None, last_only=True)[:, -1]
+
+    def step(self, lease: CacheLease, token_ids, slot, positions):
+        cache = lease.cache
+        slots = lease.state.get("slots")
+        if slots is None:
+            slots = lease.state["slots"] = torch.zeros(1, dtype=torch.long)
+        slots.fill_(slot)
+        key = (cache.batch_size, cache.max_len, bool(cache.padded))
+        if key in self.compiled:
+            with torch._inductor.config.patch(self.inductor_config):
+                return self.step_fn(token_ids[:, None], cache, slots, positions)
+        with self._compile_lock, torch._inductor.config.patch(self.inductor_config):  # one compile at a time
+            start = time.perf_counter()
+            logits = self.step_fn(token_ids[:, None], cache, slots, positions)
+            self.compiled[key] = time.perf_counter() - start
+        return logits
+
+    def warm_up(self, progress=None, prompt_len: int = 16, new_tokens: int = 4, buckets=None):
+        """Compile the step for one row and each of `buckets` (cache lengths) now, not in the first
+        reply. progress(fraction, message) is told before each compile and when done."""
+        limit = self.model.config.max_position_embeddings
+        sizes = sorted({cache_bucket(b, limit, self.min_bucket) for b in buckets or (self.min_bucket,)})
+        info = self.model.info
+        installed, info.decoder = info.decoder, self  # sessions borrow from the model's decoder
+        try:
+            self._warm_up(sizes, progress, prompt_len, new_tokens)
+        finally:
+            info.decoder = installed
+        if progress is not None:
+            progress(1.0, f"CPU decode step compiled in {sum(self.compiled.values()):.0f} s")
+
+    def _warm_up(self, sizes, progress, prompt_len, new_tokens):
+        from .generate import DecodeSession
+
+        for i, size in enumerate(sizes):
+            if progress is not None:
+                progress(i / len(sizes), f"compiling the CPU decode step (Inductor, {self.mode}) for "
+                                         f"{size}-token caches ({i + 1}/{len(sizes)})…")
+            session = DecodeSession(self.model, 1, size)
+            n_prompt = max(1, min(prompt_len, size - new_tokens))
+            logits = session.prefill(torch.zeros(1, n_prompt, dtype=torch.long))
+            for _ in range(min(new_tokens, session.cache.max_len - n_prompt)):
+                logits = session.step(logits.argmax(-1))
+            del session  # its cache goes back to the pool

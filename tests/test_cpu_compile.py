@@ -1,0 +1,151 @@
+"""The compiled CPU decode (qwen2/cpu_compile.py) against the eager path: same logits, same tokens.
+
+Each compile of the tiny model's step takes a few seconds: the tests share one model per
+quantization (module-scoped) so each (batch, bucket, padded) combination compiles once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen2
+from qwen2.cpu_compile import CompiledCpuDecoder
+from qwen2.generate import DecodeSession, generate, generate_batch
+from tests.test_fast import rand_ids
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _compiled(directory, quantize=None, dtype="float32"):
+    model = qwen2.load_model(directory, dtype=dtype, quantize=quantize)
+    model.info.decoder = CompiledCpuDecoder(model)
+    model.info.decoder.min_bucket = 256  # the tests cross from the 256 to the 512 bucket
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The tiny checkpoint with a 1024-token context, so a conversation can outgrow the first bucket."""
+    from tests.conftest import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-1k"), with_tokenizer=False, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def compiled_fp32(model_dir):
+    return _compiled(model_dir)
+
+
+@pytest.fixture(scope="module")
+def eager_fp32(model_dir):
+    return qwen2.load_model(model_dir, dtype="float32")
+
+
+def _steps(model, ids, n_prompt, eager=False, max_len=None):
+    session = DecodeSession(model, ids.shape[0], max_len or ids.shape[1], eager=eager)
+    out = [session.prefill(ids[:, :n_prompt])]
+    for t in range(n_prompt, ids.shape[1]):
+        out.append(session.step(ids[:, t]))
+    return torch.stack(out, 1), session
+
+
+def test_compiled_decode_logits_equal_eager(compiled_fp32, eager_fp32):
+    ids = rand_ids(0, (1, 20))
+    compiled, session = _steps(compiled_fp32, ids, 8)
+    assert session.decoder is compiled_fp32.info.decoder and session.cache.max_len == 256  # pooled bucket
+    eager, eager_session = _steps(eager_fp32, ids, 8)
+    assert eager_session.decoder is None
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    full = eager_fp32(ids)  # and both equal the plain full forward
+    torch.testing.assert_close(compiled[:, 1:], full[:, 8:], atol=1e-4, rtol=0)
+    assert (1, 256, False) in compiled_fp32.info.decoder.compiled
+
+
+def test_compiled_greedy_tokens_identical(compiled_fp32, eager_fp32):
+    prompt = rand_ids(1, (1, 10))
+    fast = list(generate(compiled_fp32, prompt, max_new_tokens=24, stop_token_ids=[]))
+    slow = list(generate(eager_fp32, prompt, max_new_tokens=24, stop_token_ids=[]))
+    assert fast == slow and len(fast) == 24
+
+
+def test_compiled_decode_leaves_prefill_eager(compiled_fp32, eager_fp32):
+    ids = rand_ids(2, (1, 30))
+    a = DecodeSession(compiled_fp32, 1, 40).prefill(ids)
+    b = DecodeSession(eager_fp32, 1, 40).prefill(ids)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_a_conversation_crossing_a_bucket_boundary(compiled_fp32, eager_fp32):
+    """A cache of 300 tokens lives in the 512 bucket: a second compile, then the same logits as eager
+    all the way past slot 256."""
+    ids = rand_ids(3, (1, 262))
+    compiled, session = _steps(compiled_fp32, ids, 250, max_len=300)
+    assert session.cache.max_len == 512
+    assert (1, 512, False) in compiled_fp32.info.decoder.compiled
+    eager, _ = _steps(eager_fp32, ids, 250, max_len=300)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_compiled_padded_batch_equals_eager(compiled_fp32, eager_fp32):
+    prompts = [rand_ids(4, (9,)).tolist(), rand_ids(5, (4,)).tolist(), rand_ids(6, (6,)).tolist()]
+    fast = generate_batch(compiled_fp32, prompts, max_new_tokens=10, stop_token_ids=[])
+    slow = generate_batch(eager_fp32, prompts, max_new_tokens=10, stop_token_ids=[])
+    assert fast == slow
+    assert (3, 256, True) in compiled_fp32.info.decoder.compiled
+    alone = [list(generate(eager_fp32, torch.tensor([p]), max_new_tokens=10, stop_token_ids=[])) for p in prompts]
+    assert fast == alone
+
+
+def test_a_second_live_session_runs_eagerly(compiled_fp32):
+    ids = rand_ids(7, (1, 12))
+    first = DecodeSession(compiled_fp32, 1, 20)
+    second = DecodeSession(compiled_fp32, 1, 20)
+    assert first.decoder is not None and second.decoder is None  # the pooled cache is lent out
+    a, b = first.prefill(ids), second.prefill(ids)
+    torch.testing.assert_close(first.step(a.argmax(-1)), second.step(b.argmax(-1)), atol=1e-4, rtol=0)
+
+
+def test_warm_up_reports_progress_and_compiles_the_first_bucket(tiny_model_dir):
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    decoder = CompiledCpuDecoder(model)
+    messages = []
+    decoder.warm_up(progress=lambda fraction, message: messages.append((fraction, message)))
+    assert messages[0][0] == 0.0 and "compiling" in messages[0][1]
+    assert messages[-1][0] == 1.0 and (1, 256, False) in decoder.compiled
+    assert model.info.decoder is None  # warm-up borrows the model for its sessions, then restores it
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_compiled_decode_equals_eager(tiny_model_dir, quantize):
+    compiled = _compiled(tiny_model_dir, quantize=quantize)
+    eager = qwen2.load_model(tiny_model_dir, dtype="float32", quantize=quantize)
+    ids = rand_ids(8, (1, 16))
+    fast, _ = _steps(compiled, ids, 6)
+    slow, _ = _steps(eager, ids, 6, eager=True)
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+    prompt = ids[:, :6]
+    assert list(generate(compiled, prompt, max_new_tokens=12, stop_token_ids=[])) == \
+        list(generate(eager, prompt, max_new_tokens=12, stop_token_ids=[]))
+
+
+def test_bfloat16_compiled_decode_stays_close(tiny_model_dir):
+    compiled = _compiled(tiny_model_dir, dtype="bfloat16")
+    eager = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
+    ids = rand_ids(9, (1, 14))
+    fast, _ = _steps(compiled, ids, 6)
+    slow, _ = _steps(eager, ids, 6)
+    assert (fast - slow).abs().max().item() < 0.05 * slow.abs().max().item()
+
+
+def test_rejects_a_non_cpu_model_and_unknown_modes(tiny_model_dir):
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    with pytest.raises(qwen2.ConfigError, match="mode"):
+        CompiledCpuDecoder(model, mode="fastest")
+
+
+def test_the_compiled_decoder_lends_large_caches_so_chats_rarely_recompile(model_dir):
+    model = qwen2.load_model(model_dir, dtype="float32", fast_decode="compile")
+    assert isinstance(model.info.decoder, CompiledCpuDecoder)
+    session = DecodeSession(model, 1, 40)
+    assert session.cache.max_len == 1024  # min(2048, the context)
