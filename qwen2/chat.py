@@ -134,18 +134,16 @@ class ChatSession:
                                 dtype=dtype_name(self.model.dtype), stopped=True,
                                 context_used=len(prompt), context_limit=self.limit)
         try:
-            session = self._session_for(reused, len(prompt) + max_new_tokens)
+            session = self._session_for(reused, len(prompt) + 1)
             ids = torch.tensor([prompt], dtype=torch.long, device=self.model.device)
             sampler = Sampler(settings, ids, self.model.config.vocab_size, seed)
             logits = session.prefill(ids[:, reused:])
             self.cached = list(prompt)
             reply: list[int] = []
             first = None
-            for token in stream_tokens(session, sampler, logits, max_new_tokens, stop):
+            for token in self._stream(session, sampler, logits, max_new_tokens, stop, reply):
                 now = time.perf_counter()
                 first = first or now
-                reply.append(token)
-                self.cached = (prompt + reply)[:session.cache.length]
                 self.stats.new_tokens, self.stats.context_used = len(reply), len(prompt) + len(reply)
                 self.stats.ttft_s, self.stats.decode_s = first - started, now - first
                 yield token
@@ -159,23 +157,45 @@ class ChatSession:
             if self.session is not None:
                 self.cached = self.cached[:self.session.cache.length]
 
-    def _session_for(self, reused: int, needed: int) -> DecodeSession:
-        """The live session rewound to `reused` tokens, or a larger one holding those tokens."""
+    def _stream(self, session, sampler, logits, max_new_tokens, stop, reply):
+        """stream_tokens, moving to the next larger cache whenever this one is full.
+
+        The cache is sized to what the conversation holds, not to the most the reply could add: a
+        fixed-size cache is read whole at every step of the fast decode paths, so a smaller one is a
+        faster step. Growing copies the cache once per doubling."""
+        prompt = list(self.cached)
+        remaining = max_new_tokens
+        while True:
+            n = min(remaining, session.cache.max_len - session.cache.length + 1)  # n tokens feed n - 1
+            count = 0
+            for token in stream_tokens(session, sampler, logits, n, stop):
+                count += 1
+                reply.append(token)
+                self.cached = (prompt + reply)[:session.cache.length]
+                yield token
+            remaining -= count
+            if count < n or remaining == 0:  # a stop token, or the budget is spent
+                return
+            session = self._session_for(session.cache.length, session.cache.length + 1)
+            logits = session.step(torch.tensor([reply[-1]], device=self.model.device))
+            self.cached = (prompt + reply)[:session.cache.length]
+
+    def _session_for(self, keep: int, needed: int) -> DecodeSession:
+        """The live session rewound to `keep` tokens, or a larger one holding those tokens."""
         old = self.session
         if old is not None and old.cache.max_len >= needed:
-            old.rewind(reused)
+            old.rewind(keep)
             return old
-        size = cache_bucket(needed, self.limit)
-        new = DecodeSession(self.model, 1, size)
-        if old is not None and reused:
+        new = DecodeSession(self.model, 1, cache_bucket(needed, self.limit))
+        if old is None:
+            keep = 0
+        elif keep:
             with torch.inference_mode():
                 for src, dst in ((old.cache.k, new.cache.k), (old.cache.v, new.cache.v)):
                     for a, b in zip(src, dst):
-                        b[:, :, :reused].copy_(a[:, :, :reused])
-                new.cache.key_valid[:, :reused] = True
-                new.cache.length = reused
-                new.next_position.fill_(reused)
-        else:
-            reused = 0
-        self.session, self.cached = new, self.cached[:reused]
+                        b[:, :, :keep].copy_(a[:, :, :keep])
+                new.cache.key_valid[:, :keep] = True
+                new.cache.length = keep
+                new.next_position.fill_(keep)
+        self.session, self.cached = new, self.cached[:keep]
         return new

@@ -57,9 +57,10 @@ class CompiledCpuDecoder(PooledDecoder):
     """Runs DecodeSession's steps through an Inductor-compiled forward on pooled, fixed-size caches."""
 
     name = "cpu-compile"
-    # A compile takes about a minute (docs/benchmarks.md), so a chat should rarely meet a new bucket:
-    # 2048 slots cost the 0.5B model 24 MB more cache reads per token, against 988 MB of bf16 weights.
-    min_bucket = 2048
+    # The step reads its whole bucket under a mask, and that is not free on CPU: on the 0.5B model
+    # a 2048-slot bucket measured 27 tok/s against 40 at 256 (bf16, 2 threads). So buckets stay
+    # small (a chat moves up as it grows: qwen2/chat.py) and warm_up compiles the first few.
+    warm_buckets = (256, 512, 1024)
 
     def __init__(self, model, mode: str = DEFAULT_MODE, attention: str = "single_query"):
         if model.device.type != "cpu":
@@ -106,10 +107,10 @@ class CompiledCpuDecoder(PooledDecoder):
         return logits
 
     def warm_up(self, progress=None, prompt_len: int = 16, new_tokens: int = 4, buckets=None):
-        """Compile the step for one row and each of `buckets` (cache lengths) now, not in the first
-        reply. progress(fraction, message) is told before each compile and when done."""
+        """Compile the step for one row and each of `buckets` (cache lengths; default warm_buckets)
+        now, not in a reply. progress(fraction, message) is told before each compile and when done."""
         limit = self.model.config.max_position_embeddings
-        sizes = sorted({cache_bucket(b, limit, self.min_bucket) for b in buckets or (self.min_bucket,)})
+        sizes = sorted({cache_bucket(b, limit, self.min_bucket) for b in buckets or self.warm_buckets})
         info = self.model.info
         installed, info.decoder = info.decoder, self  # sessions borrow from the model's decoder
         try:

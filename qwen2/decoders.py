@@ -42,9 +42,8 @@ class PooledDecoder:
     """Base of the fast decode paths: the cache pool and the warm-up; subclasses implement `step`."""
 
     name = "pooled"
-    # The smallest cache the pool lends. A new bucket means a new capture or compile, so a decoder
-    # whose compile is slow lends large caches from the start (reading a few thousand more cached
-    # keys per step costs far less than the weights it reads).
+    # The smallest cache the pool lends. Each bucket costs a capture or compile once; a larger
+    # bucket costs every step (attention reads the whole cache under a mask).
     min_bucket = 256
 
     def __init__(self, model):

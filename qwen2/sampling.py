@@ -17,6 +17,8 @@ from .errors import GenerationError
 
 @dataclass(frozen=True)
 class SamplingSettings:
+    """The sampling knobs, checked once at construction; temperature 0 is greedy."""
+
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

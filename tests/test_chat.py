@@ -63,6 +63,17 @@ def test_growing_past_the_cache_keeps_the_prefix(tmp_path):
     assert chat.session.cache.max_len == 512 and chat.stats.reused_tokens == 239
 
 
+def test_a_reply_that_outgrows_its_cache_moves_to_a_larger_one(tmp_path):
+    from tests.conftest import make_checkpoint
+
+    model = qwen2.load_model(make_checkpoint(tmp_path, max_position_embeddings=1024, with_tokenizer=False),
+                             dtype="float32")
+    chat = ChatSession(model)
+    prompt = ids(13, 240)
+    assert list(chat.reply(prompt, max_new_tokens=30, stop_token_ids=[])) == fresh(model, prompt, 30)
+    assert chat.session.cache.max_len == 512 and chat.cached == prompt + fresh(model, prompt, 30)[:29]
+
+
 def test_stop_keeps_what_was_computed(model):
     chat = ChatSession(model)
     prompt = ids(5, 12)

@@ -20,7 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def _compiled(directory, quantize=None, dtype="float32"):
     model = qwen2.load_model(directory, dtype=dtype, quantize=quantize)
     model.info.decoder = CompiledCpuDecoder(model)
-    model.info.decoder.min_bucket = 256  # the tests cross from the 256 to the 512 bucket
     return model
 
 
@@ -144,8 +143,9 @@ def test_rejects_a_non_cpu_model_and_unknown_modes(tiny_model_dir):
         CompiledCpuDecoder(model, mode="fastest")
 
 
-def test_the_compiled_decoder_lends_large_caches_so_chats_rarely_recompile(model_dir):
+def test_warm_up_compiles_the_buckets_a_chat_grows_through(model_dir):
     model = qwen2.load_model(model_dir, dtype="float32", fast_decode="compile")
-    assert isinstance(model.info.decoder, CompiledCpuDecoder)
-    session = DecodeSession(model, 1, 40)
-    assert session.cache.max_len == 1024  # min(2048, the context)
+    decoder = model.info.decoder
+    assert isinstance(decoder, CompiledCpuDecoder)
+    decoder.warm_up()
+    assert {key[1] for key in decoder.compiled} == {256, 512, 1024}  # 1024: the context of this model

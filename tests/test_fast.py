@@ -79,8 +79,10 @@ def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, 
     assert 0.45 < ratio < 0.6, ratio  # int8 + a bf16 scale per row + float norms/biases
 
 
-def test_int8_cached_decode_equals_full_forward(tiny_model_dir):
-    model = qwen2.load_model(tiny_model_dir, dtype="float32", quantize="int8")
+@pytest.mark.filterwarnings("ignore:quantize=")
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_cached_decode_equals_full_forward(tiny_model_dir, scheme):
+    model = qwen2.load_model(tiny_model_dir, dtype="float32", quantize=scheme)
     ids = rand_ids(2, (1, 14))
     full = model(ids)
     session = DecodeSession(model, 1, 14)
