@@ -169,7 +169,7 @@ class LoadedModel:
         if decoder is None:
             return
         print(f"[qwen2-studio] preparing the {decoder.name} decode path (once, at start-up; compiling "
-              "takes about a minute)...", flush=True)
+              "takes about a minute per cache size the first time)...", flush=True)
         try:
             decoder.warm_up(lambda fraction, message: print(f"[qwen2-studio]   {fraction:4.0%} {message}",
                                                             flush=True))
@@ -911,7 +911,7 @@ def parse_args(argv=None):
                    help="weight-only quantized linear layers")
     p.add_argument("--fast-decode", default=env("QWEN2_FAST_DECODE"), choices=options.FAST_DECODE_MODES,
                    help="how decode steps run: 'auto' (default) = CUDA graphs on CUDA, the Inductor-compiled "
-                        "step on CPU (about a minute at start-up, ~15 s once Inductor's cache is warm); "
+                        "step on CPU (compiled at start-up: about a minute per cache size, ~15 s once cached); "
                         "'graphs', 'compile', or 'off' for plain module calls; also QWEN2_FAST_DECODE")
     p.add_argument("--runs-dir", default=env("QWEN2_STUDIO_RUNS_DIR", "runs"), help="profiling runs")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
