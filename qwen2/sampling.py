@@ -17,13 +17,14 @@ from .errors import GenerationError
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """The sampling knobs, checked once at construction; temperature 0 is greedy."""
+    """The sampling knobs, checked once at construction. Each default leaves the logits as they are
+    (temperature 0 means greedy: argmax after the repetition penalty)."""
 
     temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
 
     def __post_init__(self):
         def bad(name, value, expected):
