@@ -399,6 +399,11 @@ def stats_message(stats) -> dict:
 def make_chat_events(chat: Chat):
     """The page's chat events: start (instant), respond (streams, queued), stop; and the API's."""
 
+    def box_ready(**value):
+        """The message box usable again: set by the reply itself as it ends (not by a later event,
+        which could land after the next message has started and hide its Stop button)."""
+        return gr.update(interactive=True, submit_btn=True, stop_btn=False, **value)
+
     def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
         """Check the message and settings before the box is cleared; returns
         (textbox, chatbot, stats, pending message or None)."""
@@ -429,15 +434,15 @@ def make_chat_events(chat: Chat):
                 yield [*chatbot, {"role": "assistant", "content": reply}], stats, gr.skip()
         except ChatError as exc:
             gr.Warning(f"Could not reply: {exc}")
-            yield before, f"⚠ Could not reply: {exc}", gr.update(value=pending)
+            yield before, f"⚠ Could not reply: {exc}", box_ready(value=pending)
             return
         except Exception as exc:  # never leave the page stuck: report, restore
             traceback.print_exc()
             gr.Warning(f"Could not reply: {type(exc).__name__}: {exc}")
-            yield before, f"⚠ Could not reply: {type(exc).__name__}: {exc}", gr.update(value=pending)
+            yield before, f"⚠ Could not reply: {type(exc).__name__}: {exc}", box_ready(value=pending)
             return
         stats = chat.conversations.stats(request.session_hash)
-        yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), gr.skip()
+        yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), box_ready()
 
     def stop(chatbot, request: gr.Request):
         """After Stop: the reply so far stays, with its statistics under it."""
@@ -771,7 +776,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
                             show_progress="minimal", show_progress_on=chatbot)
     ready = dict(fn=lambda: gr.update(interactive=True, submit_btn=True, stop_btn=False), outputs=textbox,
                  api_visibility="undocumented", queue=False)
-    replying.then(**ready)  # whatever happened, the box is usable again
+    replying.failure(**ready)  # the reply ends by making the box usable; this covers a failure before it runs
     textbox.stop(None, None, None, cancels=[replying], queue=False, api_visibility="undocumented").then(
         stop, [chatbot], [chatbot, stats], queue=False, api_visibility="undocumented").then(**ready)
     chatbot.clear(clear, None, stats, queue=False, api_visibility="undocumented")
