@@ -132,7 +132,7 @@ def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
     set_number(page, "Max new tokens", "4000", "max-new-tokens")
     send(page, "Hello! Tell me a long story, please.")
     bot = page.locator("[data-testid=bot]").last
-    wait_until(lambda: page.locator("[data-testid=bot]").count() and bot.inner_text().strip(), 30,
+    wait_until(lambda: page.locator("[data-testid=bot]").count() and bot.inner_text().strip(), 60,
                "the first streamed tokens")
     first = len(bot.inner_text())
     wait_until(lambda: len(bot.inner_text()) > first, 30, "the reply to grow")
@@ -180,15 +180,23 @@ def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
 
 
 def test_time_to_first_token_stays_flat_over_four_turns(page, artifacts):
-    """Asserted on the work, not a wall time: turn 4 prefills about as many tokens as turn 1."""
+    """Asserted on the work, not a wall time: turn 4 prefills about as many tokens as turn 1.
+
+    Each turn must be served its whole previous prompt from the kept cache. Whether the previous
+    reply is reused too depends on its text re-encoding to the same tokens, which random weights'
+    noise often does not (a real model's replies do; tests/test_chat.py checks the token level), so
+    the system prompt gives turn 1 a realistic size and the ratio holds either way."""
     open_settings(page)
     set_number(page, "Max new tokens", "8", "max-new-tokens")
+    page.get_by_label("System prompt").fill("You are a helpful assistant who explains how language models "
+                                            "work, with short answers and concrete numbers.")
     lines = []
     for i, text in enumerate(["Hello, who are you?", "Tell me about caches.", "And about attention?",
                               "Thanks, one more thing."], start=1):
         send(page, text)
         lines.append(stats_numbers(wait_for_reply_stats(page, i)))
     prefilled = [n["prompt tokens"] - n["reused"] for n in lines]
+    assert all(later["reused"] >= earlier["prompt tokens"] for earlier, later in zip(lines, lines[1:])), lines
     assert lines[3]["prompt tokens"] >= 2.5 * lines[0]["prompt tokens"], lines
     assert prefilled[3] / prefilled[0] <= 1.5, (prefilled, lines)
     page.screenshot(path=str(artifacts / "05-chat-four-turns.png"), full_page=True)
