@@ -29,6 +29,7 @@ import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from collections import OrderedDict  # noqa: E402
 from datetime import datetime  # noqa: E402
@@ -64,6 +65,9 @@ REAL_WEIGHTS_HOWTO = (
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 COMPUTE_QUEUE = "compute"  # the concurrency group of every event that runs the model
 EMPTY_HINT = "Type a message first: the message box is empty."
+# The page gets at most 20 updates a second: each update re-renders the reply in the browser, so one per
+# token only loads the page (and its Stop click) at a few hundred tokens per second.
+STREAM_INTERVAL_S = 0.05
 STATS_TITLE = "📊 "  # per-reply statistics are "thought" messages whose title starts with this
 EXAMPLES = [
     "Explain what a KV cache is, in three sentences.",
@@ -350,12 +354,25 @@ def next_token(tokens) -> int | None:
         return next(tokens, None)
 
 
+@dataclasses.dataclass
+class ReplyInProgress:
+    """A reply as far as it was generated. `lock` is held while tokens are being made (released at
+    each update sent), so Stop can wait for the token in flight and then read text and statistics
+    that agree."""
+    text: str = ""
+    tokens: int = 0
+    streaming: bool = True  # False once it ended by itself, failed, or was stopped
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
 class Chat:
     """The reply stream shared by the page and the `/chat` API; yields (reply so far, stats so far)."""
 
     def __init__(self, lm: LoadedModel, busy: Busy):
         self.lm, self.busy = lm, busy
         self.conversations = Conversations(lm)
+        self.replies: dict[str, ReplyInProgress] = {}
 
     def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
         lm = self.lm
@@ -367,21 +384,37 @@ class Chat:
         if max_new < int(max_new_tokens):
             notes.append(f"⚠ max new tokens lowered to {max_new} to fit the context")
         session = self.conversations.get(key)
-        decoder, reply = lm.tokenizer.stream_decoder(), ""
+        decoder, reply = lm.tokenizer.stream_decoder(), ReplyInProgress()
+        self.replies = {k: v for k, v in self.replies.items() if k in self.conversations.sessions}
+        self.replies[key] = reply
         tokens = None
         with self.busy.hold("a chat reply is being written"):
             try:
                 tokens = session.reply(ids, max_new_tokens=max_new, stop_token_ids=lm.stop_ids, **settings)
-                while (token_id := next_token(tokens)) is not None:
-                    reply += lm.token_text(decoder, token_id)
-                    yield reply, f"generating… {session.stats.new_tokens} new tokens"
-                reply += decoder.flush()
+                finished, sent = False, -STREAM_INTERVAL_S  # the first token shows at once
+                while not finished:
+                    with reply.lock:
+                        while True:
+                            token_id = None if reply.stop.is_set() else next_token(tokens)
+                            if token_id is None:
+                                finished = True
+                                reply.text += decoder.flush()
+                                break
+                            reply.text += lm.token_text(decoder, token_id)
+                            reply.tokens += 1
+                            if time.monotonic() - sent >= STREAM_INTERVAL_S:
+                                break
+                    if not finished:
+                        sent = time.monotonic()
+                        yield reply.text, f"generating… {session.stats.new_tokens} new tokens"
+                reply.streaming = False
             except (ValueError, TypeError, Qwen2Error) as exc:
+                reply.streaming = False
                 raise ChatError(str(exc)) from None
             finally:
                 if tokens is not None:
                     tokens.close()  # Stop closes this generator at its yield
-        yield reply, self.stats_text(session.stats, notes)
+        yield reply.text, self.stats_text(session.stats, notes)
 
     def stats_text(self, stats, notes=()) -> str:
         if stats is None:
@@ -389,9 +422,19 @@ class Chat:
         return "  \n".join([f"**Stats:** {stats.line()}", context_meter(stats.context_used, stats.context_limit),
                             *notes])
 
-    def stopped_stats(self, key: str):
-        stats = self.conversations.stats(key)
-        return None if stats is None else dataclasses.replace(stats, stopped=True)
+    def stop(self, key: str):
+        """Stop the session's reply after the token in flight; returns (its text, its statistics marked
+        stopped), or (None, None) when no reply is being written or it has no token yet."""
+        reply = self.replies.get(key)
+        if reply is None or not reply.streaming:
+            return None, None
+        reply.stop.set()
+        with reply.lock:  # the token in flight is in both the text and the statistics
+            reply.streaming = False
+            stats = self.conversations.stats(key)
+            if stats is None or not reply.tokens:
+                return None, None
+            return reply.text, dataclasses.replace(stats, stopped=True)
 
 
 def stats_message(stats) -> dict:
@@ -448,12 +491,15 @@ def make_chat_events(chat: Chat):
         yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), box_ready()
 
     def stop(chatbot, request: gr.Request):
-        """After Stop: the reply so far stays, with its statistics under it."""
-        stats = chat.stopped_stats(request.session_hash)
+        """After Stop: the reply as far as it was generated stays (the page may be an update behind),
+        with its statistics under it."""
+        text, stats = chat.stop(request.session_hash)
         chatbot = list(chatbot or [])
-        if stats is None or not chatbot or chatbot[-1].get("role") != "assistant" or is_stats_message(chatbot[-1]):
-            return chatbot, gr.skip()
-        return [*chatbot, stats_message(stats)], chat.stats_text(stats)
+        if stats is None or not chatbot or is_stats_message(chatbot[-1]):
+            return chatbot, gr.skip()  # no reply yet, or it had ended and shows its statistics already
+        if chatbot[-1].get("role") == "assistant":
+            chatbot = chatbot[:-1]
+        return [*chatbot, {"role": "assistant", "content": text}, stats_message(stats)], chat.stats_text(stats)
 
     def clear(request: gr.Request):
         chat.conversations.drop(request.session_hash)

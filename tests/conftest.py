@@ -103,3 +103,12 @@ def real_model_dir() -> Path:
         pytest.skip(f"real checkpoint absent: {directory} has no {', '.join(missing)} "
                     "(build it with: python scripts/build_real_checkpoint.py)")
     return directory
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (`item.rep_call`), so a fixture's teardown can tell that
+    the test failed and record what it saw (tests/test_browser.py)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

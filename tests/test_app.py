@@ -63,7 +63,7 @@ class App:
             self.proc = subprocess.Popen(
                 [sys.executable, str(ROOT / "app.py"), "--port", str(self.port),
                  "--runs-dir", str(self.runs_dir), *args],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full_env)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -131,16 +131,17 @@ def test_api_signature_every_parameter_but_the_message_has_a_default(app):
 
 
 def test_chat_streams_partial_outputs_then_a_reply_with_stats(app):
-    job = app.client().submit("Hello there!", api_name="/chat", max_new_tokens=40, seed=1)
+    job = app.client().submit("Hello there!", api_name="/chat", max_new_tokens=300, seed=1)
     outputs = list(job)
     reply, stats = job.result()
-    assert len(outputs) >= 3, outputs
+    assert outputs[0][1] == "generating… 1 new tokens", outputs[0]  # the first token is shown at once
     partials = [o[0] for o in outputs[:-1]]
     assert all(reply.startswith(p) for p in partials)
-    assert len(set(partials)) >= 3  # it really grew token by token
+    # it grows in updates at most STREAM_INTERVAL_S apart: 300 tokens take longer than a few of those
+    assert len(set(partials)) >= 3, outputs
     assert reply and isinstance(reply, str)
     numbers = stats_numbers(stats)
-    assert numbers["new tokens"] == 40, stats
+    assert numbers["new tokens"] == 300, stats
     assert "tok/s" in stats and "first token" in stats and "cpu" in stats
 
 
@@ -191,6 +192,33 @@ def test_cancel_stops_generation_and_the_next_chat_works(app):
     numbers = stats_numbers(stats)
     assert numbers["new tokens"] == 5
     assert numbers["prompt tokens"] < 3000, (numbers, len(partial))
+
+
+def test_stop_keeps_the_text_and_statistics_of_the_same_tokens(endless_dir):
+    """Stop (the page's button) ends the reply after the token in flight: the text it keeps and the
+    statistics under it count the same tokens, and nothing is generated after it."""
+    import threading
+
+    import app as app_module
+
+    lm = app_module.LoadedModel(str(endless_dir), "cpu", "float32", None)
+    chat = app_module.Chat(lm, app_module.Busy())
+    settings = app_module.sampling_settings(0.7, 0.8, 20, 1.05, 4000, 7)
+    updates = []
+    thread = threading.Thread(target=lambda: updates.extend(
+        chat.stream("page", "Tell me a long story.", [], "", settings, 4000)))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(updates) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    text, stats = chat.stop("page")
+    thread.join(30)
+    assert not thread.is_alive()
+    assert stats.stopped and 0 < stats.new_tokens < 4000, stats
+    assert chat.replies["page"].tokens == stats.new_tokens
+    assert chat.conversations.stats("page").new_tokens == stats.new_tokens  # none after Stop
+    assert updates[-1][0] == text and len(text) >= len(updates[-2][0])
+    assert chat.stop("page") == (None, None)  # a second Stop, or one after the end, changes nothing
 
 
 def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
