@@ -91,18 +91,25 @@ class CompiledCpuDecoder(PooledDecoder):
         return self.model(ids, cache=cache, slots=slots, positions=positions, kv_len=None, last_only=True)[:, -1]
 
     def step(self, lease: CacheLease, token_ids, slot, positions):
-        cache = lease.cache
-        slots = lease.state.get("slots")
-        if slots is None:
-            slots = lease.state["slots"] = torch.zeros(1, dtype=torch.long)
+        cache, state = lease.cache, lease.state
+        # The step reads its inputs from buffers of the lease: the compiled graph is guarded on
+        # how its input tensors were made (an inference-mode tensor or not), and the caller's ids
+        # may be either (the warm-up's argmax vs a sampler's), which would recompile in the first reply.
+        if state.get("ids") is None or state["ids"].shape[0] != token_ids.shape[0]:
+            state["ids"] = torch.zeros(token_ids.shape[0], 1, dtype=torch.long)
+            state["positions"] = torch.zeros(token_ids.shape[0], 1, dtype=torch.long)
+            state["slots"] = torch.zeros(1, dtype=torch.long)
+        ids, slots = state["ids"], state["slots"]
+        ids.copy_(token_ids[:, None])
+        positions = state["positions"].copy_(positions)
         slots.fill_(slot)
         key = (cache.batch_size, cache.max_len, bool(cache.padded))
         if key in self.compiled:
             with torch._inductor.config.patch(self.inductor_config):
-                return self.step_fn(token_ids[:, None], cache, slots, positions)
+                return self.step_fn(ids, cache, slots, positions)
         with self._compile_lock, torch._inductor.config.patch(self.inductor_config):  # one compile at a time
             start = time.perf_counter()
-            logits = self.step_fn(token_ids[:, None], cache, slots, positions)
+            logits = self.step_fn(ids, cache, slots, positions)
             self.compiled[key] = time.perf_counter() - start
         return logits
 

@@ -6,10 +6,13 @@ quantization (module-scoped) so each (batch, bucket, padded) combination compile
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 import qwen2
+from qwen2.chat import ChatSession
 from qwen2.cpu_compile import CompiledCpuDecoder
 from qwen2.generate import DecodeSession, generate, generate_batch
 from tests.test_fast import rand_ids
@@ -149,3 +152,24 @@ def test_warm_up_compiles_the_buckets_a_chat_grows_through(model_dir):
     assert isinstance(decoder, CompiledCpuDecoder)
     decoder.warm_up()
     assert {key[1] for key in decoder.compiled} == {256, 512, 1024}  # 1024: the context of this model
+
+
+def test_a_reply_after_warm_up_never_compiles(tiny_model_dir):
+    """The app warms up at start-up, then replies from Gradio's worker threads with the sampler under
+    inference mode: that first reply must run the warmed step (it once recompiled there, 0.2 tok/s)."""
+    model = qwen2.load_model(tiny_model_dir, dtype="float32", fast_decode="compile")
+    model.info.decoder.warm_up(buckets=(256,))
+    session, tokens, errors = ChatSession(model), [], []
+
+    def reply():
+        try:
+            with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+                tokens.extend(session.reply(list(range(1, 30)), max_new_tokens=8, temperature=0.7, top_k=20,
+                                            seed=1))
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=reply)
+    thread.start()
+    thread.join()
+    assert not errors and len(tokens) == 8, errors
