@@ -88,6 +88,10 @@ class _Stages:
         decoder.warm_up()
         timed_run(self.model, self.ids, self.settings.warm_steps, self.clock, eager=False)
         times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, eager=False)
+        if not times.fast_path:  # every cache of its bucket is lent to a live session (kept chats)
+            self.plan.stage(f"the {decoder.name} decode path is busy (its caches are lent to live "
+                            "sessions): not timed")
+            return None
         step_ms = summarize(times.step_s, 1e3)
         return {"decoder": decoder.name, "decode_tokens_per_s": 1e3 / step_ms["median"],
                 "step_ms": step_ms, "ttft_s": times.prefill_s,

@@ -35,6 +35,7 @@ class RunTimes:
     kv_allocated_bytes: int = 0
     kv_used_bytes: int = 0
     kv_length: int = 0
+    fast_path: bool = False  # the steps ran on the model's fast decode path (model.info.decoder)
 
 
 def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
@@ -75,6 +76,7 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
 
     out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
     cache = session.cache
+    out.fast_path = session.decoder is not None
     out.kv_allocated_bytes = int(cache.allocated_bytes)
     out.kv_used_bytes = int(cache.used_bytes)
     out.kv_length = int(session.length)

@@ -61,6 +61,9 @@ class CompiledCpuDecoder(PooledDecoder):
     # a 2048-slot bucket measured 27 tok/s against 40 at 256 (bf16, 2 threads). So buckets stay
     # small (a chat moves up as it grows: qwen2/chat.py) and warm_up compiles the first few.
     warm_buckets = (256, 512, 1024)
+    # The compiled step is specialised to shapes, not to one cache: every live conversation the app
+    # keeps (four) decodes through it, each in a cache of its own.
+    leases_per_bucket = 4
 
     def __init__(self, model, mode: str = DEFAULT_MODE, attention: str = "single_query"):
         if model.device.type != "cpu":

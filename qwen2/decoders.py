@@ -7,8 +7,8 @@ cache under a mask instead of a growing slice. The math is the model's own forwa
 launched changes.
 
 A DecodeSession borrows a cache with `decoder.acquire(...)` (a CacheLease) and runs each step with
-`decoder.step(lease, ...)`. When the pooled cache is already lent to a live session, `acquire`
-returns None and that session runs eagerly on a cache of its own.
+`decoder.step(lease, ...)`. When the bucket's caches are all lent to live sessions (a decoder lends
+`leases_per_bucket` of them), `acquire` returns None and that session runs eagerly on a cache of its own.
 """
 
 from __future__ import annotations
@@ -45,21 +45,26 @@ class PooledDecoder:
     # The smallest cache the pool lends. Each bucket costs a capture or compile once; a larger
     # bucket costs every step (attention reads the whole cache under a mask).
     min_bucket = 256
+    # How many caches of one (batch size, bucket) may be lent at once; a session beyond that runs
+    # eagerly. One for CUDA graphs (each lease records its own graph into the shared memory pool).
+    leases_per_bucket = 1
 
     def __init__(self, model):
         self.model = model
-        self.pool: dict[tuple[int, int], CacheLease] = {}
+        self.pool: dict[tuple[int, int], list[CacheLease]] = {}
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return KVCache(self.model.config, batch_size, max_len, self.model.device, self.model.dtype)
 
     def acquire(self, batch_size: int, max_len: int) -> CacheLease | None:
         key = (batch_size, cache_bucket(max_len, self.model.config.max_position_embeddings, self.min_bucket))
-        lease = self.pool.get(key)
+        leases = self.pool.setdefault(key, [])
+        lease = next((lease for lease in leases if not lease.busy), None)
         if lease is None:
-            lease = self.pool[key] = CacheLease(self.new_cache(*key))
-        if lease.busy:
-            return None
+            if len(leases) >= self.leases_per_bucket:
+                return None
+            lease = CacheLease(self.new_cache(*key))
+            leases.append(lease)
         lease.busy = True
         lease.cache.rewind(0)
         lease.cache.padded = False  # set again by the prefill when its batch has padding

@@ -99,13 +99,21 @@ def test_compiled_padded_batch_equals_eager(compiled_fp32, eager_fp32):
     assert fast == alone
 
 
-def test_a_second_live_session_runs_eagerly(compiled_fp32):
+def test_live_sessions_share_the_compiled_step_up_to_the_pool_size(compiled_fp32):
+    """Each kept conversation decodes compiled in a cache of its own, with no recompile; a session
+    beyond leases_per_bucket runs eagerly. All give the same logits."""
     ids = rand_ids(7, (1, 12))
-    first = DecodeSession(compiled_fp32, 1, 20)
-    second = DecodeSession(compiled_fp32, 1, 20)
-    assert first.decoder is not None and second.decoder is None  # the pooled cache is lent out
-    a, b = first.prefill(ids), second.prefill(ids)
-    torch.testing.assert_close(first.step(a.argmax(-1)), second.step(b.argmax(-1)), atol=1e-4, rtol=0)
+    decoder = compiled_fp32.info.decoder
+    warm = DecodeSession(compiled_fp32, 1, 20)
+    warm.step(warm.prefill(ids).argmax(-1))  # this bucket's step is compiled (once per module)
+    del warm  # its cache goes back to the pool
+    sessions = [DecodeSession(compiled_fp32, 1, 20) for _ in range(decoder.leases_per_bucket + 1)]
+    assert [s.decoder is not None for s in sessions] == [True] * decoder.leases_per_bucket + [False]
+    assert len({id(s.cache) for s in sessions}) == len(sessions)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        logits = [s.step(s.prefill(ids).argmax(-1)) for s in sessions]
+    for other in logits[1:]:
+        torch.testing.assert_close(other, logits[0], atol=1e-4, rtol=0)
 
 
 def test_warm_up_reports_progress_and_compiles_the_first_bucket(tiny_model_dir):

@@ -268,6 +268,25 @@ def test_pooled_decoder_protocol_equals_eager(tiny_model_dir):
     assert DecodeSession(pooled, 1, 32, eager=True).decoder is None
 
 
+def test_profile_times_the_fast_path_only_when_it_gets_a_cache(tiny_model_dir):
+    """A profile's fast-decode figure comes from the fast path or is left out, never from an eager
+    fallback under its name: in the app a kept chat can hold the bucket's only cache."""
+    import gc
+
+    import profiling
+
+    pooled = qwen2.load_model(tiny_model_dir, dtype="float32")
+    pooled.info.decoder = FullCacheDecoder(pooled)
+    free = profiling.profile_model(pooled, prompt_tokens=6, new_tokens=3, warmup=0)
+    assert free["fast_decode"]["decoder"] == "full-cache" and free["fast_decode"]["decode_tokens_per_s"] > 0
+    chat = DecodeSession(pooled, 1, 32)  # holds the (1, 256) cache, like a kept conversation
+    assert chat.decoder is not None
+    busy = profiling.profile_model(pooled, prompt_tokens=6, new_tokens=3, warmup=0)
+    assert busy["fast_decode"] is None
+    del chat
+    gc.collect()
+
+
 def test_chat_session_through_a_pooled_decoder(tiny_model_dir):
     from qwen2.chat import ChatSession
 
