@@ -483,6 +483,22 @@ def test_offline_fallback_at_the_official_shape(tmp_path):
         server.close()
 
 
+def test_compiled_cpu_decode_is_the_default_and_prepared_before_serving(tmp_path):
+    """No --fast-decode: on CPU the step is compiled at start-up, saying so, and replies use it."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")  # a 256-token context: one bucket to compile
+    server = App(tmp_path / "app", "--model", str(ckpt), "--dtype", "float32", env={"QWEN2_FAST_DECODE": ""})
+    try:
+        log = server.log()
+        assert "compiling the CPU decode step" in log and "compiled in" in log, log
+        assert "decode: cpu-compile" in json.dumps(server.config)  # the header says how it decodes
+        client = server.client()
+        for turn in ("Hello!", "And again."):
+            _, stats = client.predict(turn, max_new_tokens=6, api_name="/chat")
+            assert stats_numbers(stats)["new tokens"] == 6, stats
+    finally:
+        server.close()
+
+
 def test_one_job_at_a_time_the_others_queue_and_see_their_place(app):
     long = app.client().submit("A long one, please.", max_new_tokens=4000, api_name="/chat")
     deadline = time.monotonic() + 60
