@@ -6,12 +6,17 @@ Nothing is downloaded: every checkpoint a test loads is made here, in a temporar
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from qwen2.config import Qwen2Config
+from qwen2.model import Qwen2ForCausalLM
 
 # The app and `python -m qwen2` compile their CPU decode step at start-up by default (about a minute);
 # the subprocesses the tests start decode eagerly unless a test asks otherwise
@@ -103,6 +108,60 @@ def real_model_dir() -> Path:
         pytest.skip(f"real checkpoint absent: {directory} has no {', '.join(missing)} "
                     "(build it with: python scripts/build_real_checkpoint.py)")
     return directory
+
+
+def train_peaked_model(seconds_budget_steps: int = 120) -> Qwen2ForCausalLM:
+    """A small Qwen2 trained on a noisy permutation chain (next = perm[token] 90 % of the time),
+    so its predictions are peaked like a real LM's rather than the near-flat ones of random weights."""
+    torch.manual_seed(0)
+    vocab = 128
+    config = Qwen2Config(vocab_size=vocab, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         rope_theta=10000.0, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config)
+    model.model.rotary_emb.reset()
+    perm = torch.randperm(vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n, length=32):
+        seq = torch.empty(n, length, dtype=torch.long)
+        seq[:, 0] = torch.randint(0, vocab, (n,), generator=gen)
+        for t in range(1, length):
+            noise = torch.rand(n, generator=gen) < 0.1
+            seq[:, t] = torch.where(noise, torch.randint(0, vocab, (n,), generator=gen), perm[seq[:, t - 1]])
+        return seq
+
+    for _ in range(seconds_budget_steps):
+        seq = batch(32)
+        loss = F.cross_entropy(model(seq[:, :-1]).reshape(-1, vocab), seq[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.final_loss = loss.item()
+    model.eval_batch = batch(16)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def trained_model():
+    """train_peaked_model(), trained once for the whole run; tests quantize copies of it."""
+    return train_peaked_model()
+
+
+def quantized_agreement(trained, scheme: str, **kwargs) -> tuple[float, float]:
+    """(top-1 agreement, KL(bf16 || quantized) in nats per token) of `trained` in bf16 against a
+    copy quantized with quantize_model(..., scheme, **kwargs), on its held-out batch."""
+    from qwen2.quant import quantize_model
+
+    model, ids = copy.deepcopy(trained).to(torch.bfloat16), trained.eval_batch
+    with torch.inference_mode():
+        reference = model(ids)
+        quantized = quantize_model(model, scheme, **kwargs)(ids)  # in place: reference logits came first
+    agreement = (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item()
+    kl = F.kl_div(quantized.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                  reduction="batchmean").item() / ids.shape[1]
+    return agreement, kl
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -7,11 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import qwen2
-from qwen2.config import Qwen2Config
 from qwen2.generate import DecodeSession
-from qwen2.model import Qwen2ForCausalLM
 from qwen2.decoders import PooledDecoder
-from qwen2.quant import Int8Linear, quantize_model, quantize_rows
+from qwen2.quant import Int8Linear, quantize_rows
+from tests.conftest import quantized_agreement
 
 
 def rand_ids(seed, shape, vocab=512):
@@ -91,51 +90,9 @@ def test_quantized_cached_decode_equals_full_forward(tiny_model_dir, scheme):
         torch.testing.assert_close(session.step(ids[:, t]), full[:, t], atol=1e-5, rtol=0)
 
 
-def train_peaked_model(seconds_budget_steps: int = 120) -> Qwen2ForCausalLM:
-    """A small Qwen2 trained on a noisy permutation chain (next = perm[token] 90 % of the time),
-    so its predictions are peaked like a real LM's rather than the near-flat ones of random weights."""
-    torch.manual_seed(0)
-    vocab = 128
-    config = Qwen2Config(vocab_size=vocab, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         rope_theta=10000.0, tie_word_embeddings=True)
-    model = Qwen2ForCausalLM(config)
-    model.model.rotary_emb.reset()
-    perm = torch.randperm(vocab)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-
-    def batch(n, length=32):
-        seq = torch.empty(n, length, dtype=torch.long)
-        seq[:, 0] = torch.randint(0, vocab, (n,), generator=gen)
-        for t in range(1, length):
-            noise = torch.rand(n, generator=gen) < 0.1
-            seq[:, t] = torch.where(noise, torch.randint(0, vocab, (n,), generator=gen), perm[seq[:, t - 1]])
-        return seq
-
-    for _ in range(seconds_budget_steps):
-        seq = batch(32)
-        loss = F.cross_entropy(model(seq[:, :-1]).reshape(-1, vocab), seq[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.final_loss = loss.item()
-    model.eval_batch = batch(16)
-    return model.eval().requires_grad_(False)
-
-
-def test_int8_top1_agreement_on_a_trained_model():
-    trained = train_peaked_model()
-    assert trained.final_loss < 1.5, f"the model did not learn (loss {trained.final_loss:.2f})"
-    ids = trained.eval_batch
-    bf16 = trained.to(torch.bfloat16)
-    with torch.inference_mode():
-        reference = bf16(ids)
-        q8 = quantize_model(bf16, "int8")  # in place: reference logits were taken first
-        quantized = q8(ids)
-    agreement = (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item()
-    kl = F.kl_div(quantized.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                  reduction="batchmean").item() / ids.shape[1]
+def test_int8_top1_agreement_on_a_trained_model(trained_model):
+    assert trained_model.final_loss < 1.5, f"the model did not learn (loss {trained_model.final_loss:.2f})"
+    agreement, kl = quantized_agreement(trained_model, "int8")
     print(f"[int8] trained model: top-1 agreement {agreement:.2%}, KL(bf16 || int8) {kl:.2e} nats/token")
     assert agreement >= 0.98
     assert kl < 1e-2

@@ -3,7 +3,6 @@ the whole model against a float model carrying those weights, and top-1 agreemen
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ import torch.nn.functional as F
 
 import qwen2
 from qwen2.quant import Int4Linear, Int8Linear, quantize_groups, quantize_model, unpack_int4
-from tests.test_fast import rand_ids, train_peaked_model
+from tests.conftest import quantized_agreement
+from tests.test_fast import rand_ids
 
 
 @pytest.mark.parametrize("out_features", [16, 48, 64, 96, 320])
@@ -93,24 +93,10 @@ def test_int4_through_load_model_and_memory(tiny_model_dir):
     assert nbytes(q4) < nbytes(bf16)
 
 
-@pytest.fixture(scope="module")
-def trained_model():
-    return train_peaked_model()
-
-
 @pytest.mark.parametrize("head", ["int8", "int4"])
 def test_int4_top1_agreement_on_a_trained_model(trained_model, head):
-    trained = copy.deepcopy(trained_model)
-    assert trained.final_loss < 1.5, f"the model did not learn (loss {trained.final_loss:.2f})"
-    ids = trained.eval_batch
-    bf16 = trained.to(torch.bfloat16)
-    with torch.inference_mode():
-        reference = bf16(ids)
-        q4 = quantize_model(bf16, "int4", head=head)  # in place: reference logits were taken first
-        quantized = q4(ids)
-    agreement = (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item()
-    kl = F.kl_div(quantized.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                  reduction="batchmean").item() / ids.shape[1]
+    assert trained_model.final_loss < 1.5, f"the model did not learn (loss {trained_model.final_loss:.2f})"
+    agreement, kl = quantized_agreement(trained_model, "int4", head=head)
     print(f"[int4, head {head}] trained model: top-1 agreement {agreement:.2%}, KL {kl:.2e} nats/token")
     assert agreement >= 0.95
     # An int4 LM head costs ~30x the KL of an int8 one (measured 7.8e-2 against 2.6e-3): why int8
