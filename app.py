@@ -25,6 +25,7 @@ if os.environ.get("SPACES_ZERO_GPU"):
         spaces = None
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
 import shutil  # noqa: E402
@@ -49,6 +50,7 @@ import qwen2  # noqa: E402
 from profiling.runfile import run_label, shipped_runs, trace_file  # noqa: E402
 from qwen2 import options  # noqa: E402
 from qwen2.chat import ChatSession, message_text  # noqa: E402
+from qwen2.decoders import warm_up_or_off  # noqa: E402
 from qwen2.errors import ConfigError, ModelNotFoundError, Qwen2Error, TokenizerError  # noqa: E402
 from qwen2.generate import default_stop_ids  # noqa: E402
 from qwen2.sampling import SamplingSettings  # noqa: E402
@@ -110,17 +112,13 @@ class Busy:
     def __init__(self):
         self.what: str | None = None
 
+    @contextlib.contextmanager
     def hold(self, what: str):
-        owner = self
-
-        class _Hold:
-            def __enter__(self):
-                owner.what = what
-
-            def __exit__(self, *exc):
-                owner.what = None
-
-        return _Hold()
+        self.what = what
+        try:
+            yield
+        finally:
+            self.what = None
 
     def note(self) -> str:
         return (f"⏳ Busy: {self.what}. Your request waits in line and starts as soon as it is done."
@@ -176,13 +174,11 @@ class LoadedModel:
             return
         print(f"[qwen2-studio] preparing the {decoder.name} decode path (once, at start-up; compiling "
               "takes about a minute per cache size the first time)...", flush=True)
-        try:
-            decoder.warm_up(lambda fraction, message: print(f"[qwen2-studio]   {fraction:4.0%} {message}",
-                                                            flush=True))
-        except Exception as exc:  # e.g. no Triton / C compiler for torch.compile: decode eagerly
+        exc = warm_up_or_off(self.model, lambda fraction, message: print(
+            f"[qwen2-studio]   {fraction:4.0%} {message}", flush=True))
+        if exc is not None:  # e.g. no Triton / C compiler for torch.compile
             print(f"[qwen2-studio] fast decode unavailable ({type(exc).__name__}: {exc}); decoding eagerly",
                   flush=True)
-            self.model.info.decoder = None
 
     @property
     def device(self) -> str:
@@ -355,9 +351,8 @@ def next_token(tokens) -> int | None:
 
 @dataclasses.dataclass
 class ReplyInProgress:
-    """A reply as far as it was generated. `lock` is held while tokens are being made (released at
-    each update sent), so Stop can wait for the token in flight and then read text and statistics
-    that agree."""
+    """A reply as far as it was generated. `lock` is held while a token is being made, so Stop can
+    wait for the token in flight and then read text and statistics that agree."""
     text: str = ""
     tokens: int = 0
     streaming: bool = True  # False once it ended by itself, failed, or was stopped
@@ -390,20 +385,16 @@ class Chat:
         with self.busy.hold("a chat reply is being written"):
             try:
                 tokens = session.reply(ids, max_new_tokens=max_new, stop_token_ids=lm.stop_ids, **settings)
-                finished, sent = False, -STREAM_INTERVAL_S  # the first token shows at once
-                while not finished:
+                sent = -STREAM_INTERVAL_S  # the first token shows at once
+                while True:
                     with reply.lock:
-                        while True:
-                            token_id = None if reply.stop.is_set() else next_token(tokens)
-                            if token_id is None:
-                                finished = True
-                                reply.text += decoder.flush()
-                                break
-                            reply.text += lm.token_text(decoder, token_id)
-                            reply.tokens += 1
-                            if time.monotonic() - sent >= STREAM_INTERVAL_S:
-                                break
-                    if not finished:
+                        token_id = None if reply.stop.is_set() else next_token(tokens)
+                        if token_id is None:
+                            reply.text += decoder.flush()
+                            break
+                        reply.text += lm.token_text(decoder, token_id)
+                        reply.tokens += 1
+                    if time.monotonic() - sent >= STREAM_INTERVAL_S:
                         sent = time.monotonic()
                         yield reply.text, f"generating… {session.stats.new_tokens} new tokens"
                 reply.streaming = False
@@ -441,13 +432,14 @@ def stats_message(stats) -> dict:
             "metadata": {"title": STATS_TITLE + stats.line(), "status": "done"}}
 
 
+def box_ready(**value):
+    """The message box usable again. A reply sets it itself as it ends (not a later event, which could
+    land after the next message has started and hide its Stop button)."""
+    return gr.update(interactive=True, submit_btn=True, stop_btn=False, **value)
+
+
 def make_chat_events(chat: Chat):
     """The page's chat events: start (instant), respond (streams, queued), stop; and the API's."""
-
-    def box_ready(**value):
-        """The message box usable again: set by the reply itself as it ends (not by a later event,
-        which could land after the next message has started and hide its Stop button)."""
-        return gr.update(interactive=True, submit_btn=True, stop_btn=False, **value)
 
     def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
         """Check the message and settings before the box is cleared; returns
@@ -701,10 +693,10 @@ def baseline_note(runs: list[dict]) -> str:
     notes = []
     for run in runs:
         base = run.get("baseline") or {}
-        if base and base.get("tokens_match") is False:
-            note = base.get("divergence_note") or f"outputs diverge at token {base.get('diverged_at')}"
-            notes.append(f"⚠ **{run_label(run)}**: transformers' greedy tokens differ from ours: {note}")
-        elif base and base.get("tokens_match"):
+        if base.get("tokens_match") is False:
+            notes.append(f"⚠ **{run_label(run)}**: transformers' greedy tokens differ from ours: "
+                         f"{profiling.charts.divergence_text(run)}")
+        elif base.get("tokens_match"):
             notes.append(f"✓ **{run_label(run)}**: transformers' greedy tokens equal ours.")
     return "  \n".join(notes)
 
@@ -822,8 +814,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     replying = started.then(on_gpu(respond), [pending, chatbot, system, *settings], [chatbot, stats, textbox],
                             api_visibility="undocumented", concurrency_id=COMPUTE_QUEUE, concurrency_limit=1,
                             show_progress="minimal", show_progress_on=chatbot)
-    ready = dict(fn=lambda: gr.update(interactive=True, submit_btn=True, stop_btn=False), outputs=textbox,
-                 api_visibility="undocumented", queue=False)
+    ready = dict(fn=box_ready, outputs=textbox, api_visibility="undocumented", queue=False)
     replying.failure(**ready)  # the reply ends by making the box usable; this covers a failure before it runs
     textbox.stop(None, None, None, cancels=[replying], queue=False, api_visibility="undocumented").then(
         stop, [chatbot], [chatbot, stats], queue=False, api_visibility="undocumented").then(**ready)

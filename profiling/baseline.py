@@ -135,15 +135,18 @@ def greedy_generation_config(max_new_tokens: int, pad_token_id: int = 0):
                             eos_token_id=None, bos_token_id=None)
 
 
+def greedy_generate(ref, ids, n: int) -> list[int]:
+    """transformers' greedy continuation of the one-row prompt `ids`: its `n` new token ids."""
+    out = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy_generation_config(n))
+    return [int(t) for t in out[0, ids.shape[1]:].tolist()]
+
+
 def _timed_generate(ref, ids, n: int, device) -> tuple[float, list[int]]:
-    gen = greedy_generation_config(n)
-    mask = torch.ones_like(ids)
     synchronize(device)
     start = time.perf_counter()
-    out = ref.generate(ids, attention_mask=mask, generation_config=gen)
+    tokens = greedy_generate(ref, ids, n)
     synchronize(device)
-    elapsed = time.perf_counter() - start
-    return elapsed, [int(t) for t in out[0, ids.shape[1]:].tolist()]
+    return time.perf_counter() - start, tokens
 
 
 def first_divergence(ours: list[int], theirs: list[int]) -> int | None:

@@ -329,7 +329,8 @@ def memory_figure(runs: list[dict], theme: str = "light") -> go.Figure:
 
 
 # -- throughput ------------------------------------------------------------------------------
-def _divergence_text(run: dict) -> str:
+def divergence_text(run: dict) -> str:
+    """How transformers' greedy tokens compare with ours in `run` ("" without a baseline)."""
     base = run.get("baseline") or {}
     if base.get("tokens_match") is False:
         return base.get("divergence_note") or (
@@ -356,7 +357,7 @@ def _decode_bars(fig: go.Figure, runs: list[dict], labels: list[str]) -> None:
                     cliponaxis=False, row=1, col=1)
     base = [(r.get("baseline") or {}).get("decode_tokens_per_s") for r in runs]
     if any(base):
-        notes = [_divergence_text(r) for r in runs]
+        notes = [divergence_text(r) for r in runs]
         fig.add_bar(x=labels, y=[_value(v) for v in base], name="decode (transformers)",
                     marker_color=RUN_COLORS[3], customdata=notes, cliponaxis=False,
                     text=[f"{_num(v):.1f}" + (" ⚠" if "diverge" in n else "")
@@ -401,8 +402,7 @@ def throughput_figure(runs: list[dict], theme: str = "light") -> go.Figure:
         fig.add_bar(x=labels, y=[_value(v) for v in base_prefill], name="prefill (transformers)",
                     marker_color=RUN_COLORS[4], texttemplate="%{y:.0f}", textposition="outside",
                     cliponaxis=False, row=1, col=2)
-    notes = [f"{lab}: {_divergence_text(r)}" for r, lab in zip(runs, labels)
-             if "diverge" in _divergence_text(r)]
+    notes = [f"{lab}: {text}" for r, lab in zip(runs, labels) if "diverge" in (text := divergence_text(r))]
     _style(fig, theme, title, subtitle="<br>".join(f"⚠ {n}" for n in notes), barmode="group")
     fig.update_yaxes(title_text="tokens/s", type="linear")
     _headroom(fig, max(_decode_top(runs), 0.0), 1, 1)

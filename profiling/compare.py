@@ -38,7 +38,7 @@ from qwen2.cache import kv_bytes_per_token
 from qwen2.generate import check_budget
 from qwen2.options import FAST_DECODE_MODES, parse_dtype, resolve_device
 
-from .baseline import first_divergence, greedy_generation_config, load_reference
+from .baseline import first_divergence, greedy_generate, load_reference
 from .device import memory_bandwidth_limit, synchronize
 from .environment import environment
 from .memory import PeakMemory, weight_bytes
@@ -73,12 +73,9 @@ def ours_generate(model, ids, n):
 
 
 def reference_generate(ref, ids, n):
-    config = greedy_generation_config(n)
-    mask = torch.ones_like(ids)
-
     def run():
         with torch.inference_mode():
-            ref.generate(ids, attention_mask=mask, generation_config=config)
+            greedy_generate(ref, ids, n)
         synchronize(ids.device)
     return run
 
@@ -159,8 +156,8 @@ def greedy_match(ours, ref, ids, n) -> dict:
     """At equal precision the greedy tokens must be the same: how many leading tokens are."""
     mine = list(qwen2.generate(ours, ids, max_new_tokens=n, stop_token_ids=[]))
     with torch.inference_mode():
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_config=greedy_generation_config(n))
-    diverged = first_divergence(mine, out[0, ids.shape[1]:].tolist())
+        theirs = greedy_generate(ref, ids, n)
+    diverged = first_divergence(mine, theirs)
     return {"greedy_equal": diverged is None, "greedy_same_prefix": n if diverged is None else diverged}
 
 

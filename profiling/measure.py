@@ -85,8 +85,9 @@ class _Stages:
         if decoder is None:
             return None
         self.plan.stage(f"timing the model's fast decode path ({decoder.name})")
-        decoder.warm_up()
-        timed_run(self.model, self.ids, self.settings.warm_steps, self.clock, eager=False)
+        # Warm with the timed run's own length: the same cache bucket, so its capture or compile
+        # (once per bucket) is paid here, and no other bucket is compiled for nothing.
+        timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, eager=False)
         times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, eager=False)
         if not times.fast_path:  # every cache of its bucket is lent to a live session (kept chats)
             self.plan.stage(f"the {decoder.name} decode path is busy (its caches are lent to live "

@@ -10,6 +10,7 @@ labels=True), so the model itself carries no profiling code.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import re
@@ -87,9 +88,21 @@ def run_trace(model, ids: torch.Tensor, steps: int, trace_dir, run_name: str | N
     }
 
 
-def load_trace_events(trace_path) -> list[dict]:
-    """The complete ("X") events of a Chrome trace file (.json or .json.gz)."""
+def load_trace_events(trace_path) -> tuple[dict, ...]:
+    """The complete ("X") events of a Chrome trace file (.json or .json.gz), read-only.
+
+    Parsed once per version of the file: a shipped trace takes 1-2 s to parse, and the dashboard
+    reads it for its top operations and again for its timeline, on every page load."""
     path = Path(trace_path)
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise OSError(f"cannot read trace {path}: {exc}") from None
+    return _parse_trace_events(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_trace_events(path: Path, mtime_ns: int, size: int) -> tuple[dict, ...]:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
@@ -97,7 +110,7 @@ def load_trace_events(trace_path) -> list[dict]:
     except (OSError, ValueError) as exc:
         raise OSError(f"cannot read trace {path}: {exc}") from None
     events = data.get("traceEvents", []) if isinstance(data, dict) else data
-    return [e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "dur" in e]
+    return tuple(e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "dur" in e)
 
 
 def cpu_op_parents(events: list[dict]) -> list[int | None]:

@@ -14,6 +14,7 @@ import torch
 
 from . import load_model
 from .chat import ChatSession
+from .decoders import warm_up_or_off
 from .errors import ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
 from .options import FAST_DECODE_MODES, QUANT_SCHEMES
@@ -124,12 +125,10 @@ def main(argv=None) -> int:
 def warm_up(model):
     """Capture or compile the decode step now, with progress on stderr, not in the first reply;
     where that cannot work (no C++ compiler for Inductor, say) decode eagerly and say so."""
-    try:
-        model.info.decoder.warm_up(progress=lambda fraction, message: print(message, file=sys.stderr, flush=True))
-    except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path still answers
+    exc = warm_up_or_off(model, lambda fraction, message: print(message, file=sys.stderr, flush=True))
+    if exc is not None:
         print(f"note: fast decode unavailable ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly",
               file=sys.stderr)
-        model.info.decoder = None
 
 
 def load_tokenizer(source, model) -> Tokenizer:

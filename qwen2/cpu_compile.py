@@ -98,7 +98,7 @@ class CompiledCpuDecoder(PooledDecoder):
         # The step reads its inputs from buffers of the lease: the compiled graph is guarded on
         # how its input tensors were made (an inference-mode tensor or not), and the caller's ids
         # may be either (the warm-up's argmax vs a sampler's), which would recompile in the first reply.
-        if state.get("ids") is None or state["ids"].shape[0] != token_ids.shape[0]:
+        if "ids" not in state:  # a lease's batch size never changes (it is part of its pool key)
             state["ids"] = torch.zeros(token_ids.shape[0], 1, dtype=torch.long)
             state["positions"] = torch.zeros(token_ids.shape[0], 1, dtype=torch.long)
             state["slots"] = torch.zeros(1, dtype=torch.long)

@@ -18,6 +18,18 @@ import torch
 from .cache import KVCache
 
 
+def warm_up_or_off(model, progress=None) -> Exception | None:
+    """Warm up the model's fast decode path (`model.info.decoder`) now, not in a first reply. Where
+    that fails (no C++ compiler for Inductor, say) the path is dropped, so decoding runs eagerly, and
+    the error is returned for the caller to report."""
+    try:
+        model.info.decoder.warm_up(progress)
+    except Exception as exc:  # noqa: BLE001 - any capture or compiler failure: the eager path still answers
+        model.info.decoder = None
+        return exc
+    return None
+
+
 def cache_bucket(n: int, limit: int, minimum: int = 256) -> int:
     """Round a cache length up to a power of two (>= minimum), so few graphs or compiled steps serve all."""
     size = minimum

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-
-SCHEMES = ("int8", "int4")
+from .options import QUANT_SCHEMES as SCHEMES  # the one list of schemes
 
 # Group size of int4 (weights per scale/min pair along the input dimension): 32, 64 or 128.
 INT4_GROUP_SIZE = 32
