@@ -98,8 +98,6 @@ def real_model_dir() -> Path:
     """The real checkpoint, Qwen2.5-Coder-0.5B-Instruct in the Hugging Face layout, built by
     `python scripts/build_real_checkpoint.py` ($QWEN2_REAL_MODEL overrides where it lives).
     Skips, saying how to build it, when it is absent."""
-    import os
-
     directory = Path(os.environ.get("QWEN2_REAL_MODEL")
                      or Path(__file__).resolve().parents[1] / ".models" / "Qwen2.5-Coder-0.5B-Instruct")
     needed = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

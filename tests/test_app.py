@@ -382,7 +382,7 @@ def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_d
     assert "reference runs" in status
     # they compare like any saved run
     compared = dash.compare(saved["value"])
-    assert [r["device"] for r in compared[8]] == [r["device"] for r in runs]
+    assert [r["device"] for r in views(compared)["runs"]] == [r["device"] for r in runs]
 
 
 def test_baseline_checkbox_needs_transformers(monkeypatch, tmp_path):
@@ -483,10 +483,9 @@ def test_offline_fallback_at_the_official_shape(tmp_path):
         server.close()
 
 
-def test_compiled_cpu_decode_is_the_default_and_prepared_before_serving(tmp_path):
+def test_compiled_cpu_decode_is_the_default_and_prepared_before_serving(tmp_path, tiny_model_dir):
     """No --fast-decode: on CPU the step is compiled at start-up, saying so, and replies use it."""
-    ckpt = make_checkpoint(tmp_path / "ckpt")  # a 256-token context: one bucket to compile
-    server = App(tmp_path / "app", "--model", str(ckpt), "--dtype", "float32", env={"QWEN2_FAST_DECODE": ""})
+    server = App(tmp_path / "app", "--model", str(tiny_model_dir), "--dtype", "float32", env={"QWEN2_FAST_DECODE": ""})
     try:
         log = server.log()
         assert "compiling the CPU decode step" in log and "compiled in" in log, log

@@ -21,9 +21,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _compiled(directory, quantize=None, dtype="float32"):
-    model = qwen2.load_model(directory, dtype=dtype, quantize=quantize)
-    model.info.decoder = CompiledCpuDecoder(model)
-    return model
+    return qwen2.load_model(directory, dtype=dtype, quantize=quantize, fast_decode="compile")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +71,9 @@ def test_compiled_greedy_tokens_identical(compiled_fp32, eager_fp32):
 
 def test_compiled_decode_leaves_prefill_eager(compiled_fp32, eager_fp32):
     ids = rand_ids(2, (1, 30))
+    captured = torch._dynamo.utils.counters["stats"]["calls_captured"]
     a = DecodeSession(compiled_fp32, 1, 40).prefill(ids)
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == captured  # nothing compiled
     b = DecodeSession(eager_fp32, 1, 40).prefill(ids)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

@@ -169,10 +169,4 @@ class TestQuantizedAgreement:
         assert self._agreement(real_model_dir, bf16_reply, chat_ids, "int8") >= 0.98
 
     def test_int4_top1_agreement_with_bf16(self, real_model_dir, bf16_reply, chat_ids):
-        import qwen2.options
-        import qwen2.quant
-
-        schemes = set(getattr(qwen2.options, "QUANT_SCHEMES", ())) & set(getattr(qwen2.quant, "SCHEMES", ()))
-        if "int4" not in schemes:
-            pytest.skip("int4 weight-only quantization is not available yet (not in qwen2.quant.SCHEMES)")
         assert self._agreement(real_model_dir, bf16_reply, chat_ids, "int4") >= 0.95
