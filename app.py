@@ -2,14 +2,16 @@
 """Qwen2 Studio: chat with the from-scratch Qwen2 runtime and profile it, in one Gradio app.
 
     python app.py [--model ID_OR_DIR] [--device cpu|cuda|cuda:N|mps] [--dtype float32|bfloat16|float16]
-                  [--quantize int8|int4] [--fast-decode auto|graphs|compile|off] [--runs-dir runs]
-                  [--host 127.0.0.1] [--port 7860]
+                  [--quantize int8|int4] [--fast-decode auto|compile|off] [--slots 4] [--slot-tokens 8192]
+                  [--runs-dir runs] [--host 127.0.0.1] [--port 7860]
 
-The model loads once, at start-up. A hub id that can be neither downloaded nor found in the cache
-falls back to random weights of the same official shape and a byte-level tokenizer, so the app
-always starts, and the page says so (and how to get real weights). Chat and profiling share one
-queue: one job at a time. Each browser session keeps its conversation's KV cache between turns
-(qwen2.chat.ChatSession), so a turn only prefills what is new.
+The model loads once, at start-up, into a serving engine (qwen2.engine): every visitor's reply decodes
+in one batched step with the others', and each browser session keeps its conversation's row of the KV
+cache between turns, so a turn only prefills what is new. The page opens at once; the CPU decode step
+compiles in the background and the header shows how far it is. A profile or the Inside view holds the
+model alone: it waits for the live replies, and new ones wait for it. A hub id that can be neither
+downloaded nor found in the cache falls back to random weights of the same official shape and a
+byte-level tokenizer, so the app always starts, and the page says so (and how to get real weights).
 """
 
 from __future__ import annotations
@@ -49,13 +51,14 @@ import profiling.trace  # noqa: E402
 import qwen2  # noqa: E402
 from profiling.runfile import run_label, shipped_runs, trace_file  # noqa: E402
 from qwen2 import options  # noqa: E402
-from qwen2.chat import ChatSession, message_text  # noqa: E402
-from qwen2.decoders import warm_up_or_off  # noqa: E402
+from qwen2.chat import message_text  # noqa: E402
+from qwen2.engine import Conversation, Engine, Limits, Reply  # noqa: E402
 from qwen2.errors import ConfigError, ModelNotFoundError, Qwen2Error, TokenizerError  # noqa: E402
 from qwen2.generate import default_stop_ids  # noqa: E402
 from qwen2.sampling import SamplingSettings  # noqa: E402
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
+DEFAULT_COMPILE_CACHE = Path("~/.cache/qwen2-studio/inductor")
 RANDOM_NOTICE = "random weights: replies are noise; the profiling figures are real"
 RANDOM_MAX_NEW_TOKENS = 48  # the default reply length with random weights: noise, so keep it short
 REAL_WEIGHTS_HOWTO = (
@@ -65,7 +68,9 @@ REAL_WEIGHTS_HOWTO = (
     "`HF_HOME` / `HF_HUB_CACHE` say where the cache is). With `HF_HUB_OFFLINE=1` only the cache is read.")
 # Qwen2-Instruct's generation_config.json, for checkpoints that ship none.
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
-COMPUTE_QUEUE = "compute"  # the concurrency group of every event that runs the model
+COMPUTE_QUEUE = "compute"  # the concurrency group of the events that hold the model alone (profile, Inside)
+CHAT_QUEUE = "chat"  # chat replies: they decode together in the engine, so many run at once
+CHAT_CONCURRENCY = 16  # replies in flight at once (the engine's rows, and a queue behind them)
 EMPTY_HINT = "Type a message first: the message box is empty."
 # The page gets at most 20 updates a second: each update re-renders the reply in the browser, so one per
 # token only loads the page (and its Stop click) at a few hundred tokens per second.
@@ -107,22 +112,31 @@ def slug(text: str) -> str:
 
 
 class Busy:
-    """What holds the model right now, in words, for the "busy" note."""
+    """The model held alone (a profile, the Inside view: their hooks must see no one else's forward)
+    and what holds it, in words, for the "busy" note. Chat replies decode together in the engine."""
 
-    def __init__(self):
+    def __init__(self, engine: Engine):
+        self.engine = engine
         self.what: str | None = None
 
     @contextlib.contextmanager
     def hold(self, what: str):
-        self.what = what
-        try:
-            yield
-        finally:
-            self.what = None
+        """Wait for the engine's live replies to end, then hold the model; new replies wait meanwhile."""
+        with self.engine.exclusive():
+            self.what = what
+            try:
+                yield
+            finally:
+                self.what = None
 
     def note(self) -> str:
-        return (f"⏳ Busy: {self.what}. Your request waits in line and starts as soon as it is done."
-                if self.what else "")
+        if self.what:
+            return f"⏳ Busy: {self.what}. Your request waits in line and starts as soon as it is done."
+        load = self.engine.load
+        if load["live"] >= load["rows"]:
+            return (f"⏳ {load['live']} replies are being written and {load['waiting']} wait; yours starts "
+                    "as soon as one ends.")
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,15 +147,11 @@ class LoadedModel:
     """The chat model and its tokenizer (loaded once), plus models loaded for profiling others."""
 
     def __init__(self, source: str, device: str | None, dtype: str | None, quantize: str | None,
-                 fallback_config: str | None = None, fast_decode: str | None = None):
+                 fallback_config: str | None = None, fast_decode: str | None = None, slots: int = 4,
+                 slot_tokens: int = 8192, limits: Limits | None = None, compile_mode: str | None = None):
         self.source, self.quantize = source, options.check_quantize(quantize)
         device = options.resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        # CUDA graphs on CUDA, the Inductor-compiled step on CPU (measured in the app on the real
-        # 0.5B model: 20 tok/s against 9 eager, after about three minutes of compiling at start-up).
-        # ZeroGPU attaches a GPU per call: nothing to capture.
-        if fast_decode is None:
-            fast_decode = "off" if spaces else "auto"
-        self.model, self.shape_source = self._load(device, dtype, fallback_config, fast_decode)
+        self.model, self.shape_source = self._load(device, dtype, fallback_config)
         try:
             self.tokenizer = qwen2.Tokenizer.from_pretrained(source)
         except (ModelNotFoundError, TokenizerError) as exc:
@@ -149,13 +159,26 @@ class LoadedModel:
             self.tokenizer = qwen2.Tokenizer.byte_fallback(self.model.config.vocab_size)
         self.stop_ids = default_stop_ids(self.model, self.tokenizer)
         self._extra: dict = {}
-        self.warm_up_fast_decode()
+        # The compiled CPU decode step by default (about twice the eager speed, docs/benchmarks.md),
+        # compiled in the background while the engine serves eagerly. ZeroGPU attaches a GPU per call.
+        if fast_decode is None:
+            fast_decode = "off" if spaces else "auto"
+        limits = limits or Limits()
+        self.engine = Engine(self.model, rows=slots, row_tokens=slot_tokens, fast_decode=fast_decode,
+                             limits=dataclasses.replace(limits, prompt_tokens=min(limits.prompt_tokens, slot_tokens)),
+                             compile_mode=compile_mode)
 
-    def _load(self, device, dtype, fallback_config, fast_decode):
+    def start(self) -> LoadedModel:
+        """Start serving; the decode step compiles beside the replies, its progress printed."""
+        self.engine.start(progress=lambda fraction, message: print(
+            f"[qwen2-studio] {fraction:4.0%} {message}", flush=True))
+        return self
+
+    def _load(self, device, dtype, fallback_config):
         """(model, the source of its shape): the checkpoint, else random weights of its shape."""
         print(f"[qwen2-studio] loading {self.source} on {device} (a first download shows its progress "
               "here)", flush=True)
-        kwargs = dict(device=device, dtype=dtype, quantize=self.quantize, fast_decode=fast_decode)
+        kwargs = dict(device=device, dtype=dtype, quantize=self.quantize, fast_decode="off")
         try:
             return qwen2.load_model(self.source, **kwargs), self.source
         except ModelNotFoundError as exc:
@@ -167,19 +190,6 @@ class LoadedModel:
                 continue
         raise ConfigError(f"no model shape for {self.source}")
 
-    def warm_up_fast_decode(self):
-        """Pay for CUDA-graph capture / compilation now, at start-up, so no chat reply pays for it."""
-        decoder = self.model.info.decoder
-        if decoder is None:
-            return
-        print(f"[qwen2-studio] preparing the {decoder.name} decode path (once, at start-up; compiling "
-              "takes about a minute per cache size the first time)...", flush=True)
-        exc = warm_up_or_off(self.model, lambda fraction, message: print(
-            f"[qwen2-studio]   {fraction:4.0%} {message}", flush=True))
-        if exc is not None:  # e.g. no Triton / C compiler for torch.compile
-            print(f"[qwen2-studio] fast decode unavailable ({type(exc).__name__}: {exc}); decoding eagerly",
-                  flush=True)
-
     @property
     def device(self) -> str:
         return str(self.model.device)
@@ -190,7 +200,8 @@ class LoadedModel:
 
     @property
     def context(self) -> int:
-        return self.model.config.max_position_embeddings
+        """A conversation's context: the engine's row (prompt + reply)."""
+        return self.engine.row_tokens
 
     @property
     def random_weights(self) -> bool:
@@ -210,11 +221,20 @@ class LoadedModel:
     def summary(self) -> str:
         cfg = self.model.config
         params = sum(p.numel() for p in self.model.parameters())
-        decode = self.model.info.decode_path
         return (f"**Model** `{self.source}` · {params / 1e6:,.1f} M parameters · {cfg.num_hidden_layers} "
                 f"layers · context {cfg.max_position_embeddings:,} · **device** {self.device} · {self.dtype}"
-                + (f" · {self.quantize}" if self.quantize else "")
-                + (f" · decode: {decode}" if decode != "eager" else ""))
+                + (f" · {self.quantize}" if self.quantize else ""))
+
+    def serving(self) -> str:
+        """The engine's state for the page header: decode path, rows, live replies."""
+        engine, load = self.engine, self.engine.load
+        return (f"**Serving** {load['rows']} conversations at once, {engine.row_tokens:,} tokens each · "
+                f"decode: {engine.state} · {load['live']} replying, {load['waiting']} waiting")
+
+    def text_of(self, token_ids) -> str:
+        """The text of a reply's token ids, as the stream shows it."""
+        decoder = self.tokenizer.stream_decoder()
+        return "".join(self.token_text(decoder, t) for t in token_ids) + decoder.flush()
 
     def sampling_defaults(self) -> dict:
         gen = self.model.info.generation_config
@@ -297,16 +317,15 @@ def fit_context(tokenizer, context: int, system: str, turns: list[dict], text: s
 
 
 def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> dict:
-    """The sampling keyword arguments, checked now (ChatError with a readable message)."""
+    """{"sampling": SamplingSettings, "seed": int or None}, checked now (ChatError with a readable message)."""
     try:
-        kwargs = dict(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                      repetition_penalty=float(repetition_penalty))
-        SamplingSettings(**kwargs)
+        sampling = SamplingSettings(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                    repetition_penalty=float(repetition_penalty))
         if int(max_new_tokens) < 1:
             raise ValueError(f"max new tokens must be at least 1, not {max_new_tokens}")
     except (TypeError, ValueError, Qwen2Error) as exc:
         raise ChatError(f"Invalid setting: {exc}") from None
-    return {**kwargs, "seed": None if seed is None or int(seed) < 0 else int(seed)}
+    return {"sampling": sampling, "seed": None if seed is None or int(seed) < 0 else int(seed)}
 
 
 def context_meter(used: int, limit: int) -> str:
@@ -315,49 +334,36 @@ def context_meter(used: int, limit: int) -> str:
 
 
 class Conversations:
-    """One ChatSession (a conversation's KV cache) per browser or API session, the latest few kept."""
+    """One engine conversation (its row of the KV cache) per browser or API session, the latest few
+    kept; and the reply each is being written."""
 
-    def __init__(self, lm: LoadedModel, keep: int = 4):
+    def __init__(self, lm: LoadedModel, keep: int = 16):
         self.lm, self.keep = lm, keep
-        self.sessions: OrderedDict[str, ChatSession] = OrderedDict()
+        self.sessions: OrderedDict[str, Conversation] = OrderedDict()
+        self.replies: dict[str, Reply] = {}
         self.lock = threading.Lock()
 
-    def get(self, key: str) -> ChatSession:
+    def get(self, key: str) -> Conversation:
         with self.lock:
             if key not in self.sessions:
-                self.sessions[key] = ChatSession(self.lm.model)
-                while len(self.sessions) > self.keep:  # the oldest conversation gives its cache back
-                    self.sessions.popitem(last=False)[1].reset()
+                self.sessions[key] = self.lm.engine.conversation()
+                while len(self.sessions) > self.keep:  # the oldest conversation gives its row back
+                    old, conversation = self.sessions.popitem(last=False)
+                    self.replies.pop(old, None)
+                    conversation.close()
             self.sessions.move_to_end(key)
             return self.sessions[key]
 
     def stats(self, key: str):
-        session = self.sessions.get(key)
-        return session.stats if session is not None else None
+        reply = self.replies.get(key)
+        return reply.stats if reply is not None else None
 
     def drop(self, key: str):
         with self.lock:
-            session = self.sessions.pop(key, None)
-        if session is not None:
-            session.reset()
-
-
-def next_token(tokens) -> int | None:
-    """The stream's next token id, or None at its end. Each step runs under inference_mode by itself:
-    Gradio may resume a streaming generator on another thread, so no mode may span a yield."""
-    with torch.inference_mode():
-        return next(tokens, None)
-
-
-@dataclasses.dataclass
-class ReplyInProgress:
-    """A reply as far as it was generated. `lock` is held while a token is being made, so Stop can
-    wait for the token in flight and then read text and statistics that agree."""
-    text: str = ""
-    tokens: int = 0
-    streaming: bool = True  # False once it ended by itself, failed, or was stopped
-    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+            conversation = self.sessions.pop(key, None)
+            self.replies.pop(key, None)
+        if conversation is not None:
+            conversation.close()
 
 
 class Chat:
@@ -366,7 +372,7 @@ class Chat:
     def __init__(self, lm: LoadedModel, busy: Busy):
         self.lm, self.busy = lm, busy
         self.conversations = Conversations(lm)
-        self.replies: dict[str, ReplyInProgress] = {}
+        self.stopped: dict[str, Reply] = {}  # the reply each session's last Stop reported
 
     def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
         lm = self.lm
@@ -377,34 +383,29 @@ class Chat:
             notes.append(f"⚠ trimmed: the {dropped} oldest turn(s) did not fit the {lm.context}-token context")
         if max_new < int(max_new_tokens):
             notes.append(f"⚠ max new tokens lowered to {max_new} to fit the context")
-        session = self.conversations.get(key)
-        decoder, reply = lm.tokenizer.stream_decoder(), ReplyInProgress()
-        self.replies = {k: v for k, v in self.replies.items() if k in self.conversations.sessions}
-        self.replies[key] = reply
-        tokens = None
-        with self.busy.hold("a chat reply is being written"):
-            try:
-                tokens = session.reply(ids, max_new_tokens=max_new, stop_token_ids=lm.stop_ids, **settings)
-                sent = -STREAM_INTERVAL_S  # the first token shows at once
-                while True:
-                    with reply.lock:
-                        token_id = None if reply.stop.is_set() else next_token(tokens)
-                        if token_id is None:
-                            reply.text += decoder.flush()
-                            break
-                        reply.text += lm.token_text(decoder, token_id)
-                        reply.tokens += 1
-                    if time.monotonic() - sent >= STREAM_INTERVAL_S:
-                        sent = time.monotonic()
-                        yield reply.text, f"generating… {session.stats.new_tokens} new tokens"
-                reply.streaming = False
-            except (ValueError, TypeError, Qwen2Error) as exc:
-                reply.streaming = False
-                raise ChatError(str(exc)) from None
-            finally:
-                if tokens is not None:
-                    tokens.close()  # Stop closes this generator at its yield
-        yield reply.text, self.stats_text(session.stats, notes)
+        conversation = self.conversations.get(key)
+        try:
+            reply = lm.engine.submit(ids, settings["sampling"], max_new, lm.stop_ids, settings["seed"],
+                                     conversation=conversation)
+        except (ValueError, TypeError, Qwen2Error) as exc:
+            raise ChatError(str(exc)) from None
+        self.conversations.replies[key] = reply
+        decoder, text, count = lm.tokenizer.stream_decoder(), "", 0
+        try:
+            sent = -STREAM_INTERVAL_S  # the first token shows at once
+            for count, token_id in enumerate(reply, 1):
+                text += lm.token_text(decoder, token_id)
+                if time.monotonic() - sent >= STREAM_INTERVAL_S:
+                    sent = time.monotonic()
+                    yield text, f"generating… {count} new tokens"
+            text += decoder.flush()
+        except Qwen2Error as exc:
+            raise ChatError(str(exc)) from None
+        except Exception as exc:
+            raise ChatError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            reply.cancel()  # a no-op once it ended; Stop closes this generator at its yield
+        yield text, self.stats_text(reply.stats, notes)
 
     def stats_text(self, stats, notes=()) -> str:
         if stats is None:
@@ -413,18 +414,17 @@ class Chat:
                             *notes])
 
     def stop(self, key: str):
-        """Stop the session's reply after the token in flight; returns (its text, its statistics marked
-        stopped), or (None, None) when no reply is being written or it has no token yet."""
-        reply = self.replies.get(key)
-        if reply is None or not reply.streaming:
+        """Stop the session's reply after the step in flight; returns (its text, its statistics), which
+        describe the same tokens, or (None, None) when no reply is being written or it has no token yet."""
+        reply = self.conversations.replies.get(key)
+        if reply is None or self.stopped.get(key) is reply:
             return None, None
-        reply.stop.set()
-        with reply.lock:  # the token in flight is in both the text and the statistics
-            reply.streaming = False
-            stats = self.conversations.stats(key)
-            if stats is None or not reply.tokens:
-                return None, None
-            return reply.text, dataclasses.replace(stats, stopped=True)
+        reply.cancel()
+        reply.wait(timeout=30)
+        if reply.reason != "cancelled" or not reply.tokens:
+            return None, None
+        self.stopped[key] = reply
+        return self.lm.text_of(reply.tokens), reply.stats
 
 
 def stats_message(stats) -> dict:
@@ -802,7 +802,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
         with gr.Row():
             penalty = gr.Slider(0.5, 2, value=float(gen["repetition_penalty"]), step=0.01,
                                 label="Repetition penalty", info="1 = off")
-            max_new = gr.Slider(1, min(lm.context, 4096), value=default_new, step=1,
+            max_new = gr.Slider(1, min(lm.context, lm.engine.limits.new_tokens), value=default_new, step=1,
                                 label="Max new tokens", elem_id="max-new-tokens")
             seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
     settings = [temperature, top_p, top_k, penalty, max_new, seed]
@@ -812,7 +812,8 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     started = textbox.submit(start, [textbox, chatbot, *settings], [textbox, chatbot, stats, pending],
                              queue=False, api_visibility="undocumented")
     replying = started.then(on_gpu(respond), [pending, chatbot, system, *settings], [chatbot, stats, textbox],
-                            api_visibility="undocumented", concurrency_id=COMPUTE_QUEUE, concurrency_limit=1,
+                            api_visibility="undocumented", concurrency_id=CHAT_QUEUE,
+                            concurrency_limit=CHAT_CONCURRENCY,
                             show_progress="minimal", show_progress_on=chatbot)
     ready = dict(fn=box_ready, outputs=textbox, api_visibility="undocumented", queue=False)
     replying.failure(**ready)  # the reply ends by making the box usable; this covers a failure before it runs
@@ -826,7 +827,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     api_history = gr.State([])
     gr.Button(visible=False).click(on_gpu(api), [api_message, system, *settings, api_history],
                                    [api_reply, stats, api_history], api_name="chat",
-                                   concurrency_id=COMPUTE_QUEUE, concurrency_limit=1)
+                                   concurrency_id=CHAT_QUEUE, concurrency_limit=CHAT_CONCURRENCY)
 
 
 def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
@@ -925,10 +926,15 @@ def inside_tab(lm: LoadedModel, inside: Inside):
 
 
 def build_demo(lm: LoadedModel, runs_dir: Path) -> gr.Blocks:
-    busy = Busy()
+    busy = Busy(lm.engine)
     dash = Dashboard(lm, runs_dir, busy)
     with gr.Blocks(title="Qwen2 Studio", analytics_enabled=False) as demo:
         gr.Markdown(f"# Qwen2 Studio\n{lm.summary()}")
+        serving = gr.Markdown(lm.serving(), elem_id="serving")
+        # The engine's state (eager -> compiling 2/3 -> compiled, replies in flight), refreshed while the
+        # page is open; the tick reads two counters and runs outside the queue.
+        gr.Timer(3).tick(lm.serving, None, serving, queue=False, api_visibility="undocumented",
+                         show_progress="hidden")
         if lm.notice():
             gr.Markdown(lm.notice(), elem_id="notice")
         theme = gr.Textbox("light", visible=False, label="Chart theme (light or dark)")
@@ -953,11 +959,25 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=options.DTYPE_NAMES)
     p.add_argument("--quantize", default=None, choices=options.QUANT_SCHEMES,
                    help="weight-only quantized linear layers")
-    p.add_argument("--fast-decode", default=env("QWEN2_FAST_DECODE") or None, choices=options.FAST_DECODE_MODES,
-                   help="how decode steps run: default 'auto' = CUDA graphs on CUDA, the Inductor-compiled "
-                        "step on CPU (compiled at start-up before the server opens, about a minute per "
-                        "cache size; see README); 'compile', 'graphs', 'off' (plain module calls: starts "
-                        "at once); also QWEN2_FAST_DECODE")
+    p.add_argument("--fast-decode", default=env("QWEN2_FAST_DECODE") or None, choices=("auto", "compile", "off"),
+                   help="how decode steps run: default 'auto' = the Inductor-compiled step on CPU (compiled in "
+                        "the background while replies decode eagerly; the header shows its progress), eager "
+                        "elsewhere; 'compile'; 'off' (plain module calls); also QWEN2_FAST_DECODE")
+    p.add_argument("--slots", type=int, default=int(env("QWEN2_STUDIO_SLOTS", "4")),
+                   help="conversations served at once, each with its own row of the KV cache (default: %(default)s)")
+    p.add_argument("--slot-tokens", type=int, default=int(env("QWEN2_STUDIO_SLOT_TOKENS", "8192")),
+                   help="each conversation's context, prompt and reply (default: %(default)s, at most the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=int(env("QWEN2_STUDIO_MAX_NEW_TOKENS", "2048")),
+                   help="the most new tokens one request may ask for (default: %(default)s)")
+    p.add_argument("--reply-time-limit", type=float, default=float(env("QWEN2_STUDIO_REPLY_TIME_LIMIT", "120")),
+                   help="seconds after which a reply ends, whatever its settings (default: %(default)s)")
+    p.add_argument("--compile-mode", default=env("QWEN2_STUDIO_COMPILE_MODE", "max-autotune"),
+                   choices=("default", "max-autotune"),
+                   help="Inductor's effort: max-autotune (default) times its GEMM kernels for the fastest "
+                        "step, about a minute per batch size on the 0.5B model; default compiles in seconds")
+    p.add_argument("--compile-cache", default=env("QWEN2_STUDIO_COMPILE_CACHE", str(DEFAULT_COMPILE_CACHE)),
+                   help="where compiled steps are kept across restarts (TORCHINDUCTOR_CACHE_DIR; default: "
+                        "%(default)s)")
     p.add_argument("--runs-dir", default=env("QWEN2_STUDIO_RUNS_DIR", "runs"), help="profiling runs")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
@@ -970,7 +990,16 @@ def main(argv=None):
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode)
+    # Inductor reads its cache directory when it first compiles: set before the engine starts.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(args.compile_cache).expanduser()))
+    for name, value in (("--slots", args.slots), ("--slot-tokens", args.slot_tokens),
+                        ("--max-new-tokens", args.max_new_tokens), ("--reply-time-limit", args.reply_time_limit)):
+        if value <= 0:
+            raise SystemExit(f"error: {name} must be positive, not {value}")
+    limits = Limits(new_tokens=args.max_new_tokens, wall_s=args.reply_time_limit)
+    lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode,
+                     slots=args.slots, slot_tokens=args.slot_tokens, limits=limits,
+                     compile_mode=args.compile_mode).start()
     demo = build_demo(lm, runs_dir)
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True,

@@ -50,3 +50,43 @@ class KVCache:
     @property
     def used_bytes(self) -> int:
         return self.bytes_per_token * self.length
+
+
+class RowCache:
+    """The serving engine's KV cache: `rows` sequences side by side, each at its own length.
+
+    Row r holds one conversation: slot s of the row is that conversation's token s, so a row's
+    slot is its token's position and no row is ever padded. One extra row at the end is scratch:
+    the padding entries of a batch (a 3-request batch run as 4) write their garbage there.
+    """
+
+    def __init__(self, config: Qwen2Config, rows: int, row_len: int, device, dtype):
+        shape = (rows + 1, config.num_key_value_heads, row_len, config.head_dim)  # (R+1, Hkv, S, hd)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.rows, self.row_len, self.scratch = rows, row_len, rows
+        self.bytes_per_token = kv_bytes_per_token(config, dtype)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.bytes_per_token * self.row_len * (self.rows + 1)
+
+
+class RowBatch:
+    """What one forward reads and writes in a RowCache, in the interface Attention calls (`update`).
+
+    rows (B,): the row of each batch entry; slots (B, T): where each entry's new tokens go (their
+    positions); key_slots (S,): attention reads slots [0, S) of each row, under a mask that hides
+    what lies past each row's own length.
+    """
+
+    def __init__(self, cache: RowCache, rows: torch.Tensor, slots: torch.Tensor, key_slots: torch.Tensor):
+        self.cache, self.rows, self.slots, self.key_slots = cache, rows, slots, key_slots
+
+    def update(self, layer_idx: int, k, v, slots=None, kv_len=None):
+        """Write k/v (B, Hkv, T, hd) into each entry's row and slots; return (B, Hkv, S, hd) each."""
+        keys, values = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        keys[self.rows[:, None], :, self.slots] = k.transpose(1, 2)  # (B, T, Hkv, hd) into (row, slot)
+        values[self.rows[:, None], :, self.slots] = v.transpose(1, 2)
+        n = self.key_slots.shape[0]
+        return keys[self.rows, :, :n], values[self.rows, :, :n]

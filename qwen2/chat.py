@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from .decoders import cache_bucket
-from .errors import ContextLengthError
 from .generate import DecodeSession, check_budget, stream_tokens
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings
+from .stats import ReplyStats
 
 
 def message_text(content) -> str:
@@ -34,47 +33,6 @@ def message_text(content) -> str:
     if isinstance(content, (list, tuple)):
         return "".join(message_text(part) for part in content)
     return ""
-
-
-@dataclass
-class ReplyStats:
-    """What one reply cost. Decode speed needs two tokens: the first one is the prefill's."""
-
-    prompt_tokens: int = 0
-    reused_tokens: int = 0  # prompt tokens served from the kept cache, not recomputed
-    new_tokens: int = 0
-    ttft_s: float = 0.0  # from the request to the first new token
-    decode_s: float = 0.0  # from the first new token to the last
-    device: str = ""
-    dtype: str = ""
-    stopped: bool = False
-    context_used: int = 0
-    context_limit: int = 0
-
-    @property
-    def prefilled_tokens(self) -> int:
-        return self.prompt_tokens - self.reused_tokens
-
-    @property
-    def decode_tok_s(self) -> float | None:
-        if self.new_tokens < 2 or self.decode_s <= 0:
-            return None
-        return (self.new_tokens - 1) / self.decode_s
-
-    def line(self) -> str:
-        """"42 prompt tokens (40 reused) · 17 new tokens · first token 120 ms · 23.5 tok/s · cpu
-        (bfloat16) · context 59/32768"; it starts with "stopped after" when the reply was cut short."""
-        prompt = f"{self.prompt_tokens} prompt tokens"
-        if self.reused_tokens:
-            prompt += f" ({self.reused_tokens} reused)"
-        rate = self.decode_tok_s
-        parts = [prompt, f"{self.new_tokens} new tokens", f"first token {self.ttft_s * 1000:.0f} ms",
-                 f"{rate:.1f} tok/s" if rate is not None else "decode n/a (1 token)",
-                 f"{self.device} ({self.dtype})"]
-        if self.context_limit:
-            parts.append(f"context {self.context_used}/{self.context_limit}")
-        line = " · ".join(parts)
-        return f"stopped after {self.new_tokens} new tokens · {line}" if self.stopped else line
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -120,10 +78,7 @@ class ChatSession:
         was computed for the next turn."""
         settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
         prompt = [int(t) for t in prompt_ids]
-        check_budget(self.model, len(prompt), max_new_tokens)
-        if len(prompt) + max_new_tokens > self.limit:
-            raise ContextLengthError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
-                                     f"exceeds this chat's context of {self.limit} tokens")
+        check_budget(self.model, len(prompt), max_new_tokens, self.limit)
         stop = set() if stop_token_ids is None else {int(t) for t in stop_token_ids}
         return self._reply(prompt, max_new_tokens, settings, stop, seed)
 

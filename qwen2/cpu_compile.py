@@ -47,10 +47,20 @@ DEFAULT_MODE = "max-autotune"
 _RECOMPILE_LIMIT = 64
 
 
-def _raise_recompile_limit():
+def _recompile_limit_name() -> str:
     config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+
+
+def _raise_recompile_limit():
+    config, name = torch._dynamo.config, _recompile_limit_name()
     setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
+
+
+def recompile_limit_raised():
+    """Dynamo's limit of compiles per function raised to _RECOMPILE_LIMIT, around a compile only."""
+    config, name = torch._dynamo.config, _recompile_limit_name()
+    return config.patch(**{name: max(getattr(config, name), _RECOMPILE_LIMIT)})
 
 
 class CompiledCpuDecoder(PooledDecoder):

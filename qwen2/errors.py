@@ -32,3 +32,7 @@ class ContextLengthError(GenerationError):
 
 class TokenizerError(Qwen2Error, ValueError):
     """A missing or unreadable tokenizer file, or a chat template that fails to render."""
+
+
+class LimitError(GenerationError):
+    """A request over a serving limit (prompt tokens, new tokens, waiting requests)."""

@@ -131,8 +131,9 @@ def _check_ids(ids: torch.Tensor, vocab_size: int):
         raise GenerationError(f"token id {bad} is outside the vocab [0, {vocab_size})")
 
 
-def check_budget(model, prompt_len: int, max_new_tokens) -> None:
-    """The context-length check: max_new_tokens is a positive integer and prompt + reply fit."""
+def check_budget(model, prompt_len: int, max_new_tokens, context: int | None = None) -> None:
+    """The context-length check every caller makes: max_new_tokens is a positive integer and prompt +
+    reply fit in the model's context, or in `context` tokens (a serving engine's row) when smaller."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 1")
     limit = model.config.max_position_embeddings
@@ -140,6 +141,10 @@ def check_budget(model, prompt_len: int, max_new_tokens) -> None:
         raise ContextLengthError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
             f"limit max_position_embeddings={limit}; shorten the prompt or lower max_new_tokens")
+    if context is not None and prompt_len + max_new_tokens > context:
+        raise ContextLengthError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds this server's "
+            f"{context}-token context per conversation; shorten the prompt or lower max_new_tokens")
 
 
 def default_stop_ids(model, tokenizer=None) -> set[int]:

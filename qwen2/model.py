@@ -188,7 +188,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.backend = "sdpa"
 
-    def forward(self, x, cos, sin, mask, cache=None, slots=None, kv_len=None):
+    def forward(self, x, cos, sin, mask, cache=None, slots=None, kv_len=None, attention=None):
         B, T, _ = x.shape
         if self.fused:
             q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -200,7 +200,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write this step's keys/values into their slots, read all slots so far
             k, v = cache.update(self.layer_idx, k, v, slots, kv_len)  # (B, Hkv, S, hd)
-        out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
+        attend = ATTENTION_BACKENDS[attention or self.backend]  # a caller may pick a backend for one call
+        out = attend(q, k, v, mask, 1.0 / math.sqrt(self.head_dim))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.q_size))
 
 
@@ -208,14 +209,15 @@ def visibility_mask(query_slots, key_slots, key_valid, window):
     """Which keys each query may see: (B or 1, 1, T, S) bool, True = attend.
 
     Causal (key slot <= query slot), not padding, and within the sliding window when the layer
-    has one (a key at distance >= window is dropped). A padding query is allowed its own slot so its
-    softmax row is never empty; its output is garbage that nothing reads.
+    has one (a key at distance >= window is dropped). query_slots is (T,), shared by the batch, or
+    (B, T) when each row sits at its own length (the serving engine's rows). A padding query is
+    allowed its own slot so its softmax row is never empty; its output is garbage that nothing reads.
     """
-    distance = query_slots[:, None] - key_slots[None, :]  # (T, S)
+    distance = query_slots[..., :, None] - key_slots  # (T, S) or (B, T, S)
     allowed = distance >= 0
     if window is not None:
         allowed = allowed & (distance < window)
-    allowed = allowed[None, None]  # (1, 1, T, S)
+    allowed = allowed[None, None] if allowed.dim() == 2 else allowed[:, None]  # (B or 1, 1, T, S)
     if key_valid is not None:
         allowed = allowed & (key_valid[:, None, None, :] | (distance == 0))
     return allowed
@@ -268,8 +270,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, fused)
 
-    def forward(self, h, cos, sin, mask, cache=None, slots=None, kv_len=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, slots, kv_len)
+    def forward(self, h, cos, sin, mask, cache=None, slots=None, kv_len=None, attention=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, cache, slots, kv_len, attention)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -282,11 +284,11 @@ class Qwen2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids, positions, masks, cache=None, slots=None, kv_len=None):
+    def forward(self, input_ids, positions, masks, cache=None, slots=None, kv_len=None, attention=None):
         h = self.embed_tokens(input_ids)  # (B, T, D)
         cos, sin = self.rotary_emb(positions, h.dtype)  # (B, T, hd) each
         for layer in self.layers:
-            h = layer(h, cos, sin, masks[layer.self_attn.layer_type], cache, slots, kv_len)
+            h = layer(h, cos, sin, masks[layer.self_attn.layer_type], cache, slots, kv_len, attention)
         return self.norm(h)
 
 
@@ -314,15 +316,21 @@ class Qwen2ForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.backend = backend
 
+    def layer_windows(self) -> list[tuple[str, int | None]]:
+        """(layer type, its sliding window or None) for each kind of layer the model has."""
+        kinds = (("full_attention", None), ("sliding_attention", self.config.sliding_window))
+        return [(kind, window) for kind, window in kinds if kind in self.config.layer_types]
+
     def forward(self, input_ids, attention_mask=None, *, cache=None, slots=None, positions=None,
-                kv_len=None, last_only=False):
+                kv_len=None, last_only=False, attention=None):
         """Logits for `input_ids` (B, T): float32 (B, T, V), or (B, 1, V) with last_only.
 
         Without a cache this is the plain causal forward. `attention_mask` (B, T), 1 = token and
         0 = padding, supports left-padded batches: positions count real tokens only, so a row's
         logits equal that row run alone. With a cache (see qwen2/generate.py), the new keys go to
         `slots` (T,) and attention reads slots [0, kv_len), or the whole cache when kv_len is None
-        (fixed shapes, for CUDA graphs).
+        (fixed shapes, for CUDA graphs). `attention` names a backend of ATTENTION_BACKENDS for this
+        call only (default: the model's, set at load).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -338,9 +346,14 @@ class Qwen2ForCausalLM(nn.Module):
             key_slots = torch.arange(S, device=input_ids.device)
             key_valid = cache.key_valid[:, :S] if cache.padded else None
         masks = {kind: attention_mask_for(slots, key_slots, key_valid, window, reads_exact_past=kv_len is not None)
-                 for kind, window in (("full_attention", None), ("sliding_attention", self.config.sliding_window))
-                 if kind in self.config.layer_types}
-        h = self.model(input_ids, positions, masks, cache, slots, kv_len)
+                 for kind, window in self.layer_windows()}
+        return self.run(input_ids, positions, masks, cache, slots, kv_len, last_only, attention)
+
+    def run(self, input_ids, positions, masks, cache=None, slots=None, kv_len=None, last_only=False,
+            attention=None):
+        """The network on given positions and masks ({layer type: mask}, as attention_mask_for makes
+        them): for callers whose rows each sit at their own length (qwen2/engine.py)."""
+        h = self.model(input_ids, positions, masks, cache, slots, kv_len, attention)
         if last_only:  # (B, D): a 2-D slice, because torch runs a strided 3-D one as a batched product
             return self.lm_head(h[:, -1]).float()[:, None]
         return self.lm_head(h).float()

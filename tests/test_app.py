@@ -104,7 +104,8 @@ def endless_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(endless_dir, tmp_path_factory):
-    server = App(tmp_path_factory.mktemp("app"), "--model", str(endless_dir), "--dtype", "float32")
+    server = App(tmp_path_factory.mktemp("app"), "--model", str(endless_dir), "--dtype", "float32",
+                 "--max-new-tokens", "4096")
     yield server
     server.close()
 
@@ -201,8 +202,9 @@ def test_stop_keeps_the_text_and_statistics_of_the_same_tokens(endless_dir):
 
     import app as app_module
 
-    lm = app_module.LoadedModel(str(endless_dir), "cpu", "float32", None)
-    chat = app_module.Chat(lm, app_module.Busy())
+    lm = app_module.LoadedModel(str(endless_dir), "cpu", "float32", None, fast_decode="off",
+                                limits=app_module.Limits(new_tokens=4096)).start()
+    chat = app_module.Chat(lm, app_module.Busy(lm.engine))
     settings = app_module.sampling_settings(0.7, 0.8, 20, 1.05, 4000, 7)
     updates = []
     thread = threading.Thread(target=lambda: updates.extend(
@@ -215,7 +217,7 @@ def test_stop_keeps_the_text_and_statistics_of_the_same_tokens(endless_dir):
     thread.join(30)
     assert not thread.is_alive()
     assert stats.stopped and 0 < stats.new_tokens < 4000, stats
-    assert chat.replies["page"].tokens == stats.new_tokens
+    assert len(chat.conversations.replies["page"].tokens) == stats.new_tokens
     assert chat.conversations.stats("page").new_tokens == stats.new_tokens  # none after Stop
     assert updates[-1][0] == text and len(text) >= len(updates[-2][0])
     assert chat.stop("page") == (None, None)  # a second Stop, or one after the end, changes nothing
@@ -373,7 +375,7 @@ def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_d
         monkeypatch.setattr(profiling.runfile, "SHIPPED_RUNS_DIR", stand_in)
     shipped = profiling.runfile.shipped_runs()
     runs = [profiling.load_run(p) for p in shipped]  # load_run validates
-    dash = app_module.Dashboard(None, tmp_path, app_module.Busy())
+    dash = app_module.Dashboard(None, tmp_path, app_module.Busy(None))
     out = dash.on_page_load("light")
     *shown, status, saved = out
     assert saved["value"] == [f"shipped/{p.name}" for p in shipped]
@@ -392,7 +394,7 @@ def test_baseline_checkbox_needs_transformers(monkeypatch, tmp_path):
 
     assert app_module.BASELINE_AVAILABLE  # transformers is the test oracle here
     monkeypatch.setattr(app_module, "BASELINE_AVAILABLE", False)
-    dash = app_module.Dashboard(None, tmp_path, app_module.Busy())
+    dash = app_module.Dashboard(None, tmp_path, app_module.Busy(None))
     with pytest.raises(gr.Error, match="pip install transformers"):
         dash.profile(["cpu"], baseline=True)
 
@@ -483,40 +485,41 @@ def test_offline_fallback_at_the_official_shape(tmp_path):
         server.close()
 
 
-def test_compiled_cpu_decode_is_the_default_and_prepared_before_serving(tmp_path, tiny_model_dir):
-    """No --fast-decode: on CPU the step is compiled at start-up, saying so, and replies use it."""
-    server = App(tmp_path / "app", "--model", str(tiny_model_dir), "--dtype", "float32", env={"QWEN2_FAST_DECODE": ""})
+def test_the_page_serves_at_once_while_the_default_compiled_step_compiles_in_the_background(tmp_path,
+                                                                                           tiny_model_dir):
+    """No --fast-decode: on CPU the decode step compiles on a thread of its own; the page serves and
+    replies before it is ready and after, and the header says how far it is."""
+    server = App(tmp_path / "app", "--model", str(tiny_model_dir), "--dtype", "float32", "--compile-mode", "default",
+                 env={"QWEN2_FAST_DECODE": ""})
     try:
-        log = server.log()
-        assert "compiling the CPU decode step" in log and "compiled in" in log, log
-        assert "decode: cpu-compile" in json.dumps(server.config)  # the header says how it decodes
+        header = json.dumps(server.config)
+        assert "decode: compiling 1/3" in header or "decode: eager" in header, header
         client = server.client()
-        for turn in ("Hello!", "And again."):
-            _, stats = client.predict(turn, max_new_tokens=6, api_name="/chat")
-            assert stats_numbers(stats)["new tokens"] == 6, stats
+        _, stats = client.predict("Hello!", max_new_tokens=6, api_name="/chat")  # served while compiling
+        assert stats_numbers(stats)["new tokens"] == 6, stats
+        deadline = time.monotonic() + 240
+        while "decode step compiled for 3 batch sizes" not in server.log() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "decode step compiled for 3 batch sizes" in server.log(), server.log()
+        _, stats = client.predict("And again.", max_new_tokens=6, api_name="/chat")
+        assert stats_numbers(stats)["new tokens"] == 6, stats
     finally:
         server.close()
 
 
-def test_one_job_at_a_time_the_others_queue_and_see_their_place(app):
+def test_chats_decode_together_and_a_profile_waits_for_a_quiet_engine(app):
     long = app.client().submit("A long one, please.", max_new_tokens=4000, api_name="/chat")
     deadline = time.monotonic() + 60
     while not long.outputs() and time.monotonic() < deadline:
         time.sleep(0.02)
-    short = app.client().submit("Short.", max_new_tokens=2, api_name="/chat")
-    profile = app.client().submit(api_name="/profile")  # profiling shares the model's queue
-    seen: dict = {}
-    while time.monotonic() < deadline and len(seen) < 2:
-        for name, job in (("short", short), ("profile", profile)):
-            status = job.status()
-            if status.code.name == "IN_QUEUE" and status.rank is not None:
-                seen.setdefault(name, status.rank)
-        time.sleep(0.05)
-    assert not short.done() and not profile.done(), "a job ran beside the streaming chat"
-    assert seen == {"short": 0, "profile": 1}, seen  # their place in the line
+    # a second visitor's short chat is served beside the long one, not after it
+    _, stats = app.client().predict("Short.", max_new_tokens=2, api_name="/chat")
+    assert stats_numbers(stats)["new tokens"] == 2 and not long.done()
+    assert "batched with up to 1 other reply" in stats, stats
+    profile = app.client().submit(api_name="/profile")  # its hooks must see no one else's forward
+    time.sleep(3)
+    assert not profile.done() and not long.done(), "the profile ran beside a streaming chat"
     long.cancel()
-    _, stats = short.result(timeout=60)
-    assert stats_numbers(stats)["new tokens"] == 2
     assert profile.result(timeout=120)[0]
 
 

@@ -1,0 +1,473 @@
+"""The serving engine: one object runs the model for every conversation at once.
+
+    engine = Engine(model, rows=4).start()      # the scheduler thread; the compile runs beside it
+    with engine.conversation() as conversation:  # a row of the KV cache, kept between turns
+        reply = engine.submit(prompt_ids, max_new_tokens=64, stop_ids={eos}, conversation=conversation)
+        for token in reply: ...                  # streams as the engine makes them
+        reply.stats.line()
+
+Continuous batching, as llama.cpp's server slots and vLLM's scheduler do it. Each turn of the loop:
+  1. requests that were cancelled or ran out of time leave; waiting ones get a row if one is free,
+  2. one newcomer's prompt is prefilled by one chunk (so a long prompt delays the others by about
+     one chunk, not by its whole length),
+  3. every request past its prefill decodes one token, all of them in one batched forward.
+A request joins at the next step and leaves when it stops (a stop token, its token budget, cancel,
+its time limit, an error) without disturbing the others. Each row keeps its own sampling settings,
+seed, stop tokens and length; a greedy row gets the tokens it would get alone (tests/test_engine.py).
+
+Every row of the cache (qwen2/cache.py: RowCache) is one conversation, kept after its reply so the
+next turn prefills only what is new; an idle conversation gives its row up when a newcomer needs one.
+How a step is launched (eager, or Inductor-compiled per batch size) is the step runner's business
+(qwen2/steps.py); the model stays math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .cache import RowCache
+from .chat import common_prefix
+from .errors import GenerationError, LimitError
+from .generate import _check_ids, check_budget
+from .options import dtype_name
+from .sampling import Sampler, SamplingSettings
+from .stats import ReplyStats
+from .steps import make_steps
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds. The defaults suit a public Space on two CPU cores: a reply ends after two
+    minutes whatever its settings, and a prompt or a queue beyond these is refused with a message."""
+
+    prompt_tokens: int = 8192
+    new_tokens: int = 2048
+    wall_s: float = 120.0  # from the start of the prefill to the last token
+    waiting: int = 64  # requests queued behind the live ones
+
+    def check(self, prompt_len: int, max_new_tokens: int):
+        if prompt_len > self.prompt_tokens:
+            raise LimitError(f"the prompt is {prompt_len} tokens; this server takes at most "
+                             f"{self.prompt_tokens} prompt tokens per request")
+        if max_new_tokens > self.new_tokens:
+            raise LimitError(f"max_new_tokens={max_new_tokens} is over this server's limit of "
+                             f"{self.new_tokens} new tokens per request")
+
+
+_END = object()  # the last item of a reply's token queue
+
+
+class Conversation:
+    """A conversation's row of the engine's KV cache and the token ids whose keys/values it holds.
+
+    Kept between turns, so the next prompt (the previous one, the reply and a new message) only
+    prefills what is new; `close()` (or leaving the `with` block) gives the row back at once.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.row: int | None = None  # None: no row (new, closed, or given up to a newcomer)
+        self.cached: list[int] = []
+        self.active: Reply | None = None  # the reply being made in this row
+        self.last_used = time.monotonic()
+
+    def close(self):
+        self.engine._release(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Reply:
+    """One request: iterate it for the new token ids as they are made (the stop token is not one).
+
+    `cancel()` ends it after the step in flight; `stats` says what it cost; `tokens` holds every id
+    it produced; `reason` says why it ended ("stop", "length", "cancelled", "time", "error").
+    """
+
+    def __init__(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int, stop_ids: set[int],
+                 seed: int | None, conversation: Conversation, stats: ReplyStats, wall_s: float,
+                 own_conversation: bool = False):
+        self.prompt, self.settings, self.max_new_tokens = prompt, settings, max_new_tokens
+        self.stop_ids, self.seed, self.conversation, self.stats = stop_ids, seed, conversation, stats
+        self.wall_s = wall_s
+        self.own_conversation = own_conversation  # a one-off request: its row goes back when it ends
+        self.tokens: list[int] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self.started: float | None = None
+        self.first: float | None = None
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        # scheduler state
+        self.row: int | None = None
+        self.position = 0  # the next slot of the row to write (= the next token's position)
+        self.next_id: int | None = None  # the token the next decode step feeds
+        self.sampler: Sampler | None = None
+
+    # -- the consumer's side -------------------------------------------------------------------
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def cancel(self):
+        """Stop after the step in flight; what was made so far stays in `tokens` and `stats`."""
+        self._cancel.set()
+        self.conversation.engine._wake()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the engine is done with this reply; True when it is."""
+        return self._done.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def tokens_now(self) -> Iterable[int]:
+        """The ids produced and not yet read by iteration, without waiting (after `wait()`: all of them)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is _END:
+                self._queue.put(_END)
+                return
+            yield item
+
+    # -- the engine's side ----------------------------------------------------------------------
+    @property
+    def decoding(self) -> bool:
+        return self.next_id is not None
+
+    def _emit(self, token: int, now: float):
+        self.tokens.append(token)
+        self.first = self.first or now
+        stats = self.stats
+        stats.new_tokens, stats.context_used = len(self.tokens), len(self.prompt) + len(self.tokens)
+        stats.ttft_s, stats.decode_s = self.first - self.started, now - self.first
+        self._queue.put(token)
+
+    def _finish(self, reason: str, error: BaseException | None = None):
+        self.reason, self.error = reason, error
+        self.stats.stopped = reason in ("cancelled", "time")
+        if self.first is None and self.started is not None:
+            self.stats.ttft_s = time.perf_counter() - self.started
+        self.next_id = None
+        self._queue.put(_END)
+        self._done.set()
+
+
+class Engine:
+    """Owns the model, the KV-cache rows and the step runner; serves every request from one thread.
+
+    rows: conversations held at once (llama.cpp's -np); row_tokens: each one's context (prompt +
+    reply); prefill_chunk: prompt tokens fed per loop turn; fast_decode: "auto" (compiled on CPU),
+    "compile" or "off" (qwen2/steps.py); limits: per-request bounds.
+    """
+
+    def __init__(self, model, rows: int = 4, row_tokens: int | None = None, prefill_chunk: int = 128,
+                 fast_decode: str = "auto", limits: Limits | None = None, idle_release_s: float = 600.0,
+                 compile_mode: str | None = None):
+        if rows < 1 or prefill_chunk < 1:
+            raise GenerationError(f"rows={rows} and prefill_chunk={prefill_chunk} must be >= 1")
+        self.model = model
+        context = model.config.max_position_embeddings
+        self.row_tokens = min(row_tokens or context, context)
+        self.rows, self.prefill_chunk = rows, prefill_chunk
+        self.limits = limits or Limits()
+        self.idle_release_s = idle_release_s
+        self.steps = make_steps(model, fast_decode, max_batch=rows, mode=compile_mode)
+        self._cache: RowCache | None = None  # allocated at the first request, freed when idle
+        self._owners: list[Conversation | None] = [None] * rows
+        self._waiting: deque[Reply] = deque()
+        self._live: list[Reply] = []
+        self._cv = threading.Condition()
+        self._exclusive = 0  # > 0: admissions paused for someone who needs the model alone
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._idle_since = time.monotonic()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, compile_in_background: bool = True, progress=None) -> Engine:
+        """Start serving now; the step runner's preparation (compiles) runs beside the replies."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="qwen2-engine", daemon=True)
+            self._thread.start()
+            if compile_in_background:
+                self.steps.prepare(self._pool, progress)
+        return self
+
+    def close(self):
+        """Cancel everything, stop the thread and the compiles, free the cache."""
+        with self._cv:
+            self._closing = True
+            for reply in [*self._waiting, *self._live]:
+                reply._cancel.set()
+            self._cv.notify_all()
+        self.steps.stop()
+        if self._thread is not None:
+            self._thread.join()
+        self._cache = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def state(self) -> str:
+        """In words, for a page header: "eager", "compiling 2/3", "compiled"."""
+        return self.steps.state
+
+    @property
+    def load(self) -> dict:
+        with self._cv:
+            return {"live": len(self._live), "waiting": len(self._waiting), "rows": self.rows}
+
+    # -- requests -------------------------------------------------------------------------------
+    def conversation(self) -> Conversation:
+        return Conversation(self)
+
+    def submit(self, prompt_ids, settings: SamplingSettings | None = None, max_new_tokens: int = 64,
+               stop_ids=(), seed: int | None = None, conversation: Conversation | None = None,
+               wall_s: float | None = None) -> Reply:
+        """Queue a reply to `prompt_ids` (the whole conversation so far, templated). Every argument is
+        checked here, so a bad one raises now and nothing is queued."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise GenerationError("the prompt is empty; expected at least one token id")
+        _check_ids(torch.tensor(prompt), self.model.config.vocab_size)
+        check_budget(self.model, len(prompt), max_new_tokens, self.row_tokens)
+        self.limits.check(len(prompt), max_new_tokens)
+        wall_s = min(self.limits.wall_s, wall_s or self.limits.wall_s)
+        stats = ReplyStats(prompt_tokens=len(prompt), device=str(self.model.device),
+                           dtype=dtype_name(self.model.dtype), context_used=len(prompt),
+                           context_limit=self.row_tokens)
+        own = conversation is None
+        conversation = conversation or Conversation(self)
+        reply = Reply(prompt, settings or SamplingSettings(), max_new_tokens, {int(t) for t in stop_ids}, seed,
+                      conversation, stats, wall_s, own_conversation=own)
+        with self._cv:
+            if self._closing:
+                raise GenerationError("the engine is closed")
+            if len(self._waiting) >= self.limits.waiting:
+                raise LimitError(f"{len(self._waiting)} requests are already waiting (the limit is "
+                                 f"{self.limits.waiting}); try again in a moment")
+            self._waiting.append(reply)
+            self._cv.notify_all()
+        return reply
+
+    def generate(self, prompt_ids, **kwargs) -> list[int]:
+        """submit() and wait: the new token ids of one reply."""
+        return list(self.submit(prompt_ids, **kwargs))
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """The model alone, for a measurement: new replies wait, live ones finish first, and the
+        background compile pauses between its steps. Replies waiting meanwhile show it as queue wait."""
+        with self._cv:
+            self._exclusive += 1
+            self._cv.notify_all()
+            while self._live:
+                self._cv.wait()
+        try:
+            with self.steps.paused():
+                yield self.model
+        finally:
+            with self._cv:
+                self._exclusive -= 1
+                self._cv.notify_all()
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _pool(self) -> RowCache:
+        with self._cv:
+            if self._cache is None:
+                self._cache = RowCache(self.model.config, self.rows, self.row_tokens, self.model.device,
+                                       self.model.dtype)
+            return self._cache
+
+    def _release(self, conversation: Conversation):
+        with self._cv:
+            if conversation.active is not None:
+                conversation.active._cancel.set()
+            if conversation.row is not None and self._owners[conversation.row] is conversation:
+                self._owners[conversation.row] = None
+            conversation.row, conversation.cached = None, []
+            self._cv.notify_all()
+
+    def _row_for(self, conversation: Conversation) -> int | None:
+        """The conversation's row, else a free one, else the row of the conversation idle longest."""
+        if conversation.row is not None and self._owners[conversation.row] is conversation:
+            return conversation.row
+        if None in self._owners:
+            row = self._owners.index(None)
+        else:
+            idle = [c for c in self._owners if c.active is None]
+            if not idle:
+                return None
+            oldest = min(idle, key=lambda c: c.last_used)
+            row = oldest.row
+            oldest.row, oldest.cached = None, []
+        self._owners[row] = conversation
+        conversation.row, conversation.cached = row, []
+        return row
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _wake(self):
+        with self._cv:
+            self._cv.notify_all()
+
+    def _serve(self):
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    self._end_cancelled()
+                    self._admit()
+                    if not self._live:
+                        if self._closing:
+                            return
+                        self._release_when_idle()
+                        self._cv.wait(timeout=1.0)
+                        continue
+                    prefilling = next((r for r in self._live if not r.decoding), None)
+                    decoding = [r for r in self._live if r.decoding]
+                try:
+                    if prefilling is not None:
+                        self._prefill_chunk(prefilling)
+                    if decoding:
+                        self._decode(decoding)
+                except Exception as exc:  # noqa: BLE001 - the step's replies end with the error; the engine goes on
+                    for reply in ([prefilling] if prefilling is not None else []) + decoding:
+                        if not reply.done:
+                            reply.conversation.cached = []  # its row may hold half-written keys
+                            reply._finish("error", exc)
+                with self._cv:
+                    self._retire()
+
+    def _end_cancelled(self):
+        now = time.perf_counter()
+        for reply in list(self._waiting):
+            if reply._cancel.is_set():
+                self._waiting.remove(reply)
+                reply._finish("cancelled")
+                self._forget(reply)
+        for reply in self._live:
+            if reply._cancel.is_set():
+                reply._finish("cancelled")
+            elif reply.started is not None and now - reply.started > reply.wall_s:
+                reply._finish("time")
+        self._retire()
+
+    def _admit(self):
+        while self._waiting and not self._exclusive:
+            reply = self._waiting[0]
+            conversation = reply.conversation
+            if conversation.active is not None:  # its previous reply is still ending (Stop, then a new message)
+                return
+            row = self._row_for(conversation)
+            if row is None:
+                return
+            self._waiting.popleft()
+            self._start(reply)
+
+    def _start(self, reply: Reply):
+        conversation = reply.conversation
+        conversation.active = reply
+        reply.row = conversation.row
+        reply.started = time.perf_counter()
+        reply.stats.queue_wait_s = reply.started - reply.submitted
+        reused = min(common_prefix(reply.prompt, conversation.cached), len(reply.prompt) - 1)
+        conversation.cached = conversation.cached[:reused]
+        reply.position = reused
+        reply.stats.reused_tokens = reused
+        prompt = torch.tensor([reply.prompt], device=self.model.device)
+        reply.sampler = Sampler(reply.settings, prompt, self.model.config.vocab_size, reply.seed)
+        self._live.append(reply)
+
+    def _retire(self):
+        ended = [r for r in self._live if r.done]
+        if not ended:
+            return
+        self._live = [r for r in self._live if not r.done]
+        for reply in ended:
+            self._forget(reply)
+        if not self._live:
+            self._idle_since = time.monotonic()
+        self._cv.notify_all()
+
+    def _forget(self, reply: Reply):
+        conversation = reply.conversation
+        if conversation.active is reply:
+            conversation.active = None
+        conversation.last_used = time.monotonic()
+        if reply.own_conversation:
+            self._release_locked(conversation)
+
+    def _release_locked(self, conversation: Conversation):
+        if conversation.row is not None and self._owners[conversation.row] is conversation:
+            self._owners[conversation.row] = None
+        conversation.row, conversation.cached = None, []
+
+    def _release_when_idle(self):
+        """Conversations idle longer than idle_release_s give their rows up; with none left, the
+        cache's memory goes back."""
+        now = time.monotonic()
+        for conversation in self._owners:
+            if conversation is not None and conversation.active is None \
+                    and now - conversation.last_used > self.idle_release_s:
+                self._release_locked(conversation)
+        if self._cache is not None and not any(self._owners) and not self.steps.compiling \
+                and now - self._idle_since > self.idle_release_s:
+            self._cache = None
+
+    def _prefill_chunk(self, reply: Reply):
+        start = reply.position
+        end = min(len(reply.prompt), start + self.prefill_chunk)
+        ids = torch.tensor([reply.prompt[start:end]], device=self.model.device)
+        logits = self.steps.prefill(self._pool(), reply.row, ids, start)  # (1, V)
+        reply.conversation.cached.extend(reply.prompt[start:end])
+        reply.position = end
+        if end == len(reply.prompt):
+            reply.stats.batch_size = max(reply.stats.batch_size, 1)
+            self._sampled(reply, int(reply.sampler(logits)))
+
+    def _decode(self, batch: list[Reply]):
+        logits = self.steps.decode(self._pool(), [r.row for r in batch],
+                                   [r.next_id for r in batch], [r.position for r in batch])  # (B, V)
+        for i, reply in enumerate(batch):
+            reply.conversation.cached.append(reply.next_id)
+            reply.position += 1
+            reply.stats.batch_size = max(reply.stats.batch_size, len(batch))
+            self._sampled(reply, int(reply.sampler(logits[i:i + 1])))
+
+    def _sampled(self, reply: Reply, token: int):
+        """A row's new token: the end of its reply, or streamed and fed to the next step."""
+        if token in reply.stop_ids:
+            reply._finish("stop")
+            return
+        reply._emit(token, time.perf_counter())
+        if len(reply.tokens) == reply.max_new_tokens:
+            reply._finish("length")
+        else:
+            reply.next_id = token
+

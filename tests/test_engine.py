@@ -1,0 +1,277 @@
+"""qwen2.engine: continuous batching gives every row the tokens it would get alone; rows join, leave,
+stop and cancel without disturbing the others; prompts prefill in chunks between decode steps; the
+per-request limits refuse or end what is over them; the compiled steps never recompile once ready."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import qwen2
+from qwen2.engine import Engine, Limits
+from qwen2.errors import ContextLengthError, GenerationError, LimitError
+from qwen2.sampling import SamplingSettings
+from qwen2.steps import EagerSteps
+
+# A penalty keeps the tiny random model from repeating one token, so the comparisons mean something.
+VARIED = SamplingSettings(repetition_penalty=1.5)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return qwen2.load_model(tiny_model_dir, dtype="float32")
+
+
+def ids(seed, n, vocab=512):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model, prompt, n, settings=VARIED, stop=(), seed=None):
+    return list(qwen2.generate(model, torch.tensor([prompt]), max_new_tokens=n, stop_token_ids=list(stop),
+                               seed=seed, temperature=settings.temperature, top_k=settings.top_k,
+                               top_p=settings.top_p, repetition_penalty=settings.repetition_penalty))
+
+
+class RecordingSteps(EagerSteps):
+    """Eager steps that log what each loop turn ran: ("prefill", row) or ("decode", batch size)."""
+
+    def __init__(self, model, delay=0.0):
+        super().__init__(model)
+        self.log, self.delay = [], delay
+
+    def prefill(self, cache, row, ids, start):
+        self.log.append(("prefill", row))
+        return super().prefill(cache, row, ids, start)
+
+    def decode(self, cache, rows, ids, positions):
+        self.log.append(("decode", len(rows)))
+        time.sleep(self.delay)
+        return super().decode(cache, rows, ids, positions)
+
+
+def engine_with(model, steps=None, **kwargs):
+    engine = Engine(model, fast_decode="off", **kwargs)
+    if steps is not None:
+        engine.steps = steps
+    return engine.start()
+
+
+def test_greedy_rows_batched_equal_each_row_alone(model):
+    prompts = [ids(i, 3 + 9 * i) for i in range(4)]
+    lengths = [16, 10, 12, 9]  # rows leave at different steps
+    with engine_with(model, rows=4, prefill_chunk=8) as engine:
+        replies = [engine.submit(p, VARIED, n) for p, n in zip(prompts, lengths)]
+        outs = [list(r) for r in replies]
+    assert max(r.stats.batch_size for r in replies) == 4  # they did decode together
+    for prompt, n, out, reply in zip(prompts, lengths, outs, replies):
+        assert out == alone(model, prompt, n)
+        assert reply.reason == "length" and reply.stats.new_tokens == n
+
+
+def test_a_row_joining_mid_way_and_one_stopping_early_leave_the_others_unchanged(model):
+    first, second, third = ids(10, 12), ids(11, 30), ids(12, 7)
+    expected_third = alone(model, third, 20)
+    stop = expected_third[6]  # this row meets its stop token at its 7th token
+    steps = RecordingSteps(model, delay=0.002)
+    with engine_with(model, steps, rows=3) as engine:
+        a = engine.submit(first, VARIED, 24)
+        tokens_a = iter(a)
+        early = [next(tokens_a) for _ in range(5)]  # `a` is decoding alone
+        b = engine.submit(second, VARIED, 10)
+        c = engine.submit(third, VARIED, 20, stop_ids=[stop])
+        out_a = early + list(tokens_a)
+        out_b, out_c = list(b), list(c)
+    assert out_a == alone(model, first, 24)
+    assert out_b == alone(model, second, 10)
+    assert out_c == alone(model, third, 20, stop=[stop]) == expected_third[:expected_third.index(stop)]
+    assert c.reason == "stop" and b.reason == "length"
+    assert ("decode", 1) in steps.log and ("decode", 3) in steps.log
+
+
+def test_a_seeded_sampled_row_is_reproducible_beside_others(model):
+    settings = SamplingSettings(temperature=1.0, top_k=50)
+    prompt = ids(20, 9)
+    runs = []
+    for neighbours in (0, 2):
+        with engine_with(model, rows=3) as engine:
+            others = [engine.submit(ids(30 + i, 5), VARIED, 12) for i in range(neighbours)]
+            mine = engine.submit(prompt, settings, 12, seed=1234)
+            runs.append(list(mine))
+            for other in others:
+                list(other)
+    assert runs[0] == runs[1]
+    assert runs[0] == alone(model, prompt, 12, settings, seed=1234)
+
+
+def test_a_long_prompt_prefills_in_chunks_between_decode_steps(model):
+    steps = RecordingSteps(model, delay=0.002)
+    long_prompt = ids(40, 200)
+    with engine_with(model, steps, rows=2, prefill_chunk=16) as engine:
+        a = engine.submit(ids(41, 5), VARIED, 40)
+        tokens_a = iter(a)
+        next(tokens_a)
+        b = engine.submit(long_prompt, VARIED, 4)
+        out_b = list(b)
+        list(tokens_a)
+    assert out_b == alone(model, long_prompt, 4)
+    row_b = b.row
+    turns = [entry for entry in steps.log if entry == ("prefill", row_b)]
+    assert len(turns) == 13  # ceil(200 / 16)
+    # between two chunks of b, `a` decoded a step: no run of b's chunks back to back
+    for i in range(len(steps.log) - 1):
+        assert not (steps.log[i] == ("prefill", row_b) == steps.log[i + 1]), steps.log
+
+
+def test_cancel_ends_one_reply_after_the_step_in_flight_and_the_others_go_on(model):
+    steps = RecordingSteps(model, delay=0.005)
+    with engine_with(model, steps, rows=2) as engine:
+        keep = engine.submit(ids(50, 6), VARIED, 30)
+        drop = engine.submit(ids(51, 6), VARIED, 200)
+        tokens = iter(drop)
+        seen = [next(tokens) for _ in range(3)]
+        drop.cancel()
+        assert drop.wait(5)
+        rest = list(tokens)
+        out_keep = list(keep)
+    assert drop.reason == "cancelled" and drop.stats.stopped
+    assert seen + rest == drop.tokens and drop.stats.new_tokens == len(drop.tokens) < 200
+    assert out_keep == alone(model, ids(50, 6), 30)
+
+
+def test_a_conversation_keeps_its_row_and_reuses_the_prefix(model):
+    with engine_with(model, rows=2) as engine, engine.conversation() as chat:
+        prompt = ids(60, 20)
+        for turn in range(3):
+            reply = engine.submit(prompt, VARIED, 6, conversation=chat)
+            out = list(reply)
+            assert out == alone(model, prompt, 6)
+            assert reply.stats.reused_tokens == (0 if turn == 0 else len(prompt) - 7)
+            prompt = prompt + out + ids(61 + turn, 6)
+        assert chat.row is not None
+    assert chat.row is None  # closed: the row is back
+
+
+def test_an_idle_conversation_gives_its_row_to_a_newcomer_and_starts_over_correctly(model):
+    with engine_with(model, rows=1) as engine:
+        first, second = engine.conversation(), engine.conversation()
+        p1, p2 = ids(70, 10), ids(71, 10)
+        assert list(engine.submit(p1, VARIED, 5, conversation=first)) == alone(model, p1, 5)
+        assert list(engine.submit(p2, VARIED, 5, conversation=second)) == alone(model, p2, 5)
+        assert first.row is None and second.row == 0
+        again = engine.submit(p1, VARIED, 5, conversation=first)
+        assert list(again) == alone(model, p1, 5) and again.stats.reused_tokens == 0
+
+
+def test_requests_wait_for_a_row_and_the_wait_is_reported_apart_from_ttft(model):
+    steps = RecordingSteps(model, delay=0.01)
+    with engine_with(model, steps, rows=1) as engine:
+        a = engine.submit(ids(80, 5), VARIED, 20)
+        b = engine.submit(ids(81, 5), VARIED, 3)
+        list(a), list(b)
+    assert b.stats.queue_wait_s >= 0.15  # 19 decode steps of `a` at >= 10 ms
+    assert b.stats.ttft_s < b.stats.queue_wait_s
+    assert "waited" in b.stats.line() and "waited" not in a.stats.line()
+
+
+def test_limits_refuse_or_end_what_is_over_them(model):
+    limits = Limits(prompt_tokens=50, new_tokens=20, wall_s=0.2, waiting=1)
+    steps = RecordingSteps(model, delay=0.02)
+    with engine_with(model, steps, rows=1, limits=limits) as engine:
+        with pytest.raises(LimitError, match="at most 50 prompt tokens"):
+            engine.submit(ids(1, 51), VARIED, 5)
+        with pytest.raises(LimitError, match="max_new_tokens=21 is over this server's limit of 20"):
+            engine.submit(ids(1, 5), VARIED, 21)
+        slow = engine.submit(ids(2, 5), VARIED, 20)
+        slow_tokens = iter(slow)
+        next(slow_tokens)
+        queued = engine.submit(ids(3, 5), VARIED, 2)
+        with pytest.raises(LimitError, match="already waiting"):
+            engine.submit(ids(4, 5), VARIED, 2)
+        list(slow_tokens), list(queued)
+    assert slow.reason == "time" and slow.stats.stopped and len(slow.tokens) < 20
+    assert queued.reason == "length"
+
+
+def test_bad_requests_raise_at_submit_and_queue_nothing(model):
+    with engine_with(model, rows=1, row_tokens=64) as engine:
+        with pytest.raises(ContextLengthError, match="64-token context per conversation"):
+            engine.submit(ids(1, 60), VARIED, 5)
+        with pytest.raises(GenerationError, match="outside the vocab"):
+            engine.submit([1, 2, 9999], VARIED, 5)
+        with pytest.raises(GenerationError, match="max_new_tokens=0"):
+            engine.submit([1, 2], VARIED, 0)
+        with pytest.raises(GenerationError, match="empty"):
+            engine.submit([], VARIED, 2)
+        assert engine.load["waiting"] == 0
+        assert len(engine.generate([1, 2, 3], settings=VARIED, max_new_tokens=4)) == 4  # still serving
+
+
+def test_a_failing_step_ends_its_replies_with_the_error_and_the_engine_goes_on(model):
+    class Failing(EagerSteps):
+        fail = True
+
+        def decode(self, cache, rows, ids, positions):
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            return super().decode(cache, rows, ids, positions)
+
+    with engine_with(model, Failing(model), rows=2) as engine:
+        reply = engine.submit(ids(5, 5), VARIED, 5)
+        with pytest.raises(RuntimeError, match="boom"):
+            list(reply)
+        assert reply.reason == "error"
+        assert list(engine.submit(ids(5, 5), VARIED, 5)) == alone(model, ids(5, 5), 5)
+
+
+def test_exclusive_waits_for_live_replies_and_holds_new_ones(model):
+    steps = RecordingSteps(model, delay=0.005)
+    with engine_with(model, steps, rows=2) as engine:
+        live = engine.submit(ids(6, 5), VARIED, 10)
+        next(iter(live))
+        with engine.exclusive():
+            assert live.done  # it finished before the model was handed over
+            held = engine.submit(ids(7, 5), VARIED, 3)
+            time.sleep(0.1)
+            assert not held.tokens and engine.load["waiting"] == 1
+        assert len(list(held)) == 3
+
+
+def test_many_threads_submitting_at_once_are_all_served(model):
+    results = {}
+    with engine_with(model, rows=3) as engine:
+        def client(i):
+            results[i] = engine.generate(ids(90 + i, 4 + i), settings=VARIED, max_new_tokens=6)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(results[i] == alone(model, ids(90 + i, 4 + i), 6) for i in range(8))
+
+
+def test_compiled_steps_are_used_once_ready_and_never_recompile(model):
+    engine = Engine(model, rows=4, fast_decode="compile", compile_mode="default")
+    engine.steps.compile_now(engine._pool)
+    assert sorted(engine.steps.ready) == [1, 2, 4] and engine.state == "compiled"
+    prompts = [ids(100 + i, 4 + 11 * i) for i in range(4)]
+    with torch._dynamo.config.patch(error_on_recompile=True), engine.start(compile_in_background=False):
+        for batch in (1, 3, 4, 2):  # every bucket, a padded one, keys read growing from 5 to 50
+            replies = [engine.submit(p, VARIED, 12) for p in prompts[:batch]]
+            outs = [list(r) for r in replies]
+            assert outs == [alone(model, p, 12) for p in prompts[:batch]]
+
+
+def test_the_engine_serves_while_its_steps_compile_in_the_background(model):
+    engine = Engine(model, rows=2, fast_decode="compile", compile_mode="default")
+    messages = []
+    with engine.start(progress=lambda fraction, message: messages.append(message)):
+        assert engine.state.startswith("compiling") or engine.state == "compiled"
+        out = engine.generate(ids(110, 6), settings=VARIED, max_new_tokens=5)  # eager or compiled: served now
+        assert out == alone(model, ids(110, 6), 5)
+        engine.steps._thread.join()
+        assert engine.state == "compiled" and "compiled for 2 batch sizes" in messages[-1]
