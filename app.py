@@ -49,7 +49,7 @@ import profiling.inside_charts  # noqa: E402
 import profiling.report  # noqa: E402
 import profiling.trace  # noqa: E402
 import qwen2  # noqa: E402
-from profiling.runfile import run_label, shipped_runs, trace_file  # noqa: E402
+from profiling.runfile import run_label, shipped_runs, shipped_serving_runs, trace_file  # noqa: E402
 from qwen2 import options  # noqa: E402
 from qwen2.chat import message_text  # noqa: E402
 from qwen2.engine import Conversation, Engine, Limits, Reply  # noqa: E402
@@ -701,6 +701,11 @@ def baseline_note(runs: list[dict]) -> str:
     return "  \n".join(notes)
 
 
+def serving_view(theme="light"):
+    """The shipped serving benchmarks: throughput and TTFT against concurrent users."""
+    return profiling.charts.serving_figure(shipped_serving_runs(), theme="dark" if theme == "dark" else "light")
+
+
 def sweep_lengths(model, new_tokens: int) -> list[int]:
     limit = min(model.config.max_position_embeddings - max(int(new_tokens), 16), 1024)
     return [n for n in (16, 32, 64, 128, 256, 512, 1024) if n <= limit]
@@ -859,6 +864,8 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
                       open=True):
         trace_ops = gr.Dataframe(label="Top operations", elem_id="trace-ops", interactive=False)
         timeline = gr.Plot(label="Trace timeline", show_label=False)
+    serving_plot = gr.Plot(label="Serving: throughput and time to first token vs concurrent users",
+                           show_label=False, elem_id="serving-plot")
     downloads = gr.File(label="Run JSON, HTML report and trace", file_count="multiple", interactive=False)
     with gr.Accordion("Run JSON", open=False):
         run_json = gr.JSON(label="Runs")
@@ -883,7 +890,7 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
     compare_btn.click(dash.compare, [saved, uploads, theme], [*views, run_json, downloads, status, saved],
                       api_name="compare", show_progress_on=layer_plot)
     refresh.click(lambda: gr.update(choices=dash.run_choices()), None, saved, api_visibility="undocumented")
-    return views, status, saved
+    return views, status, saved, serving_plot
 
 
 def inside_tab(lm: LoadedModel, inside: Inside):
@@ -942,11 +949,12 @@ def build_demo(lm: LoadedModel, runs_dir: Path) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 chat_tab(lm, Chat(lm, busy))
             with gr.Tab("Dashboard", id="dashboard"):
-                views, status, saved = dashboard_tab(lm, dash, theme)
+                views, status, saved, serving_plot = dashboard_tab(lm, dash, theme)
             with gr.Tab("Inside the model", id="inside"):
                 inside_tab(lm, Inside(lm, busy))
         demo.load(None, None, theme, js=THEME_JS).then(
-            dash.on_page_load, theme, [*views, status, saved], api_visibility="undocumented")
+            dash.on_page_load, theme, [*views, status, saved], api_visibility="undocumented").then(
+            serving_view, theme, serving_plot, api_visibility="undocumented")
     return demo
 
 

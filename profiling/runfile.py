@@ -145,6 +145,21 @@ def shipped_runs() -> list[Path]:
     return sorted(SHIPPED_RUNS_DIR.glob("*.json"))
 
 
+def shipped_serving_runs() -> list[dict]:
+    """The serving benchmarks (python -m profiling.serve --out) committed under docs/runs/serving/."""
+    import json
+
+    results = []
+    for path in sorted((SHIPPED_RUNS_DIR / "serving").glob("*.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(result, dict) and result.get("kind") == "serving" and isinstance(result.get("rows"), list):
+            results.append(result)
+    return results
+
+
 def trace_file(run: dict, run_path=None) -> Path | None:
     """The run's trace file: its recorded path, else the same name next to the run file."""
     name = (run.get("trace") or {}).get("file")

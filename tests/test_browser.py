@@ -55,7 +55,8 @@ def browser():
 def server(tmp_path_factory):
     # Replies never meet an end token, so one is still streaming when we press Stop.
     ckpt = endless_checkpoint(tmp_path_factory.mktemp("browser-qwen2"), max_position_embeddings=4096)
-    app = App(tmp_path_factory.mktemp("browser-app"), "--model", str(ckpt), "--dtype", "float32")
+    app = App(tmp_path_factory.mktemp("browser-app"), "--model", str(ckpt), "--dtype", "float32",
+              "--max-new-tokens", "4096")
     yield app
     app.close()
 
@@ -317,3 +318,34 @@ def test_inside_the_model_tab(page, artifacts):
     wait_until(lambda: "Step 1" in summary.inner_text(), 60, "one decode step")
     assert "decode" in summary.inner_text()
     page.screenshot(path=str(artifacts / "13-inside-next-token.png"), full_page=True)
+
+
+def test_two_pages_chat_at_the_same_time_and_both_stream(browser, server):
+    """Two visitors: both replies stream at once (the engine decodes them in one batch), neither
+    waits for the other, and each Stop ends only its own reply."""
+    pages = []
+    try:
+        for _ in range(2):
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(server.url)
+            page.locator("#chat-input textarea").wait_for(timeout=30_000)
+            open_settings(page)
+            set_number(page, "Max new tokens", "4000", "max-new-tokens")
+            pages.append(page)
+        for page in pages:
+            send(page, "Tell me a long story.")
+        stats = [page.locator("#chat-stats") for page in pages]
+        counts = wait_until(lambda: all(generated(s) for s in stats) and [generated(s) for s in stats], 60,
+                            "both pages to stream")
+        later = wait_until(lambda: all((generated(s) or 0) > c for s, c in zip(stats, counts))
+                           and [generated(s) for s in stats], 30, "both pages to stream further at once")
+        assert all(b > a for a, b in zip(counts, later)), (counts, later)
+        pages[0].locator("#chat-input .stop-button").dispatch_event("click")
+        wait_for_reply_stats(pages[0], 1)
+        before = generated(stats[1])
+        wait_until(lambda: (generated(stats[1]) or 0) > (before or 0), 30, "the other page to go on streaming")
+        pages[1].locator("#chat-input .stop-button").dispatch_event("click")
+        wait_for_reply_stats(pages[1], 1)
+    finally:
+        for page in pages:
+            page.close()
