@@ -518,6 +518,10 @@ def make_chat_events(chat: Chat):
 # Dashboard
 
 
+class ProfileCancelled(Exception):
+    """The visitor cancelled the profile: it stops at its next step."""
+
+
 class Dashboard:
     """Profiling runs, saved runs (this machine's and the shipped reference runs) and their views."""
 
@@ -601,31 +605,65 @@ class Dashboard:
     # -- events ------------------------------------------------------------------------------
     def profile(self, devices=None, dtype="auto", prompt_tokens=64, new_tokens=16, baseline=False,
                 sweep=False, trace=False, theme="light", progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-        """Profile the model on each device; returns the views, the runs' JSON, files and a summary."""
+        """Profile the model on each device, on a thread of its own; yields the status while it runs,
+        then the views, the runs' JSON, files and a summary. Closing this generator (the page's or the
+        API's cancel) stops the profile at its next step, and nothing of it is saved."""
         devices = [devices] if isinstance(devices, str) else list(devices or [self.lm.device])
         if baseline and not BASELINE_AVAILABLE:
             raise gr.Error(BASELINE_MISSING)
+        cancelled, now = threading.Event(), {"fraction": 0.0, "desc": "waiting for the live replies to end"}
+        outcome: dict = {}
+
+        def report(fraction, desc):
+            if cancelled.is_set():
+                raise ProfileCancelled
+            now.update(fraction=fraction, desc=desc)
+
+        def work():
+            try:
+                outcome["value"] = self._profile(devices, dtype, int(prompt_tokens), int(new_tokens), baseline,
+                                                 sweep, trace, theme, report)
+            except ProfileCancelled:
+                print("[qwen2-studio] profile cancelled: stopped, nothing saved", flush=True)
+            except BaseException as exc:  # noqa: BLE001 - raised again on the event's thread below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=work, name="qwen2-profile", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.25)
+                progress(now["fraction"], desc=now["desc"])
+                yield [gr.skip()] * (len(VIEW_SLOTS) + 2) + [f"⏳ Profiling: {now['desc']}", gr.skip()]
+        finally:
+            cancelled.set()  # a no-op once the profile ended
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["value"]
+
+    def _profile(self, devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme, report_to):
         stamp = self.new_stamp()
-        runs, files = [], []
+        runs = []
         trace_dir = self.runs_dir / "traces" / stamp if trace else None
         with self.busy.hold("a profile is running"):
             for i, device in enumerate(devices):
                 def report(fraction, desc="", i=i, device=device):
-                    progress((i + float(fraction)) / len(devices), desc=f"{device}: {desc}")
+                    report_to((i + float(fraction)) / len(devices), f"{device}: {desc}")
                 try:
                     model = self.lm.model_for(device, dtype)
-                    run = profiling.profile_model(
-                        model, prompt_tokens=int(prompt_tokens), new_tokens=int(new_tokens), warmup=1,
+                    runs.append(profiling.profile_model(
+                        model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=1,
                         baseline="transformers" if baseline else None,
                         sweep=sweep_lengths(model, new_tokens) if sweep else None,
-                        trace_dir=str(trace_dir) if trace_dir else None, progress=report)
+                        trace_dir=str(trace_dir) if trace_dir else None, progress=report))
+                except ProfileCancelled:
+                    raise
                 except Exception as exc:  # bad settings, a missing device, OOM: say so and keep serving
                     traceback.print_exc()
                     raise gr.Error(f"Profiling on {device} failed: {exc}") from None
-                path = self.runs_dir / f"{stamp}-{slug(device)}.json"
-                profiling.save_run(run, path)
-                runs.append(run)
-                files.append(path)
+        files = [self.runs_dir / f"{stamp}-{slug(device)}.json" for device in devices]
+        for run, path in zip(runs, files):
+            profiling.save_run(run, path)
         traces = [str(t) for t in (trace_file(run, path) for run, path in zip(runs, files)) if t]
         report_path = self.runs_dir / f"{stamp}-report.html"
         profiling.report.write_report(runs, report_path)

@@ -26,6 +26,8 @@ int4 there costs agreement for a fifth of the bytes; `head="int4"` stores the LM
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,24 +117,36 @@ def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     return q.view(out_features, in_features), scale, low
 
 
+@functools.cache
+def _pack_block() -> int:
+    """Rows per block of this CPU's int4 layout: 64 with AVX-512, 32 with AVX2 (torch packs for the
+    vector width it runs on), 2 where rows simply pair up. Read off a probe: the row that shares
+    row 0's byte is half a block away."""
+    probe = torch.zeros(64, 2, dtype=torch.int32)
+    probe[1], probe[16], probe[32] = 1, 2, 3
+    partner = int(torch._convert_weight_to_int4pack_for_cpu(probe, 1)[0, 0]) >> 4
+    return {1: 2, 2: 32, 3: 64}[partner]
+
+
 def _pack_block_rows(n: int) -> list[int]:
-    """Rows per block of the int4 CPU layout: 64 while they last, then the rest as one block."""
-    return [64] * (n // 64) + ([n % 64] if n % 64 else [])
+    """Rows per block of the int4 CPU layout: full blocks while they last, then the rest as one block."""
+    block = _pack_block()
+    return [block] * (n // block) + ([n % block] if n % block else [])
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of torch._convert_weight_to_int4pack_for_cpu: (out, in / 2) uint8 -> (out, in) levels.
 
-    That layout stores each block of 64 rows (then the remaining rows as one block) k-major, two rows
-    per byte: in a block of 64, rows j and j + 32 share a byte (low, high nibble); in the remainder,
-    rows 2j and 2j + 1.
+    That layout stores each block of rows (64 or 32, _pack_block; then the remaining rows as one
+    block) k-major, two rows per byte: in a full block of B, rows j and j + B/2 share a byte (low,
+    high nibble); in the remainder, rows 2j and 2j + 1.
     """
     out_features, in_features = packed.shape[0], packed.shape[1] * 2
-    rows, start = [], 0
+    rows, start, full = [], 0, _pack_block()
     for n in _pack_block_rows(out_features):
         block = packed[start:start + n].reshape(in_features, n // 2)  # (in, n / 2)
         low, high = block & 15, block >> 4
-        if n == 64:
+        if n == full:
             levels = torch.cat([low, high], -1)
         else:
             levels = torch.stack([low, high], -1).view(in_features, n)

@@ -396,7 +396,7 @@ def test_baseline_checkbox_needs_transformers(monkeypatch, tmp_path):
     monkeypatch.setattr(app_module, "BASELINE_AVAILABLE", False)
     dash = app_module.Dashboard(None, tmp_path, app_module.Busy(None))
     with pytest.raises(gr.Error, match="pip install transformers"):
-        dash.profile(["cpu"], baseline=True)
+        next(dash.profile(["cpu"], baseline=True))
 
 
 def test_baseline_divergence_is_said_next_to_the_bars():
@@ -505,6 +505,24 @@ def test_the_page_serves_at_once_while_the_default_compiled_step_compiles_in_the
         assert stats_numbers(stats)["new tokens"] == 6, stats
     finally:
         server.close()
+
+
+def test_cancelling_a_profile_stops_it_and_saves_nothing(app):
+    before = set(app.runs_dir.glob("*.json"))
+    client = app.client()
+    job = client.submit(["cpu"], "float32", 1024, 256, False, True, False, api_name="/profile")  # with a sweep
+    deadline = time.monotonic() + 60
+    while not any("Profiling" in str(out) for out in job.outputs()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.outputs(), "the profile never reported progress"
+    assert job.cancel()
+    while "profile cancelled" not in app.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "profile cancelled: stopped, nothing saved" in app.log(), app.log()
+    time.sleep(1)
+    assert set(app.runs_dir.glob("*.json")) == before  # no contended or partial run was saved
+    _, stats = client.predict("Are you free?", max_new_tokens=3, api_name="/chat")  # the engine is free again
+    assert stats_numbers(stats)["new tokens"] == 3
 
 
 def test_chats_decode_together_and_a_profile_waits_for_a_quiet_engine(app):
