@@ -4,6 +4,10 @@
 #   docker build --build-arg BAKE_MODEL=Qwen/Qwen2-0.5B-Instruct -t qwen2-studio .   # model inside
 #   docker run -p 7860:7860 qwen2-studio                                 # http://localhost:7860
 #   docker run -p 7860:7860 -v "$PWD/runs:/home/user/app/runs" qwen2-studio   # keep the runs
+#   docker run -p 7860:7860 -v qwen2-cache:/home/user/.cache qwen2-studio    # keep downloads and compiled steps
+#
+# The page opens at once; the CPU decode step compiles in the background into
+# ~/.cache/qwen2-studio/inductor (--compile-cache), so a restart with that volume compiles from cache.
 #
 # TORCH_INDEX_URL picks the torch wheels: CPU-only by default (small image); pass e.g.
 # https://download.pytorch.org/whl/cu124 and run with --gpus all for CUDA.

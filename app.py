@@ -178,7 +178,7 @@ class LoadedModel:
         """(model, the source of its shape): the checkpoint, else random weights of its shape."""
         print(f"[qwen2-studio] loading {self.source} on {device} (a first download shows its progress "
               "here)", flush=True)
-        kwargs = dict(device=device, dtype=dtype, quantize=self.quantize, fast_decode="off")
+        kwargs = dict(device=device, dtype=dtype, quantize=self.quantize)
         try:
             return qwen2.load_model(self.source, **kwargs), self.source
         except ModelNotFoundError as exc:

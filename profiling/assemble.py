@@ -18,7 +18,7 @@ from .settings import Settings
 from .steps import RunTimes
 from .timers import summarize
 
-DECODE_PATH_NOTE = ("eager DecodeSession (eager=True): forward hooks do not fire inside CUDA "
+DECODE_PATH_NOTE = ("eager DecodeSession (no fast decode path): forward hooks do not fire inside CUDA "
                     "graphs or torch.compile regions, so all figures here come from the eager path")
 BREAKDOWN_NOTE = ("from the hooked run; decode figures are means over steps; other_ms is the step "
                   "time not inside any hooked block (residual adds, RoPE, masks, cache "

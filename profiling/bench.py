@@ -117,14 +117,16 @@ def profile_one(args, device: torch.device, dtype: torch.dtype, path: Path) -> d
     import qwen2
 
     torch.manual_seed(args.seed)
+    from qwen2.fast import make_decoder
+
     model = qwen2.load_model(args.model, device=str(device), dtype=dtype,
-                             random_weights=args.random_weights, quantize=args.quantize,
-                             fast_decode=args.fast_decode)
+                             random_weights=args.random_weights, quantize=args.quantize)
     bar = TqdmProgress(desc=f"{device} {dtype_name(dtype)}", disable=args.no_progress or None)
     try:
         run = profile_model(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                             warmup=args.warmup, baseline=args.baseline, sweep=args.sweep,
-                            trace_dir=args.trace_dir, progress=bar, seed=args.seed)
+                            trace_dir=args.trace_dir, progress=bar, seed=args.seed,
+                            decoder=make_decoder(model, args.fast_decode))
     finally:
         bar.close()
     save_run(run, path)

@@ -254,7 +254,7 @@ class InsideSession:
 
     def _prefill(self):
         limit = self.config.max_position_embeddings
-        self.session = DecodeSession(self.model, 1, min(limit, len(self.ids) + GROWTH), eager=True)
+        self.session = DecodeSession(self.model, 1, min(limit, len(self.ids) + GROWTH))
         self.q_all: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers
         self.k_all: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers
         prompt = torch.tensor([self.ids], device=self.model.device)

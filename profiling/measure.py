@@ -24,18 +24,19 @@ from .timers import make_clock, summarize
 
 def profile_model(model, *, prompt_tokens: int = 32, new_tokens: int = 8, warmup: int = 1,
                   baseline: str | None = None, sweep=None, trace_dir=None, progress=None,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, decoder=None) -> dict:
     """Profile one loaded qwen2 model on its own device and dtype; return the run dict.
 
     progress: optional callable(fraction: float, desc: str).
     baseline: None or "transformers". sweep: None, "128,512" or a list of context lengths.
     trace_dir: write one torch.profiler trace file (TensorBoard + Perfetto) into this directory.
+    decoder: a fast decode path (qwen2.fast.make_decoder) timed too, as `fast_decode`, without hooks.
     """
     settings = check_settings(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                               warmup=warmup, seed=seed, baseline=baseline, sweep=sweep,
                               trace_dir=trace_dir)
     plan = Plan(progress, settings.work_units())
-    measured = measure(model, settings, plan)
+    measured = measure(model, settings, plan, decoder)
     plan.finish()
     return assemble(model, settings, measured)
 
@@ -43,8 +44,8 @@ def profile_model(model, *, prompt_tokens: int = 32, new_tokens: int = 8, warmup
 class _Stages:
     """The measuring stages of one run, sharing the model, the prompt, a clock and the plan."""
 
-    def __init__(self, model, settings: Settings, plan: Plan):
-        self.model, self.settings, self.plan = model, settings, plan
+    def __init__(self, model, settings: Settings, plan: Plan, decoder=None):
+        self.model, self.settings, self.plan, self.decoder = model, settings, plan, decoder
         self.ids = seeded_prompt_ids(model.config.vocab_size, settings.prompt_tokens,
                                      model.device, settings.seed)
         self.clock = make_clock(model.device)
@@ -52,9 +53,8 @@ class _Stages:
     def tick(self) -> None:
         self.plan.advance(1)
 
-    def run(self, steps: int, hooks=None, eager: bool = True):
-        return timed_run(self.model, self.ids, steps, self.clock, hooks=hooks, on_step=self.tick,
-                         eager=eager)
+    def run(self, steps: int, hooks=None):
+        return timed_run(self.model, self.ids, steps, self.clock, hooks=hooks, on_step=self.tick)
 
     def bandwidth_limit(self) -> tuple[float, str]:
         self.plan.stage("measuring memory bandwidth")
@@ -80,15 +80,15 @@ class _Stages:
         return clean, hooked, peak
 
     def fast_decode(self) -> dict | None:
-        """The model's fast decode path (`model.info.decoder`), timed without hooks."""
-        decoder = self.model.info.decoder
+        """The fast decode path given to profile_model, timed without hooks."""
+        decoder = self.decoder
         if decoder is None:
             return None
         self.plan.stage(f"timing the model's fast decode path ({decoder.name})")
         # Warm with the timed run's own length: the same cache bucket, so its capture or compile
         # (once per bucket) is paid here, and no other bucket is compiled for nothing.
-        timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, eager=False)
-        times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, eager=False)
+        timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, decoder=decoder)
+        times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, decoder=decoder)
         if not times.fast_path:  # every cache of its bucket is lent to a live session (kept chats)
             self.plan.stage(f"the {decoder.name} decode path is busy (its caches are lent to live "
                             "sessions): not timed")
@@ -126,9 +126,9 @@ class _Stages:
                                          reference_tokens=reference_tokens)
 
 
-def measure(model, settings: Settings, plan: Plan) -> Measurements:
+def measure(model, settings: Settings, plan: Plan, decoder=None) -> Measurements:
     """Run every stage the settings ask for; return what was measured."""
-    stages = _Stages(model, settings, plan)
+    stages = _Stages(model, settings, plan, decoder)
     with torch.inference_mode():
         limit, source = stages.bandwidth_limit()
         stages.warm_up()

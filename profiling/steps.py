@@ -13,16 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 
-def new_session(model, max_len: int, eager: bool = True):
-    """A DecodeSession with its own KV cache of exactly `max_len` slots.
-
-    eager=True keeps the session off the model's fast decode path (`model.info.decoder`: CUDA
-    graphs or a compiled CPU step): forward hooks do not fire inside a replayed graph or a
-    compiled region, and that path's pooled caches are sized in buckets.
+def new_session(model, max_len: int, decoder=None):
+    """A DecodeSession: with `decoder` (a fast decode path: CUDA graphs or a compiled CPU step) on a
+    cache of its pool, sized in buckets; without, on a KV cache of its own of exactly `max_len`
+    slots, with plain module calls (forward hooks do not fire inside a graph or a compiled region).
     """
     from qwen2.generate import DecodeSession
 
-    return DecodeSession(model, batch_size=1, max_len=max_len, eager=eager)
+    return DecodeSession(model, batch_size=1, max_len=max_len, decoder=decoder)
 
 
 @dataclass
@@ -35,18 +33,19 @@ class RunTimes:
     kv_allocated_bytes: int = 0
     kv_used_bytes: int = 0
     kv_length: int = 0
-    fast_path: bool = False  # the steps ran on the model's fast decode path (model.info.decoder)
+    fast_path: bool = False  # the steps ran on a fast decode path (a decoder's pooled cache)
 
 
 def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
-              on_step=None, eager: bool = True) -> RunTimes:
+              on_step=None, decoder=None) -> RunTimes:
     """Prefill `ids` then `new_tokens` greedy decode steps; time each with `clock`.
 
     With `hooks` (an entered ModuleHooks using the same clock) the per-block times of every step
-    are collected too. `on_step()` is called after each timed call (for progress bars).
+    are collected too. `on_step()` is called after each timed call (for progress bars). `decoder`
+    runs the steps on a fast decode path (never with hooks: they would see nothing).
     """
     out = RunTimes()
-    session = new_session(model, ids.shape[1] + new_tokens, eager=eager or hooks is not None)
+    session = new_session(model, ids.shape[1] + new_tokens, decoder=None if hooks is not None else decoder)
 
     def timed(call, *args):
         """One greedy step through `call`: (next token, seconds, per-block parts or None)."""
@@ -80,5 +79,5 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
     out.kv_allocated_bytes = int(cache.allocated_bytes)
     out.kv_used_bytes = int(cache.used_bytes)
     out.kv_length = int(session.length)
-    del session
+    session.close()
     return out

@@ -14,7 +14,7 @@ import torch
 
 from . import load_model
 from .chat import ChatSession
-from .decoders import warm_up_or_off
+from .fast import make_decoder, warm_up_or_off
 from .errors import ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
 from .options import FAST_DECODE_MODES, QUANT_SCHEMES
@@ -86,17 +86,15 @@ def main(argv=None) -> int:
     try:
         try:
             model = load_model(args.model, device=args.device, dtype=args.dtype,
-                               random_weights=args.random_weights, quantize=args.quantize,
-                               fast_decode=args.fast_decode)
+                               random_weights=args.random_weights, quantize=args.quantize)
+            decoder = make_decoder(model, args.fast_decode)
             tok = load_tokenizer(args.model, model)
         except ModelNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
-        if model.info.decoder is not None:
-            warm_up(model)
-        chat = ChatSession(model)
+        chat = ChatSession(model, decoder=warm_up(decoder))
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
             reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args)
@@ -122,13 +120,15 @@ def main(argv=None) -> int:
         return 130
 
 
-def warm_up(model):
+def warm_up(decoder):
     """Capture or compile the decode step now, with progress on stderr, not in the first reply;
-    where that cannot work (no C++ compiler for Inductor, say) decode eagerly and say so."""
-    exc = warm_up_or_off(model, lambda fraction, message: print(message, file=sys.stderr, flush=True))
+    where that cannot work (no C++ compiler for Inductor, say) decode eagerly and say so. Returns
+    the decoder to use (None: eager)."""
+    decoder, exc = warm_up_or_off(decoder, lambda fraction, message: print(message, file=sys.stderr, flush=True))
     if exc is not None:
         print(f"note: fast decode unavailable ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly",
               file=sys.stderr)
+    return decoder
 
 
 def load_tokenizer(source, model) -> Tokenizer:

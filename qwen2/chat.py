@@ -18,6 +18,7 @@ from .decoders import cache_bucket
 from .generate import DecodeSession, check_budget, stream_tokens
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings
+from .session import common_prefix
 from .stats import ReplyStats
 
 
@@ -35,14 +36,6 @@ def message_text(content) -> str:
     return ""
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class ChatSession:
     """One conversation's KV cache, kept between turns.
 
@@ -55,8 +48,8 @@ class ChatSession:
     conversation simply shortens that prefix.
     """
 
-    def __init__(self, model, max_len: int | None = None):
-        self.model = model
+    def __init__(self, model, max_len: int | None = None, decoder=None):
+        self.model, self.decoder = model, decoder  # decoder: a fast decode path (qwen2/fast.py) or None
         self.limit = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.session: DecodeSession | None = None
         self.cached: list[int] = []  # the ids whose keys/values are in the cache, in order
@@ -64,6 +57,8 @@ class ChatSession:
 
     def reset(self):
         """Forget the conversation (its cache goes back to the pool)."""
+        if self.session is not None:
+            self.session.close()
         self.session, self.cached = None, []
 
     @property
@@ -141,7 +136,7 @@ class ChatSession:
         if old is not None and old.cache.max_len >= needed:
             old.rewind(keep)
             return old
-        new = DecodeSession(self.model, 1, cache_bucket(needed, self.limit))
+        new = DecodeSession(self.model, 1, cache_bucket(needed, self.limit), decoder=self.decoder)
         if old is None:
             keep = 0
         elif keep:
@@ -152,5 +147,7 @@ class ChatSession:
                 new.cache.key_valid[:, :keep] = True
                 new.cache.length = keep
                 new.next_position.fill_(keep)
+        if old is not None:
+            old.close()
         self.session, self.cached = new, self.cached[:keep]
         return new

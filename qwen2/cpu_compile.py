@@ -52,11 +52,6 @@ def _recompile_limit_name() -> str:
     return "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
 
 
-def _raise_recompile_limit():
-    config, name = torch._dynamo.config, _recompile_limit_name()
-    setattr(config, name, max(getattr(config, name), _RECOMPILE_LIMIT))
-
-
 def recompile_limit_raised():
     """Dynamo's limit of compiles per function raised to _RECOMPILE_LIMIT, around a compile only."""
     config, name = torch._dynamo.config, _recompile_limit_name()
@@ -86,22 +81,20 @@ class CompiledCpuDecoder(PooledDecoder):
             raise ConfigError(f"compile mode {mode!r} is unknown; expected one of {sorted(COMPILE_MODES)}")
         super().__init__(model)
         self.mode = mode
-        # single_query: one query row as products and sums that Inductor fuses; prefill (T > 1) still
-        # goes to SDPA, so this changes nothing outside the compiled step.
-        if attention:
-            model.set_attention_backend(attention)
-        _raise_recompile_limit()
+        # single_query: one query row as products and sums that Inductor fuses, chosen for the
+        # compiled step's calls only (prefill, T > 1, goes to SDPA anyway).
+        self.attention = attention or None
         # Inductor reads `freezing` from its global config while it compiles (torch.compile's
         # options= does not reach it: measured, the weights then stay graph inputs and the products
-        # plain aten::mm), so every call runs under a patch of the config; outside a compile the
-        # patch costs a few microseconds.
+        # plain aten::mm), so a compile runs under a patch of the config; a compiled step needs none.
         self.inductor_config = {"freezing": True, **COMPILE_MODES[mode]}
         self.step_fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
         self.compiled: dict[tuple, float] = {}  # (batch, bucket, padded) -> seconds its compile took
         self._compile_lock = threading.Lock()
 
     def _forward(self, ids, cache, slots, positions):
-        return self.model(ids, cache=cache, slots=slots, positions=positions, kv_len=None, last_only=True)[:, -1]
+        return self.model(ids, cache=cache, slots=slots, positions=positions, kv_len=None, last_only=True,
+                          attention=self.attention)[:, -1]
 
     def step(self, lease: CacheLease, token_ids, slot, positions):
         cache, state = lease.cache, lease.state
@@ -118,9 +111,9 @@ class CompiledCpuDecoder(PooledDecoder):
         slots.fill_(slot)
         key = (cache.batch_size, cache.max_len, bool(cache.padded))
         if key in self.compiled:
-            with torch._inductor.config.patch(self.inductor_config):
-                return self.step_fn(ids, cache, slots, positions)
-        with self._compile_lock, torch._inductor.config.patch(self.inductor_config):  # one compile at a time
+            return self.step_fn(ids, cache, slots, positions)
+        # one compile at a time; the options and the raised recompile limit hold for the compile only
+        with self._compile_lock, torch._inductor.config.patch(self.inductor_config), recompile_limit_raised():
             start = time.perf_counter()
             logits = self.step_fn(ids, cache, slots, positions)
             self.compiled[key] = time.perf_counter() - start
@@ -131,12 +124,7 @@ class CompiledCpuDecoder(PooledDecoder):
         now, not in a reply. progress(fraction, message) is told before each compile and when done."""
         limit = self.model.config.max_position_embeddings
         sizes = sorted({cache_bucket(b, limit, self.min_bucket) for b in buckets or self.warm_buckets})
-        info = self.model.info
-        installed, info.decoder = info.decoder, self  # sessions borrow from the model's decoder
-        try:
-            self._warm_up(sizes, progress, prompt_len, new_tokens)
-        finally:
-            info.decoder = installed
+        self._warm_up(sizes, progress, prompt_len, new_tokens)
         if progress is not None:
             progress(1.0, f"CPU decode step compiled in {sum(self.compiled.values()):.0f} s")
 
@@ -147,9 +135,8 @@ class CompiledCpuDecoder(PooledDecoder):
             if progress is not None:
                 progress(i / len(sizes), f"compiling the CPU decode step (Inductor, {self.mode}) for "
                                          f"{size}-token caches ({i + 1}/{len(sizes)})…")
-            session = DecodeSession(self.model, 1, size)
-            n_prompt = max(1, min(prompt_len, size - new_tokens))
-            logits = session.prefill(torch.zeros(1, n_prompt, dtype=torch.long))
-            for _ in range(min(new_tokens, session.cache.max_len - n_prompt)):
-                logits = session.step(logits.argmax(-1))
-            del session  # its cache goes back to the pool
+            with DecodeSession(self.model, 1, size, decoder=self) as session:
+                n_prompt = max(1, min(prompt_len, size - new_tokens))
+                logits = session.prefill(torch.zeros(1, n_prompt, dtype=torch.long))
+                for _ in range(min(new_tokens, session.cache.max_len - n_prompt)):
+                    logits = session.step(logits.argmax(-1))

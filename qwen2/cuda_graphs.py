@@ -36,8 +36,9 @@ class CudaGraphDecoder(PooledDecoder):
         self.name = "cuda-graphs+compile" if compile else "cuda-graphs"
         self.mempool = torch.cuda.graph_pool_handle()
         self.step_fn = model.forward
-        if compile:
-            model.set_attention_backend("single_query")
+        self.attention = None
+        if compile:  # one query row as products and sums that Inductor fuses, for the step's calls only
+            self.attention = "single_query"
             self.step_fn = torch.compile(model.forward, fullgraph=True, dynamic=False)
 
     def _capture(self, lease: CacheLease, token_ids, slot, positions):
@@ -47,7 +48,7 @@ class CudaGraphDecoder(PooledDecoder):
 
         def run():
             return self.step_fn(static["ids"], cache=cache, slots=static["slot"], positions=static["pos"],
-                                kv_len=None, last_only=True)[:, -1]
+                                kv_len=None, last_only=True, attention=self.attention)[:, -1]
 
         # Warm up on a side stream (allocator, cuBLAS handles, compilation), then record. Each run
         # writes this step's k/v into `slot`: the replay right after writes the same values again.

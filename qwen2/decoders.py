@@ -6,9 +6,10 @@ decode into come from a pool, one per (batch size, length bucket), and attention
 cache under a mask instead of a growing slice. The math is the model's own forward; only how it is
 launched changes.
 
-A DecodeSession borrows a cache with `decoder.acquire(...)` (a CacheLease) and runs each step with
-`decoder.step(lease, ...)`. When the bucket's caches are all lent to live sessions (a decoder lends
-`leases_per_bucket` of them), `acquire` returns None and that session runs eagerly on a cache of its own.
+A DecodeSession given a decoder borrows a cache with `decoder.acquire(...)` (a CacheLease), runs each
+step with `decoder.step(lease, ...)` and gives the cache back with `close()`. When the bucket's caches
+are all lent to live sessions (a decoder lends `leases_per_bucket` of them), `acquire` returns None and
+that session runs eagerly on a cache of its own. qwen2/fast.py picks the decoder for a device and mode.
 """
 
 from __future__ import annotations
@@ -16,18 +17,6 @@ from __future__ import annotations
 import torch
 
 from .cache import KVCache
-
-
-def warm_up_or_off(model, progress=None) -> Exception | None:
-    """Warm up the model's fast decode path (`model.info.decoder`) now, not in a first reply. Where
-    that fails (no C++ compiler for Inductor, say) the path is dropped, so decoding runs eagerly, and
-    the error is returned for the caller to report."""
-    try:
-        model.info.decoder.warm_up(progress)
-    except Exception as exc:  # noqa: BLE001 - any capture or compiler failure: the eager path still answers
-        model.info.decoder = None
-        return exc
-    return None
 
 
 def cache_bucket(n: int, limit: int, minimum: int = 256) -> int:
@@ -97,32 +86,7 @@ class PooledDecoder:
         if progress is not None:
             progress(0.0, f"preparing the {self.name} decode step")
         ids = torch.zeros(1, prompt_len, dtype=torch.long)
-        for _ in generate(self.model, ids, max_new_tokens=new_tokens, stop_token_ids=[]):
+        for _ in generate(self.model, ids, max_new_tokens=new_tokens, stop_token_ids=[], decoder=self):
             pass
         if progress is not None:
             progress(1.0, f"{self.name} decode step ready")
-
-
-def make_decoder(model, mode: str) -> PooledDecoder | None:
-    """The decoder for fast_decode `mode` on the model's device; None for "off" (and for "auto"
-    where no fast path applies). Raises ConfigError for a mode the device cannot run."""
-    from .errors import ConfigError
-
-    device = model.device.type
-    if mode == "off":
-        return None
-    if mode == "auto":
-        mode = {"cuda": "graphs", "cpu": "compile"}.get(device, "off")  # CPU: 2.5x decode, docs/benchmarks.md
-        if mode == "off":
-            return None
-    if device == "cuda":
-        from .cuda_graphs import CudaGraphDecoder
-
-        return CudaGraphDecoder(model, compile=mode == "compile")
-    if mode == "graphs":
-        raise ConfigError(f"fast_decode='graphs' (CUDA graphs) needs a CUDA device; got {model.device}")
-    if device == "cpu":
-        from .cpu_compile import CompiledCpuDecoder
-
-        return CompiledCpuDecoder(model)
-    raise ConfigError(f"fast_decode={mode!r} is not available on {model.device}; use 'off'")

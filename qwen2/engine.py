@@ -8,8 +8,9 @@
 
 Continuous batching, as llama.cpp's server slots and vLLM's scheduler do it. Each turn of the loop:
   1. requests that were cancelled or ran out of time leave; waiting ones get a row if one is free,
-  2. one newcomer's prompt is prefilled by one chunk (so a long prompt delays the others by about
-     one chunk, not by its whole length),
+  2. newcomers' prompts are prefilled, up to `prefill_chunk` tokens in all (so a long prompt
+     delays the others by about one chunk, not by its whole length, and many short ones start
+     together),
   3. every request past its prefill decodes one token, all of them in one batched forward.
 A request joins at the next step and leaves when it stops (a stop token, its token budget, cancel,
 its time limit, an error) without disturbing the others. Each row keeps its own sampling settings,
@@ -24,156 +25,22 @@ How a step is launched (eager, or Inductor-compiled per batch size) is the step 
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from .cache import RowCache
-from .chat import common_prefix
 from .errors import GenerationError, LimitError
 from .generate import _check_ids, check_budget
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings
+from .session import Conversation, Limits, Reply, common_prefix
 from .stats import ReplyStats
 from .steps import make_steps
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request bounds. The defaults suit a public Space on two CPU cores: a reply ends after two
-    minutes whatever its settings, and a prompt or a queue beyond these is refused with a message."""
-
-    prompt_tokens: int = 8192
-    new_tokens: int = 2048
-    wall_s: float = 120.0  # from the start of the prefill to the last token
-    waiting: int = 64  # requests queued behind the live ones
-
-    def check(self, prompt_len: int, max_new_tokens: int):
-        if prompt_len > self.prompt_tokens:
-            raise LimitError(f"the prompt is {prompt_len} tokens; this server takes at most "
-                             f"{self.prompt_tokens} prompt tokens per request")
-        if max_new_tokens > self.new_tokens:
-            raise LimitError(f"max_new_tokens={max_new_tokens} is over this server's limit of "
-                             f"{self.new_tokens} new tokens per request")
-
-
-_END = object()  # the last item of a reply's token queue
-
-
-class Conversation:
-    """A conversation's row of the engine's KV cache and the token ids whose keys/values it holds.
-
-    Kept between turns, so the next prompt (the previous one, the reply and a new message) only
-    prefills what is new; `close()` (or leaving the `with` block) gives the row back at once.
-    """
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.row: int | None = None  # None: no row (new, closed, or given up to a newcomer)
-        self.cached: list[int] = []
-        self.active: Reply | None = None  # the reply being made in this row
-        self.last_used = time.monotonic()
-
-    def close(self):
-        self.engine._release(self)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class Reply:
-    """One request: iterate it for the new token ids as they are made (the stop token is not one).
-
-    `cancel()` ends it after the step in flight; `stats` says what it cost; `tokens` holds every id
-    it produced; `reason` says why it ended ("stop", "length", "cancelled", "time", "error").
-    """
-
-    def __init__(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int, stop_ids: set[int],
-                 seed: int | None, conversation: Conversation, stats: ReplyStats, wall_s: float,
-                 own_conversation: bool = False):
-        self.prompt, self.settings, self.max_new_tokens = prompt, settings, max_new_tokens
-        self.stop_ids, self.seed, self.conversation, self.stats = stop_ids, seed, conversation, stats
-        self.wall_s = wall_s
-        self.own_conversation = own_conversation  # a one-off request: its row goes back when it ends
-        self.tokens: list[int] = []
-        self.reason: str | None = None
-        self.error: BaseException | None = None
-        self.submitted = time.perf_counter()
-        self.started: float | None = None
-        self.first: float | None = None
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        # scheduler state
-        self.row: int | None = None
-        self.position = 0  # the next slot of the row to write (= the next token's position)
-        self.next_id: int | None = None  # the token the next decode step feeds
-        self.sampler: Sampler | None = None
-
-    # -- the consumer's side -------------------------------------------------------------------
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    def cancel(self):
-        """Stop after the step in flight; what was made so far stays in `tokens` and `stats`."""
-        self._cancel.set()
-        self.conversation.engine._wake()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the engine is done with this reply; True when it is."""
-        return self._done.wait(timeout)
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def tokens_now(self) -> Iterable[int]:
-        """The ids produced and not yet read by iteration, without waiting (after `wait()`: all of them)."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is _END:
-                self._queue.put(_END)
-                return
-            yield item
-
-    # -- the engine's side ----------------------------------------------------------------------
-    @property
-    def decoding(self) -> bool:
-        return self.next_id is not None
-
-    def _emit(self, token: int, now: float):
-        self.tokens.append(token)
-        self.first = self.first or now
-        stats = self.stats
-        stats.new_tokens, stats.context_used = len(self.tokens), len(self.prompt) + len(self.tokens)
-        stats.ttft_s, stats.decode_s = self.first - self.started, now - self.first
-        self._queue.put(token)
-
-    def _finish(self, reason: str, error: BaseException | None = None):
-        self.reason, self.error = reason, error
-        self.stats.stopped = reason in ("cancelled", "time")
-        if self.first is None and self.started is not None:
-            self.stats.ttft_s = time.perf_counter() - self.started
-        self.next_id = None
-        self._queue.put(_END)
-        self._done.set()
+__all__ = ["Conversation", "Engine", "Limits", "Reply"]
 
 
 class Engine:
@@ -349,15 +216,14 @@ class Engine:
                         self._release_when_idle()
                         self._cv.wait(timeout=1.0)
                         continue
-                    prefilling = next((r for r in self._live if not r.decoding), None)
+                    prefilling = [r for r in self._live if not r.decoding]
                     decoding = [r for r in self._live if r.decoding]
                 try:
-                    if prefilling is not None:
-                        self._prefill_chunk(prefilling)
+                    self._prefill(prefilling)
                     if decoding:
                         self._decode(decoding)
                 except Exception as exc:  # noqa: BLE001 - the step's replies end with the error; the engine goes on
-                    for reply in ([prefilling] if prefilling is not None else []) + decoding:
+                    for reply in prefilling + decoding:
                         if not reply.done:
                             reply.conversation.cached = []  # its row may hold half-written keys
                             reply._finish("error", exc)
@@ -440,9 +306,19 @@ class Engine:
                 and now - self._idle_since > self.idle_release_s:
             self._cache = None
 
-    def _prefill_chunk(self, reply: Reply):
+    def _prefill(self, newcomers: list[Reply]):
+        """Up to `prefill_chunk` prompt tokens this turn, oldest newcomer first: many short prompts
+        are all prefilled before the next decode step, a long one takes a chunk per turn."""
+        budget = self.prefill_chunk
+        for reply in newcomers:
+            if budget <= 0:
+                return
+            budget -= self._prefill_chunk(reply, budget)
+
+    def _prefill_chunk(self, reply: Reply, budget: int) -> int:
+        """Feed the next at most `budget` tokens of the reply's prompt; returns how many."""
         start = reply.position
-        end = min(len(reply.prompt), start + self.prefill_chunk)
+        end = min(len(reply.prompt), start + budget)
         ids = torch.tensor([reply.prompt[start:end]], device=self.model.device)
         logits = self.steps.prefill(self._pool(), reply.row, ids, start)  # (1, V)
         reply.conversation.cached.extend(reply.prompt[start:end])
@@ -450,6 +326,7 @@ class Engine:
         if end == len(reply.prompt):
             reply.stats.batch_size = max(reply.stats.batch_size, 1)
             self._sampled(reply, int(reply.sampler(logits)))
+        return end - start
 
     def _decode(self, batch: list[Reply]):
         logits = self.steps.decode(self._pool(), [r.row for r in batch],

@@ -7,7 +7,6 @@ DecodeSession is the loop's state (the cache, the next slot, each row's next pos
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -20,12 +19,13 @@ from .sampling import Sampler, SamplingSettings
 class DecodeSession:
     """One batch's KV cache and the calls that fill it: prefill(prompt), then step(token) per token.
 
-    With a fast decode path (model.info.decoder) the cache is borrowed from its pool and each step
-    runs through it; eager=True keeps to plain module calls (the profiler's hooks do not fire inside
-    a graph or a compiled region).
+    With a fast decode path (`decoder`, a qwen2.decoders.PooledDecoder: CUDA graphs or a compiled
+    CPU step) the cache is borrowed from its pool and each step runs through it; without one, or
+    when the pool has no cache free, steps are plain module calls (which the profiler's hooks see).
+    `close()` (or leaving a `with` block) gives a borrowed cache back.
     """
 
-    def __init__(self, model, batch_size: int = 1, max_len: int | None = None, eager: bool = False):
+    def __init__(self, model, batch_size: int = 1, max_len: int | None = None, decoder=None):
         config = model.config
         max_len = max_len or config.max_position_embeddings
         if max_len > config.max_position_embeddings:
@@ -33,16 +33,26 @@ class DecodeSession:
                 f"{max_len} tokens exceed the model's context of max_position_embeddings="
                 f"{config.max_position_embeddings}")
         self.model = model
-        decoder = None if eager else model.info.decoder
         with torch.inference_mode():
             self.lease = decoder.acquire(batch_size, max_len) if decoder is not None else None
             self.decoder = decoder if self.lease is not None else None
             if self.lease is not None:
                 self.cache = self.lease.cache
-                weakref.finalize(self, self.lease.release)  # back to the pool when this session goes
             else:
                 self.cache = KVCache(config, batch_size, max_len, model.device, model.dtype)
             self.next_position = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+
+    def close(self):
+        """Give a borrowed cache back to its pool (a no-op for a cache of its own, or once closed)."""
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = self.decoder = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def length(self) -> int:
@@ -159,23 +169,24 @@ def default_stop_ids(model, tokenizer=None) -> set[int]:
 
 def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             stop_token_ids=None, seed: int | None = None) -> Iterator[int]:
+             stop_token_ids=None, seed: int | None = None, decoder=None) -> Iterator[int]:
     """Stream the ids of new tokens for one prompt (LongTensor [1, T]); the stop token is not yielded.
 
     Arguments are checked before the first token, so a bad setting raises at the call, and leaves the
-    model as it was. Closing the generator (break) drops its cache.
+    model as it was. Closing the generator (break) drops its cache. `decoder`: a fast decode path
+    (qwen2.fast.make_decoder), or None for plain module calls.
     """
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _as_prompt(input_ids, model.config.vocab_size).to(model.device)
     check_budget(model, prompt.shape[1], max_new_tokens)
     stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
-    return _generate(model, prompt, max_new_tokens, settings, stop, seed)
+    return _generate(model, prompt, max_new_tokens, settings, stop, seed, decoder)
 
 
-def _generate(model, prompt, max_new_tokens, settings, stop, seed):
-    session = DecodeSession(model, 1, prompt.shape[1] + max_new_tokens)
-    sampler = Sampler(settings, prompt, model.config.vocab_size, seed)
-    yield from stream_tokens(session, sampler, session.prefill(prompt), max_new_tokens, stop)
+def _generate(model, prompt, max_new_tokens, settings, stop, seed, decoder):
+    with DecodeSession(model, 1, prompt.shape[1] + max_new_tokens, decoder=decoder) as session:
+        sampler = Sampler(settings, prompt, model.config.vocab_size, seed)
+        yield from stream_tokens(session, sampler, session.prefill(prompt), max_new_tokens, stop)
 
 
 def stream_tokens(session: DecodeSession, sampler: Sampler, logits: torch.Tensor, max_new_tokens: int,
@@ -213,7 +224,8 @@ def _read_token(session, next_id, step_first: bool):
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                   stop_token_ids=None, seed: int | None = None, pad_token_id: int = 0) -> list[list[int]]:
+                   stop_token_ids=None, seed: int | None = None, pad_token_id: int = 0,
+                   decoder=None) -> list[list[int]]:
     """Generate for several prompts at once, left-padded into one batch; one list of new ids per prompt.
 
     Greedy results equal generating each prompt alone. A row that meets a stop token stops growing
@@ -233,21 +245,21 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
     stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
     ids, mask = ids.to(model.device), mask.to(model.device)
 
-    session = DecodeSession(model, len(prompts), longest + max_new_tokens)
-    sampler = Sampler(settings, ids, model.config.vocab_size, seed, prompt_mask=mask)
-    logits = session.prefill(ids, mask)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for i in range(max_new_tokens):
-        next_ids = sampler(logits)
-        for row, token in enumerate(next_ids.tolist()):
-            if done[row]:
-                continue
-            if token in stop:
-                done[row] = True
-            else:
-                outputs[row].append(token)
-        if all(done) or i + 1 == max_new_tokens:
-            break
-        logits = session.step(next_ids)
+    with DecodeSession(model, len(prompts), longest + max_new_tokens, decoder=decoder) as session:
+        sampler = Sampler(settings, ids, model.config.vocab_size, seed, prompt_mask=mask)
+        logits = session.prefill(ids, mask)
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for i in range(max_new_tokens):
+            next_ids = sampler(logits)
+            for row, token in enumerate(next_ids.tolist()):
+                if done[row]:
+                    continue
+                if token in stop:
+                    done[row] = True
+                else:
+                    outputs[row].append(token)
+            if all(done) or i + 1 == max_new_tokens:
+                break
+            logits = session.step(next_ids)
     return outputs

@@ -1,6 +1,7 @@
 """ModelInfo: what load_model knows about a model beyond its weights, as one declared object.
 
-Where the weights came from, how they are stored, and how decode steps run. It hangs off the model
+Where the weights came from and how they are stored (how decode steps run is not the model's
+business: qwen2/fast.py, qwen2/engine.py). It hangs off the model
 as `model.info` so that one object travels through the runtime, the profiler and the app, and
 nothing needs to guess at optional attributes.
 """
@@ -8,7 +9,6 @@ nothing needs to guess at optional attributes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 
 @dataclass
@@ -17,10 +17,3 @@ class ModelInfo:
     random_weights: bool = False  # built with random weights of the right shape (no checkpoint)
     generation_config: dict = field(default_factory=dict)  # generation_config.json ({} when absent)
     quantization: str | None = None  # a scheme of qwen2.options.QUANT_SCHEMES, or None
-    # The fast decode path (a qwen2.decoders.PooledDecoder: CUDA graphs or a compiled step), or None
-    # for plain module calls. DecodeSession uses it unless told to stay eager.
-    decoder: Any = None
-
-    @property
-    def decode_path(self) -> str:
-        return self.decoder.name if self.decoder is not None else "eager"

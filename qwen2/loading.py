@@ -15,10 +15,9 @@ import torch
 
 from . import hub
 from .config import Qwen2Config, official_config
-from .decoders import make_decoder
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
-from .options import check_fast_decode, check_quantize, default_dtype, parse_dtype, resolve_device
+from .options import check_quantize, default_dtype, parse_dtype, resolve_device
 from .quant import quantize_model
 
 
@@ -132,24 +131,19 @@ def init_random_weights(model: Qwen2ForCausalLM, seed: int = 0):
 
 
 def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
-               attn_backend: str = "sdpa", quantize: str | None = None, fuse: bool = True,
-               cuda_graphs: bool = False, compile: bool = False, fast_decode: str | None = None) -> Qwen2ForCausalLM:
+               attn_backend: str = "sdpa", quantize: str | None = None, fuse: bool = True) -> Qwen2ForCausalLM:
     """Load a Qwen2 checkpoint (a local directory or a hub repo id) for inference.
 
     random_weights=True builds the shape without any weights file: from the directory's config.json
     when `source` is a directory, else from the built-in table of official Qwen2/Qwen2.5 shapes.
     dtype=None picks the checkpoint's dtype on GPU; on CPU bf16 where the CPU computes in bf16 (or
     with quantize), else fp32. quantize="int8" / "int4" stores the linear weights quantized
-    (qwen2/quant.py). fuse=True builds one q|k|v and one gate|up product per layer. fast_decode
-    ("auto", "graphs", "compile", "off"; qwen2/decoders.py) picks how decode steps run:
-    cuda_graphs=True is "graphs" and compile=True is "compile". None of these changes the math.
-    Where the model came from and how it runs is in `model.info` (qwen2/info.py).
+    (qwen2/quant.py). fuse=True builds one q|k|v and one gate|up product per layer. None of these
+    changes the math. Where the model came from is in `model.info` (qwen2/info.py); how its decode
+    steps are launched is chosen apart from it (qwen2/fast.py, qwen2/engine.py).
     """
     dev = resolve_device(device)
     quantize = check_quantize(quantize)
-    fast_decode = check_fast_decode("compile" if compile else "graphs" if cuda_graphs else fast_decode)
-    if fast_decode == "graphs" and dev.type != "cuda":
-        raise ConfigError(f"cuda_graphs / fast_decode='graphs' need a CUDA device; got {dev}")
     dtype = parse_dtype(dtype)  # the cheap checks come before any file is read or downloaded
     if attn_backend not in ATTENTION_BACKENDS:
         raise ConfigError(f"attn_backend {attn_backend!r} is unknown; expected one of {sorted(ATTENTION_BACKENDS)}")
@@ -171,7 +165,6 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     model.info.generation_config = _read_generation_config(directory)
     if quantize:
         quantize_model(model, quantize)
-    model.info.decoder = make_decoder(model, fast_decode)
     return model
 
 

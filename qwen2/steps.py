@@ -5,10 +5,10 @@ Two kinds of forward run on the engine's RowCache (qwen2/cache.py):
   decode(cache, rows, ids, positions)      one new token for each of B conversations, one batched forward
 
 EagerSteps calls the modules as they are. CompiledCpuSteps compiles the decode step with Inductor
-once per batch-size bucket (1, 2, 4, ...: a batch of 3 runs as 4, its spare entry writing to the
-cache's scratch row), with the number of keys read left symbolic, so a conversation growing longer
-never recompiles. The compiles run on a thread of their own, one bucket after another, while the
-engine serves eagerly; each bucket is used from the first step after it is ready. Prefill stays
+twice: for one row, and for 2 to `max_batch` rows with the batch size left symbolic (a batch of
+3 is 3 rows, no padding), and the number of keys read symbolic in both, so a joining or leaving
+conversation or one growing longer never recompiles. The two compiles run on a thread of their own
+while the engine serves eagerly; each is used from the first step after it is ready. Prefill stays
 eager: its shapes change with every prompt, and its products are matrix-matrix, already near peak.
 """
 
@@ -38,12 +38,12 @@ def rows_forward(model, cache: RowCache, rows, ids, positions, key_slots, attent
     return model.run(ids, positions, masks, batch, last_only=True, attention=attention)[:, -1]
 
 
+MAX_COMPILED_KEYS = 4096
+
+
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to the first power of two >= max_batch."""
-    sizes = [1]
-    while sizes[-1] < max_batch:
-        sizes.append(sizes[-1] * 2)
-    return tuple(sizes)
+    """The compiled steps' batch sizes: 1, and max_batch standing for every size from 2 to it."""
+    return (1,) if max_batch < 2 else (1, max_batch)
 
 
 class EagerSteps:
@@ -86,7 +86,7 @@ class EagerSteps:
 
 
 class CompiledCpuSteps(EagerSteps):
-    """Decode steps compiled by Inductor per batch bucket, compiled in the background by `prepare`."""
+    """Decode steps compiled by Inductor (one row; 2 to max_batch rows), in the background by `prepare`."""
 
     name = "cpu-compile"
 
@@ -104,9 +104,8 @@ class CompiledCpuSteps(EagerSteps):
         # global config while it compiles: set around each compile only, never per step.
         self.inductor_config = {"freezing": True, "compile_threads": 1, **COMPILE_MODES[mode]}
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
-        self.ready: dict[int, float] = {}  # bucket -> seconds its compile took
+        self.ready: dict[int, float] = {}  # bucket (1, or max_batch for 2..max_batch) -> seconds its compile took
         self.failed: Exception | None = None
-        self.current: int | None = None  # the bucket being compiled
         self._hold = 0  # paused() holders: no new compile starts
         self._compile_lock = threading.Lock()  # held while one bucket compiles
         self._stopping = False
@@ -133,19 +132,25 @@ class CompiledCpuSteps(EagerSteps):
         batch = len(rows)
         bucket = next(b for b in self.buckets if b >= batch)
         n_keys = max(positions) + 1
-        # A read of the whole row (its very last slot) is a shape the compiled step excludes (the
-        # symbolic key count must differ from the row length): that one step runs eagerly.
-        if bucket not in self.ready or n_keys >= cache.row_len:
+        if bucket not in self.ready or n_keys > self._max_keys(cache):
             return super().decode(cache, rows, ids, positions)
-        pad = bucket - batch  # spare entries write to the scratch row and read its slot 0
-        return self._run(cache, rows + [cache.scratch] * pad, ids + [0] * pad, positions + [0] * pad,
-                         n_keys)[:batch]
+        return self._run(cache, rows, ids, positions, n_keys)
+
+    @staticmethod
+    def _max_keys(cache) -> int:
+        """The most keys the compiled step reads; longer rows decode eagerly. Inductor specialises
+        the step to key counts unlike the row's whole length and, on the real 0.5B model, to at
+        most 4096 (guards it adds while compiling): the symbolic range is kept inside both."""
+        return min(cache.row_len - 1, MAX_COMPILED_KEYS)
 
     def _run(self, cache, rows, ids, positions, n_keys):
+        rows, ids, positions = torch.tensor(rows), torch.tensor(ids)[:, None], torch.tensor(positions)[:, None]
         key_slots = torch.arange(n_keys)
-        torch._dynamo.mark_dynamic(key_slots, 0, min=2, max=cache.row_len - 1)
-        return self.step_fn(cache, torch.tensor(rows), torch.tensor(ids)[:, None], torch.tensor(positions)[:, None],
-                            key_slots)
+        torch._dynamo.mark_dynamic(key_slots, 0, min=2, max=self._max_keys(cache))
+        if self.buckets[-1] > 2 and len(rows) > 1:  # one compiled step for every batch of 2 or more rows
+            for tensor in (rows, ids, positions):
+                torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
+        return self.step_fn(cache, rows, ids, positions, key_slots)
 
     # -- background compile --------------------------------------------------------------------
     def prepare(self, pool, progress=None):
@@ -165,7 +170,7 @@ class CompiledCpuSteps(EagerSteps):
             for i, bucket in enumerate(self.buckets):
                 if bucket in self.ready:
                     continue
-                say(i / len(self.buckets), f"compiling the decode step for {bucket} row(s) "
+                say(i / len(self.buckets), f"compiling the decode step for {self._rows_text(bucket)} "
                                            f"({i + 1}/{len(self.buckets)}, Inductor {self.mode})")
                 try:
                     while not self._compile_unless_held(pool, bucket):
@@ -176,19 +181,19 @@ class CompiledCpuSteps(EagerSteps):
                     self.failed = exc
                     say(1.0, f"compile failed ({type(exc).__name__}: {exc}); decoding eagerly")
                     return
-            say(1.0, f"decode step compiled for {len(self.buckets)} batch sizes in "
+            say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))} in "
                      f"{sum(self.ready.values()):.0f} s")
+
+    @staticmethod
+    def _rows_text(bucket: int) -> str:
+        return "1 row" if bucket == 1 else "2 rows" if bucket == 2 else f"2-{bucket} rows"
 
     def _compile_unless_held(self, pool, bucket: int) -> bool:
         """Compile `bucket` unless paused() is held (then False: try again later)."""
         with self._compile_lock:
             if self._hold or self._stopping:
                 return False
-            self.current = bucket
-            try:
-                self._compile(pool(), bucket)
-            finally:
-                self.current = None
+            self._compile(pool(), bucket)
             return True
 
     def _compile(self, cache: RowCache, bucket: int):
@@ -196,7 +201,8 @@ class CompiledCpuSteps(EagerSteps):
 
         start = time.perf_counter()
         with torch._inductor.config.patch(self.inductor_config), recompile_limit_raised():
-            self._run(cache, [cache.scratch] * bucket, [0] * bucket, [1] * bucket, 16)
+            batch = min(bucket, 2)
+            self._run(cache, [cache.scratch] * batch, [0] * batch, [1] * batch, 16)
         self.ready[bucket] = time.perf_counter() - start
 
     def stop(self):

@@ -11,6 +11,7 @@ import torch
 import torch._inductor.config
 
 import qwen2
+from qwen2.fast import make_decoder
 from qwen2.generate import DecodeSession
 
 
@@ -34,18 +35,18 @@ def main():
     args = p.parse_args()
     if args.coordinate_descent:
         torch._inductor.config.coordinate_descent_tuning = True
-    model = qwen2.load_model(args.model, device="cuda", dtype="bfloat16", random_weights=True,
-                             cuda_graphs=True, compile=args.compile)
+    model = qwen2.load_model(args.model, device="cuda", dtype="bfloat16", random_weights=True)
+    decoder = make_decoder(model, "compile" if args.compile else "graphs")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, 1000, (1, 64), device="cuda")
-    session = DecodeSession(model, 1, args.context + 400)
+    session = DecodeSession(model, 1, args.context + 400, decoder=decoder)
     logits = session.prefill(ids)
     tok = logits.argmax(-1)
     session.step(tok)
     replay = per_call(session.lease.state["graph"].replay)
     step = per_call(lambda: session.step(tok), n=100)
     n = 128
-    stream = qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[])
+    stream = qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], decoder=decoder)
     next(stream)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -55,9 +56,9 @@ def main():
     print(f"weights {weights / 1e9:.2f} GB; roofline step {weights / 4.8e12 * 1e3:.3f} ms")
     print(f"graph replay {replay:.3f} ms | session.step {step:.3f} ms | generate per token {token:.3f} ms "
           f"({1e3 / token:.0f} tok/s)")
-    eager = DecodeSession(model, 1, session.cache.max_len, eager=True)  # same shapes: no recompile
+    eager = DecodeSession(model, 1, session.cache.max_len)  # same shapes: no recompile
     eager.prefill(ids)
-    fn = model.info.decoder.step_fn
+    fn = decoder.step_fn
     slot = torch.tensor([eager.length], device="cuda")
     with torch.inference_mode():
         fn(tok[:, None], cache=eager.cache, slots=slot, positions=eager.next_position[:, None],

@@ -14,6 +14,7 @@ import torch
 import qwen2
 from qwen2.chat import ChatSession
 from qwen2.cpu_compile import CompiledCpuDecoder
+from qwen2.fast import make_decoder
 from qwen2.generate import DecodeSession, generate, generate_batch
 from tests.test_fast import rand_ids
 
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _compiled(directory, quantize=None, dtype="float32"):
-    return qwen2.load_model(directory, dtype=dtype, quantize=quantize, fast_decode="compile")
+    """(model, its compiled decode path)."""
+    model = qwen2.load_model(directory, dtype=dtype, quantize=quantize)
+    return model, make_decoder(model, "compile")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,8 @@ def eager_fp32(model_dir):
     return qwen2.load_model(model_dir, dtype="float32")
 
 
-def _steps(model, ids, n_prompt, eager=False, max_len=None):
-    session = DecodeSession(model, ids.shape[0], max_len or ids.shape[1], eager=eager)
+def _steps(model, ids, n_prompt, decoder=None, max_len=None):
+    session = DecodeSession(model, ids.shape[0], max_len or ids.shape[1], decoder=decoder)
     out = [session.prefill(ids[:, :n_prompt])]
     for t in range(n_prompt, ids.shape[1]):
         out.append(session.step(ids[:, t]))
@@ -51,28 +54,34 @@ def _steps(model, ids, n_prompt, eager=False, max_len=None):
 
 
 def test_compiled_decode_logits_equal_eager(compiled_fp32, eager_fp32):
+    model, decoder = compiled_fp32
     ids = rand_ids(0, (1, 20))
-    compiled, session = _steps(compiled_fp32, ids, 8)
-    assert session.decoder is compiled_fp32.info.decoder and session.cache.max_len == 256  # pooled bucket
+    compiled, session = _steps(model, ids, 8, decoder)
+    assert session.decoder is decoder and session.cache.max_len == 256  # pooled bucket
     eager, eager_session = _steps(eager_fp32, ids, 8)
     assert eager_session.decoder is None
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
     full = eager_fp32(ids)  # and both equal the plain full forward
     torch.testing.assert_close(compiled[:, 1:], full[:, 8:], atol=1e-4, rtol=0)
-    assert (1, 256, False) in compiled_fp32.info.decoder.compiled
+    assert (1, 256, False) in decoder.compiled
+    session.close()
+    assert not any(lease.busy for lease in decoder.pool[(1, 256)])  # closed: its cache is back in the pool
 
 
 def test_compiled_greedy_tokens_identical(compiled_fp32, eager_fp32):
+    model, decoder = compiled_fp32
     prompt = rand_ids(1, (1, 10))
-    fast = list(generate(compiled_fp32, prompt, max_new_tokens=24, stop_token_ids=[]))
+    fast = list(generate(model, prompt, max_new_tokens=24, stop_token_ids=[], decoder=decoder))
     slow = list(generate(eager_fp32, prompt, max_new_tokens=24, stop_token_ids=[]))
     assert fast == slow and len(fast) == 24
 
 
 def test_compiled_decode_leaves_prefill_eager(compiled_fp32, eager_fp32):
+    model, decoder = compiled_fp32
     ids = rand_ids(2, (1, 30))
     captured = torch._dynamo.utils.counters["stats"]["calls_captured"]
-    a = DecodeSession(compiled_fp32, 1, 40).prefill(ids)
+    with DecodeSession(model, 1, 40, decoder=decoder) as session:
+        a = session.prefill(ids)
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] == captured  # nothing compiled
     b = DecodeSession(eager_fp32, 1, 40).prefill(ids)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
@@ -81,20 +90,23 @@ def test_compiled_decode_leaves_prefill_eager(compiled_fp32, eager_fp32):
 def test_a_conversation_crossing_a_bucket_boundary(compiled_fp32, eager_fp32):
     """A cache of 300 tokens lives in the 512 bucket: a second compile, then the same logits as eager
     all the way past slot 256."""
+    model, decoder = compiled_fp32
     ids = rand_ids(3, (1, 262))
-    compiled, session = _steps(compiled_fp32, ids, 250, max_len=300)
+    compiled, session = _steps(model, ids, 250, decoder, max_len=300)
     assert session.cache.max_len == 512
-    assert (1, 512, False) in compiled_fp32.info.decoder.compiled
+    assert (1, 512, False) in decoder.compiled
+    session.close()
     eager, _ = _steps(eager_fp32, ids, 250, max_len=300)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
 def test_compiled_padded_batch_equals_eager(compiled_fp32, eager_fp32):
+    model, decoder = compiled_fp32
     prompts = [rand_ids(4, (9,)).tolist(), rand_ids(5, (4,)).tolist(), rand_ids(6, (6,)).tolist()]
-    fast = generate_batch(compiled_fp32, prompts, max_new_tokens=10, stop_token_ids=[])
+    fast = generate_batch(model, prompts, max_new_tokens=10, stop_token_ids=[], decoder=decoder)
     slow = generate_batch(eager_fp32, prompts, max_new_tokens=10, stop_token_ids=[])
     assert fast == slow
-    assert (3, 256, True) in compiled_fp32.info.decoder.compiled
+    assert (3, 256, True) in decoder.compiled
     alone = [list(generate(eager_fp32, torch.tensor([p]), max_new_tokens=10, stop_token_ids=[])) for p in prompts]
     assert fast == alone
 
@@ -102,18 +114,19 @@ def test_compiled_padded_batch_equals_eager(compiled_fp32, eager_fp32):
 def test_live_sessions_share_the_compiled_step_up_to_the_pool_size(compiled_fp32):
     """Each kept conversation decodes compiled in a cache of its own, with no recompile; a session
     beyond leases_per_bucket runs eagerly. All give the same logits."""
+    model, decoder = compiled_fp32
     ids = rand_ids(7, (1, 12))
-    decoder = compiled_fp32.info.decoder
-    warm = DecodeSession(compiled_fp32, 1, 20)
-    warm.step(warm.prefill(ids).argmax(-1))  # this bucket's step is compiled (once per module)
-    del warm  # its cache goes back to the pool
-    sessions = [DecodeSession(compiled_fp32, 1, 20) for _ in range(decoder.leases_per_bucket + 1)]
+    with DecodeSession(model, 1, 20, decoder=decoder) as warm:  # its cache goes back to the pool
+        warm.step(warm.prefill(ids).argmax(-1))  # this bucket's step is compiled (once per module)
+    sessions = [DecodeSession(model, 1, 20, decoder=decoder) for _ in range(decoder.leases_per_bucket + 1)]
     assert [s.decoder is not None for s in sessions] == [True] * decoder.leases_per_bucket + [False]
     assert len({id(s.cache) for s in sessions}) == len(sessions)
     with torch._dynamo.config.patch(error_on_recompile=True):
         logits = [s.step(s.prefill(ids).argmax(-1)) for s in sessions]
     for other in logits[1:]:
         torch.testing.assert_close(other, logits[0], atol=1e-4, rtol=0)
+    for session in sessions:
+        session.close()
 
 
 def test_warm_up_reports_progress_and_compiles_the_first_bucket(tiny_model_dir):
@@ -123,27 +136,27 @@ def test_warm_up_reports_progress_and_compiles_the_first_bucket(tiny_model_dir):
     decoder.warm_up(progress=lambda fraction, message: messages.append((fraction, message)))
     assert messages[0][0] == 0.0 and "compiling" in messages[0][1]
     assert messages[-1][0] == 1.0 and (1, 256, False) in decoder.compiled
-    assert model.info.decoder is None  # warm-up borrows the model for its sessions, then restores it
+    assert not any(lease.busy for leases in decoder.pool.values() for lease in leases)  # all given back
 
 
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_compiled_decode_equals_eager(tiny_model_dir, quantize):
-    compiled = _compiled(tiny_model_dir, quantize=quantize)
+    compiled, decoder = _compiled(tiny_model_dir, quantize=quantize)
     eager = qwen2.load_model(tiny_model_dir, dtype="float32", quantize=quantize)
     ids = rand_ids(8, (1, 16))
-    fast, _ = _steps(compiled, ids, 6)
-    slow, _ = _steps(eager, ids, 6, eager=True)
+    fast, _ = _steps(compiled, ids, 6, decoder)
+    slow, _ = _steps(eager, ids, 6)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
     prompt = ids[:, :6]
-    assert list(generate(compiled, prompt, max_new_tokens=12, stop_token_ids=[])) == \
+    assert list(generate(compiled, prompt, max_new_tokens=12, stop_token_ids=[], decoder=decoder)) == \
         list(generate(eager, prompt, max_new_tokens=12, stop_token_ids=[]))
 
 
 def test_bfloat16_compiled_decode_stays_close(tiny_model_dir):
-    compiled = _compiled(tiny_model_dir, dtype="bfloat16")
+    compiled, decoder = _compiled(tiny_model_dir, dtype="bfloat16")
     eager = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
     ids = rand_ids(9, (1, 14))
-    fast, _ = _steps(compiled, ids, 6)
+    fast, _ = _steps(compiled, ids, 6, decoder)
     slow, _ = _steps(eager, ids, 6)
     assert (fast - slow).abs().max().item() < 0.05 * slow.abs().max().item()
 
@@ -155,8 +168,7 @@ def test_rejects_a_non_cpu_model_and_unknown_modes(tiny_model_dir):
 
 
 def test_warm_up_compiles_the_buckets_a_chat_grows_through(model_dir):
-    model = qwen2.load_model(model_dir, dtype="float32", fast_decode="compile")
-    decoder = model.info.decoder
+    model, decoder = _compiled(model_dir)
     assert isinstance(decoder, CompiledCpuDecoder)
     decoder.warm_up()
     assert {key[1] for key in decoder.compiled} == {256, 512, 1024}  # 1024: the context of this model
@@ -165,9 +177,9 @@ def test_warm_up_compiles_the_buckets_a_chat_grows_through(model_dir):
 def test_a_reply_after_warm_up_never_compiles(tiny_model_dir):
     """The app warms up at start-up, then replies from Gradio's worker threads with the sampler under
     inference mode: that first reply must run the warmed step (it once recompiled there, 0.2 tok/s)."""
-    model = qwen2.load_model(tiny_model_dir, dtype="float32", fast_decode="compile")
-    model.info.decoder.warm_up(buckets=(256,))
-    session, tokens, errors = ChatSession(model), [], []
+    model, decoder = _compiled(tiny_model_dir)
+    decoder.warm_up(buckets=(256,))
+    session, tokens, errors = ChatSession(model, decoder=decoder), [], []
 
     def reply():
         try:
