@@ -559,8 +559,8 @@ def serving_figure(results: list[dict], theme: str = "light") -> go.Figure:
         rows = result.get("rows") or []
         users = [r["users"] for r in rows]
         name = f"{result.get('path', '?')} · {result.get('decode', '')}".strip(" ·")
-        fig.add_trace(go.Scatter(x=users, y=[r["aggregate_tok_s"] for r in rows], mode="lines+markers",
-                                 name=f"{name}: all streams"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=users, y=[r.get("aggregate_decode_tok_s", r["aggregate_tok_s"]) for r in rows],
+                                 mode="lines+markers", name=f"{name}: all streams"), row=1, col=1)
         fig.add_trace(go.Scatter(x=users, y=[r["stream_tok_s_mean"] for r in rows], mode="lines+markers",
                                  line={"dash": "dot"}, name=f"{name}: each stream"), row=1, col=1)
         fig.add_trace(go.Scatter(x=users, y=[r["ttft_p95_s"] for r in rows], mode="lines+markers",
