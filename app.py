@@ -118,11 +118,12 @@ class Busy:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.what: str | None = None
+        self.lock = threading.Lock()  # one holder at a time (a profile, an Inside step)
 
     @contextlib.contextmanager
     def hold(self, what: str):
         """Wait for the engine's live replies to end, then hold the model; new replies wait meanwhile."""
-        with self.engine.exclusive():
+        with self.lock, self.engine.exclusive():
             self.what = what
             try:
                 yield
@@ -340,19 +341,25 @@ class Conversations:
     def __init__(self, lm: LoadedModel, keep: int = 16):
         self.lm, self.keep = lm, keep
         self.sessions: OrderedDict[str, Conversation] = OrderedDict()
-        self.replies: dict[str, Reply] = {}
+        self.replies: dict[str, Reply] = {}  # each session's latest reply
+        self.stopped: dict[str, Reply] = {}  # the reply each session's last Stop reported
         self.lock = threading.Lock()
 
     def get(self, key: str) -> Conversation:
         with self.lock:
             if key not in self.sessions:
                 self.sessions[key] = self.lm.engine.conversation()
-                while len(self.sessions) > self.keep:  # the oldest conversation gives its row back
-                    old, conversation = self.sessions.popitem(last=False)
-                    self.replies.pop(old, None)
-                    conversation.close()
+                # the oldest idle conversations give their rows back; one still replying is kept
+                idle = [k for k, c in self.sessions.items() if c.active is None and k != key]
+                for old in idle[:max(0, len(self.sessions) - self.keep)]:
+                    self._forget(old).close()
             self.sessions.move_to_end(key)
             return self.sessions[key]
+
+    def _forget(self, key: str) -> Conversation | None:
+        self.replies.pop(key, None)
+        self.stopped.pop(key, None)
+        return self.sessions.pop(key, None)
 
     def stats(self, key: str):
         reply = self.replies.get(key)
@@ -360,8 +367,7 @@ class Conversations:
 
     def drop(self, key: str):
         with self.lock:
-            conversation = self.sessions.pop(key, None)
-            self.replies.pop(key, None)
+            conversation = self._forget(key)
         if conversation is not None:
             conversation.close()
 
@@ -372,7 +378,6 @@ class Chat:
     def __init__(self, lm: LoadedModel, busy: Busy):
         self.lm, self.busy = lm, busy
         self.conversations = Conversations(lm)
-        self.stopped: dict[str, Reply] = {}  # the reply each session's last Stop reported
 
     def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
         lm = self.lm
@@ -417,13 +422,13 @@ class Chat:
         """Stop the session's reply after the step in flight; returns (its text, its statistics), which
         describe the same tokens, or (None, None) when no reply is being written or it has no token yet."""
         reply = self.conversations.replies.get(key)
-        if reply is None or self.stopped.get(key) is reply:
+        if reply is None or self.conversations.stopped.get(key) is reply:
             return None, None
         reply.cancel()
         reply.wait(timeout=30)
         if reply.reason != "cancelled" or not reply.tokens:
             return None, None
-        self.stopped[key] = reply
+        self.conversations.stopped[key] = reply
         return self.lm.text_of(reply.tokens), reply.stats
 
 
@@ -479,6 +484,9 @@ def make_chat_events(chat: Chat):
             yield before, f"⚠ Could not reply: {type(exc).__name__}: {exc}", box_ready(value=pending)
             return
         stats = chat.conversations.stats(request.session_hash)
+        if stats is None:  # the conversation was cleared while the reply ended
+            yield [*chatbot, {"role": "assistant", "content": reply}], gr.skip(), box_ready()
+            return
         yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), box_ready()
 
     def stop(chatbot, request: gr.Request):
@@ -646,6 +654,7 @@ class Dashboard:
         runs = []
         trace_dir = self.runs_dir / "traces" / stamp if trace else None
         with self.busy.hold("a profile is running"):
+            report_to(0.0, "the model is free: profiling")  # a profile cancelled while it waited stops here
             for i, device in enumerate(devices):
                 def report(fraction, desc="", i=i, device=device):
                     report_to((i + float(fraction)) / len(devices), f"{device}: {desc}")
@@ -854,7 +863,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     pending = gr.State(None)
     started = textbox.submit(start, [textbox, chatbot, *settings], [textbox, chatbot, stats, pending],
                              queue=False, api_visibility="undocumented")
-    replying = started.then(on_gpu(respond), [pending, chatbot, system, *settings], [chatbot, stats, textbox],
+    replying = started.then(respond, [pending, chatbot, system, *settings], [chatbot, stats, textbox],
                             api_visibility="undocumented", concurrency_id=CHAT_QUEUE,
                             concurrency_limit=CHAT_CONCURRENCY,
                             show_progress="minimal", show_progress_on=chatbot)
@@ -868,7 +877,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     api_message = gr.Textbox(label="Message", visible=False)
     api_reply = gr.Textbox(label="Reply", visible=False)
     api_history = gr.State([])
-    gr.Button(visible=False).click(on_gpu(api), [api_message, system, *settings, api_history],
+    gr.Button(visible=False).click(api, [api_message, system, *settings, api_history],
                                    [api_reply, stats, api_history], api_name="chat",
                                    concurrency_id=CHAT_QUEUE, concurrency_limit=CHAT_CONCURRENCY)
 

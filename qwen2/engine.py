@@ -93,6 +93,12 @@ class Engine:
         self.steps.stop()
         if self._thread is not None:
             self._thread.join()
+        with self._cv:  # a thread never started (or gone) leaves these: end them, no reader waits forever
+            for reply in [*self._waiting, *self._live]:
+                if not reply.done:
+                    reply._finish("cancelled")
+            self._waiting.clear()
+            self._live = []
         self._cache = None
 
     def __enter__(self):
@@ -124,6 +130,8 @@ class Engine:
         if not prompt:
             raise GenerationError("the prompt is empty; expected at least one token id")
         _check_ids(torch.tensor(prompt), self.model.config.vocab_size)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise GenerationError(f"seed={seed!r} is invalid; expected an integer in [0, 2**63) or None")
         check_budget(self.model, len(prompt), max_new_tokens, self.row_tokens)
         self.limits.check(len(prompt), max_new_tokens)
         wall_s = min(self.limits.wall_s, wall_s or self.limits.wall_s)
@@ -175,8 +183,9 @@ class Engine:
 
     def _release(self, conversation: Conversation):
         with self._cv:
-            if conversation.active is not None:
-                conversation.active._cancel.set()
+            for reply in [conversation.active, *self._waiting]:  # its live reply and any still queued
+                if reply is not None and reply.conversation is conversation:
+                    reply._cancel.set()
             if conversation.row is not None and self._owners[conversation.row] is conversation:
                 self._owners[conversation.row] = None
             conversation.row, conversation.cached = None, []
@@ -245,16 +254,26 @@ class Engine:
         self._retire()
 
     def _admit(self):
-        while self._waiting and not self._exclusive:
-            reply = self._waiting[0]
-            conversation = reply.conversation
-            if conversation.active is not None:  # its previous reply is still ending (Stop, then a new message)
+        """Waiting replies in order get rows; one whose conversation is still busy (its previous reply
+        ending: Stop, then a new message) waits without holding up the others."""
+        busy = set()
+        for reply in list(self._waiting):
+            if self._exclusive:
                 return
+            conversation = reply.conversation
+            if conversation.active is not None or id(conversation) in busy:
+                busy.add(id(conversation))
+                continue
             row = self._row_for(conversation)
             if row is None:
                 return
-            self._waiting.popleft()
-            self._start(reply)
+            self._waiting.remove(reply)
+            try:
+                self._start(reply)
+            except Exception as exc:  # noqa: BLE001 - this reply fails; the engine and the others go on
+                conversation.active = None
+                reply._finish("error", exc)
+                self._forget(reply)
 
     def _start(self, reply: Reply):
         conversation = reply.conversation

@@ -275,3 +275,33 @@ def test_the_engine_serves_while_its_steps_compile_in_the_background(model):
         assert out == alone(model, ids(110, 6), 5)
         engine.steps._thread.join()
         assert engine.state == "compiled" and "compiled for 1 row and 2 rows" in messages[-1]
+
+
+def test_a_bad_seed_is_refused_at_submit_and_the_engine_keeps_serving(model):
+    with engine_with(model, rows=1) as engine:
+        for seed in (10**20, -1, 1.5, True):
+            with pytest.raises(GenerationError, match="seed="):
+                engine.submit([1, 2, 3], SamplingSettings(temperature=1.0), 3, seed=seed)
+        assert len(engine.generate([1, 2, 3], settings=SamplingSettings(temperature=1.0), max_new_tokens=3,
+                                   seed=2**63 - 1)) == 3
+
+
+def test_a_busy_conversation_does_not_hold_up_the_queue_and_closing_cancels_its_queued_reply(model):
+    steps = RecordingSteps(model, delay=0.01)
+    with engine_with(model, steps, rows=3) as engine:
+        chat = engine.conversation()
+        first = engine.submit(ids(120, 5), VARIED, 50, conversation=chat)
+        next(iter(first))
+        second = engine.submit(ids(121, 5), VARIED, 5, conversation=chat)  # waits for `first`
+        other = engine.submit(ids(122, 5), VARIED, 4)  # behind it in the queue, with rows free
+        assert list(other) == alone(model, ids(122, 5), 4) and not first.done
+        chat.close()  # cancels the live reply and the queued one
+        assert first.wait(5) and second.wait(5)
+        assert first.reason == second.reason == "cancelled" and not second.tokens
+
+
+def test_closing_an_engine_that_never_started_ends_its_queued_replies(model):
+    engine = Engine(model, fast_decode="off")
+    reply = engine.submit([1, 2, 3], VARIED, 3)
+    engine.close()
+    assert reply.done and list(reply) == [] and reply.reason == "cancelled"
