@@ -549,18 +549,19 @@ def trace_timeline(trace_path, theme: str = "light") -> go.Figure:
 # -- serving -----------------------------------------------------------------------------------
 def serving_figure(results: list[dict], theme: str = "light") -> go.Figure:
     """Throughput and time to first token against concurrent users, one line per serving run
-    (python -m profiling.serve): aggregate and per-stream decode tok/s left, TTFT p95 right."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Decode tok/s", "Time to first token, p95 (s)"),
+    (python -m profiling.serve): all new tokens over the wall time and each stream's decode tok/s
+    left, TTFT p95 right."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("tok/s", "TTFT p95 (s)"),
                         horizontal_spacing=0.12)
-    title = "Throughput and time to first token vs concurrent users"
+    title = "Serving: tok/s and TTFT vs users"
     if not results:
         return _empty(fig, "No serving run yet (python -m profiling.serve --out FILE)", theme, title)
     for result in results:
         rows = result.get("rows") or []
         users = [r["users"] for r in rows]
         name = f"{result.get('path', '?')} · {result.get('decode', '')}".strip(" ·")
-        fig.add_trace(go.Scatter(x=users, y=[r.get("aggregate_decode_tok_s", r["aggregate_tok_s"]) for r in rows],
-                                 mode="lines+markers", name=f"{name}: all streams"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=users, y=[r["aggregate_tok_s"] for r in rows], mode="lines+markers",
+                                 name=f"{name}: all streams (over the wall)"), row=1, col=1)
         fig.add_trace(go.Scatter(x=users, y=[r["stream_tok_s_mean"] for r in rows], mode="lines+markers",
                                  line={"dash": "dot"}, name=f"{name}: each stream"), row=1, col=1)
         fig.add_trace(go.Scatter(x=users, y=[r["ttft_p95_s"] for r in rows], mode="lines+markers",
