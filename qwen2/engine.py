@@ -186,9 +186,7 @@ class Engine:
             for reply in [conversation.active, *self._waiting]:  # its live reply and any still queued
                 if reply is not None and reply.conversation is conversation:
                     reply._cancel.set()
-            if conversation.row is not None and self._owners[conversation.row] is conversation:
-                self._owners[conversation.row] = None
-            conversation.row, conversation.cached = None, []
+            self._release_locked(conversation)
             self._cv.notify_all()
 
     def _row_for(self, conversation: Conversation) -> int | None:
