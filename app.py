@@ -30,12 +30,11 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib.util  # noqa: E402
-import shutil  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from collections import OrderedDict  # noqa: E402
-from datetime import datetime  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -49,13 +48,16 @@ import profiling.inside_charts  # noqa: E402
 import profiling.report  # noqa: E402
 import profiling.trace  # noqa: E402
 import qwen2  # noqa: E402
+from profiling.errors import RunFileError  # noqa: E402
 from profiling.runfile import run_label, shipped_runs, shipped_serving_runs, trace_file  # noqa: E402
 from qwen2 import options  # noqa: E402
 from qwen2.chat import message_text  # noqa: E402
 from qwen2.engine import Conversation, Engine, Limits, Reply  # noqa: E402
 from qwen2.errors import ConfigError, ModelNotFoundError, Qwen2Error, TokenizerError  # noqa: E402
 from qwen2.generate import default_stop_ids  # noqa: E402
-from qwen2.sampling import SamplingSettings  # noqa: E402
+from qwen2.sampling import SamplingSettings, check_seed  # noqa: E402
+from studio.runs import MAX_RUN_BYTES, TRACES, RunStore  # noqa: E402
+from studio.text import hide_paths, plain  # noqa: E402
 
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 DEFAULT_COMPILE_CACHE = Path("~/.cache/qwen2-studio/inductor")
@@ -107,10 +109,6 @@ def device_choices() -> list[tuple[str, str]]:
     return choices
 
 
-def slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in str(text))
-
-
 class Busy:
     """The model held alone (a profile, the Inside view: their hooks must see no one else's forward)
     and what holds it, in words, for the "busy" note. Chat replies decode together in the engine."""
@@ -153,11 +151,13 @@ class LoadedModel:
         self.source, self.quantize = source, options.check_quantize(quantize)
         device = options.resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.shape_source = self._load(device, dtype, fallback_config)
+        self.tokenizer_problem = None  # why the byte-level fallback tokenizer is used, when it is
         try:
             self.tokenizer = qwen2.Tokenizer.from_pretrained(source)
         except (ModelNotFoundError, TokenizerError) as exc:
             print(f"[qwen2-studio] {exc}\n[qwen2-studio] using the byte-level fallback tokenizer", flush=True)
             self.tokenizer = qwen2.Tokenizer.byte_fallback(self.model.config.vocab_size)
+            self.tokenizer_problem = exc
         self.stop_ids = default_stop_ids(self.model, self.tokenizer)
         self._extra: dict = {}
         # The compiled CPU decode step by default (about twice the eager speed, docs/benchmarks.md),
@@ -215,6 +215,9 @@ class LoadedModel:
                     + (" and a byte-level fallback tokenizer" if self.tokenizer.is_fallback else "")
                     + f"; replies stop after {RANDOM_MAX_NEW_TOKENS} new tokens by default.  \n"
                     + REAL_WEIGHTS_HOWTO)
+        if isinstance(self.tokenizer_problem, TokenizerError):
+            return (f"⚠ **The checkpoint's tokenizer could not be loaded**, so a byte-level fallback tokenizer "
+                    f"is used and replies will not read as text: {plain(hide_paths(str(self.tokenizer_problem)))}")
         if self.tokenizer.is_fallback:
             return "⚠ No tokenizer files were found: a byte-level fallback tokenizer is used."
         return ""
@@ -269,7 +272,10 @@ class LoadedModel:
 
 
 class ChatError(Exception):
-    """A reply that could not be made, with a message for the user."""
+    """A reply that could not be made, with a message for the user (server paths cut to file names)."""
+
+    def __init__(self, message: str):
+        super().__init__(hide_paths(message))
 
 
 def is_stats_message(item) -> bool:
@@ -324,9 +330,10 @@ def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tok
                                     repetition_penalty=float(repetition_penalty))
         if int(max_new_tokens) < 1:
             raise ValueError(f"max new tokens must be at least 1, not {max_new_tokens}")
-    except (TypeError, ValueError, Qwen2Error) as exc:
+        seed = None if seed is None or int(seed) < 0 else check_seed(int(seed))  # negative: a random seed
+    except (TypeError, ValueError, OverflowError, Qwen2Error) as exc:
         raise ChatError(f"Invalid setting: {exc}") from None
-    return {"sampling": sampling, "seed": None if seed is None or int(seed) < 0 else int(seed)}
+    return {"sampling": sampling, "seed": seed}
 
 
 def context_meter(used: int, limit: int) -> str:
@@ -381,8 +388,11 @@ class Chat:
 
     def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
         lm = self.lm
-        ids, dropped, max_new = fit_context(lm.tokenizer, lm.context, system or "", history_messages(history),
-                                            text, int(max_new_tokens))
+        try:
+            ids, dropped, max_new = fit_context(lm.tokenizer, lm.context, system or "", history_messages(history),
+                                                text, int(max_new_tokens))
+        except TokenizerError as exc:  # the checkpoint's chat template failed or hit its limits
+            raise ChatError(str(exc)) from None
         notes = []
         if dropped:
             notes.append(f"⚠ trimmed: the {dropped} oldest turn(s) did not fit the {lm.context}-token context")
@@ -533,48 +543,8 @@ class ProfileCancelled(Exception):
 class Dashboard:
     """Profiling runs, saved runs (this machine's and the shipped reference runs) and their views."""
 
-    SHIPPED = "shipped/"  # the dropdown value prefix of a reference run under docs/runs/
-
-    def __init__(self, lm: LoadedModel, runs_dir: Path, busy: Busy):
-        self.lm, self.runs_dir, self.busy = lm, runs_dir, busy
-
-    # -- run files ---------------------------------------------------------------------------
-    def run_choices(self) -> list[tuple[str, str]]:
-        """(label, value) per run file: the shipped reference runs first, then this machine's newest."""
-        choices = []
-        for path in shipped_runs():
-            choices.append((f"📦 {self.label(path)}", self.SHIPPED + path.name))
-        saved = sorted(self.runs_dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        choices += [(f"{path.name} · {self.label(path)}", path.name) for path in saved[:100]]
-        return choices
-
-    @staticmethod
-    def label(path: Path) -> str:
-        try:
-            return run_label(profiling.load_run(path))
-        except (ValueError, OSError):
-            return "(not a run file)"
-
-    def shipped_values(self) -> list[str]:
-        return [self.SHIPPED + p.name for p in shipped_runs()]
-
-    def path_of(self, value: str) -> Path:
-        if value.startswith(self.SHIPPED):
-            shipped = {p.name: p for p in shipped_runs()}
-            name = value[len(self.SHIPPED):]
-            if name not in shipped:
-                raise gr.Error(f"no shipped run {name}")
-            return shipped[name]
-        return self.runs_dir / Path(value).name
-
-    def new_stamp(self) -> str:
-        """A date-time prefix for this run's files that no earlier file uses."""
-        base = stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        n = 1
-        while any(self.runs_dir.glob(f"{stamp}-*")) or any(self.runs_dir.glob(f"compare-{stamp}.*")):
-            n += 1
-            stamp = f"{base}-{n}"
-        return stamp
+    def __init__(self, lm: LoadedModel, runs: RunStore, busy: Busy):
+        self.lm, self.runs, self.busy = lm, runs, busy
 
     # -- views -------------------------------------------------------------------------------
     def views(self, runs: list[dict], theme: str, paths=None) -> list:
@@ -617,6 +587,11 @@ class Dashboard:
         then the views, the runs' JSON, files and a summary. Closing this generator (the page's or the
         API's cancel) stops the profile at its next step, and nothing of it is saved."""
         devices = [devices] if isinstance(devices, str) else list(devices or [self.lm.device])
+        devices = list(dict.fromkeys(str(d) for d in devices))  # the same device twice is one run
+        known = [value for _, value in device_choices()]
+        unknown = [d for d in devices if d not in known and d != self.lm.device]
+        if unknown:
+            raise gr.Error(f"Unknown device {plain(unknown[0])[:40]}: this machine has {', '.join(known)}.")
         if baseline and not BASELINE_AVAILABLE:
             raise gr.Error(BASELINE_MISSING)
         cancelled, now = threading.Event(), {"fraction": 0.0, "desc": "waiting for the live replies to end"}
@@ -650,9 +625,9 @@ class Dashboard:
         yield outcome["value"]
 
     def _profile(self, devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme, report_to):
-        stamp = self.new_stamp()
+        stamp = self.runs.new_stamp()
         runs = []
-        trace_dir = self.runs_dir / "traces" / stamp if trace else None
+        trace_dir = self.runs.folder / TRACES / stamp if trace else None
         with self.busy.hold("a profile is running"):
             report_to(0.0, "the model is free: profiling")  # a profile cancelled while it waited stops here
             for i, device in enumerate(devices):
@@ -669,63 +644,50 @@ class Dashboard:
                     raise
                 except Exception as exc:  # bad settings, a missing device, OOM: say so and keep serving
                     traceback.print_exc()
-                    raise gr.Error(f"Profiling on {device} failed: {exc}") from None
-        files = [self.runs_dir / f"{stamp}-{slug(device)}.json" for device in devices]
-        for run, path in zip(runs, files):
-            profiling.save_run(run, path)
+                    raise gr.Error(f"Profiling on {device} failed: {hide_paths(str(exc))}") from None
+        files = self.runs.save_profile(runs, devices, stamp)
         traces = [str(t) for t in (trace_file(run, path) for run, path in zip(runs, files)) if t]
-        report_path = self.runs_dir / f"{stamp}-report.html"
+        report_path = self.runs.folder / f"{stamp}-report.html"
         profiling.report.write_report(runs, report_path)
-        status = f"Saved {', '.join(f'`{f.name}`' for f in files)} in `{self.runs_dir}`."
+        status = f"Saved {', '.join(f'`{f.name}`' for f in files)} in the runs folder."
         if traces:
             status += ("  \nThe trace's top operations and timeline are below; the trace file is in the "
                        "downloads (open it at https://ui.perfetto.dev or chrome://tracing).")
         return [*self.views(runs, theme, files), runs, [str(f) for f in files] + [str(report_path)] + traces,
-                status, gr.update(choices=self.run_choices())]
+                status, gr.update(choices=self.runs.choices())]
 
     def compare(self, selected=None, uploaded=None, theme="light"):
-        """Load saved runs and uploaded run files (copied into the runs directory) and compare them."""
-        paths = [self.path_of(value) for value in (selected or [])]
-        for upload in uploaded or []:
-            src = Path(upload if isinstance(upload, str) else upload.name)
-            try:
-                profiling.load_run(src)
-            except (ValueError, OSError) as exc:
-                raise gr.Error(f"{src.name} is not a run file: {exc}") from None
-            dest = self.runs_dir / src.name
-            while dest.exists():
-                dest = dest.with_name(f"{dest.stem}-copy{dest.suffix}")
-            shutil.copyfile(src, dest)
-            paths.append(dest)
-        runs = self.load(paths)
+        """Load saved runs and uploaded run files (validated, then kept in the runs folder) and compare
+        them; the comparison's HTML report is written once per set of runs."""
+        try:
+            paths = [self.runs.path_of(value) for value in (selected or [])]
+            for upload in uploaded or []:
+                src = Path(upload if isinstance(upload, str) else upload.name)
+                paths.append(self.runs.add_upload(src, getattr(upload, "orig_name", None)))
+            runs = self.runs.load(paths)
+        except RunFileError as exc:
+            raise gr.Error(f"This is not a run file the app can show: {exc}") from None
         if not runs:
             raise gr.Error("Choose saved runs, or upload run files (.json), to compare.")
-        report_path = self.runs_dir / f"compare-{self.new_stamp()}.html"
-        profiling.report.write_report(runs, report_path)
-        status = "Comparing " + "; ".join(f"**{run_label(r)}** (`{p.name}`)" for r, p in zip(runs, paths)) + "."
-        values = [self.SHIPPED + p.name if p.parent != self.runs_dir else p.name for p in paths]
+        report_path = self.runs.report(runs, profiling.report.write_report)
+        status = "Comparing " + "; ".join(f"**{plain(run_label(r))}** (`{plain(p.name)}`)"
+                                          for r, p in zip(runs, paths)) + "."
         return [*self.views(runs, theme, paths), runs, [str(report_path)], status,
-                gr.update(choices=self.run_choices(), value=values)]
-
-    @staticmethod
-    def load(paths) -> list[dict]:
-        runs = []
-        for path in paths:
-            try:
-                runs.append(profiling.load_run(path))
-            except (ValueError, OSError) as exc:
-                raise gr.Error(f"cannot load {path.name}: {exc}") from None
-        return runs
+                gr.update(choices=self.runs.choices(), value=[self.runs.value_of(p) for p in paths])]
 
     def on_page_load(self, theme="light"):
         """The run list, with the shipped reference runs selected and shown (CPU vs GPU at first sight)."""
         shipped = shipped_runs()
-        choices = gr.update(choices=self.run_choices(), value=self.shipped_values())
+        choices = gr.update(choices=self.runs.choices(), value=self.runs.shipped_values())
         if not shipped:
             return [gr.skip()] * len(VIEW_SLOTS) + [gr.skip(), choices]
-        runs = self.load(shipped)
+        try:
+            runs = self.runs.load(shipped)
+        except RunFileError as exc:  # a broken checkout: say so, keep the rest of the page
+            return [gr.skip()] * len(VIEW_SLOTS) + [f"The shipped reference runs cannot be shown: {plain(str(exc))}",
+                                                    choices]
         status = ("Showing the reference runs shipped with the app: "
-                  + "; ".join(f"**{run_label(r)}**" for r in runs) + ". Run a profile to add this machine's.")
+                  + "; ".join(f"**{plain(run_label(r))}**" for r in runs) + ". Run a profile to add this machine's.")
         return [*self.views(runs, theme, shipped), status, choices]
 
 
@@ -741,10 +703,10 @@ def baseline_note(runs: list[dict]) -> str:
     for run in runs:
         base = run.get("baseline") or {}
         if base.get("tokens_match") is False:
-            notes.append(f"⚠ **{run_label(run)}**: transformers' greedy tokens differ from ours: "
-                         f"{profiling.charts.divergence_text(run)}")
+            notes.append(f"⚠ **{plain(run_label(run))}**: transformers' greedy tokens differ from ours: "
+                         f"{plain(profiling.charts.divergence_text(run))}")
         elif base.get("tokens_match"):
-            notes.append(f"✓ **{run_label(run)}**: transformers' greedy tokens equal ours.")
+            notes.append(f"✓ **{plain(run_label(run))}**: transformers' greedy tokens equal ours.")
     return "  \n".join(notes)
 
 
@@ -781,8 +743,8 @@ class Inside:
                 seed=None if seed is None or int(seed) < 0 else int(seed))
             with self.busy.hold("the Inside-the-model view is running"):
                 view = session.start(str(prompt))
-        except (ValueError, TypeError, Qwen2Error) as exc:
-            raise gr.Error(f"Cannot run this prompt: {exc}") from None
+        except (ValueError, TypeError, OverflowError, Qwen2Error) as exc:
+            raise gr.Error(f"Cannot run this prompt: {hide_paths(str(exc))}") from None
         key = request.session_hash if request is not None else ""
         self.sessions[key] = session
         self.sessions.move_to_end(key)
@@ -799,7 +761,7 @@ class Inside:
             with self.busy.hold("the Inside-the-model view is running"):
                 view = session.step()
         except Qwen2Error as exc:
-            raise gr.Error(str(exc)) from None
+            raise gr.Error(hide_paths(str(exc))) from None
         return self.figures(view, layer)
 
     def figures(self, view: dict, layer) -> list:
@@ -898,7 +860,8 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
         sweep = gr.Checkbox(False, label="Context sweep")
         trace = gr.Checkbox(False, label="Record a torch.profiler trace")
     run_btn = gr.Button("Run", variant="primary", elem_id="run-profile")
-    status = gr.Markdown(f"Runs are saved to `{dash.runs_dir}`.", elem_id="profile-status")
+    status = gr.Markdown("Runs are saved in the app's runs folder (the oldest go first past its cap).",
+                         elem_id="profile-status")
     kpi = gr.Dataframe(label="Headline figures (one row per run)", elem_id="kpi-table", interactive=False,
                        wrap=True)
     # The figures carry their own titles: no label badge over them.
@@ -936,7 +899,7 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
         concurrency_id=COMPUTE_QUEUE, concurrency_limit=1)
     compare_btn.click(dash.compare, [saved, uploads, theme], [*views, run_json, downloads, status, saved],
                       api_name="compare", show_progress_on=layer_plot)
-    refresh.click(lambda: gr.update(choices=dash.run_choices()), None, saved, api_visibility="undocumented")
+    refresh.click(lambda: gr.update(choices=dash.runs.choices()), None, saved, api_visibility="undocumented")
     return views, status, saved, serving_plot
 
 
@@ -979,10 +942,11 @@ def inside_tab(lm: LoadedModel, inside: Inside):
     layer.release(inside.attention, [view, layer], attention, api_visibility="undocumented")
 
 
-def build_demo(lm: LoadedModel, runs_dir: Path) -> gr.Blocks:
+def build_demo(lm: LoadedModel, runs: RunStore) -> gr.Blocks:
     busy = Busy(lm.engine)
-    dash = Dashboard(lm, runs_dir, busy)
-    with gr.Blocks(title="Qwen2 Studio", analytics_enabled=False) as demo:
+    dash = Dashboard(lm, runs, busy)
+    # Gradio keeps a copy of every upload and download in its cache: hourly, drop those over an hour old.
+    with gr.Blocks(title="Qwen2 Studio", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(f"# Qwen2 Studio\n{lm.summary()}")
         serving = gr.Markdown(lm.serving(), elem_id="serving")
         # The engine's state (eager -> compiling 2/3 -> compiled, replies in flight), refreshed while the
@@ -1034,6 +998,11 @@ def parse_args(argv=None):
                    help="where compiled steps are kept across restarts (TORCHINDUCTOR_CACHE_DIR; default: "
                         "%(default)s)")
     p.add_argument("--runs-dir", default=env("QWEN2_STUDIO_RUNS_DIR", "runs"), help="profiling runs")
+    p.add_argument("--runs-max-files", type=int, default=int(env("QWEN2_STUDIO_RUNS_MAX_FILES", "200")),
+                   help="the runs folder's cap in files (a profile's trace folder counts as one); past it, "
+                        "the oldest go first (default: %(default)s)")
+    p.add_argument("--runs-max-mb", type=int, default=int(env("QWEN2_STUDIO_RUNS_MAX_MB", "500")),
+                   help="the runs folder's cap in MB (default: %(default)s)")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     # Testing aid: the random-weights fallback builds this config.json's shape instead of the hub id's.
@@ -1041,24 +1010,36 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def fail(message: str):
+    """Stop start-up with one `error:` line and exit status 2 (argparse's and `python -m qwen2`'s)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    runs_dir = Path(args.runs_dir).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
     # Inductor reads its cache directory when it first compiles: set before the engine starts.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(args.compile_cache).expanduser()))
     for name, value in (("--slots", args.slots), ("--slot-tokens", args.slot_tokens),
-                        ("--max-new-tokens", args.max_new_tokens), ("--reply-time-limit", args.reply_time_limit)):
+                        ("--max-new-tokens", args.max_new_tokens), ("--reply-time-limit", args.reply_time_limit),
+                        ("--runs-max-files", args.runs_max_files), ("--runs-max-mb", args.runs_max_mb)):
         if value <= 0:
-            raise SystemExit(f"error: {name} must be positive, not {value}")
+            fail(f"{name} must be positive, not {value}")
     limits = Limits(new_tokens=args.max_new_tokens, wall_s=args.reply_time_limit)
-    lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode,
-                     slots=args.slots, slot_tokens=args.slot_tokens, limits=limits,
-                     compile_mode=args.compile_mode).start()
-    demo = build_demo(lm, runs_dir)
+    try:
+        lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode,
+                         slots=args.slots, slot_tokens=args.slot_tokens, limits=limits,
+                         compile_mode=args.compile_mode).start()
+    except (Qwen2Error, OSError, ValueError) as exc:  # a broken checkpoint, a bad device: one line, like the CLI
+        fail(str(exc))
+    runs = RunStore(Path(args.runs_dir).resolve(), args.runs_max_files, args.runs_max_mb * 2**20)
+    demo = build_demo(lm, runs)
     demo.queue(default_concurrency_limit=1)
+    # Uploads are run files (RunStore refuses any over MAX_RUN_BYTES); Gradio refuses bigger ones
+    # before they reach the disk.
     demo.launch(server_name=args.host, server_port=args.port, show_error=True,
-                allowed_paths=[str(runs_dir), str(profiling.runfile.SHIPPED_RUNS_DIR)],
+                max_file_size=MAX_RUN_BYTES,
+                allowed_paths=[str(runs.folder), str(profiling.runfile.SHIPPED_RUNS_DIR)],
                 theme=gr.themes.Soft(), css=CSS)
 
 

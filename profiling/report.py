@@ -16,6 +16,7 @@ from pathlib import Path
 import plotly.io as pio
 
 from . import charts
+from .atomic import write_atomically
 from .errors import RunFileError
 from .runfile import load_run, validate_run
 
@@ -114,8 +115,7 @@ def write_report(runs: list[dict], path, title: str = "Qwen2 Studio profiling re
     path = Path(path)
     text = render_report(runs, title)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_atomically(path, text)
     except OSError as exc:
         raise OSError(f"cannot write report {path}: {exc.strerror or exc}") from None
     return path

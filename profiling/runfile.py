@@ -1,7 +1,8 @@
 """Run files: one profiling run as JSON, with a schema name and version.
 
-`load_run` refuses, with a RunFileError naming the file, anything that is unreadable, not JSON,
-not a Qwen2 Studio run, from another schema version, or missing the keys the charts need.
+`load_run` refuses, with a RunFileError naming the file and the field, anything that is unreadable,
+too big, not JSON, not a Qwen2 Studio run, from another schema version, or not of the typed schema
+in `profiling.schema` (a missing key, a string where a number belongs, an object where a list does).
 `run_label` says which run is which; `shipped_runs` lists the reference runs under docs/runs/.
 """
 
@@ -9,20 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from .environment import PROJECT_ROOT
+from . import schema
+from .atomic import write_atomically
 from .errors import RunFileError
 
 SCHEMA_NAME = "qwen2-studio.profile-run"
 SCHEMA_VERSION = 1
 
-REQUIRED_KEYS = ("device", "dtype", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s",
-                 "layers", "memory")
-REQUIRED_MEMORY_KEYS = ("weights_bytes", "kv_cache_bytes", "peak_bytes")
-REQUIRED_LAYER_KEYS = ("attention_ms", "mlp_ms")
+TRACE_SUFFIXES = (".json", ".json.gz")
+MAX_RUN_BYTES = 8 * 2**20  # a real run is ~50 KB; the schema's longest lists fill ~2 MB
 SHIPPED_RUNS_DIR = PROJECT_ROOT / "docs" / "runs"
 
 
@@ -31,9 +30,9 @@ def validate_run(run, where: str = "run") -> dict:
     if not isinstance(run, dict):
         raise RunFileError(f"{where}: not a profiling run (expected a JSON object, got "
                            f"{type(run).__name__})")
-    schema = run.get("schema")
-    if schema != SCHEMA_NAME:
-        raise RunFileError(f"{where}: not a Qwen2 Studio profiling run (schema {schema!r}, "
+    name = run.get("schema")
+    if name != SCHEMA_NAME:
+        raise RunFileError(f"{where}: not a Qwen2 Studio profiling run (schema {str(name)[:80]!r}, "
                            f"expected {SCHEMA_NAME!r})")
     version = run.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -44,22 +43,10 @@ def validate_run(run, where: str = "run") -> dict:
     if version > SCHEMA_VERSION:
         raise RunFileError(f"{where}: schema version {version} is newer than this reader's "
                            f"{SCHEMA_VERSION}; update Qwen2 Studio to read it")
-    missing = [k for k in REQUIRED_KEYS if k not in run]
-    if missing:
-        raise RunFileError(f"{where}: missing keys {', '.join(missing)}")
-    memory = run["memory"]
-    if not isinstance(memory, dict):
-        raise RunFileError(f"{where}: 'memory' is not an object")
-    missing = [k for k in REQUIRED_MEMORY_KEYS if k not in memory]
-    if missing:
-        raise RunFileError(f"{where}: memory is missing {', '.join(missing)}")
-    layers = run["layers"]
-    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
-        raise RunFileError(f"{where}: 'layers' is not a list of objects")
-    for i, layer in enumerate(layers):
-        missing = [k for k in REQUIRED_LAYER_KEYS if k not in layer]
-        if missing:
-            raise RunFileError(f"{where}: layers[{i}] is missing {', '.join(missing)}")
+    faults = schema.problems(run)
+    if faults:
+        more = f" (and {len(faults) - 5} more)" if len(faults) > 5 else ""
+        raise RunFileError(f"{where}: " + "; ".join(faults[:5]) + more)
     return run
 
 
@@ -79,38 +66,39 @@ def save_run(run: dict, path) -> Path:
     path = Path(path)
     validate_run(run, where="run to save")
     text = json.dumps(finite(run), indent=2, allow_nan=False)
-    parent = path.parent if str(path.parent) else Path(".")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp's file is private; a run file is for sharing
-        os.replace(tmp, path)
+        write_atomically(path, text + "\n")
     except OSError as exc:
         raise RunFileError(f"{path}: cannot write run file ({exc.strerror or exc})") from None
     return path
 
 
-def load_run(path) -> dict:
-    """Read and validate a run file; RunFileError (a ValueError) names the file and the fault."""
+def load_run(path, where: str | None = None) -> dict:
+    """Read and validate a run file; RunFileError (a ValueError) names the file (as `where`, by
+    default its path) and the fault."""
     path = Path(path)
+    where = str(path) if where is None else where
     try:
+        if path.stat().st_size > MAX_RUN_BYTES:
+            raise RunFileError(f"{where}: {path.stat().st_size / 2**20:.1f} MB is too big for a run file "
+                               f"(at most {MAX_RUN_BYTES // 2**20} MB)")
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RunFileError(f"{path}: run file not found") from None
+        raise RunFileError(f"{where}: run file not found") from None
     except IsADirectoryError:
-        raise RunFileError(f"{path}: is a directory, expected a run .json file") from None
+        raise RunFileError(f"{where}: is a directory, expected a run .json file") from None
     except UnicodeDecodeError:
-        raise RunFileError(f"{path}: not a text file (expected a JSON run file)") from None
+        raise RunFileError(f"{where}: not a text file (expected a JSON run file)") from None
     except OSError as exc:
-        raise RunFileError(f"{path}: cannot read run file ({exc.strerror or exc})") from None
+        raise RunFileError(f"{where}: cannot read run file ({exc.strerror or exc})") from None
     try:
         run = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RunFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, "
+        raise RunFileError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}, "
                            f"column {exc.colno})") from None
-    return validate_run(run, where=str(path))
+    except RecursionError:
+        raise RunFileError(f"{where}: JSON nested too deeply for a run file") from None
+    return validate_run(run, where=where)
 
 
 def label_parts(run: dict) -> dict[str, str]:
@@ -160,12 +148,20 @@ def shipped_serving_runs() -> list[dict]:
     return results
 
 
-def trace_file(run: dict, run_path=None) -> Path | None:
-    """The run's trace file: its recorded path, else the same name next to the run file."""
+def trace_file(run: dict, run_path) -> Path | None:
+    """The run's trace file, if it lies in the run file's folder (or below it): at its recorded path,
+    or by its name next to the run file. A run file may be a visitor's upload, so a path it names
+    anywhere else on the server is never opened."""
     name = (run.get("trace") or {}).get("file")
-    if not name:
+    if not name or run_path is None:
         return None
-    candidates = [Path(name)]
-    if run_path is not None:
-        candidates.append(Path(run_path).parent / Path(name).name)
-    return next((p for p in candidates if p.is_file()), None)
+    home = Path(run_path).resolve().parent
+    recorded = Path(name)
+    for candidate in (recorded, home / recorded.name):
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError):
+            continue
+        if resolved.is_relative_to(home) and resolved.is_file() and resolved.name.endswith(TRACE_SUFFIXES):
+            return resolved
+    return None

@@ -101,15 +101,43 @@ def load_trace_events(trace_path) -> tuple[dict, ...]:
     return _parse_trace_events(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
+MAX_TRACE_BYTES = 64 * 2**20   # decompressed; a 24-layer, 4-step CPU trace is 12 MB
+MAX_TRACE_OBJECTS = 1_000_000  # JSON objects; that trace has 56 thousand
+
+
+class _TooManyObjects(Exception):
+    pass
+
+
 @functools.lru_cache(maxsize=4)
 def _parse_trace_events(path: Path, mtime_ns: int, size: int) -> tuple[dict, ...]:
+    # A trace may come with a visitor's run: a few hundred KB of gzip can inflate to gigabytes, and
+    # a few MB of "{}," to millions of dicts, so both the text and the objects parsed are capped.
     opener = gzip.open if path.suffix == ".gz" else open
+    objects = 0
+
+    def count(obj):
+        nonlocal objects
+        objects += 1
+        if objects > MAX_TRACE_OBJECTS:
+            raise _TooManyObjects
+        return obj
+
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise OSError(f"cannot read trace {path}: {exc}") from None
+        with opener(path, "rb") as fh:
+            raw = fh.read(MAX_TRACE_BYTES + 1)
+        if len(raw) > MAX_TRACE_BYTES:
+            raise OSError(f"it holds more than {MAX_TRACE_BYTES // 2**20} MB of JSON, the most a trace "
+                          f"may hold here")
+        data = json.loads(raw, object_hook=count)
+    except _TooManyObjects:
+        raise OSError(f"cannot read trace {path.name}: more than {MAX_TRACE_OBJECTS:,} JSON objects, "
+                      f"the most a trace may hold here") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise OSError(f"cannot read trace {path.name}: {exc}") from None
     events = data.get("traceEvents", []) if isinstance(data, dict) else data
+    if not isinstance(events, list):
+        raise OSError(f"cannot read trace {path.name}: traceEvents is not a list")
     return tuple(e for e in events if isinstance(e, dict) and e.get("ph") == "X" and "dur" in e)
 
 

@@ -15,9 +15,10 @@ import torch
 from . import load_model
 from .chat import ChatSession
 from .fast import make_decoder, warm_up_or_off
-from .errors import ModelNotFoundError, Qwen2Error, TokenizerError
+from .errors import GenerationError, ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
 from .options import FAST_DECODE_MODES, QUANT_SCHEMES
+from .sampling import check_seed
 from .tokenizer import Tokenizer
 
 
@@ -39,9 +40,16 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed_argument, default=None, help="an integer in [0, 2**63)")
     p.add_argument("--random-weights", action="store_true", help="official shape, random weights (no download)")
     return p.parse_args(argv)
+
+
+def seed_argument(text: str) -> int:
+    try:
+        return check_seed(int(text))
+    except (ValueError, GenerationError) as exc:
+        raise argparse.ArgumentTypeError(f"{text[:30]!r} is not an integer in [0, 2**63)") from exc
 
 
 def sampling_kwargs(args, generation_config: dict) -> dict:

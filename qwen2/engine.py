@@ -35,7 +35,7 @@ from .cache import RowCache
 from .errors import GenerationError, LimitError
 from .generate import _check_ids, check_budget
 from .options import dtype_name
-from .sampling import Sampler, SamplingSettings
+from .sampling import Sampler, SamplingSettings, check_seed
 from .session import Conversation, Limits, Reply, common_prefix
 from .stats import ReplyStats
 from .steps import make_steps
@@ -130,8 +130,7 @@ class Engine:
         if not prompt:
             raise GenerationError("the prompt is empty; expected at least one token id")
         _check_ids(torch.tensor(prompt), self.model.config.vocab_size)
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise GenerationError(f"seed={seed!r} is invalid; expected an integer in [0, 2**63) or None")
+        check_seed(seed)
         check_budget(self.model, len(prompt), max_new_tokens, self.row_tokens)
         self.limits.check(len(prompt), max_new_tokens)
         wall_s = min(self.limits.wall_s, wall_s or self.limits.wall_s)

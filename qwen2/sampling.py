@@ -127,6 +127,17 @@ def processor_stages(logits, settings: SamplingSettings, seen=None) -> list[tupl
     return stages
 
 
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a 64-bit integer
+
+
+def check_seed(seed) -> int | None:
+    """`seed` if it is None or an integer in [0, 2**63); GenerationError naming it otherwise."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT):
+        shown = repr(seed) if len(repr(seed)) <= 30 else f"{repr(seed)[:27]}..."
+        raise GenerationError(f"seed={shown} is invalid; expected an integer in [0, 2**63) or None")
+    return seed
+
+
 class Sampler:
     """Picks next tokens for a batch, tracking which tokens each row has seen (for the penalty)."""
 
@@ -140,6 +151,7 @@ class Sampler:
             counts = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.long, device=device)
             self.seen = counts.scatter_add_(1, prompt_ids, real) > 0  # padding marks nothing
         self.generator = None
+        check_seed(seed)
         if seed is not None and not settings.greedy:
             self.generator = torch.Generator(device=device).manual_seed(int(seed))
 

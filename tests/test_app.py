@@ -235,6 +235,8 @@ def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
         client.predict("Hi", "word " * 5000, api_name="/chat")
     with pytest.raises(AppError, match="cuda"):
         client.predict(devices=["cuda:7"], api_name="/profile")
+    with pytest.raises(AppError, match=r"seed=.* is invalid; expected an integer in \[0, 2\*\*63\)"):
+        client.predict("Hi", seed=10**30, api_name="/chat")
     # the conversation is kept: the next turn's prompt holds the first turn and nothing of the failures
     _, stats = client.predict("Hi", max_new_tokens=3, api_name="/chat")
     assert stats_numbers(stats)["new tokens"] == 3
@@ -249,6 +251,9 @@ def test_settings_are_checked_before_anything_runs():
     with pytest.raises(app_module.ChatError, match="max new tokens"):
         app_module.sampling_settings(0.7, 0.8, 20, 1.05, 0, -1)
     assert app_module.sampling_settings(0, 1, 0, 1, 1, 5)["seed"] == 5
+    for seed in (10**30, 2**63, float("inf")):  # past what torch.Generator takes: a message, not a traceback
+        with pytest.raises(app_module.ChatError, match="seed|infinity"):
+            app_module.sampling_settings(0.7, 0.8, 20, 1.05, 16, seed)
 
 
 def test_empty_message_shows_the_hint(app):
@@ -341,6 +346,52 @@ def test_compare_saved_and_uploaded_runs(app, tmp_path):
         client.predict([], [handle_file(str(bad))], api_name="/compare")
 
 
+def test_a_mistyped_upload_breaks_nothing_for_anyone(app, tmp_path):
+    """The audit's reproduction: a run file with `"model": "x"` uploaded through /compare used to be
+    copied into the runs folder before failing, and from then on every page load and /profile failed."""
+    client = app.client(tmp_path)
+    saved = views(client.predict(["cpu"], "auto", 16, 2, api_name="/profile"))["runs"][0]
+    before = sorted(p.name for p in app.runs_dir.iterdir())
+    for name, edit in (("typed.json", {"model": "x"}), ("commit.json", {"environment": {"git": {"commit": 12345}}}),
+                       ("soon.json", {"ttft_s": "soon"})):
+        upload = tmp_path / name
+        upload.write_text(json.dumps({**saved, **edit}))
+        with pytest.raises(AppError, match="not a run file") as info:
+            client.predict([], [handle_file(str(upload))], api_name="/compare")
+        assert str(app.runs_dir) not in str(info.value) and "/tmp/" not in str(info.value)
+    assert sorted(p.name for p in app.runs_dir.iterdir()) == before  # nothing of them was stored
+    (app.runs_dir / "by-hand.json").write_text(json.dumps({**saved, "model": "x"}))  # a bad file placed by hand
+    other = app.client(tmp_path)  # another visitor: the page's run list, a profile and a comparison work
+    out = views(other.predict(["cpu"], "auto", 16, 2, api_name="/profile"))
+    assert "Saved" in out["status"] and "by-hand.json" not in {v for _, v in out["saved"]["choices"]}
+    compared = views(other.predict([Path(f).name for f in out["files"] if f.endswith(".json")][:1], [],
+                                   api_name="/compare"))
+    assert len(compared["kpi"]["data"]) == 1
+    assert "skipped a file in the runs folder: by-hand.json" in app.log()
+
+
+def test_uploads_and_reports_are_bounded_on_disk(app, tmp_path):
+    """Gradio refuses an upload over the run-file cap before it reaches the disk, and comparing the
+    same runs again writes no second report."""
+    import httpx
+
+    from profiling.runfile import MAX_RUN_BYTES
+
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (MAX_RUN_BYTES + 1024))
+    with open(big, "rb") as fh:
+        resp = httpx.post(app.url + "gradio_api/upload", files={"files": ("big.json", fh)}, timeout=60)
+    assert resp.status_code == 413, (resp.status_code, resp.text[:200])
+    client = app.client(tmp_path)
+    views(client.predict(["cpu"], "auto", 16, 2, api_name="/profile"))
+    saved = sorted(app.runs_dir.glob("*-cpu.json"))[-1].name
+    reports = set(app.runs_dir.glob("compare-*.html"))
+    first = views(client.predict([saved], [], api_name="/compare"))["files"]
+    second = views(client.predict([saved], [], api_name="/compare"))["files"]
+    assert Path(first[0]).name == Path(second[0]).name
+    assert len(set(app.runs_dir.glob("compare-*.html")) - reports) == 1
+
+
 def test_inside_the_model_endpoint_runs_a_prompt_and_steps(app):
     client = app.client()
     summary, path, candidates, lens, attention, view = client.predict("The capital of France is",
@@ -375,7 +426,7 @@ def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_d
         monkeypatch.setattr(profiling.runfile, "SHIPPED_RUNS_DIR", stand_in)
     shipped = profiling.runfile.shipped_runs()
     runs = [profiling.load_run(p) for p in shipped]  # load_run validates
-    dash = app_module.Dashboard(None, tmp_path, app_module.Busy(None))
+    dash = app_module.Dashboard(None, app_module.RunStore(tmp_path), app_module.Busy(None))
     out = dash.on_page_load("light")
     *shown, status, saved = out
     assert saved["value"] == [f"shipped/{p.name}" for p in shipped]
@@ -394,7 +445,7 @@ def test_baseline_checkbox_needs_transformers(monkeypatch, tmp_path):
 
     assert app_module.BASELINE_AVAILABLE  # transformers is the test oracle here
     monkeypatch.setattr(app_module, "BASELINE_AVAILABLE", False)
-    dash = app_module.Dashboard(None, tmp_path, app_module.Busy(None))
+    dash = app_module.Dashboard(None, app_module.RunStore(tmp_path), app_module.Busy(None))
     with pytest.raises(gr.Error, match="pip install transformers"):
         next(dash.profile(["cpu"], baseline=True))
 
@@ -472,6 +523,31 @@ def test_offline_without_the_model_starts_with_random_weights(tiny_model_dir, tm
         check_offline_app(server)
     finally:
         server.close()
+
+
+def test_a_corrupt_checkpoint_stops_start_up_with_one_error_line(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(b"\x00" * 100)
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(broken), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and weights.name in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+def test_a_broken_tokenizer_is_named_on_the_page(tiny_model_dir, tmp_path):
+    import app as app_module
+
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").write_text('{"model": ')
+    lm = app_module.LoadedModel(str(broken), "cpu", "float32", None, fast_decode="off")
+    notice = lm.notice()
+    assert lm.tokenizer.is_fallback and "could not be loaded" in notice and "tokenizer.json" in notice, notice
+    assert "No tokenizer files were found" not in notice and str(tmp_path) not in notice
 
 
 @pytest.mark.skipif(not os.environ.get("QWEN2_STUDIO_SLOW_TESTS"),
