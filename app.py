@@ -73,6 +73,7 @@ SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_
 COMPUTE_QUEUE = "compute"  # the concurrency group of the events that hold the model alone (profile, Inside)
 CHAT_QUEUE = "chat"  # chat replies: they decode together in the engine, so many run at once
 CHAT_CONCURRENCY = 16  # replies in flight at once (the engine's rows, and a queue behind them)
+CHARS_PER_TOKEN_BOUND = 8  # no real text averages more characters a token (code indentation: about 4)
 EMPTY_HINT = "Type a message first: the message box is empty."
 # The page gets at most 20 updates a second: each update re-renders the reply in the browser, so one per
 # token only loads the page (and its Stop click) at a few hundred tokens per second.
@@ -302,25 +303,45 @@ def history_messages(history) -> list[dict]:
 
 
 def fit_context(tokenizer, context: int, system: str, turns: list[dict], text: str, max_new: int):
-    """Prompt ids for the chat, dropping the oldest turns until the prompt leaves room for a reply.
+    """Prompt ids for the chat, dropping the oldest turns (a user message and what followed it) until
+    the prompt leaves room for a reply.
 
-    Returns (ids, turns dropped, max new tokens that fit)."""
+    Returns (ids, turns dropped, max new tokens that fit). Text far longer than the context can hold
+    (CHARS_PER_TOKEN_BOUND characters a token) is refused, or dropped, before it is tokenized, and the
+    turns to keep are found by bisection: a visitor's megabyte, or a thousand-turn history sent to the
+    API, must not cost everyone seconds of tokenizing."""
     reserve = max(1, min(int(max_new), context // 2))
-    dropped = 0
-    while True:
-        head = [{"role": "system", "content": system}] if system and system.strip() else []
-        ids = tokenizer.encode_chat(head + turns + [{"role": "user", "content": text}],
-                                    add_generation_prompt=True)
-        if len(ids) + reserve <= context or not turns:
-            break
-        turns = turns[1:]
-        while turns and turns[0]["role"] != "user":  # drop a whole turn: the user message and reply
-            turns = turns[1:]
-        dropped += 1
+    most = CHARS_PER_TOKEN_BOUND * context
+    for name, value in (("message", text), ("system prompt", system)):
+        if len(value) > most:
+            raise ChatError(f"This {name} is {len(value):,} characters, far more than the model's context of "
+                            f"{context:,} tokens can hold: please shorten it.")
+    head = [{"role": "system", "content": system}] if system and system.strip() else []
+    # Where the kept history may begin: the start, each later user message, or nothing kept.
+    starts = [0] + [i for i, t in enumerate(turns) if i > 0 and t["role"] == "user"] + [len(turns)]
+    chars_after = [0] * (len(turns) + 1)
+    for i in range(len(turns) - 1, -1, -1):
+        chars_after[i] = chars_after[i + 1] + len(turns[i]["content"])
+
+    def encode(k: int) -> list[int]:
+        return tokenizer.encode_chat(head + turns[starts[k]:] + [{"role": "user", "content": text}],
+                                     add_generation_prompt=True)
+
+    lo = next(k for k, start in enumerate(starts) if len(text) + len(system) + chars_after[start] <= most)
+    hi = len(starts) - 1  # keeping nothing always "fits" as far as history goes
+    fitted = {}
+    while lo < hi:  # the fewest dropped turns whose prompt leaves room for the reply
+        mid = (lo + hi) // 2
+        fitted[mid] = encode(mid)
+        if len(fitted[mid]) + reserve <= context:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = fitted.get(lo) or encode(lo)
     if len(ids) >= context:
         raise ChatError(f"This message is {len(ids)} tokens with the system prompt, but the model's "
                         f"context is {context} tokens: please shorten it.")
-    return ids, dropped, min(int(max_new), context - len(ids))
+    return ids, lo, min(int(max_new), context - len(ids))
 
 
 def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> dict:

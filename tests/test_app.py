@@ -637,6 +637,33 @@ def test_host_and_port_come_from_the_gradio_environment(monkeypatch):
     assert app_module.parse_args(["--port", "8000", "--host", "::1"]).port == 8000
 
 
+def test_long_inputs_cost_a_bounded_number_of_tokenizations():
+    """A megabyte message is refused before it is tokenized; a 2,000-turn API history is trimmed to the
+    same turns as dropping the oldest one at a time would keep, in a dozen tokenizations, not 2,000."""
+    import app as app_module
+    import qwen2
+
+    class Counting:
+        def __init__(self):
+            self.inner, self.calls = qwen2.Tokenizer.byte_fallback(512), 0
+
+        def encode_chat(self, messages, add_generation_prompt=True):
+            self.calls += 1
+            return self.inner.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+
+    tok = Counting()
+    with pytest.raises(app_module.ChatError, match="characters"):
+        app_module.fit_context(tok, 4096, "", [], "x" * 10**6, 16)
+    assert tok.calls == 0
+    turns = [{"role": role, "content": f"{role} {i} " * 3} for i in range(1000) for role in ("user", "assistant")]
+    ids, dropped, _ = app_module.fit_context(tok, 4096, "Be brief.", turns, "Hello", 256)
+    assert tok.calls <= 15 and len(ids) + 256 <= 4096
+    kept = turns[2 * dropped:]  # one at a time: the fewest oldest turns whose prompt leaves room
+    fits = lambda t: len(tok.inner.encode_chat([{"role": "system", "content": "Be brief."}, *t,  # noqa: E731
+                                                {"role": "user", "content": "Hello"}])) + 256 <= 4096
+    assert fits(kept) and not fits(turns[2 * dropped - 2:])
+
+
 def test_history_arrives_as_strings_or_content_parts():
     from app import history_messages, message_text, stats_message
     from qwen2.chat import ReplyStats
