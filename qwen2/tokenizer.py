@@ -11,23 +11,26 @@ streaming decoder, and a byte-level fallback for when no tokenizer files exist.
 Qwen2 has no BOS token and marks turns with ChatML special tokens (<|im_start|>, <|im_end|>);
 special-token strings typed into the text are encoded as those tokens, as Hugging Face does.
 
-The chat template is code shipped inside a downloaded repo, so it runs in Jinja's immutable
-sandbox with the same globals Hugging Face provides (`raise_exception`, `tojson`,
-`strftime_now`); any attempt to reach a private attribute fails at once with TokenizerError.
+The chat template is code shipped inside a downloaded repo: it runs sandboxed and bounded in
+time and size (qwen2.chat_template). `tools=[...]` renders function specs the way transformers
+does; qwen2.tool_calls parses the model's <tool_call> replies.
+
+Like transformers' Qwen2Tokenizer, text is NFC-normalised before encoding even when
+tokenizer.json has no normalizer of its own (files exported from GGUF have none).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
+from .chat_template import DEFAULT_LIMITS, ChatTemplate, TemplateLimits
 from .config import read_json_object
 from .errors import TokenizerError
 from .hub import resolve
+from .tool_calls import format_tool_call, normalize_tool_calls, tools_system_prompt, validate_tools
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -50,6 +53,8 @@ def normalize_messages(messages: Iterable[dict]) -> list[dict]:
     Templates concatenate content with `+`, so it must be a string. Gradio hands us content as
     a string or as a list of parts ({"type": "text", "text": ...} or bare strings); text parts
     are joined, anything else (images, files) is refused because this model reads only text.
+    Keys set to None are dropped, as transformers does (OpenAI's API sends `tool_calls: null`),
+    and an assistant message's `tool_calls` is checked (qwen2.tool_calls.normalize_tool_calls).
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Iterable):
         raise TokenizerError(f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -59,7 +64,11 @@ def normalize_messages(messages: Iterable[dict]) -> list[dict]:
             raise TokenizerError(f"message {i} must be a dict, got {type(message).__name__}")
         if not isinstance(message.get("role"), str):
             raise TokenizerError(f"message {i} has no string 'role': {message!r:.200}")
-        out.append({**message, "content": _content_text(message.get("content"), i)})
+        message = {k: v for k, v in message.items() if v is not None}
+        message["content"] = _content_text(message.get("content"), i)
+        if "tool_calls" in message:
+            message["tool_calls"] = normalize_tool_calls(message["tool_calls"], i)
+        out.append(message)
     return out
 
 
@@ -82,6 +91,11 @@ def _content_text(content, index: int) -> str:
             part.get("text"), str
         ):
             texts.append(part["text"])
+        elif isinstance(part, dict) and part.get("type", "text") == "text":
+            raise TokenizerError(
+                f"message {index} has a content part with no string 'text': {part!r:.200} "
+                f"(a tool result must be a string: json.dumps it)"
+            )
         else:
             kind = part.get("type", "?") if isinstance(part, dict) else type(part).__name__
             raise TokenizerError(
@@ -90,62 +104,51 @@ def _content_text(content, index: int) -> str:
     return "".join(texts)
 
 
-def render_chatml(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Render `messages` exactly as the official Qwen2-Instruct chat template does.
+def render_chatml(messages: list[dict], add_generation_prompt: bool = True,
+                  tools: list[dict] | None = None) -> str:
+    """Render `messages` exactly as the official Qwen2-Instruct chat template does, with tool
+    specs, tool calls and tool results in Qwen2.5-Instruct's format.
 
     Used when a tokenizer has no chat template of its own (and by the tests as an oracle):
     a default system turn when the first message is not a system one, then one ChatML block
-    per message, then `<|im_start|>assistant\\n` to prompt the reply.
+    per message, then `<|im_start|>assistant\\n` to prompt the reply. With `tools`, the system
+    turn lists them (after the first message's system prompt, or the default one); an assistant
+    message's `tool_calls` become <tool_call> blocks, and consecutive "tool" messages share one
+    user turn of <tool_response> blocks. For messages with a system prompt, the text is exactly
+    what Qwen2.5-Instruct's template renders.
     """
     messages = normalize_messages(messages)
+    tools = validate_tools(tools)
+    has_system = bool(messages) and messages[0]["role"] == "system"
     text = []
-    if messages and messages[0]["role"] != "system":
+    if tools:
+        system = messages[0]["content"] if has_system else DEFAULT_SYSTEM_PROMPT
+        text.append(f"{IM_START}system\n{tools_system_prompt(system, tools)}{IM_END}\n")
+        messages = messages[1:] if has_system else messages
+    elif messages and not has_system:
         text.append(f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n")
-    for message in messages:
-        text.append(f"{IM_START}{message['role']}\n{message['content']}{IM_END}\n")
+    for i, message in enumerate(messages):
+        if message["role"] == "tool":
+            text.append(_tool_response(messages, i))
+        elif message["role"] == "assistant" and message.get("tool_calls"):
+            content = f"\n{message['content']}" if message["content"] else ""
+            calls = "".join("\n" + format_tool_call(call) for call in message["tool_calls"])
+            text.append(f"{IM_START}assistant{content}{calls}{IM_END}\n")
+        else:
+            text.append(f"{IM_START}{message['role']}\n{message['content']}{IM_END}\n")
     if add_generation_prompt:
         text.append(f"{IM_START}assistant\n")
     return "".join(text)
 
 
-# --------------------------------------------------------------------------------------------
-# Sandboxed Jinja
-
-
-def _compile_template(source: str, origin: str):
-    """Compile a chat template in an immutable sandbox configured like Hugging Face's."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
-    class _StrictSandbox(ImmutableSandboxedEnvironment):
-        # The stock sandbox returns a silent Undefined for `x.__class__`, which renders as ""
-        # and only fails if used further; fail at the first unsafe access instead.
-        def unsafe_undefined(self, obj, attribute):
-            raise SecurityError(
-                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe"
-            )
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # HF's version: keeps non-ASCII text as is (Jinja's built-in escapes it for HTML).
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    def strftime_now(format):
-        return datetime.now().strftime(format)
-
-    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True,
-                         extensions=[jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(source)
-    except Exception as exc:  # TemplateSyntaxError and friends
-        raise TokenizerError(f"chat template from {origin} does not compile: {exc}") from exc
+def _tool_response(messages: list[dict], i: int) -> str:
+    """Tool results go back to the model in a user turn; consecutive ones share it."""
+    text = f"\n<tool_response>\n{messages[i]['content']}\n</tool_response>"
+    if i == 0 or messages[i - 1]["role"] != "tool":
+        text = f"{IM_START}user{text}"
+    if i == len(messages) - 1 or messages[i + 1]["role"] != "tool":
+        text = f"{text}{IM_END}\n"
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +206,8 @@ class Tokenizer:
 
     Build it with `Tokenizer.from_pretrained(source)` or `Tokenizer.byte_fallback(vocab_size)`.
     Attributes: vocab_size, eos_token_ids, special_token_ids, special_tokens (text -> id),
-    is_fallback, chat_template (None means the built-in ChatML renderer), source.
+    is_fallback, chat_template (None means the built-in ChatML renderer), source,
+    template_limits (qwen2.chat_template.TemplateLimits: what rendering the template may use).
     """
 
     def __init__(self, *, backend, vocab_size: int, special_tokens: dict[str, int],
@@ -218,7 +222,9 @@ class Tokenizer:
         self.is_fallback = is_fallback
         self.source = source
         self._template_vars = dict(template_vars or {})  # bos_token, eos_token, pad_token
-        self._compiled = None
+        self.template_limits: TemplateLimits = DEFAULT_LIMITS
+        self._compiled: ChatTemplate | None = None
+        self._compile_error: TokenizerError | None = None  # a template that failed stays failed
         self._special_re = (
             re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
             if special_tokens else None
@@ -250,6 +256,7 @@ class Tokenizer:
             raise TokenizerError(f"cannot read tokenizer file {path}: {exc}") from exc
 
         config = _read_json(directory / "tokenizer_config.json")
+        _default_to_nfc(backend, config)
         gen_config = _read_json(directory / "generation_config.json")
 
         # Special tokens: every added token flagged special (the ChatML markers for Qwen2).
@@ -350,26 +357,45 @@ class Tokenizer:
 
     # ---- chat ----------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages`, rendered by the repo's template (or ChatML)."""
-        messages = normalize_messages(messages)
-        if self.chat_template is None:
-            return render_chatml(messages, add_generation_prompt)
-        if self._compiled is None:
-            self._compiled = _compile_template(self.chat_template, self.source)
-        try:
-            return self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                tools=None, documents=None, **self._template_vars,
-            )
-        except Exception as exc:  # SecurityError, raise_exception(), TypeError, UndefinedError
-            raise TokenizerError(
-                f"chat template from {self.source} failed to render "
-                f"({type(exc).__name__}): {exc}"
-            ) from exc
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages`, rendered by the repo's template (or ChatML).
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        `tools` is a list of JSON function specs (see qwen2.tool_calls.validate_tools), rendered
+        as transformers' apply_chat_template(..., tools=tools) does. Raises TokenizerError for
+        bad messages or tools, a template that fails or goes over `template_limits`, or tools
+        given to a template that never reads them.
+        """
+        messages = normalize_messages(messages)
+        tools = validate_tools(tools)
+        if self.chat_template is None:
+            return render_chatml(messages, add_generation_prompt, tools=tools)
+        template = self._template()
+        if tools and "tools" not in template.variables:
+            raise TokenizerError(
+                f"chat template from {self.source} does not render tools (it never reads "
+                f"'tools'); use a checkpoint whose template supports function calling"
+            )
+        return template.render(
+            self.template_limits, messages=messages, add_generation_prompt=add_generation_prompt,
+            tools=tools, documents=None, **self._template_vars,
+        )
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools=tools))
+
+    def _template(self) -> ChatTemplate:
+        """The compiled chat template (compiled once; a failure is remembered, not retried)."""
+        if self._compile_error is not None:
+            raise self._compile_error
+        if self._compiled is None:
+            try:
+                self._compiled = ChatTemplate(self.chat_template, self.source, self.template_limits)
+            except TokenizerError as exc:
+                self._compile_error = exc
+                raise
+        return self._compiled
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,6 +414,19 @@ def _eos_ids(value, path: Path) -> list[int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise TokenizerError(f"eos_token_id in {path} must be an int or a list of ints: {value!r}")
     return list(values)
+
+
+def _default_to_nfc(backend, config: dict) -> None:
+    """Give `backend` the NFC normalizer transformers' Qwen2Tokenizer always uses, when
+    tokenizer.json has no normalizer (files exported from GGUF have none): "e\\u0301" must
+    encode as "\\u00e9" does. Set on the backend, so special tokens are still split off first
+    and their neighbours normalised on their own, exactly as transformers does. A
+    tokenizer_config.json naming another class gets tokenizer.json as it is, as there."""
+    from tokenizers import normalizers
+
+    tokenizer_class = config.get("tokenizer_class")
+    if backend.normalizer is None and tokenizer_class in (None, "Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        backend.normalizer = normalizers.NFC()
 
 
 def _find_template(directory: Path, config: dict) -> str | None:

@@ -321,3 +321,78 @@ def test_from_pretrained_hub_id_offline(tok_dir, offline_hub):
 def test_uncached_hub_id_is_model_not_found(offline_hub):
     with pytest.raises(ModelNotFoundError, match="Org/Missing"):
         Tokenizer.from_pretrained("Org/Missing")
+
+
+# ---- NFC, as transformers' Qwen2Tokenizer applies it ----------------------------------------
+
+NFC_TEXTS = [
+    "e\u0301",                                      # e + combining acute -> é
+    "\u1100\u1161\u11a8 \u1112\u1161\u11ab\u1100\u1173\u11af",  # Hangul jamo -> 각 한글
+    "café 한국어 naïve Å",                           # already NFC
+    "A\u030a \u212b ﬁ ① x\u0323\u0307",            # Å two ways, compatibility forms NFC keeps
+    "e\u0301<|im_end|>\u0338x<|im_start|>a\u0308",  # around special tokens
+]
+
+
+def _without_normalizer(src: Path, dst: Path, tokenizer_class: str | None = "Qwen2Tokenizer") -> Path:
+    """A copy of a tokenizer directory whose tokenizer.json has no normalizer, as GGUF exports."""
+    dst.mkdir()
+    data = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["normalizer"] == {"type": "NFC"}
+    data["normalizer"] = None
+    (dst / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("tokenizer_class", None)
+    if tokenizer_class is not None:
+        config["tokenizer_class"] = tokenizer_class
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    return dst
+
+
+def _transformers_applies_nfc() -> bool:
+    """transformers 5's Qwen2Tokenizer rebuilds its pipeline with NFC whatever tokenizer.json
+    says; 4.x's fast tokenizer used tokenizer.json as it is (only the slow one normalised)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+@pytest.mark.parametrize("tokenizer_class", ["Qwen2Tokenizer", "Qwen2TokenizerFast", None])
+def test_nfc_without_a_normalizer(tok_dir, tmp_path, tokenizer_class):
+    t = Tokenizer.from_pretrained(_without_normalizer(tok_dir, tmp_path / "t", tokenizer_class))
+    reference = Tokenizer.from_pretrained(tok_dir)  # tokenizer.json with NFC
+    assert t.encode("e\u0301") == t.encode("\u00e9") != list(b"e\xcc\x81")
+    for text in NFC_TEXTS + [MIXED]:
+        assert t.encode(text) == reference.encode(text)
+    # Special tokens are split off first: U+0338 would otherwise fuse '>' into '≯'.
+    ids = t.encode("<|im_end|>\u0338")
+    assert ids[0] == t.special_tokens["<|im_end|>"] and t.decode(ids) == "\u0338"
+
+
+def test_another_tokenizer_class_keeps_tokenizer_json_as_is(tok_dir, tmp_path):
+    d = _without_normalizer(tok_dir, tmp_path / "t", "PreTrainedTokenizerFast")
+    t = Tokenizer.from_pretrained(d)
+    assert t.encode("e\u0301") != t.encode("\u00e9")
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
+    hf = transformers.AutoTokenizer.from_pretrained(str(d))
+    assert t.encode("e\u0301") == hf.encode("e\u0301", add_special_tokens=False)
+
+
+def test_nfc_matches_transformers_on_the_tiny_tokenizer(tok_dir, tmp_path):
+    if not _transformers_applies_nfc():
+        pytest.skip("transformers < 5 does not normalise when tokenizer.json has no normalizer")
+    d = _without_normalizer(tok_dir, tmp_path / "t")
+    t = Tokenizer.from_pretrained(d)
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(str(d))
+    for text in NFC_TEXTS:
+        assert t.encode(text) == hf.encode(text, add_special_tokens=False), text
+
+
+def test_nfc_matches_transformers_on_the_real_checkpoint(real_model_dir, tmp_path):
+    if not _transformers_applies_nfc():
+        pytest.skip("transformers < 5 does not normalise when tokenizer.json has no normalizer")
+    d = _without_normalizer(real_model_dir, tmp_path / "t")
+    t = Tokenizer.from_pretrained(d)
+    hf = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(str(d))
+    assert t.encode("e\u0301") == [963]  # é, one token; [68, 53839] without NFC
+    for text in NFC_TEXTS + ["<tool_call>\u0338{\"name\": \"f\"}</tool_call>"]:
+        assert t.encode(text) == hf.encode(text, add_special_tokens=False), text
