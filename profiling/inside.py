@@ -1,23 +1,33 @@
 """Inside the model: one token being made, captured from outside the model's math.
 
     from profiling.inside import InsideSession
-    session = InsideSession(model, tokenizer, temperature=0.7, top_p=0.8, seed=0)
-    view = session.start("The capital of France is")   # prefill; a JSON-serialisable dict
-    view = session.step()                               # feed the chosen token, one decode step
+    with InsideSession(model, tokenizer, temperature=0.7, top_p=0.8, seed=0, max_tokens=512) as session:
+        view = session.start("The capital of France is")   # prefill; a JSON-serialisable dict
+        view = session.step()                               # feed the chosen token, one decode step
 
 Forward hooks on the existing modules (embedding, rotary embedding, each layer's norms, q/k/v or
 the fused qkv_proj, o_proj, gate/up or gate_up_proj, down_proj, the final norm and the LM head)
 record the shape every stage produced, the residual stream at the last position (for the logit
-lens) and q/k (for the attention maps). The forward runs through an eager `qwen2.DecodeSession`
+lens) and q (for the attention maps). The forward runs through an eager `qwen2.DecodeSession`
 (plain module calls, so the hooks fire) and the views are computed afterwards:
 
 - path: every stage with its captured shape, the shape the config implies, and its parameter count;
   the KV cache's size per layer.
 - candidates: the top tokens before and after each sampling processor (qwen2.sampling.processor_stages).
 - logit_lens: the final norm + LM head applied to the residual stream after each layer.
-- attention: softmax(q k^T / sqrt(hd)) recomputed from the hooked q and k (RoPE applied with
-  qwen2.model.apply_rope, the mask from qwen2.model.visibility_mask), since the SDPA backend does not
-  expose its probabilities; equal to the eager backend's (tests/test_inside.py).
+- attention: softmax(q k^T / sqrt(hd)) recomputed from the hooked q (RoPE applied with
+  qwen2.model.apply_rope) and the keys in the KV cache (the mask from qwen2.model.visibility_mask),
+  since the SDPA backend does not expose its probabilities; equal to the eager backend's
+  (tests/test_inside.py).
+
+Memory: a session is meant to be kept between clicks (the app keeps a few), so it holds only what
+its views need, and no more than `max_tokens` tokens of context: the KV cache (at most max_tokens
+slots), q of the last position per layer (every position while the context is at most
+full_map_max tokens, for the T x T maps), the residual rows at the last position (the logit lens,
+(L + 1, D)), the last logits and the reduced lens view. The capture's activations are dropped after
+each forward; attention probabilities, the (L + 1, V) lens and the processors' stages are computed
+again when asked (`attention_probs`, `lens_logits`, `stage_probs`). `close()` (or leaving a `with`
+block) lets the KV cache go.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from collections.abc import Sequence
 import torch
 
 from qwen2.cache import kv_bytes_per_token
-from qwen2.errors import GenerationError
+from qwen2.errors import GenerationError, LimitError
 from qwen2.generate import DecodeSession, default_stop_ids
 from qwen2.model import apply_rope, visibility_mask
 from qwen2.sampling import Sampler, SamplingSettings, processor_stages
@@ -79,19 +89,30 @@ def parameter_counts(config) -> dict[str, int]:
 class Capture:
     """Forward hooks on the model's modules for one forward; removed on exit.
 
-    shapes[(name, layer)] = the output shape (batch dim dropped) of every call; q/k/v raw projections
-    per layer; cos/sin from the rotary embedding; resid[0] the embedding's last row, resid[i + 1]
-    layer i's output at the last position; logits the LM head's output.
+    shapes[(name, layer)] = the output shape (batch dim dropped) of every call; q[layer] the raw q
+    projection and cos/sin from the rotary embedding, of every new position or (last_only) of the
+    last one; resid[0] the embedding's last row, resid[i + 1] layer i's output at the last position.
+    What is kept is copied out of the forward's activations, so none of those outlives the forward;
+    release() drops the tensors (the shapes stay).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, last_only: bool = False):
         self.model = model
+        self.last_only = last_only
         self.handles = []
         self.shapes: dict[tuple[str, int | None], list[int]] = {}
         self.q: dict[int, torch.Tensor] = {}
-        self.k: dict[int, torch.Tensor] = {}
         self.cos = self.sin = None
         self.resid: dict[int, torch.Tensor] = {}
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> a copy of the rows kept: the last one, or all."""
+        return (t[:, -1:] if self.last_only else t).clone()
+
+    def release(self):
+        self.q.clear()
+        self.resid.clear()
+        self.cos = self.sin = None
 
     def _shape(self, key, t):
         self.shapes[key] = list(t.shape[1:])  # batch of one: drop it
@@ -107,10 +128,10 @@ class Capture:
 
         def embed(out):
             self._shape(("embedding", None), out)
-            self.resid[0] = out[:, -1]
+            self.resid[0] = out[:, -1].clone()  # a view would keep the whole (T, D) output alive
 
         def rope(out):
-            self.cos, self.sin = out
+            self.cos, self.sin = self._rows(out[0]), self._rows(out[1])
             self._shape(("rope", None), out[0])
 
         self._post(m.embed_tokens, embed)
@@ -131,7 +152,7 @@ class Capture:
             def fn(out):
                 self._shape((name, i), out)
                 if store is not None:
-                    store[i] = out
+                    store[i] = self._rows(out)
             return fn
 
         self._post(layer.input_layernorm, record("input_layernorm"))
@@ -142,12 +163,12 @@ class Capture:
                 self._shape(("qkv_proj", i), out)
                 q, k, v = out.split([q_size, kv_size, kv_size], dim=-1)
                 keep("q_proj", self.q)(q)
-                keep("k_proj", self.k)(k)
+                keep("k_proj", None)(k)  # the keys are read back from the KV cache
                 keep("v_proj", None)(v)
             self._post(attn.qkv_proj, qkv)
         else:
             self._post(attn.q_proj, keep("q_proj", self.q))
-            self._post(attn.k_proj, keep("k_proj", self.k))
+            self._post(attn.k_proj, keep("k_proj", None))
             self._post(attn.v_proj, keep("v_proj", None))
         self._pre(attn.o_proj, record("attention"))
         self._post(attn.o_proj, record("o_proj"))
@@ -168,7 +189,7 @@ class Capture:
 
         def layer_out(out):
             self._shape(("layer_out", i), out)
-            self.resid[i + 1] = out[:, -1]
+            self.resid[i + 1] = out[:, -1].clone()
         self._post(layer, layer_out)
 
     def __exit__(self, *exc):
@@ -184,21 +205,50 @@ def _probs_list(t: torch.Tensor, digits: int = 5) -> list:
     return torch.round(t.double(), decimals=digits).tolist()  # float64: short reprs in JSON
 
 
+_UNSET = object()
+_SAMPLING_KEYWORDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
 class InsideSession:
     """One prompt's walk through the model, advanced a decode step at a time.
 
     start(prompt) prefills and returns the view; step(token_id=None) feeds the chosen token (or the
     one given) through the KV cache and returns the new view; view(full_maps=...) rebuilds the dict
-    from what was captured; attention_layer(i) is one layer's maps. Sampling settings are those of
-    qwen2.generate; with the same seed, the chosen tokens are what qwen2.generate would yield.
+    from what was kept; attention_layer(i) is one layer's maps; close() lets the KV cache go. Sampling
+    settings are those of qwen2.generate (`settings=` a SamplingSettings, or the keywords); with the
+    same seed, the chosen tokens are what qwen2.generate would yield.
+
+    max_tokens caps the session's whole context (prompt + stepped tokens; None: the model's
+    context, and never more than it): start refuses a longer prompt and step a token past it, with a
+    qwen2.errors.LimitError (a GenerationError). It bounds what a session holds (the KV cache) and
+    how long a prefill holds the model.
     """
 
-    def __init__(self, model, tokenizer=None, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 candidates: int = 10, lens_top: int = 5, full_map_max: int = 64, full_maps=None):
+    def __init__(self, model, tokenizer=None, *, settings: SamplingSettings | None = None,
+                 temperature: float = _UNSET, top_k: int = _UNSET, top_p: float = _UNSET,
+                 min_p: float = _UNSET, repetition_penalty: float = _UNSET, seed: int | None = None,
+                 candidates: int = 10, lens_top: int = 5, full_map_max: int = 64, full_maps=None,
+                 max_tokens: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
-        self.settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+        given = {k: v for k, v in zip(_SAMPLING_KEYWORDS, (temperature, top_k, top_p, min_p, repetition_penalty))
+                 if v is not _UNSET}
+        if settings is not None:
+            if not isinstance(settings, SamplingSettings):
+                raise GenerationError("settings must be a qwen2.sampling.SamplingSettings; "
+                                      f"got {type(settings).__name__}")
+            if given:
+                raise GenerationError(f"pass the sampling settings either as settings= or as keywords, not both "
+                                      f"(got settings= and {', '.join(given)})")
+            self.settings = settings
+        else:
+            self.settings = SamplingSettings(**given)
+        context = self.config.max_position_embeddings
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise GenerationError(f"max_tokens={max_tokens!r} is invalid; expected an integer >= 1 "
+                                  "(or None: the model's context)")
+        self.max_tokens = context if max_tokens is None else min(max_tokens, context)
         self.seed = seed
         self.n_candidates, self.lens_top, self.full_map_max = candidates, lens_top, full_map_max
         self.full_maps = full_maps  # what start/step's views include; see view()
@@ -206,7 +256,39 @@ class InsideSession:
         self.prompt_len = 0
         self.session: DecodeSession | None = None
         self.sampler: Sampler | None = None
+        self.closed = False
         self._text_cache: dict[int, str] = {}
+        self._clear()
+
+    def _clear(self):
+        """Drop everything a forward left (the KV cache included)."""
+        if getattr(self, "session", None) is not None:
+            self.session.close()
+        self.session = None
+        self.q_all: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers
+        self.lens_rows: torch.Tensor | None = None  # (L + 1, D): the residual stream at the last position
+        self.logits: torch.Tensor | None = None  # (1, V) float32
+        self.capture: Capture | None = None  # its shapes only
+        self._seen_before: torch.Tensor | None = None
+        self._lens: tuple | None = None
+
+    def close(self):
+        """Let the KV cache and every kept tensor go; the session can start() again afterwards."""
+        self._clear()
+        self.sampler = None
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _cap_phrase(self) -> str:
+        context = self.config.max_position_embeddings
+        if self.max_tokens < context:
+            return f"this view's cap of {self.max_tokens} tokens (prompt and stepped tokens together)"
+        return f"the model's context of {context} tokens"
 
     # -- driving the model ----------------------------------------------------------------
 
@@ -223,27 +305,36 @@ class InsideSession:
             raise GenerationError("the prompt is empty: nothing to run")
         if min(ids) < 0 or max(ids) >= V:
             raise GenerationError(f"token ids must be in [0, {V})")
+        if len(ids) > self.max_tokens:
+            raise LimitError(f"the prompt has {len(ids)} tokens, more than {self._cap_phrase()}; shorten it "
+                             f"to at most {self.max_tokens} tokens (e.g. keep its end)")
         if len(ids) >= self.config.max_position_embeddings:
             raise GenerationError(f"the prompt ({len(ids)} tokens) leaves no room in the context of "
                                   f"{self.config.max_position_embeddings}")
+        self._clear()  # a session started again lets its previous cache go first
+        self.closed = False
         self.ids, self.prompt_len = list(ids), len(ids)
         prompt_t = torch.tensor([ids], device=self.model.device)
         self.sampler = Sampler(self.settings, prompt_t, V, self.seed)
         self._prefill()
         return self.view(self.full_maps)
 
+    def _require_started(self):
+        if self.session is None:
+            raise GenerationError("this session was closed: start(prompt) again" if self.closed
+                                  else "start(prompt) first")
+
     def step(self, token_id: int | None = None) -> dict:
         """Feed the chosen token (or `token_id`) as one decode step; return the new view."""
-        if self.session is None:
-            raise GenerationError("start(prompt) first")
+        self._require_started()
         token = self.chosen if token_id is None else int(token_id)
         if not 0 <= token < self.config.vocab_size:
             raise GenerationError(f"token id {token} is outside the vocab [0, {self.config.vocab_size})")
-        if token != self.chosen and self.sampler.seen is not None:  # the penalty sees the token fed
-            self.sampler.seen = self._seen_before.clone()
-            self.sampler.seen[0, token] = True
-        if len(self.ids) + 1 > self.config.max_position_embeddings:
-            raise GenerationError(f"the context of {self.config.max_position_embeddings} tokens is full")
+        if len(self.ids) + 1 > self.max_tokens:
+            raise LimitError(f"no room for another token: {len(self.ids)} tokens ({self.prompt_len} prompt + "
+                             f"{len(self.ids) - self.prompt_len} stepped) fill {self._cap_phrase()}; start "
+                             "again with a shorter prompt to step further")
+        self._mark_fed(token)
         self.ids.append(token)
         if self.session.length + 1 > self.session.cache.max_len:
             self._prefill()  # cache full: rebuild a bigger one from all tokens (rare)
@@ -252,51 +343,72 @@ class InsideSession:
                           phase="decode", new=1)
         return self.view(self.full_maps)
 
+    def _mark_fed(self, token: int):
+        """The repetition penalty sees the token fed: the draw marked the chosen token seen; another
+        token fed replaces that mark. (The one place that writes the Sampler's state: a
+        Sampler.mark(ids) / draw-without-marking interface in qwen2.sampling would replace it.)"""
+        if token != self.chosen and self.sampler.seen is not None:
+            self.sampler.seen = self._seen_before.clone()
+            self.sampler.seen[0, token] = True
+
     def _prefill(self):
-        limit = self.config.max_position_embeddings
-        self.session = DecodeSession(self.model, 1, min(limit, len(self.ids) + GROWTH))
-        self.q_all: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers
-        self.k_all: list[torch.Tensor | None] = [None] * self.config.num_hidden_layers
+        self._clear()  # the old cache goes before the new one is allocated
+        self.session = DecodeSession(self.model, 1, min(self.max_tokens, len(self.ids) + GROWTH))
         prompt = torch.tensor([self.ids], device=self.model.device)
         self._forward(lambda: self.session.prefill(prompt), phase="prefill", new=len(self.ids))
 
     @torch.inference_mode()
     def _forward(self, run, phase: str, new: int):
         t0 = time.perf_counter()
-        with Capture(self.model) as cap:
+        keep_all = len(self.ids) <= self.full_map_max  # q of every position only for the T x T maps
+        with Capture(self.model, last_only=not keep_all) as cap:
             logits = run()  # (1, V) float32
         if self.model.device.type == "cuda":
             torch.cuda.synchronize()
         t1 = time.perf_counter()
         self.phase, self.new_tokens, self.capture, self.logits = phase, new, cap, logits.float()
-        self._rope_and_append(cap)
-        self._attention()
-        self._lens(cap)
-        self._candidates()
+        self._rope_and_append(cap, keep_all)
+        L = self.config.num_hidden_layers
+        self.lens_rows = torch.cat([cap.resid[i] for i in range(L + 1)])  # (L + 1, D)
+        self._last_row_shape = list(cap.resid[L].shape[1:])
+        cap.release()  # the capture keeps its shapes only
+        self._draw()
+        self._reduce_lens()
         t2 = time.perf_counter()
         self.timing = {"forward_s": t1 - t0, "views_s": t2 - t1}
 
-    def _rope_and_append(self, cap: Capture):
-        H, Hkv, hd = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
+    def _rope_and_append(self, cap: Capture, keep_all: bool):
+        H, hd = self.config.num_attention_heads, self.config.head_dim
         for i in range(self.config.num_hidden_layers):
             B, T, _ = cap.q[i].shape
             q = apply_rope(cap.q[i].reshape(B, T, H, hd).transpose(1, 2), cap.cos, cap.sin)  # (1, H, T, hd)
-            k = apply_rope(cap.k[i].reshape(B, T, Hkv, hd).transpose(1, 2), cap.cos, cap.sin)  # (1, Hkv, T, hd)
-            self.q_all[i] = q if self.q_all[i] is None else torch.cat([self.q_all[i], q], dim=2)
-            self.k_all[i] = k if self.k_all[i] is None else torch.cat([self.k_all[i], k], dim=2)
+            if keep_all and self.q_all[i] is not None:
+                q = torch.cat([self.q_all[i], q], dim=2)
+            self.q_all[i] = q  # every position while T <= full_map_max, else the last one
 
     # -- the views' numbers ---------------------------------------------------------------
 
     def _window(self, layer: int) -> int | None:
         return self.config.sliding_window if self.config.layer_types[layer] == "sliding_attention" else None
 
+    def full_maps_available(self) -> bool:
+        """Whether the T x T maps can be computed: q of every position is kept up to full_map_max."""
+        return self.session is not None and self.q_all[0] is not None and self.q_all[0].shape[2] == len(self.ids)
+
+    @torch.inference_mode()
     def attention_probs(self, layer: int, last_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(probs (H, Tq, S) float32, visible (Tq, S) bool) of layer `layer` for the last query
-        (last_only) or every query; softmax(q k^T / sqrt(hd)) under the causal (+ window) mask."""
-        q, k = self.q_all[layer], self.k_all[layer]  # (1, H, T, hd), (1, Hkv, T, hd)
-        T = k.shape[2]
+        (last_only) or every query (while the context is at most full_map_max tokens); softmax(q k^T /
+        sqrt(hd)) under the causal (+ window) mask, the keys read from the KV cache."""
+        self._require_started()
+        T = len(self.ids)
+        q = self.q_all[layer]  # (1, H, T or 1, hd)
         if last_only:
             q = q[:, :, -1:]
+        elif q.shape[2] != T:
+            raise GenerationError(f"the full attention maps are kept for contexts of at most {self.full_map_max} "
+                                  f"tokens (full_map_max); this one has {T}: only the last row is available")
+        k = self.session.cache.k[layer][:, :, :T]  # (1, Hkv, T, hd): RoPE'd keys, as the model wrote them
         slots = torch.arange(T, device=q.device)
         visible = visibility_mask(slots[T - q.shape[2]:], slots, None, self._window(layer))  # (1, 1, Tq, S)
         groups = q.shape[1] // k.shape[1]
@@ -305,25 +417,37 @@ class InsideSession:
         probs = scores.masked_fill(~visible, -math.inf).softmax(dim=-1)
         return probs[0], visible[0, 0]
 
-    def _attention(self):
-        L = self.config.num_hidden_layers
-        T = len(self.ids)
-        self.attn_last = [self.attention_probs(i, last_only=True) for i in range(L)]
-        self.attn_full = [self.attention_probs(i, last_only=False) for i in range(L)] \
-            if T <= self.full_map_max else None
+    @property
+    def lens_logits(self) -> torch.Tensor:
+        """(L + 1, V) float32: the final norm + LM head on the residual stream after each layer
+        (row 0: the embedding), at the last position; computed when asked, not kept."""
+        self._require_started()
+        with torch.inference_mode():
+            return self.model.lm_head(self.model.model.norm(self.lens_rows[None]))[0].float()
 
-    def _lens(self, cap: Capture):
-        rows = torch.cat([cap.resid[i] for i in range(self.config.num_hidden_layers + 1)])  # (L + 1, D)
-        lens_logits = self.model.lm_head(self.model.model.norm(rows[None]))[0].float()  # (L + 1, V)
-        self.lens_logits = lens_logits
-        self.lens_probs = lens_logits.softmax(dim=-1)
+    @property
+    def lens_probs(self) -> torch.Tensor:
+        return self.lens_logits.softmax(dim=-1)
 
-    def _candidates(self):
+    def _reduce_lens(self):
+        """The logit lens's view, kept instead of its (L + 1, V) probabilities: each row's top
+        lens_top and the chosen token's probability and rank."""
+        probs = self.lens_probs
+        top = probs.topk(self.lens_top, dim=-1)
+        target_p = probs[:, self.chosen].clone()  # a copy: a view would keep the whole (L + 1, V) alive
+        ranks = (probs > target_p[:, None]).sum(-1) + 1
+        self._lens = (top.indices, top.values, target_p, ranks)
+
+    def _draw(self):
         seen = self.sampler.seen
         self._seen_before = seen.clone() if seen is not None else None
-        stages = processor_stages(self.logits, self.settings, seen)
-        self.stage_logits = stages
         self.chosen = int(self.sampler(self.logits)[0])  # the draw qwen2.generate would make (marks seen)
+
+    @property
+    def stage_logits(self) -> list[tuple[str, torch.Tensor]]:
+        """(name, (1, V) logits) before and after each sampling processor, for the latest forward."""
+        self._require_started()
+        return processor_stages(self.logits, self.settings, self._seen_before)
 
     # -- the JSON view --------------------------------------------------------------------
 
@@ -347,8 +471,7 @@ class InsideSession:
         False none, an int or list those layers, None every layer when that is at most
         FULL_MAP_CELLS numbers (else none: ask attention_layer(i) for the one on screen).
         """
-        if self.session is None:
-            raise GenerationError("start(prompt) first")
+        self._require_started()
         c = self.config
         facts = model_facts(self.model)
         T = len(self.ids)
@@ -360,6 +483,11 @@ class InsideSession:
             layers = set()
         else:
             layers = {int(full_maps)} if isinstance(full_maps, int) else {int(x) for x in full_maps}
+        t0 = time.perf_counter()
+        stages = self.stage_probs()  # computed once per view, from the kept logits
+        attention = [self.attention_layer(i, full=i in layers) for i in range(c.num_hidden_layers)]
+        timing = {"forward_s": self.timing["forward_s"],
+                  "views_s": self.timing["views_s"] + time.perf_counter() - t0}
         notice = None
         if facts["random_weights"]:
             notice = ("Random weights: every number here is really computed, but the model was never "
@@ -374,18 +502,19 @@ class InsideSession:
             "settings": {"temperature": self.settings.temperature, "top_k": self.settings.top_k,
                          "top_p": self.settings.top_p, "min_p": self.settings.min_p,
                          "repetition_penalty": self.settings.repetition_penalty, "seed": self.seed},
-            "path": self._path(),
+            "max_tokens": self.max_tokens,
+            "path": self._path(stages),
             "kv_cache": self._kv_cache(),
-            "candidates": self._candidates_view(),
+            "candidates": self._candidates_view(stages),
             "logit_lens": self._lens_view(),
             "attention": {
                 "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
                 "groups": c.num_attention_heads // c.num_key_value_heads,
                 "full_map_max": self.full_map_max,
-                "layers": [self.attention_layer(i, full=i in layers) for i in range(c.num_hidden_layers)],
+                "layers": attention,
             },
-            "chosen": self._chosen_view(),
-            "timing": {k: round(v, 4) for k, v in self.timing.items()},
+            "chosen": self._chosen_view(stages),
+            "timing": {k: round(v, 4) for k, v in timing.items()},
         }
 
     def _model_summary(self, facts) -> dict:
@@ -402,7 +531,7 @@ class InsideSession:
             "parameters": counts["total"], "parameters_per_layer": counts["layer"],
         }
 
-    def _path(self) -> list[dict]:
+    def _path(self, stages) -> list[dict]:
         """Every stage in execution order: captured shape, expected shape, parameters, detail."""
         c, cap = self.config, self.capture
         D, I, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
@@ -429,7 +558,8 @@ class InsideSession:
         qkv_name = attn_mod + (".qkv_proj" if fused_attn else ".{}_proj")
         mlp_mod = lay + ".mlp"
         gu_name = mlp_mod + (".gate_up_proj" if fused_mlp else ".{}_proj")
-        chosen_p = float(self._final_probs()[self.chosen])
+        final = stages[-1][1]
+        chosen_p = float(final[self.chosen])
         window_note = (f"; layers {windows[0]}..{windows[-1]} attend within a sliding window of "
                        f"{c.sliding_window} tokens" if windows else "")
         path = [
@@ -468,11 +598,11 @@ class InsideSession:
             stage("layer_out", "+ residual", lay, [T, D], 0, f"h = h + mlp(norm(h)); x {L} layers", True),
             stage("final_norm", "Final RMSNorm", "model.norm", [T, D], counts["final_norm"], "x / rms(x) * weight"),
             stage("last_row", "Last row", "", [D], 0, "only the last position predicts the next token",
-                  shape=list(cap.resid[L].shape[1:])),
+                  shape=self._last_row_shape),
             stage("lm_head", "LM head", "lm_head", [V], counts["lm_head"],
                   f"{D} -> {V} logits" + ("; weights shared with the embedding" if c.tie_word_embeddings else "")),
             stage("softmax", "Softmax", "", [V], 0, "probabilities after the sampling processors",
-                  shape=list(self._final_probs().shape)),
+                  shape=list(final.shape)),
             stage("chosen", "Chosen token", "", [1], 0,
                   f"{self.token_text(self.chosen)!r} (id {self.chosen}, p={chosen_p:.3f})", shape=[1]),
         ]
@@ -489,22 +619,21 @@ class InsideSession:
                 "allocated_tokens": self.session.cache.max_len,
                 "detail": f"K and V of {c.num_key_value_heads} heads x {c.head_dim} dims per token per layer"}
 
-    def _final_probs(self) -> torch.Tensor:
-        name, logits = self.stage_logits[-1]
-        if self.settings.greedy:
-            return torch.nn.functional.one_hot(logits[0].argmax(), logits.shape[-1]).float()
-        return logits[0].softmax(dim=-1)
-
     def stage_probs(self) -> list[tuple[str, torch.Tensor]]:
-        """(name, (V,) probabilities) before and after each processor; greedy adds ("greedy", one-hot)."""
-        out = [(name, logits[0].softmax(dim=-1)) for name, logits in self.stage_logits]
+        """(name, (V,) probabilities) before and after each processor; greedy adds ("greedy", one-hot).
+        The last entry is the distribution the token is drawn from."""
+        stage_logits = self.stage_logits
+        out = [(name, logits[0].softmax(dim=-1)) for name, logits in stage_logits]
         if self.settings.greedy:
-            out.append(("greedy", self._final_probs()))
+            logits = stage_logits[-1][1]
+            out.append(("greedy", torch.nn.functional.one_hot(logits[0].argmax(), logits.shape[-1]).float()))
         return out
 
-    def _candidates_view(self) -> dict:
+    def _final_probs(self) -> torch.Tensor:
+        return self.stage_probs()[-1][1]
+
+    def _candidates_view(self, stages) -> dict:
         s = self.settings
-        stages = self.stage_probs()
         raw, final = stages[0][1], stages[-1][1]
         n = self.n_candidates
         ids: list[int] = []
@@ -533,45 +662,45 @@ class InsideSession:
 
     def _lens_view(self) -> dict:
         L = self.config.num_hidden_layers
-        top = self.lens_probs.topk(self.lens_top, dim=-1)
+        top_ids, top_probs, target_p, ranks = self._lens  # reduced right after the forward
         target = self.chosen
-        target_p = self.lens_probs[:, target]
-        ranks = (self.lens_probs > target_p[:, None]).sum(-1) + 1
         return {"rows": ["embedding"] + [f"layer {i}" for i in range(L)],
-                "top_ids": top.indices.tolist(),
-                "top_texts": [[self.token_text(t) for t in row] for row in top.indices.tolist()],
-                "top_probs": _probs_list(top.values),
+                "top_ids": top_ids.tolist(),
+                "top_texts": [[self.token_text(t) for t in row] for row in top_ids.tolist()],
+                "top_probs": _probs_list(top_probs),
                 "target": {"id": target, "text": self.token_text(target), "probs": _probs_list(target_p),
                            "ranks": ranks.tolist()}}
 
     def attention_layer(self, layer: int, full: bool = True) -> dict:
         """One layer's maps: last_row (H, S) always; full (H, T, T) and its mask when asked and T is
-        short enough; masked cells are 0 in the probabilities and False in the masks."""
+        short enough (at most full_map_max); masked cells are 0 in the probabilities and False in the
+        masks. Computed from the kept q and the KV cache at each call."""
         c = self.config
-        probs, visible = self.attn_last[layer]
+        probs, visible = self.attention_probs(layer, last_only=True)
         entry = {"layer": layer, "type": c.layer_types[layer], "window": self._window(layer),
                  "kv_head_of": [h // (c.num_attention_heads // c.num_key_value_heads)
                                 for h in range(c.num_attention_heads)],
                  "last_row": _probs_list(probs[:, 0]), "last_visible": visible[0].tolist(),
                  "full": None, "full_visible": None}
-        if full and self.attn_full is not None:
-            fprobs, fvisible = self.attn_full[layer]
+        if full and len(self.ids) <= self.full_map_max and self.full_maps_available():
+            fprobs, fvisible = self.attention_probs(layer, last_only=False)
             entry["full"], entry["full_visible"] = _probs_list(fprobs), fvisible.tolist()
         return entry
 
-    def _chosen_view(self) -> dict:
+    def _chosen_view(self, stages) -> dict:
         stop = default_stop_ids(self.model, self.tokenizer)
         return {"id": self.chosen, "text": self.token_text(self.chosen),
-                "prob": round(float(self._final_probs()[self.chosen]), 6),
-                "model_prob": round(float(self.stage_probs()[0][1][self.chosen]), 6),
+                "prob": round(float(stages[-1][1][self.chosen]), 6),
+                "model_prob": round(float(stages[0][1][self.chosen]), 6),
                 "greedy": self.settings.greedy, "stop": self.chosen in stop}
 
 
 def inside_view(model, tokenizer, prompt, steps: int = 0, full_maps=None, **options) -> dict:
-    """One call: prefill `prompt`, take `steps` decode steps, return the view (for API endpoints).
-    options: InsideSession's keyword arguments (sampling settings, seed, candidates, ...)."""
-    session = InsideSession(model, tokenizer, full_maps=full_maps, **options)
-    view = session.start(prompt)
-    for _ in range(steps):
-        view = session.step()
+    """One call: prefill `prompt`, take `steps` decode steps, return the view (for API endpoints);
+    the session is closed afterwards. options: InsideSession's keyword arguments (settings= or the
+    sampling keywords, seed, candidates, max_tokens, ...)."""
+    with InsideSession(model, tokenizer, full_maps=full_maps, **options) as session:
+        view = session.start(prompt)
+        for _ in range(steps):
+            view = session.step()
     return view

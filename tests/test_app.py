@@ -200,12 +200,14 @@ def test_stop_keeps_the_text_and_statistics_of_the_same_tokens(endless_dir):
     statistics under it count the same tokens, and nothing is generated after it."""
     import threading
 
-    import app as app_module
+    from qwen2.engine import Limits
+    from studio.chat import Chat, sampling_settings
+    from studio.hosting import Busy, LoadedModel
 
-    lm = app_module.LoadedModel(str(endless_dir), "cpu", "float32", None, fast_decode="off",
-                                limits=app_module.Limits(new_tokens=4096)).start()
-    chat = app_module.Chat(lm, app_module.Busy(lm.engine))
-    settings = app_module.sampling_settings(0.7, 0.8, 20, 1.05, 4000, 7)
+    lm = LoadedModel(str(endless_dir), "cpu", "float32", None, fast_decode="off",
+                     limits=Limits(new_tokens=4096)).start()
+    chat = Chat(lm, Busy(lm.engine))
+    settings = sampling_settings(0.7, 0.8, 20, 1.05, 4000, 7)
     updates = []
     thread = threading.Thread(target=lambda: updates.extend(
         chat.stream("page", "Tell me a long story.", [], "", settings, 4000)))
@@ -244,16 +246,16 @@ def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
 
 
 def test_settings_are_checked_before_anything_runs():
-    import app as app_module
+    import studio.chat as chat_logic  # the chat's logic, without Gradio
 
-    with pytest.raises(app_module.ChatError, match="top_p"):
-        app_module.sampling_settings(0.7, 0.0, 20, 1.05, 16, -1)
-    with pytest.raises(app_module.ChatError, match="max new tokens"):
-        app_module.sampling_settings(0.7, 0.8, 20, 1.05, 0, -1)
-    assert app_module.sampling_settings(0, 1, 0, 1, 1, 5)["seed"] == 5
+    with pytest.raises(chat_logic.ChatError, match="top_p"):
+        chat_logic.sampling_settings(0.7, 0.0, 20, 1.05, 16, -1)
+    with pytest.raises(chat_logic.ChatError, match="max new tokens"):
+        chat_logic.sampling_settings(0.7, 0.8, 20, 1.05, 0, -1)
+    assert chat_logic.sampling_settings(0, 1, 0, 1, 1, 5)["seed"] == 5
     for seed in (10**30, 2**63, float("inf")):  # past what torch.Generator takes: a message, not a traceback
-        with pytest.raises(app_module.ChatError, match="seed|infinity"):
-            app_module.sampling_settings(0.7, 0.8, 20, 1.05, 16, seed)
+        with pytest.raises(chat_logic.ChatError, match="seed|infinity"):
+            chat_logic.sampling_settings(0.7, 0.8, 20, 1.05, 16, seed)
 
 
 def test_empty_message_shows_the_hint(app):
@@ -408,15 +410,28 @@ def test_inside_the_model_endpoint_runs_a_prompt_and_steps(app):
         app.client().predict(api_name="/inside_step")
     with pytest.raises(AppError, match="Type a prompt first"):
         client.predict("  ", api_name="/inside")
+    # the audit's "fox " * 8000 (gigabytes per session before): refused before tokenizing, and a prompt
+    # past the tab's token cap is refused before it runs, saying the cap; the session's walk goes on
+    started = time.monotonic()
+    with pytest.raises(AppError, match="at most 512 tokens"):
+        client.predict("fox " * 8000, api_name="/inside")
+    with pytest.raises(AppError, match="cap of 512 tokens"):
+        client.predict("fox " * 700, api_name="/inside")
+    assert time.monotonic() - started < 30
+    *_, again = client.predict(api_name="/inside_step")
+    assert again["step"] == 2
 
 
 def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_dir, monkeypatch):
     """The reference runs under docs/runs/ validate, and the page opens with them selected and shown
     (with a stand-in run when the checkout ships none)."""
-    import app as app_module
     import profiling
     import profiling.runfile
     import qwen2
+    from studio.dashboard import Dashboard
+    from studio.hosting import Busy
+    from studio.runs import RunStore
+    from ui.dashboard import events
 
     if not profiling.runfile.shipped_runs():
         stand_in = tmp_path / "docs-runs"
@@ -426,39 +441,43 @@ def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_d
         monkeypatch.setattr(profiling.runfile, "SHIPPED_RUNS_DIR", stand_in)
     shipped = profiling.runfile.shipped_runs()
     runs = [profiling.load_run(p) for p in shipped]  # load_run validates
-    dash = app_module.Dashboard(None, app_module.RunStore(tmp_path), app_module.Busy(None))
-    out = dash.on_page_load("light")
+    dash = Dashboard(None, RunStore(tmp_path), Busy(None))
+    _, compare, page_load = events(dash)
+    out = page_load("light")
     *shown, status, saved = out
     assert saved["value"] == [f"shipped/{p.name}" for p in shipped]
     assert {value for _, value in saved["choices"]} >= set(saved["value"])
     assert len(shown[0]) == len(runs)  # the KPI table: one row per shipped run
     assert "reference runs" in status
     # they compare like any saved run
-    compared = dash.compare(saved["value"])
+    compared = compare(saved["value"])
     assert [r["device"] for r in views(compared)["runs"]] == [r["device"] for r in runs]
 
 
 def test_baseline_checkbox_needs_transformers(monkeypatch, tmp_path):
     import gradio as gr
 
-    import app as app_module
+    import studio.dashboard
+    from studio.hosting import Busy
+    from studio.runs import RunStore
+    from ui.dashboard import events
 
-    assert app_module.BASELINE_AVAILABLE  # transformers is the test oracle here
-    monkeypatch.setattr(app_module, "BASELINE_AVAILABLE", False)
-    dash = app_module.Dashboard(None, app_module.RunStore(tmp_path), app_module.Busy(None))
+    assert studio.dashboard.BASELINE_AVAILABLE  # transformers is the test oracle here
+    monkeypatch.setattr(studio.dashboard, "BASELINE_AVAILABLE", False)
+    profile, _, _ = events(studio.dashboard.Dashboard(None, RunStore(tmp_path), Busy(None)))
     with pytest.raises(gr.Error, match="pip install transformers"):
-        next(dash.profile(["cpu"], baseline=True))
+        next(profile(["cpu"], baseline=True))
 
 
 def test_baseline_divergence_is_said_next_to_the_bars():
-    import app as app_module
+    import studio.dashboard as dashboard_logic
 
     run = {"device": "cuda:0", "dtype": "bfloat16", "prompt_tokens": 64, "new_tokens": 16,
            "baseline": {"tokens_match": False, "diverged_at": 5,
                         "divergence_note": "outputs diverge at token 5: bf16 rounding flips near-tied argmaxes"}}
-    note = app_module.baseline_note([run, {"device": "cpu", "baseline": {"tokens_match": True}}])
+    note = dashboard_logic.baseline_note([run, {"device": "cpu", "baseline": {"tokens_match": True}}])
     assert "diverge at token 5" in note and "bf16 rounding" in note and "equal ours" in note
-    assert app_module.baseline_note([{"device": "cpu"}]) == ""
+    assert dashboard_logic.baseline_note([{"device": "cpu"}]) == ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,13 +557,38 @@ def test_a_corrupt_checkpoint_stops_start_up_with_one_error_line(tiny_model_dir,
     assert "Traceback" not in done.stderr
 
 
+def test_a_template_bomb_ends_in_a_readable_error_and_frees_the_queue(tiny_model_dir, tmp_path):
+    """An operator-supplied checkpoint whose chat template would hold the CPU for hours (nested
+    range loops) or allocate gigabytes: each chat ends at once with a TokenizerError's message,
+    and the app keeps answering."""
+    bombed = tmp_path / "bombed"
+    shutil.copytree(tiny_model_dir, bombed)
+    config = json.loads((bombed / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if messages[-1].content == 'loop' %}{% for i in range(100000) %}"
+                               "{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+                               "{% else %}{{ 'a' * 10**9 }}{% endif %}")
+    (bombed / "tokenizer_config.json").write_text(json.dumps(config))
+    server = App(tmp_path / "bomb-app", "--model", str(bombed), "--dtype", "float32")
+    try:
+        client = server.client()
+        for message in ("loop", "size", "loop"):
+            started = time.monotonic()
+            with pytest.raises(AppError, match="chat template") as info:
+                client.predict(message, max_new_tokens=2, api_name="/chat")
+            assert time.monotonic() - started < 15, message
+            assert str(bombed) not in str(info.value)
+        assert server.proc.poll() is None
+    finally:
+        server.close()
+
+
 def test_a_broken_tokenizer_is_named_on_the_page(tiny_model_dir, tmp_path):
-    import app as app_module
+    from studio import hosting
 
     broken = tmp_path / "broken-tokenizer"
     shutil.copytree(tiny_model_dir, broken)
     (broken / "tokenizer.json").write_text('{"model": ')
-    lm = app_module.LoadedModel(str(broken), "cpu", "float32", None, fast_decode="off")
+    lm = hosting.LoadedModel(str(broken), "cpu", "float32", None, fast_decode="off")
     notice = lm.notice()
     assert lm.tokenizer.is_fallback and "could not be loaded" in notice and "tokenizer.json" in notice, notice
     assert "No tokenizer files were found" not in notice and str(tmp_path) not in notice
@@ -640,8 +684,8 @@ def test_host_and_port_come_from_the_gradio_environment(monkeypatch):
 def test_long_inputs_cost_a_bounded_number_of_tokenizations():
     """A megabyte message is refused before it is tokenized; a 2,000-turn API history is trimmed to the
     same turns as dropping the oldest one at a time would keep, in a dozen tokenizations, not 2,000."""
-    import app as app_module
     import qwen2
+    import studio.chat as chat_logic
 
     class Counting:
         def __init__(self):
@@ -652,11 +696,11 @@ def test_long_inputs_cost_a_bounded_number_of_tokenizations():
             return self.inner.encode_chat(messages, add_generation_prompt=add_generation_prompt)
 
     tok = Counting()
-    with pytest.raises(app_module.ChatError, match="characters"):
-        app_module.fit_context(tok, 4096, "", [], "x" * 10**6, 16)
+    with pytest.raises(chat_logic.ChatError, match="characters"):
+        chat_logic.fit_context(tok, 4096, "", [], "x" * 10**6, 16)
     assert tok.calls == 0
     turns = [{"role": role, "content": f"{role} {i} " * 3} for i in range(1000) for role in ("user", "assistant")]
-    ids, dropped, _ = app_module.fit_context(tok, 4096, "Be brief.", turns, "Hello", 256)
+    ids, dropped, _ = chat_logic.fit_context(tok, 4096, "Be brief.", turns, "Hello", 256)
     assert tok.calls <= 15 and len(ids) + 256 <= 4096
     kept = turns[2 * dropped:]  # one at a time: the fewest oldest turns whose prompt leaves room
     fits = lambda t: len(tok.inner.encode_chat([{"role": "system", "content": "Be brief."}, *t,  # noqa: E731
@@ -665,7 +709,7 @@ def test_long_inputs_cost_a_bounded_number_of_tokenizations():
 
 
 def test_history_arrives_as_strings_or_content_parts():
-    from app import history_messages, message_text, stats_message
+    from studio.chat import history_messages, message_text, stats_message
     from qwen2.chat import ReplyStats
 
     api = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]

@@ -238,7 +238,7 @@ def test_dashboard_kpis_shipped_runs_profile_and_trace(page, server, artifacts):
     if shipped:  # the reference runs are preselected in Compare and shown with their headline figures
         wait_until(lambda: kpi_rows(page) >= len(shipped), 30, "the shipped runs' KPI rows")
         selected = page.locator("#saved-runs").inner_text()
-        assert selected.count("📦") >= len(shipped), selected
+        assert selected.count("[shipped]") >= len(shipped), selected
         wait_until(lambda: page.locator(".js-plotly-plot").count() >= 3, 30, "the shipped runs' charts")
         page.screenshot(path=str(artifacts / "06-dashboard-shipped-runs.png"), full_page=True)
 

@@ -435,3 +435,189 @@ def test_charts_build_from_the_view(models, tokenizer, kind):
     # without full maps the chart falls back to the last row
     long_view = session.view(full_maps=False)
     assert charts.attention_figure(long_view, layer=0).to_json()
+
+
+# ---- bounds: the cap, what a session holds, close ------------------------------------------
+
+
+def held_tensor_bytes(obj, skip=()) -> int:
+    """Bytes of the tensors reachable from obj's attributes, lists, tuples and dicts, each storage
+    counted once and whole (a view keeps its base alive); the objects in `skip` not entered."""
+    seen = {id(s) for s in skip}
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, torch.nn.Module):
+            continue
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            stack.extend(vars(x).values())
+    return sum(storages.values())
+
+
+def test_the_cap_refuses_a_long_prompt_and_a_step_past_it(models, tokenizer):
+    model = models["fused"]
+    session = InsideSession(model, tokenizer, max_tokens=12)
+    assert session.max_tokens == 12
+    with pytest.raises(qwen2.GenerationError) as err:
+        session.start(list(range(5, 18)))  # 13 tokens
+    message = str(err.value)
+    assert "13 tokens" in message and "12" in message and "shorten" in message
+    assert session.session is None  # nothing was run
+    long_text = "word " * 40
+    with pytest.raises(qwen2.GenerationError, match=rf"{len(tokenizer.encode(long_text))} tokens.*cap of 12"):
+        session.start(long_text)
+
+    view = session.start(list(range(5, 15)))  # 10 tokens: two steps fit
+    assert view["max_tokens"] == 12
+    session.step()
+    view = session.step()
+    assert len(view["tokens"]) == 12
+    seen = None if session.sampler.seen is None else session.sampler.seen.clone()
+    with pytest.raises(qwen2.GenerationError) as err:
+        session.step()
+    message = str(err.value)
+    assert "12" in message and "10 prompt + 2 stepped" in message and "shorter prompt" in message
+    with pytest.raises(qwen2.GenerationError):
+        session.step(3)  # a token picked by hand: refused alike, before anything changes
+    assert len(session.ids) == 12 and session.view(full_maps=False)["step"] == 2
+    if seen is not None:
+        assert torch.equal(session.sampler.seen, seen)
+
+    # the cap is at most the model's context; a bad cap is refused
+    assert InsideSession(model, tokenizer, max_tokens=10**6).max_tokens == model.config.max_position_embeddings
+    assert InsideSession(model, tokenizer).max_tokens == model.config.max_position_embeddings
+    for bad in (0, -1, 2.5, "100", True):
+        with pytest.raises(qwen2.GenerationError, match="max_tokens"):
+            InsideSession(model, tokenizer, max_tokens=bad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_session_holds_only_its_kv_cache_as_the_prompt_grows(models, tokenizer, kind):
+    """What a kept session holds grows with T by the KV cache's bytes per token at most: no per-layer
+    activations of every position (q, k, the residual stream), no (L + 1, V) lens tensors. The
+    session before the change held ~5x the KV cache's growth (the capture's (T, q|k|v) and (T, D)
+    outputs, q/k of every position)."""
+    from qwen2.cache import kv_bytes_per_token
+
+    model = models[kind]
+    per_token = kv_bytes_per_token(model.config, model.dtype)
+
+    def held(n: int, steps: int) -> tuple[int, int]:
+        session = InsideSession(model, tokenizer, temperature=0.7, repetition_penalty=1.2, seed=0)
+        session.start([(7 * i) % 400 + 50 for i in range(n)])
+        for _ in range(steps):
+            session.step()
+        return held_tensor_bytes(session, skip=(model, tokenizer)), session.session.cache.allocated_bytes
+
+    for steps in (0, 1):
+        small, small_cache = held(20, steps)
+        big, big_cache = held(200, steps)
+        assert big - small <= (200 - 20) * per_token, (steps, big, small)
+        # beyond the KV cache, nothing grows with T (q of every position is kept only up to full_map_max)
+        assert big - big_cache <= small - small_cache, (steps, big - big_cache, small - small_cache)
+        # and that rest is small: a few (V,) rows and the (L + 1, D) residual rows
+        c = model.config
+        assert big - big_cache <= 8 * c.vocab_size * 4 + 4 * (c.num_hidden_layers + 1) * c.hidden_size * 4
+
+
+def test_the_kv_cache_is_sized_by_the_cap(models, tokenizer):
+    model = models["fused"]
+    session = InsideSession(model, tokenizer, max_tokens=40)
+    session.start(list(range(5, 35)))
+    assert session.session.cache.max_len == 40
+    assert session.view()["kv_cache"]["allocated_tokens"] == 40
+
+
+def test_close_lets_the_kv_cache_go(models, tokenizer):
+    import gc
+    import weakref
+
+    model = models["fused"]
+    session = InsideSession(model, tokenizer)
+    session.start(PROMPT)
+    session.step()
+    refs = [weakref.ref(session.session.cache.k[0]), weakref.ref(session.session.cache.v[-1]),
+            weakref.ref(session.q_all[0]), weakref.ref(session.lens_rows)]
+    session.close()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert held_tensor_bytes(session, skip=(model, tokenizer)) == 0
+    for call in (session.step, session.view, lambda: session.attention_probs(0)):
+        with pytest.raises(qwen2.GenerationError, match="closed"):
+            call()
+    session.close()  # twice: a no-op
+    # started again, it works as a fresh one
+    assert session.start(PROMPT)["chosen"] == InsideSession(model, tokenizer).start(PROMPT)["chosen"]
+
+    with InsideSession(model, tokenizer) as s:
+        s.start(PROMPT)
+        ref = weakref.ref(s.session.cache.k[0])
+    gc.collect()
+    assert ref() is None and s.session is None
+
+    view = inside_view(model, tokenizer, PROMPT, steps=1)  # the one-call helper closes its session
+    assert view["step"] == 1
+
+
+def test_full_maps_end_past_full_map_max_and_the_last_row_stays_right(models, tokenizer):
+    model = models["sliding"]
+    ids = list(range(5, 12))  # 7 tokens, full_map_max 8: the second step crosses it
+    session = InsideSession(model, tokenizer, full_map_max=8)
+    session.start(ids)
+    view = session.step()
+    assert all(e["full"] is not None for e in view["attention"]["layers"])  # 8 tokens: still full
+    view = session.step()
+    assert all(e["full"] is None for e in view["attention"]["layers"])  # 9 tokens: the last row only
+    with pytest.raises(qwen2.GenerationError, match="full_map_max"):
+        session.attention_probs(0, last_only=False)
+    fresh = InsideSession(model, tokenizer, full_map_max=8)
+    fresh_view = fresh.start([t["id"] for t in view["tokens"]])
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(session.attention_probs(layer)[0], fresh.attention_probs(layer)[0],
+                                   rtol=1e-4, atol=1e-6)
+        assert session.attention_probs(layer)[1].tolist() == fresh.attention_probs(layer)[1].tolist()
+    assert view["logit_lens"]["top_ids"] == fresh_view["logit_lens"]["top_ids"]
+
+
+def test_settings_object_or_keywords(models, tokenizer):
+    model = models["fused"]
+    ids = tokenizer.encode(PROMPT)
+    by_keywords = InsideSession(model, tokenizer, seed=3, **SETTINGS)
+    by_object = InsideSession(model, tokenizer, settings=SamplingSettings(**SETTINGS), seed=3)
+    assert by_object.settings == by_keywords.settings == SamplingSettings(**SETTINGS)
+    a, b = by_keywords.start(ids), by_object.start(ids)
+    assert a["chosen"] == b["chosen"] and a["candidates"] == b["candidates"]
+    assert by_keywords.step()["chosen"] == by_object.step()["chosen"]
+    assert InsideSession(model, tokenizer).settings == SamplingSettings()
+    with pytest.raises(qwen2.GenerationError, match="not both"):
+        InsideSession(model, tokenizer, settings=SamplingSettings(), temperature=0.5)
+    with pytest.raises(qwen2.GenerationError, match="SamplingSettings"):
+        InsideSession(model, tokenizer, settings={"temperature": 0.5})
+
+
+def test_a_picked_token_is_what_the_penalty_sees(models, tokenizer):
+    """Feeding a token other than the chosen one: the repetition penalty marks the token fed, not the
+    draw, so the next candidates equal a fresh session's on the same text."""
+    model = models["fused"]
+    ids = tokenizer.encode(PROMPT)
+    options = dict(temperature=0.7, repetition_penalty=1.5, seed=0)
+    session = InsideSession(model, tokenizer, **options)
+    session.start(ids)
+    picked = next(t for t in range(300, 400) if t != session.chosen and t not in ids)
+    session.step(picked)
+    fresh = InsideSession(model, tokenizer, **options)
+    fresh.start(ids + [picked])
+    for (name, got), (_, want) in zip(session.stage_probs(), fresh.stage_probs()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)

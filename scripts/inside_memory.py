@@ -1,0 +1,200 @@
+"""What the "Inside the model" view keeps per session: RSS and time of N live sessions.
+
+    python scripts/inside_memory.py                                   # the checkout's model, 3 sessions
+    python scripts/inside_memory.py --dtype bfloat16 --max-tokens 1024
+    python scripts/inside_memory.py --model Qwen/Qwen2.5-0.5B-Instruct  # random weights of that shape
+    python scripts/inside_memory.py --impl /tmp/old/inside.py --max-tokens 0 --prompt-tokens 1024
+    python scripts/inside_memory.py --sweep 128,256,512,1024,2048     # prefill time per prompt length
+
+Like the app (app.py's Inside keeps up to 4), each session stays alive after its start and its
+steps, and so does its last view; RSS (psutil) is printed after the model is loaded and after every start/step, and the
+tensor bytes each session holds (its attributes walked, each storage counted once). The prompt is
+`--prompt` repeated and cut to the cap less the steps, so the steps fit. `--impl FILE` imports
+another copy of profiling/inside.py (e.g. the version before a change) to compare; `--max-tokens 0`
+passes no cap (an implementation without the keyword).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import inspect
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+import qwen2  # noqa: E402
+
+DEFAULT_MODEL = ROOT / ".models" / "Qwen2.5-Coder-0.5B-Instruct"
+
+
+def rss_mb() -> float:
+    gc.collect()
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def held_tensor_bytes(obj, skip=()) -> int:
+    """Bytes of the tensors reachable from `obj`'s attributes, lists, tuples and dicts (each
+    storage once, whole: a view keeps its base alive), not entering the objects in `skip`."""
+    seen_obj: set[int] = {id(s) for s in skip}
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen_obj:
+            continue
+        seen_obj.add(id(x))
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, torch.nn.Module):
+            continue
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            stack.extend(vars(x).values())
+    return sum(storages.values())
+
+
+def load_impl(path: str | None):
+    if not path:
+        import profiling.inside as module
+
+        return module
+    spec = importlib.util.spec_from_file_location("inside_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(args):
+    """The model (real weights where the directory has them, else random ones of its shape) and its
+    tokenizer (None without tokenizer files: prompts are then bytes taken as token ids)."""
+    if args.model:
+        source = args.model
+    elif DEFAULT_MODEL.is_dir():
+        source = str(DEFAULT_MODEL)
+    else:
+        source = "Qwen/Qwen2.5-0.5B-Instruct"  # the built-in table's shape, random weights
+    directory = Path(source)
+    real = directory.is_dir() and any(directory.glob("*.safetensors")) and not args.random_weights
+    model = qwen2.load_model(source, dtype=args.dtype, random_weights=not real)
+    tokenizer = None
+    if directory.is_dir() and (directory / "tokenizer.json").exists():
+        tokenizer = qwen2.Tokenizer.from_pretrained(source)
+    return model, tokenizer, source, real
+
+
+def prompt_ids(tokenizer, text: str, n: int, vocab: int) -> list[int]:
+    if tokenizer is not None:
+        reps = n
+        ids = tokenizer.encode(text * reps)
+        while len(ids) < n:
+            reps *= 2
+            ids = tokenizer.encode(text * reps)
+        return ids[:n]
+    raw = text.encode()
+    return [b % vocab for b in (raw * (n // len(raw) + 1))[:n]]  # a byte "tokenizer"
+
+
+def sweep(module, model, tokenizer, lengths, args):
+    print(f"{'tokens':>7} {'start_s':>8} {'step_s':>7} {'rss_MB':>8}")
+    for n in lengths:
+        ids = prompt_ids(tokenizer, args.prompt, n, model.config.vocab_size)
+        session = module.InsideSession(model, tokenizer)
+        t0 = time.perf_counter()
+        session.start(ids)
+        t1 = time.perf_counter()
+        session.step()
+        t2 = time.perf_counter()
+        print(f"{n:7d} {t1 - t0:8.2f} {t2 - t1:7.3f} {rss_mb():8.0f}", flush=True)
+        if hasattr(session, "close"):
+            session.close()
+        del session
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a checkpoint directory (real weights when it has them) or an "
+                   "official repo id (random weights of its shape); default: .models/Qwen2.5-Coder-0.5B-Instruct")
+    p.add_argument("--random-weights", action="store_true", help="random weights even where a checkpoint is")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: load_model's choice)")
+    p.add_argument("--impl", default=None, help="another copy of profiling/inside.py to measure (e.g. the old one)")
+    p.add_argument("--sessions", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=1024, help="the session's cap (0: pass none)")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length (default: the cap less the steps)")
+    p.add_argument("--prompt", default="fox ", help="the text repeated into the prompt")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--sweep", default=None, help="comma-separated prompt lengths: time one start + step each")
+    p.add_argument("--close", action="store_true", help="close every session at the end and print RSS")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    module = load_impl(args.impl)
+    base = rss_mb()
+    t0 = time.perf_counter()
+    model, tokenizer, source, real = load(args)
+    print(f"model {source} ({'real' if real else 'random'} weights, {str(model.dtype).removeprefix('torch.')}), "
+          f"impl {args.impl or 'profiling/inside.py'}, torch threads {torch.get_num_threads()}, "
+          f"loaded in {time.perf_counter() - t0:.1f} s")
+    loaded = rss_mb()
+    print(f"RSS before loading {base:.0f} MB, after loading {loaded:.0f} MB")
+
+    if args.sweep:
+        sweep(module, model, tokenizer, [int(x) for x in args.sweep.split(",")], args)
+        return
+
+    cap = args.max_tokens or None
+    n_prompt = args.prompt_tokens or ((cap or 1024) - args.steps)
+    ids = prompt_ids(tokenizer, args.prompt, n_prompt, model.config.vocab_size)
+    kwargs = {}
+    if cap is not None:
+        if "max_tokens" not in inspect.signature(module.InsideSession).parameters:
+            sys.exit(f"{args.impl} has no max_tokens keyword: pass --max-tokens 0")
+        kwargs["max_tokens"] = cap
+    print(f"prompt {len(ids)} tokens, cap {cap}, {args.sessions} sessions x {args.steps} steps")
+    sessions, views = [], []
+    for s in range(args.sessions):
+        session = module.InsideSession(model, tokenizer, **kwargs)
+        sessions.append(session)  # kept alive, as the app keeps its last 4
+        before = rss_mb()
+        t = time.perf_counter()
+        view = session.start(ids)
+        start_s = time.perf_counter() - t
+        after = rss_mb()
+        held_start = held_tensor_bytes(session, skip=(model, tokenizer)) / 2**20
+        step_s = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            view = session.step()
+            step_s.append(time.perf_counter() - t)
+        views.append(view)  # the app keeps the last view too (the attention slider redraws from it)
+        stepped = rss_mb()
+        held = held_tensor_bytes(session, skip=(model, tokenizer)) / 2**20
+        steps = ", ".join(f"{x:.3f}" for x in step_s)
+        print(f"session {s + 1}: RSS {before:.0f} -> {after:.0f} MB after start ({start_s:.2f} s), "
+              f"{stepped:.0f} MB after {args.steps} steps ({steps} s); tensors held {held_start:.1f} MB after "
+              f"start, {held:.1f} MB after the steps", flush=True)
+    end = rss_mb()
+    print(f"RSS after {args.sessions} sessions: {end:.0f} MB = loaded model + {end - loaded:.0f} MB")
+    if args.close:
+        for session in sessions:
+            if hasattr(session, "close"):
+                session.close()
+        print(f"RSS after closing them: {rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Chat logic, apart from the page: the prompt from the history (fitted to the context), settings
+checked before anything runs, a conversation per session kept in the engine, replies streamed and
+stopped. ChatError (a VisitorError) carries the message the page shows."""
+
+from __future__ import annotations
+
+import time
+
+from qwen2.chat import message_text
+from qwen2.engine import Conversation, Reply
+from qwen2.errors import Qwen2Error, TokenizerError
+from qwen2.sampling import SamplingSettings, check_seed
+
+from .errors import VisitorError
+from .hosting import Busy, LoadedModel
+from .sessions import SessionLRU
+
+# The page gets at most 20 updates a second: each update re-renders the reply in the browser, so one per
+# token only loads the page (and its Stop click) at a few hundred tokens per second.
+STREAM_INTERVAL_S = 0.05
+STATS_TITLE = "📊 "  # per-reply statistics are "thought" messages whose title starts with this
+CHARS_PER_TOKEN_BOUND = 8  # no real text averages more characters a token (code indentation: about 4)
+EMPTY_HINT = "Type a message first: the message box is empty."
+
+
+class ChatError(VisitorError):
+    """A reply that could not be made, with a message for the user (server paths cut to file names)."""
+
+
+def is_stats_message(item) -> bool:
+    metadata = item.get("metadata") if isinstance(item, dict) else getattr(item, "metadata", None)
+    return str((metadata or {}).get("title") or "").startswith(STATS_TITLE)
+
+
+def history_messages(history) -> list[dict]:
+    """Gradio's history as [{"role", "content": str}], skipping empty messages, non-text parts and
+    the per-reply statistics."""
+    messages = []
+    for item in history or []:
+        if isinstance(item, (list, tuple)) and len(item) == 2:  # [user, assistant] pairs
+            pairs = [("user", item[0]), ("assistant", item[1])]
+        elif isinstance(item, dict):
+            pairs = [] if is_stats_message(item) else [(item.get("role"), item.get("content"))]
+        else:
+            pairs = [(getattr(item, "role", None), getattr(item, "content", None))]
+        for role, content in pairs:
+            text = message_text(content)
+            if role in ("user", "assistant") and text.strip():
+                messages.append({"role": role, "content": text})
+    return messages
+
+
+def fit_context(tokenizer, context: int, system: str, turns: list[dict], text: str, max_new: int):
+    """Prompt ids for the chat, dropping the oldest turns (a user message and what followed it) until
+    the prompt leaves room for a reply.
+
+    Returns (ids, turns dropped, max new tokens that fit). Text far longer than the context can hold
+    (CHARS_PER_TOKEN_BOUND characters a token) is refused, or dropped, before it is tokenized, and the
+    turns to keep are found by bisection: a visitor's megabyte, or a thousand-turn history sent to the
+    API, must not cost everyone seconds of tokenizing."""
+    reserve = max(1, min(int(max_new), context // 2))
+    most = CHARS_PER_TOKEN_BOUND * context
+    for name, value in (("message", text), ("system prompt", system)):
+        if len(value) > most:
+            raise ChatError(f"This {name} is {len(value):,} characters, far more than the model's context of "
+                            f"{context:,} tokens can hold: please shorten it.")
+    head = [{"role": "system", "content": system}] if system and system.strip() else []
+    # Where the kept history may begin: the start, each later user message, or nothing kept.
+    starts = [0] + [i for i, t in enumerate(turns) if i > 0 and t["role"] == "user"] + [len(turns)]
+    chars_after = [0] * (len(turns) + 1)
+    for i in range(len(turns) - 1, -1, -1):
+        chars_after[i] = chars_after[i + 1] + len(turns[i]["content"])
+
+    def encode(k: int) -> list[int]:
+        return tokenizer.encode_chat(head + turns[starts[k]:] + [{"role": "user", "content": text}],
+                                     add_generation_prompt=True)
+
+    lo = next(k for k, start in enumerate(starts) if len(text) + len(system) + chars_after[start] <= most)
+    hi = len(starts) - 1  # keeping nothing always "fits" as far as history goes
+    fitted = {}
+    while lo < hi:  # the fewest dropped turns whose prompt leaves room for the reply
+        mid = (lo + hi) // 2
+        fitted[mid] = encode(mid)
+        if len(fitted[mid]) + reserve <= context:
+            hi = mid
+        else:
+            lo = mid + 1
+    ids = fitted.get(lo) or encode(lo)
+    if len(ids) >= context:
+        raise ChatError(f"This message is {len(ids)} tokens with the system prompt, but the model's "
+                        f"context is {context} tokens: please shorten it.")
+    return ids, lo, min(int(max_new), context - len(ids))
+
+
+def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> dict:
+    """{"sampling": SamplingSettings, "seed": int or None}, checked now (ChatError with a readable message)."""
+    try:
+        sampling = SamplingSettings(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                                    repetition_penalty=float(repetition_penalty))
+        if int(max_new_tokens) < 1:
+            raise ValueError(f"max new tokens must be at least 1, not {max_new_tokens}")
+        seed = None if seed is None or int(seed) < 0 else check_seed(int(seed))  # negative: a random seed
+    except (TypeError, ValueError, OverflowError, Qwen2Error) as exc:
+        raise ChatError(f"Invalid setting: {exc}") from None
+    return {"sampling": sampling, "seed": seed}
+
+
+def context_meter(used: int, limit: int) -> str:
+    filled = round(10 * used / max(limit, 1))
+    return f"context {'▰' * filled}{'▱' * (10 - filled)} {used:,} / {limit:,} tokens ({used / max(limit, 1):.1%})"
+
+
+class Conversations:
+    """One engine conversation (its row of the KV cache) per browser or API session, the latest few
+    kept (the oldest idle ones give their rows back; one still replying is kept); and the reply each
+    is being written."""
+
+    def __init__(self, lm: LoadedModel, keep: int = 16):
+        self.lm = lm
+        self.sessions: SessionLRU[Conversation] = SessionLRU(
+            keep, is_idle=lambda c: c.active is None, on_evict=lambda key, c: self._forget(key, c))
+        self.replies: dict[str, Reply] = {}  # each session's latest reply
+        self.stopped: dict[str, Reply] = {}  # the reply each session's last Stop reported
+
+    def get(self, key: str) -> Conversation:
+        return self.sessions.get_or_create(key, self.lm.engine.conversation)
+
+    def _forget(self, key: str, conversation: Conversation) -> None:
+        self.replies.pop(key, None)
+        self.stopped.pop(key, None)
+        conversation.close()
+
+    def stats(self, key: str):
+        reply = self.replies.get(key)
+        return reply.stats if reply is not None else None
+
+    def drop(self, key: str):
+        conversation = self.sessions.pop(key)
+        if conversation is not None:
+            self._forget(key, conversation)
+
+
+class Chat:
+    """The reply stream shared by the page and the `/chat` API; yields (reply so far, stats so far)."""
+
+    def __init__(self, lm: LoadedModel, busy: Busy):
+        self.lm, self.busy = lm, busy
+        self.conversations = Conversations(lm)
+
+    def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
+        lm = self.lm
+        try:
+            ids, dropped, max_new = fit_context(lm.tokenizer, lm.context, system or "", history_messages(history),
+                                                text, int(max_new_tokens))
+        except TokenizerError as exc:  # the checkpoint's chat template failed or hit its limits
+            raise ChatError(str(exc)) from None
+        notes = []
+        if dropped:
+            notes.append(f"⚠ trimmed: the {dropped} oldest turn(s) did not fit the {lm.context}-token context")
+        if max_new < int(max_new_tokens):
+            notes.append(f"⚠ max new tokens lowered to {max_new} to fit the context")
+        conversation = self.conversations.get(key)
+        try:
+            reply = lm.engine.submit(ids, settings["sampling"], max_new, lm.stop_ids, settings["seed"],
+                                     conversation=conversation)
+        except (ValueError, TypeError, Qwen2Error) as exc:
+            raise ChatError(str(exc)) from None
+        self.conversations.replies[key] = reply
+        decoder, text, count = lm.tokenizer.stream_decoder(), "", 0
+        try:
+            sent = -STREAM_INTERVAL_S  # the first token shows at once
+            for count, token_id in enumerate(reply, 1):
+                text += lm.token_text(decoder, token_id)
+                if time.monotonic() - sent >= STREAM_INTERVAL_S:
+                    sent = time.monotonic()
+                    yield text, f"generating… {count} new tokens"
+            text += decoder.flush()
+        except Qwen2Error as exc:
+            raise ChatError(str(exc)) from None
+        except Exception as exc:
+            raise ChatError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            reply.cancel()  # a no-op once it ended; Stop closes this generator at its yield
+        yield text, self.stats_text(reply.stats, notes)
+
+    def stats_text(self, stats, notes=()) -> str:
+        if stats is None:
+            return ""
+        return "  \n".join([f"**Stats:** {stats.line()}", context_meter(stats.context_used, stats.context_limit),
+                            *notes])
+
+    def stop(self, key: str):
+        """Stop the session's reply after the step in flight; returns (its text, its statistics), which
+        describe the same tokens, or (None, None) when no reply is being written or it has no token yet."""
+        reply = self.conversations.replies.get(key)
+        if reply is None or self.conversations.stopped.get(key) is reply:
+            return None, None
+        reply.cancel()
+        reply.wait(timeout=30)
+        if reply.reason != "cancelled" or not reply.tokens:
+            return None, None
+        self.conversations.stopped[key] = reply
+        return self.lm.text_of(reply.tokens), reply.stats
+
+
+def stats_message(stats) -> dict:
+    return {"role": "assistant", "content": context_meter(stats.context_used, stats.context_limit),
+            "metadata": {"title": STATS_TITLE + stats.line(), "status": "done"}}

@@ -1,0 +1,153 @@
+"""The Chat tab: the conversation, the message box with Stop, the settings, and the /chat API."""
+
+from __future__ import annotations
+
+import traceback
+
+import gradio as gr
+
+from qwen2.chat import message_text
+from studio.chat import EMPTY_HINT, Chat, ChatError, is_stats_message, sampling_settings, stats_message
+from studio.hosting import RANDOM_MAX_NEW_TOKENS, LoadedModel
+
+from .queues import CHAT_CONCURRENCY, CHAT_QUEUE
+
+EXAMPLES = [
+    "Explain what a KV cache is, in three sentences.",
+    "用三句话介绍一下长城。",
+    "Write a Python function that checks whether a string is a palindrome, with a test.",
+]
+
+
+def box_ready(**value):
+    """The message box usable again. A reply sets it itself as it ends (not a later event, which could
+    land after the next message has started and hide its Stop button)."""
+    return gr.update(interactive=True, submit_btn=True, stop_btn=False, **value)
+
+
+def make_chat_events(chat: Chat):
+    """The page's chat events: start (instant), respond (streams, queued), stop; and the API's."""
+
+    def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+        """Check the message and settings before the box is cleared; returns
+        (textbox, chatbot, stats, pending message or None)."""
+        text = message_text(message)
+        try:
+            if not text.strip():
+                raise ChatError(EMPTY_HINT)
+            sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+        except ChatError as exc:
+            gr.Warning(str(exc))
+            return gr.update(), gr.skip(), f"⚠ {exc}", None
+        chatbot = [*(chatbot or []), {"role": "user", "content": text}]
+        waiting = chat.busy.note() or "waiting for the model…"
+        return gr.update(value="", interactive=False, submit_btn=False, stop_btn=True), chatbot, waiting, text
+
+    def respond(pending, chatbot, system_prompt, temperature, top_p, top_k, repetition_penalty,
+                max_new_tokens, seed, request: gr.Request):
+        """Stream the reply to `pending` (the message `start` moved into the chat); on any error, put
+        the message back in the box and the chat back as it was, and say what went wrong."""
+        if pending is None:
+            yield gr.skip(), gr.skip(), gr.skip()
+            return
+        before = (chatbot or [])[:-1]
+        try:
+            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            for reply, stats in chat.stream(request.session_hash, pending, before, system_prompt, settings,
+                                            max_new_tokens):
+                yield [*chatbot, {"role": "assistant", "content": reply}], stats, gr.skip()
+        except ChatError as exc:
+            gr.Warning(f"Could not reply: {exc}")
+            yield before, f"⚠ Could not reply: {exc}", box_ready(value=pending)
+            return
+        except Exception as exc:  # never leave the page stuck: report, restore
+            traceback.print_exc()
+            gr.Warning(f"Could not reply: {type(exc).__name__}: {exc}")
+            yield before, f"⚠ Could not reply: {type(exc).__name__}: {exc}", box_ready(value=pending)
+            return
+        stats = chat.conversations.stats(request.session_hash)
+        if stats is None:  # the conversation was cleared while the reply ended
+            yield [*chatbot, {"role": "assistant", "content": reply}], gr.skip(), box_ready()
+            return
+        yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), box_ready()
+
+    def stop(chatbot, request: gr.Request):
+        """After Stop: the reply as far as it was generated stays (the page may be an update behind),
+        with its statistics under it."""
+        text, stats = chat.stop(request.session_hash)
+        chatbot = list(chatbot or [])
+        if stats is None or not chatbot or is_stats_message(chatbot[-1]):
+            return chatbot, gr.skip()  # no reply yet, or it had ended and shows its statistics already
+        if chatbot[-1].get("role") == "assistant":
+            chatbot = chatbot[:-1]
+        return [*chatbot, {"role": "assistant", "content": text}, stats_message(stats)], chat.stats_text(stats)
+
+    def clear(request: gr.Request):
+        chat.conversations.drop(request.session_hash)
+        return ""
+
+    def api(message, system_prompt, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+            history, request: gr.Request):
+        """Stream a reply to `message` in this session's conversation; yields (reply so far, stats)."""
+        text = message_text(message)
+        try:
+            if not text.strip():
+                raise ChatError(EMPTY_HINT)
+            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            for reply, stats in chat.stream(request.session_hash, text, history, system_prompt, settings,
+                                            max_new_tokens):
+                turn = [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+                yield reply, stats, [*(history or []), *turn]  # a cancelled reply stays in the history
+        except ChatError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return start, respond, stop, clear, api
+
+
+def chat_tab(lm: LoadedModel, chat: Chat):
+    """The Chat tab: the conversation, the box, the settings (also the inputs of the /chat API)."""
+    gen = lm.sampling_defaults()
+    default_new = RANDOM_MAX_NEW_TOKENS if lm.random_weights else min(512, lm.context // 2)
+    chatbot = gr.Chatbot(height=460, show_label=False, elem_id="chatbot", placeholder=(
+        f"Chat with `{lm.source}` running on {lm.device} ({lm.dtype}). Each reply shows its statistics "
+        "under it; the conversation's KV cache is kept between turns."))
+    textbox = gr.Textbox(placeholder="Type a message…", elem_id="chat-input", show_label=False,
+                         submit_btn=True, stop_btn=False, autofocus=True, lines=1)
+    stats = gr.Markdown("", elem_id="chat-stats")
+    gr.Examples([[e] for e in EXAMPLES], inputs=[textbox], label="Examples (English, Chinese, code)")
+    with gr.Accordion("System prompt and sampling (defaults from generation_config.json)", open=False):
+        system = gr.Textbox("", label="System prompt", lines=2, placeholder="e.g. You are a helpful assistant.")
+        with gr.Row():
+            temperature = gr.Slider(0, 2, value=float(gen["temperature"]), step=0.05,
+                                    label="Temperature", info="0 = greedy")
+            top_p = gr.Slider(0.01, 1, value=float(gen["top_p"]), step=0.01, label="Top-p", info="1 = off")
+            top_k = gr.Slider(0, 200, value=int(gen["top_k"]), step=1, label="Top-k (0 = off)")
+        with gr.Row():
+            penalty = gr.Slider(0.5, 2, value=float(gen["repetition_penalty"]), step=0.01,
+                                label="Repetition penalty", info="1 = off")
+            max_new = gr.Slider(1, min(lm.context, lm.engine.limits.new_tokens), value=default_new, step=1,
+                                label="Max new tokens", elem_id="max-new-tokens")
+            seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
+    settings = [temperature, top_p, top_k, penalty, max_new, seed]
+
+    start, respond, stop, clear, api = make_chat_events(chat)
+    pending = gr.State(None)
+    started = textbox.submit(start, [textbox, chatbot, *settings], [textbox, chatbot, stats, pending],
+                             queue=False, api_visibility="undocumented")
+    replying = started.then(respond, [pending, chatbot, system, *settings], [chatbot, stats, textbox],
+                            api_visibility="undocumented", concurrency_id=CHAT_QUEUE,
+                            concurrency_limit=CHAT_CONCURRENCY,
+                            show_progress="minimal", show_progress_on=chatbot)
+    ready = dict(fn=box_ready, outputs=textbox, api_visibility="undocumented", queue=False)
+    replying.failure(**ready)  # the reply ends by making the box usable; this covers a failure before it runs
+    textbox.stop(None, None, None, cancels=[replying], queue=False, api_visibility="undocumented").then(
+        stop, [chatbot], [chatbot, stats], queue=False, api_visibility="undocumented").then(**ready)
+    chatbot.clear(clear, None, stats, queue=False, api_visibility="undocumented")
+
+    # The /chat API: the same settings, the conversation kept in this API session's state.
+    api_message = gr.Textbox(label="Message", visible=False)
+    api_reply = gr.Textbox(label="Reply", visible=False)
+    api_history = gr.State([])
+    gr.Button(visible=False).click(api, [api_message, system, *settings, api_history],
+                                   [api_reply, stats, api_history], api_name="chat",
+                                   concurrency_id=CHAT_QUEUE, concurrency_limit=CHAT_CONCURRENCY)
