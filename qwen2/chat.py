@@ -98,6 +98,7 @@ class ChatSession:
                 self.stats.ttft_s, self.stats.decode_s = first - started, now - first
                 yield token
             self.stats.stopped = False
+            self.stats.end = "length" if len(reply) >= max_new_tokens else "stop"
             self.stats.ttft_s = self.stats.ttft_s if first else time.perf_counter() - started
         except BaseException as exc:
             if not isinstance(exc, GeneratorExit):  # Stop keeps the cache; an error drops it

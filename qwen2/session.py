@@ -144,6 +144,7 @@ class Reply:
     def _finish(self, reason: str, error: BaseException | None = None):
         self.reason, self.error = reason, error
         self.stats.stopped = reason in ("cancelled", "time")
+        self.stats.end = reason
         if self.first is None and self.started is not None:
             self.stats.ttft_s = time.perf_counter() - self.started
         self.next_id = None

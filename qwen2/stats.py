@@ -17,7 +17,8 @@ class ReplyStats:
     decode_s: float = 0.0  # from the first new token to the last
     device: str = ""
     dtype: str = ""
-    stopped: bool = False
+    stopped: bool = False  # cut short: Stop, or the server's time limit
+    end: str = ""  # why it ended: "stop" (a stop token), "length" (max new tokens), "cancelled", "time", "error"
     context_used: int = 0
     context_limit: int = 0
     batch_size: int = 0  # the most replies that decoded beside this one in a step (itself included)
@@ -34,15 +35,24 @@ class ReplyStats:
 
     def line(self) -> str:
         """"42 prompt tokens (40 reused) · 17 new tokens · first token 120 ms · 23.5 tok/s · cpu
-        (bfloat16) · context 59/32768"; it starts with "stopped after" when the reply was cut short,
-        and says how long the request waited behind others when it did."""
+        (bfloat16) · context 59/32768". A reply that did not end by itself says why first ("stopped
+        after 17 new tokens", "stopped by the time limit after ...", "length limit reached: 512 new
+        tokens"), and a request that waited behind others says how long."""
+        count = f"{self.new_tokens} new token{'' if self.new_tokens == 1 else 's'}"
         prompt = f"{self.prompt_tokens} prompt tokens"
         if self.reused_tokens:
             prompt += f" ({self.reused_tokens} reused)"
-        rate = self.decode_tok_s
-        parts = [prompt, f"{self.new_tokens} new tokens"]
+        if self.end == "time":
+            head, parts = f"stopped by the time limit after {count}", [prompt]
+        elif self.stopped:
+            head, parts = f"stopped after {count}", [prompt]
+        elif self.end == "length":
+            head, parts = f"length limit reached: {count}", [prompt]
+        else:
+            head, parts = None, [prompt, count]
         if self.queue_wait_s >= 0.05:
             parts.append(f"waited {self.queue_wait_s:.1f} s")
+        rate = self.decode_tok_s
         parts += [f"first token {self.ttft_s * 1000:.0f} ms",
                   f"{rate:.1f} tok/s" if rate is not None else "decode n/a (1 token)",
                   f"{self.device} ({self.dtype})"]
@@ -50,5 +60,4 @@ class ReplyStats:
             parts.append(f"batched with up to {self.batch_size - 1} other repl{'y' if self.batch_size == 2 else 'ies'}")
         if self.context_limit:
             parts.append(f"context {self.context_used}/{self.context_limit}")
-        line = " · ".join(parts)
-        return f"stopped after {self.new_tokens} new tokens · {line}" if self.stopped else line
+        return " · ".join([head, *parts] if head else parts)

@@ -227,9 +227,13 @@ def format_tool_call(call: Mapping) -> str:
 # Parsing the model's reply
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(text: str, names=None) -> tuple[str, list[ToolCall]]:
     """Split a reply into (content, calls): every well-formed <tool_call> block becomes a
     ToolCall and is cut out of the content, which is then stripped.
+
+    `names`: the tools offered. Small models (Qwen2.5-Coder-0.5B-Instruct among them) often answer
+    with the call's JSON alone, without the tags; a reply that is exactly one such object naming
+    one of `names` is read as that call too.
 
     A block is well formed when it holds one JSON object with a non-empty string "name" and
     an "arguments" object (or a JSON string of one; "parameters" is accepted for it, a missing
@@ -259,7 +263,8 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
             calls.append(call)
         pos = end
     if not calls:
-        return text, []
+        bare = _parse_block(text.strip()) if names and text.strip().startswith("{") else None
+        return ("", [bare]) if bare is not None and bare.name in set(names) else (text, [])
     kept.append(text[pos:])
     return "".join(kept).strip(), calls
 

@@ -4,12 +4,14 @@ stopped. ChatError (a VisitorError) carries the message the page shows."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from qwen2.chat import message_text
 from qwen2.engine import Conversation, Reply
 from qwen2.errors import Qwen2Error, TokenizerError
 from qwen2.sampling import SamplingSettings, check_seed
+from qwen2.tool_calls import validate_tools
 
 from .errors import VisitorError
 from .hosting import Busy, LoadedModel
@@ -34,25 +36,27 @@ def is_stats_message(item) -> bool:
 
 def history_messages(history) -> list[dict]:
     """Gradio's history as [{"role", "content": str}], skipping empty messages, non-text parts and
-    the per-reply statistics."""
+    the per-reply statistics; an API history's tool results ({"role": "tool"}) and an assistant's
+    `tool_calls` are kept for the template."""
     messages = []
     for item in history or []:
         if isinstance(item, (list, tuple)) and len(item) == 2:  # [user, assistant] pairs
-            pairs = [("user", item[0]), ("assistant", item[1])]
+            pairs = [("user", item[0], None), ("assistant", item[1], None)]
         elif isinstance(item, dict):
-            pairs = [] if is_stats_message(item) else [(item.get("role"), item.get("content"))]
+            pairs = [] if is_stats_message(item) else [(item.get("role"), item.get("content"), item.get("tool_calls"))]
         else:
-            pairs = [(getattr(item, "role", None), getattr(item, "content", None))]
-        for role, content in pairs:
+            pairs = [(getattr(item, "role", None), getattr(item, "content", None), None)]
+        for role, content, calls in pairs:
             text = message_text(content)
-            if role in ("user", "assistant") and text.strip():
-                messages.append({"role": role, "content": text})
+            if role in ("user", "assistant", "tool") and (text.strip() or calls):
+                messages.append({"role": role, "content": text, **({"tool_calls": calls} if calls else {})})
     return messages
 
 
-def fit_context(tokenizer, context: int, system: str, turns: list[dict], text: str, max_new: int):
+def fit_context(tokenizer, context: int, system: str, turns: list[dict], text, max_new: int, tools=None):
     """Prompt ids for the chat, dropping the oldest turns (a user message and what followed it) until
-    the prompt leaves room for a reply.
+    the prompt leaves room for a reply. `text` is the new user message, or this turn's messages (a
+    function call's results: [{"role": "tool", "content": ...}, ...]).
 
     Returns (ids, turns dropped, max new tokens that fit). Text far longer than the context can hold
     (CHARS_PER_TOKEN_BOUND characters a token) is refused, or dropped, before it is tokenized, and the
@@ -60,22 +64,26 @@ def fit_context(tokenizer, context: int, system: str, turns: list[dict], text: s
     API, must not cost everyone seconds of tokenizing."""
     reserve = max(1, min(int(max_new), context // 2))
     most = CHARS_PER_TOKEN_BOUND * context
-    for name, value in (("message", text), ("system prompt", system)):
-        if len(value) > most:
-            raise ChatError(f"This {name} is {len(value):,} characters, far more than the model's context of "
+    tools = validate_tools(tools)  # TokenizerError naming the tool and field
+    new = [{"role": "user", "content": text}] if isinstance(text, str) else list(text)
+    new_chars = sum(len(m["content"]) for m in new)
+    for name, size in (("message", new_chars), ("system prompt", len(system)),
+                       ("list of tools", len(json.dumps(tools)) if tools else 0)):
+        if size > most:
+            raise ChatError(f"This {name} is {size:,} characters, far more than the model's context of "
                             f"{context:,} tokens can hold: please shorten it.")
     head = [{"role": "system", "content": system}] if system and system.strip() else []
     # Where the kept history may begin: the start, each later user message, or nothing kept.
     starts = [0] + [i for i, t in enumerate(turns) if i > 0 and t["role"] == "user"] + [len(turns)]
     chars_after = [0] * (len(turns) + 1)
     for i in range(len(turns) - 1, -1, -1):
-        chars_after[i] = chars_after[i + 1] + len(turns[i]["content"])
+        chars_after[i] = chars_after[i + 1] + len(turns[i]["content"]) + len(json.dumps(turns[i].get("tool_calls") or ""))
 
     def encode(k: int) -> list[int]:
-        return tokenizer.encode_chat(head + turns[starts[k]:] + [{"role": "user", "content": text}],
-                                     add_generation_prompt=True)
+        return tokenizer.encode_chat(head + turns[starts[k]:] + new, add_generation_prompt=True, tools=tools)
 
-    lo = next(k for k, start in enumerate(starts) if len(text) + len(system) + chars_after[start] <= most)
+    fixed = new_chars + len(system) + (len(json.dumps(tools)) if tools else 0)
+    lo = next(k for k, start in enumerate(starts) if fixed + chars_after[start] <= most)
     hi = len(starts) - 1  # keeping nothing always "fits" as far as history goes
     fitted = {}
     while lo < hi:  # the fewest dropped turns whose prompt leaves room for the reply
@@ -121,6 +129,7 @@ class Conversations:
             keep, is_idle=lambda c: c.active is None, on_evict=lambda key, c: self._forget(key, c))
         self.replies: dict[str, Reply] = {}  # each session's latest reply
         self.stopped: dict[str, Reply] = {}  # the reply each session's last Stop reported
+        self.stop_asked: set[str] = set()  # sessions whose Stop came before their reply was submitted
 
     def get(self, key: str) -> Conversation:
         return self.sessions.get_or_create(key, self.lm.engine.conversation)
@@ -128,6 +137,7 @@ class Conversations:
     def _forget(self, key: str, conversation: Conversation) -> None:
         self.replies.pop(key, None)
         self.stopped.pop(key, None)
+        self.stop_asked.discard(key)
         conversation.close()
 
     def stats(self, key: str):
@@ -147,11 +157,12 @@ class Chat:
         self.lm, self.busy = lm, busy
         self.conversations = Conversations(lm)
 
-    def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int):
+    def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int,
+               tools=None):
         lm = self.lm
         try:
             ids, dropped, max_new = fit_context(lm.tokenizer, lm.context, system or "", history_messages(history),
-                                                text, int(max_new_tokens))
+                                                text, int(max_new_tokens), tools)
         except TokenizerError as exc:  # the checkpoint's chat template failed or hit its limits
             raise ChatError(str(exc)) from None
         notes = []
@@ -166,6 +177,9 @@ class Chat:
         except (ValueError, TypeError, Qwen2Error) as exc:
             raise ChatError(str(exc)) from None
         self.conversations.replies[key] = reply
+        if key in self.conversations.stop_asked:  # Stop was pressed while this reply waited its turn
+            self.conversations.stop_asked.discard(key)
+            reply.cancel()
         decoder, text, count = lm.tokenizer.stream_decoder(), "", 0
         try:
             sent = -STREAM_INTERVAL_S  # the first token shows at once
@@ -173,7 +187,7 @@ class Chat:
                 text += lm.token_text(decoder, token_id)
                 if time.monotonic() - sent >= STREAM_INTERVAL_S:
                     sent = time.monotonic()
-                    yield text, f"generating… {count} new tokens"
+                    yield text, f"generating… {count} new token{'' if count == 1 else 's'}"
             text += decoder.flush()
         except Qwen2Error as exc:
             raise ChatError(str(exc)) from None
@@ -188,6 +202,20 @@ class Chat:
             return ""
         return "  \n".join([f"**Stats:** {stats.line()}", context_meter(stats.context_used, stats.context_limit),
                             *notes])
+
+    def new_turn(self, key: str):
+        """A message was sent: a Stop pressed before it was is not for its reply."""
+        self.conversations.stop_asked.discard(key)
+
+    def request_stop(self, key: str):
+        """The page's Stop: the session's reply ends after the step in flight, and the reply's own
+        stream then ends with its statistics (nothing is cancelled in the browser, so the page never
+        sees an event fail). A reply not yet submitted is stopped as soon as it is."""
+        reply = self.conversations.replies.get(key)
+        if reply is not None and reply.reason is None:
+            reply.cancel()
+        else:
+            self.conversations.stop_asked.add(key)
 
     def stop(self, key: str):
         """Stop the session's reply after the step in flight; returns (its text, its statistics), which

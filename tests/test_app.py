@@ -112,7 +112,8 @@ def app(endless_dir, tmp_path_factory):
 
 def stats_numbers(stats: str) -> dict:
     """{"prompt tokens": n, "new tokens": m, "reused": r} from a stats line (qwen2.chat.ReplyStats.line)."""
-    numbers = {name: int(num) for num, name in re.findall(r"(\d+) (prompt tokens|new tokens)", stats)}
+    numbers = {name.rstrip("s") + "s": int(num)
+               for num, name in re.findall(r"(\d+) (prompt tokens|new tokens?)", stats)}
     reused = re.search(r"prompt tokens \((\d+) reused\)", stats)
     numbers["reused"] = int(reused.group(1)) if reused else 0
     return numbers
@@ -135,7 +136,7 @@ def test_chat_streams_partial_outputs_then_a_reply_with_stats(app):
     job = app.client().submit("Hello there!", api_name="/chat", max_new_tokens=300, seed=1)
     outputs = list(job)
     reply, stats = job.result()
-    assert outputs[0][1] == "generating… 1 new tokens", outputs[0]  # the first token is shown at once
+    assert outputs[0][1] == "generating… 1 new token", outputs[0]  # the first token is shown at once
     partials = [o[0] for o in outputs[:-1]]
     assert all(reply.startswith(p) for p in partials)
     # it grows in updates at most STREAM_INTERVAL_S apart: 300 tokens take longer than a few of those
@@ -691,9 +692,9 @@ def test_long_inputs_cost_a_bounded_number_of_tokenizations():
         def __init__(self):
             self.inner, self.calls = qwen2.Tokenizer.byte_fallback(512), 0
 
-        def encode_chat(self, messages, add_generation_prompt=True):
+        def encode_chat(self, messages, add_generation_prompt=True, tools=None):
             self.calls += 1
-            return self.inner.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            return self.inner.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
 
     tok = Counting()
     with pytest.raises(chat_logic.ChatError, match="characters"):

@@ -127,7 +127,7 @@ def send(page, text: str):
 
 def generated(stats) -> int | None:
     """N of the statistics line's "generating… N new tokens" while a reply streams, else None."""
-    match = re.search(r"generating… (\d+) new tokens", stats.inner_text())
+    match = re.search(r"generating… (\d+) new tokens?", stats.inner_text())
     return int(match.group(1)) if match else None
 
 
@@ -200,6 +200,29 @@ def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
     assert stats_numbers(line)["reused"] > 0, line  # the first turn came from the kept cache
     page.get_by_text("System prompt and sampling").click()  # fold the settings away again
     page.screenshot(path=str(artifacts / "04-chat-reply-with-stats.png"), full_page=True)
+
+
+def test_stop_at_any_moment_never_shows_an_error(page, artifacts):
+    """Stop pressed early, mid-reply and late in a long reply: the reply stays with its statistics,
+    the chat keeps every turn, and no "Error" badge ever covers it."""
+    stats = page.locator("#chat-stats")
+    chat = page.locator("#chatbot")
+    open_settings(page)
+    set_number(page, "Max new tokens", "4000", "max-new-tokens")
+    for turn, after_s in enumerate((0.0, 0.4, 1.0, 2.0, 3.0), 1):
+        send(page, f"Story number {turn}, as long as you can.")
+        wait_until(lambda: generated(stats), 60, "the first streamed tokens")
+        time.sleep(after_s)
+        page.locator("#chat-input .stop-button").dispatch_event("click")
+        line = wait_for_reply_stats(page, turn, 20)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # the moments right after Stop are when the badge showed
+            assert chat.get_by_text("Error", exact=True).count() == 0, f"Error shown after Stop {turn}"
+            assert page.locator("#chatbot .error, #chatbot [class*=error]").count() == 0, turn
+            time.sleep(0.1)
+        assert page.locator("[data-testid=user]").count() == turn, "turns vanished after Stop"
+        assert "stopped after" in line or "4000 new tokens" in line, line
+    page.screenshot(path=str(artifacts / "02b-chat-after-five-stops.png"), full_page=True)
 
 
 def test_time_to_first_token_stays_flat_over_four_turns(page, artifacts):

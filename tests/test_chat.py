@@ -121,7 +121,7 @@ def test_stop_token_ends_the_reply(model):
 
 def test_stats_line_never_reports_prefill_as_decode_speed():
     one = ReplyStats(prompt_tokens=5, new_tokens=1, ttft_s=0.2, decode_s=0.0, device="cpu", dtype="float32")
-    assert one.decode_tok_s is None and "tok/s" not in one.line() and "1 new tokens" in one.line()
+    assert one.decode_tok_s is None and "tok/s" not in one.line() and "1 new token ·" in one.line()
     many = ReplyStats(prompt_tokens=50, reused_tokens=40, new_tokens=11, ttft_s=0.1, decode_s=0.5,
                       device="cpu", dtype="bfloat16", context_used=61, context_limit=32768)
     assert many.decode_tok_s == pytest.approx(20.0)

@@ -7,7 +7,8 @@ import traceback
 import gradio as gr
 
 from qwen2.chat import message_text
-from studio.chat import EMPTY_HINT, Chat, ChatError, is_stats_message, sampling_settings, stats_message
+from qwen2.tool_calls import parse_tool_calls
+from studio.chat import EMPTY_HINT, Chat, ChatError, sampling_settings, stats_message
 from studio.hosting import RANDOM_MAX_NEW_TOKENS, LoadedModel
 
 from .queues import CHAT_CONCURRENCY, CHAT_QUEUE
@@ -25,12 +26,20 @@ def box_ready(**value):
     return gr.update(interactive=True, submit_btn=True, stop_btn=False, **value)
 
 
+def tool_names(tools) -> list[str]:
+    """The names of the tools offered (OpenAI's {"type": "function", "function": {...}} or bare specs)."""
+    specs = [t.get("function", t) if isinstance(t, dict) else {} for t in tools or []]
+    return [s["name"] for s in specs if isinstance(s, dict) and isinstance(s.get("name"), str)]
+
+
 def make_chat_events(chat: Chat):
     """The page's chat events: start (instant), respond (streams, queued), stop; and the API's."""
 
-    def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed):
+    def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+              request: gr.Request):
         """Check the message and settings before the box is cleared; returns
         (textbox, chatbot, stats, pending message or None)."""
+        chat.new_turn(request.session_hash)
         text = message_text(message)
         try:
             if not text.strip():
@@ -71,16 +80,10 @@ def make_chat_events(chat: Chat):
             return
         yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), box_ready()
 
-    def stop(chatbot, request: gr.Request):
-        """After Stop: the reply as far as it was generated stays (the page may be an update behind),
-        with its statistics under it."""
-        text, stats = chat.stop(request.session_hash)
-        chatbot = list(chatbot or [])
-        if stats is None or not chatbot or is_stats_message(chatbot[-1]):
-            return chatbot, gr.skip()  # no reply yet, or it had ended and shows its statistics already
-        if chatbot[-1].get("role") == "assistant":
-            chatbot = chatbot[:-1]
-        return [*chatbot, {"role": "assistant", "content": text}, stats_message(stats)], chat.stats_text(stats)
+    def stop(request: gr.Request):
+        """Stop: the engine ends the reply after the step in flight; `respond` then shows it whole, with
+        its statistics, as for any reply that ends."""
+        chat.request_stop(request.session_hash)
 
     def clear(request: gr.Request):
         chat.conversations.drop(request.session_hash)
@@ -101,7 +104,32 @@ def make_chat_events(chat: Chat):
         except ChatError as exc:
             raise gr.Error(str(exc)) from None
 
-    return start, respond, stop, clear, api
+    def api_tools(message, tools, tool_results=None, system_prompt="", temperature=0.0, top_p=1.0, top_k=0,
+                  repetition_penalty=1.0, max_new_tokens=512, seed=-1, history=None, request: gr.Request = None):
+        """Function calling, in this session's conversation (the one /chat continues): a reply with
+        `tools` (JSON function specs) rendered into the prompt by the checkpoint's template. Returns
+        (the reply's text without its calls, the calls as [{"type": "function", "function": {"name",
+        "arguments"}}], stats). To answer the calls, call again with `tool_results` (one string per
+        call, in order) and an empty `message`: they go into the prompt as "tool" messages."""
+        text = message_text(message)
+        results = [{"role": "tool", "content": str(r)} for r in (tool_results or [])]
+        new = results + ([{"role": "user", "content": text}] if text.strip() else [])
+        try:
+            if not new:
+                raise ChatError(EMPTY_HINT)
+            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            reply, stats = "", ""
+            for reply, stats in chat.stream(request.session_hash, new, history, system_prompt, settings,
+                                            max_new_tokens, tools=tools):
+                pass
+        except ChatError as exc:
+            raise gr.Error(str(exc)) from None
+        content, calls = parse_tool_calls(reply, names=tool_names(tools))
+        calls = [call.to_dict() for call in calls]
+        turn = [*new, {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}]
+        return content, calls, stats, [*(history or []), *turn]
+
+    return start, respond, stop, clear, api, api_tools
 
 
 def chat_tab(lm: LoadedModel, chat: Chat):
@@ -130,7 +158,7 @@ def chat_tab(lm: LoadedModel, chat: Chat):
             seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
     settings = [temperature, top_p, top_k, penalty, max_new, seed]
 
-    start, respond, stop, clear, api = make_chat_events(chat)
+    start, respond, stop, clear, api, api_tools = make_chat_events(chat)
     pending = gr.State(None)
     started = textbox.submit(start, [textbox, chatbot, *settings], [textbox, chatbot, stats, pending],
                              queue=False, api_visibility="undocumented")
@@ -140,8 +168,10 @@ def chat_tab(lm: LoadedModel, chat: Chat):
                             show_progress="minimal", show_progress_on=chatbot)
     ready = dict(fn=box_ready, outputs=textbox, api_visibility="undocumented", queue=False)
     replying.failure(**ready)  # the reply ends by making the box usable; this covers a failure before it runs
-    textbox.stop(None, None, None, cancels=[replying], queue=False, api_visibility="undocumented").then(
-        stop, [chatbot], [chatbot, stats], queue=False, api_visibility="undocumented").then(**ready)
+    # Stop ends the reply on the server; its stream then ends as any reply does. (Gradio's `cancels=`
+    # would also end it, but a cancel racing the stream's last message sometimes left an "Error"
+    # badge over the whole chat.)
+    textbox.stop(stop, None, None, queue=False, api_visibility="undocumented")
     chatbot.clear(clear, None, stats, queue=False, api_visibility="undocumented")
 
     # The /chat API: the same settings, the conversation kept in this API session's state.
@@ -150,4 +180,12 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     api_history = gr.State([])
     gr.Button(visible=False).click(api, [api_message, system, *settings, api_history],
                                    [api_reply, stats, api_history], api_name="chat",
+                                   concurrency_id=CHAT_QUEUE, concurrency_limit=CHAT_CONCURRENCY)
+    # /chat_tools: function calling in the same conversation (see api_tools).
+    api_tools_in = gr.JSON(None, label="Tools", visible=False)
+    api_results = gr.JSON(None, label="Tool results", visible=False)
+    api_calls = gr.JSON(None, label="Tool calls", visible=False)
+    gr.Button(visible=False).click(api_tools, [api_message, api_tools_in, api_results, system, *settings,
+                                               api_history],
+                                   [api_reply, api_calls, stats, api_history], api_name="chat_tools",
                                    concurrency_id=CHAT_QUEUE, concurrency_limit=CHAT_CONCURRENCY)
