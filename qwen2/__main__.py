@@ -1,14 +1,18 @@
-"""Terminal chat: python -m qwen2 --model ID_OR_DIR [--device] [--dtype] [--prompt TEXT]
+"""Terminal chat: python -m qwen2 --model ID_OR_DIR [--device] [--dtype] [--prompt TEXT] [--tools FILE]
 
 With --prompt: one reply, then exit. Without: a multi-turn chat (empty line or Ctrl-D quits).
-After each reply: prompt tokens, time to first token and decode tokens/s.
+After each reply: prompt tokens, time to first token and decode tokens/s. With --tools (a JSON list
+of function specs), the template renders them; a reply's calls are printed as `[tool call] NAME
+{ARGS}`, and a line starting with `tool:` answers them (a "tool" message).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,6 +24,7 @@ from .generate import default_stop_ids
 from .options import FAST_DECODE_MODES, QUANT_SCHEMES
 from .sampling import check_seed
 from .tokenizer import Tokenizer
+from .tool_calls import parse_tool_calls, tool_names, validate_tools
 
 
 def parse_args(argv=None):
@@ -42,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=seed_argument, default=None, help="an integer in [0, 2**63)")
     p.add_argument("--random-weights", action="store_true", help="official shape, random weights (no download)")
+    p.add_argument("--tools", default=None, metavar="FILE.json",
+                   help="function calling: a JSON list of tool specs ({type: function, function: {name, ...}})")
     return p.parse_args(argv)
 
 
@@ -66,10 +73,21 @@ def sampling_kwargs(args, generation_config: dict) -> dict:
     )
 
 
-def reply(chat: ChatSession, tok, messages, args, out=sys.stdout) -> str:
-    """Stream one reply to the conversation `messages`, then its statistics line."""
+def load_tools(path) -> list[dict] | None:
+    """The tool specs in `path` (None without one), checked; TokenizerError naming the file otherwise."""
+    if path is None:
+        return None
+    try:
+        return validate_tools(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"--tools {path}: {exc}") from None
+
+
+def reply(chat: ChatSession, tok, messages, args, out=sys.stdout, tools=None) -> dict:
+    """Stream one reply to the conversation `messages`, then its statistics line; returns the
+    assistant message (with its `tool_calls` when it made any)."""
     model = chat.model
-    ids = tok.encode_chat(messages)
+    ids = tok.encode_chat(messages, tools=tools)
     budget = min(args.max_new_tokens, chat.limit - len(ids))
     if budget < 1:
         raise Qwen2Error(f"the conversation ({len(ids)} tokens) fills the context "
@@ -86,7 +104,11 @@ def reply(chat: ChatSession, tok, messages, args, out=sys.stdout) -> str:
     tail = stream.flush()
     text.append(tail)
     out.write(f"{tail}\n[{chat.stats.line()}]\n")
-    return "".join(text)
+    content, calls = parse_tool_calls("".join(text), names=tool_names(tools))
+    for call in calls:
+        out.write(f"[tool call] {call.name} {json.dumps(call.arguments, ensure_ascii=False)}\n")
+    message = {"role": "assistant", "content": content}
+    return {**message, "tool_calls": [c.to_dict() for c in calls]} if calls else message
 
 
 def main(argv=None) -> int:
@@ -102,10 +124,11 @@ def main(argv=None) -> int:
             return 2
         if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
+        tools = load_tools(args.tools)
         chat = ChatSession(model, decoder=warm_up(decoder))
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
-            reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args)
+            reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args, tools=tools)
             return 0
         print(f"Chatting with {args.model} on {model.device}. Empty line or Ctrl-D to quit.")
         while True:
@@ -115,9 +138,11 @@ def main(argv=None) -> int:
                 return 0
             if not user:
                 return 0
-            messages.append({"role": "user", "content": user})
+            tool_result = user.startswith("tool:")
+            messages.append({"role": "tool", "content": user[5:].strip()} if tool_result
+                            else {"role": "user", "content": user})
             try:
-                messages.append({"role": "assistant", "content": reply(chat, tok, messages, args)})
+                messages.append(reply(chat, tok, messages, args, tools=tools))
             except Qwen2Error as exc:
                 messages.pop()
                 print(f"error: {exc}", file=sys.stderr)

@@ -94,6 +94,12 @@ def validate_tools(tools) -> list[dict] | None:
     return out
 
 
+def tool_names(tools) -> list[str]:
+    """The names of the tools offered (OpenAI's {"type": "function", "function": {...}} or bare specs)."""
+    specs = [t.get("function", t) if isinstance(t, Mapping) else {} for t in tools or []]
+    return [s["name"] for s in specs if isinstance(s, Mapping) and isinstance(s.get("name"), str)]
+
+
 def _tool_spec(tool, i: int) -> tuple[Mapping, str]:
     if not isinstance(tool, Mapping):
         raise TokenizerError(
@@ -232,8 +238,8 @@ def parse_tool_calls(text: str, names=None) -> tuple[str, list[ToolCall]]:
     ToolCall and is cut out of the content, which is then stripped.
 
     `names`: the tools offered. Small models (Qwen2.5-Coder-0.5B-Instruct among them) often answer
-    with the call's JSON alone, without the tags; a reply that is exactly one such object naming
-    one of `names` is read as that call too.
+    with the call's JSON alone, without the tags, or in a ```json fence; a reply that is exactly
+    one such object naming one of `names` is read as that call too.
 
     A block is well formed when it holds one JSON object with a non-empty string "name" and
     an "arguments" object (or a JSON string of one; "parameters" is accepted for it, a missing
@@ -263,10 +269,19 @@ def parse_tool_calls(text: str, names=None) -> tuple[str, list[ToolCall]]:
             calls.append(call)
         pos = end
     if not calls:
-        bare = _parse_block(text.strip()) if names and text.strip().startswith("{") else None
+        bare = _bare_call(text) if names else None
         return ("", [bare]) if bare is not None and bare.name in set(names) else (text, [])
     kept.append(text[pos:])
     return "".join(kept).strip(), calls
+
+
+def _bare_call(text: str) -> ToolCall | None:
+    """The call in a reply that is nothing but its JSON object, bare or in one ``` fence."""
+    body = text.strip()
+    if body.startswith("```") and body.endswith("```") and len(body) > 6:
+        body = body[3:-3].strip()
+        body = body[4:].lstrip() if body.startswith("json") else body
+    return _parse_block(body) if body.startswith("{") else None
 
 
 def _parse_block(body: str) -> ToolCall | None:

@@ -26,6 +26,8 @@ def test_a_bare_json_call_is_read_only_for_an_offered_tool():
     assert parse_tool_calls(call) == (call, [])  # no tools offered: it is text
     assert parse_tool_calls(call, names=["other"]) == (call, [])
     assert parse_tool_calls("Sure: " + call, names=["get_weather"])[1] == []  # only a whole reply
+    fenced = "```json\n" + call.replace(", ", ",\n    ") + "\n```"
+    assert parse_tool_calls(fenced, names=["get_weather"]) == ("", parse_tool_calls(call, ["get_weather"])[1])
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,25 @@ def test_tools_are_rendered_checked_and_results_go_back(tiny_app):
         client.predict("Weather?", bad, max_new_tokens=2, api_name="/chat_tools")
     with pytest.raises(AppError, match="Type a message first"):
         client.predict("", WEATHER, api_name="/chat_tools")
+
+
+def test_the_terminal_chat_prints_the_call(real_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(WEATHER))
+    done = subprocess.run([sys.executable, "-m", "qwen2", "--model", str(real_model_dir), "--dtype", "float32",
+                           "--fast-decode", "off", "--tools", str(tools), "--temperature", "0",
+                           "--max-new-tokens", "40", "--prompt", "What's the weather like in Paris right now?"],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert '[tool call] get_weather {"city": "Paris"}' in done.stdout, done.stdout
+    tools.write_text('[{"type": "function"}]')
+    done = subprocess.run([sys.executable, "-m", "qwen2", "--model", str(real_model_dir), "--tools", str(tools),
+                           "--prompt", "hi"], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2 and "tools[0].function" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_the_real_model_calls_the_tool_and_reads_its_result(real_model_dir):

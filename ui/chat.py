@@ -7,7 +7,7 @@ import traceback
 import gradio as gr
 
 from qwen2.chat import message_text
-from qwen2.tool_calls import parse_tool_calls
+from qwen2.tool_calls import parse_tool_calls, tool_names
 from studio.chat import EMPTY_HINT, Chat, ChatError, sampling_settings, stats_message
 from studio.hosting import RANDOM_MAX_NEW_TOKENS, LoadedModel
 
@@ -24,12 +24,6 @@ def box_ready(**value):
     """The message box usable again. A reply sets it itself as it ends (not a later event, which could
     land after the next message has started and hide its Stop button)."""
     return gr.update(interactive=True, submit_btn=True, stop_btn=False, **value)
-
-
-def tool_names(tools) -> list[str]:
-    """The names of the tools offered (OpenAI's {"type": "function", "function": {...}} or bare specs)."""
-    specs = [t.get("function", t) if isinstance(t, dict) else {} for t in tools or []]
-    return [s["name"] for s in specs if isinstance(s, dict) and isinstance(s.get("name"), str)]
 
 
 def make_chat_events(chat: Chat):
