@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_interactive_chat_takes_two_turns_then_quits(tiny_model_dir):
     assert out.returncode == 0, out.stderr
     stats = [line for line in out.stdout.splitlines() if "prompt tokens" in line]
     assert len(stats) == 2
-    first, second = (int(line.split("[")[1].split()[0]) for line in stats)
+    first, second = (int(re.search(r"(\d+) prompt tokens", line).group(1)) for line in stats)
     assert second > first  # the second prompt carries the first turn
 
 
