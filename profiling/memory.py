@@ -125,3 +125,29 @@ class PeakMemory:
             self.peak_bytes = int(max(self._sampled, rss))
         else:
             self.peak_bytes = int(max(_vm_hwm() or 0, rss))
+
+
+def held_tensor_bytes(obj, skip=()) -> int:
+    """Bytes of the tensors reachable from obj's attributes, lists, tuples and dicts, each storage
+    counted once and whole (a view keeps its base alive); the objects in `skip` not entered."""
+    seen = {id(s) for s in skip}
+    storages: dict[int, int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            stack.extend(x)
+        elif isinstance(x, torch.nn.Module):
+            continue
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            stack.extend(vars(x).values())
+    return sum(storages.values())

@@ -31,6 +31,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 import qwen2  # noqa: E402
+from profiling.memory import held_tensor_bytes  # noqa: E402
 
 DEFAULT_MODEL = ROOT / ".models" / "Qwen2.5-Coder-0.5B-Instruct"
 
@@ -38,32 +39,6 @@ DEFAULT_MODEL = ROOT / ".models" / "Qwen2.5-Coder-0.5B-Instruct"
 def rss_mb() -> float:
     gc.collect()
     return psutil.Process().memory_info().rss / 2**20
-
-
-def held_tensor_bytes(obj, skip=()) -> int:
-    """Bytes of the tensors reachable from `obj`'s attributes, lists, tuples and dicts (each
-    storage once, whole: a view keeps its base alive), not entering the objects in `skip`."""
-    seen_obj: set[int] = {id(s) for s in skip}
-    storages: dict[int, int] = {}
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen_obj:
-            continue
-        seen_obj.add(id(x))
-        if isinstance(x, torch.Tensor):
-            st = x.untyped_storage()
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            stack.extend(x)
-        elif isinstance(x, torch.nn.Module):
-            continue
-        elif hasattr(x, "__dict__") and not isinstance(x, type):
-            stack.extend(vars(x).values())
-    return sum(storages.values())
 
 
 def load_impl(path: str | None):

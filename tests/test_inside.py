@@ -13,6 +13,7 @@ import torch
 import qwen2
 import profiling.inside as inside
 from profiling.inside import InsideSession, inside_view, parameter_counts
+from profiling.memory import held_tensor_bytes
 from qwen2 import model as model_module
 from qwen2.sampling import PROCESSORS, SamplingSettings, apply_min_p, apply_repetition_penalty, apply_top_k, \
     apply_top_p, process_logits, processor_stages
@@ -438,32 +439,6 @@ def test_charts_build_from_the_view(models, tokenizer, kind):
 
 
 # ---- bounds: the cap, what a session holds, close ------------------------------------------
-
-
-def held_tensor_bytes(obj, skip=()) -> int:
-    """Bytes of the tensors reachable from obj's attributes, lists, tuples and dicts, each storage
-    counted once and whole (a view keeps its base alive); the objects in `skip` not entered."""
-    seen = {id(s) for s in skip}
-    storages: dict[int, int] = {}
-    stack = [obj]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            st = x.untyped_storage()
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
-        elif isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            stack.extend(x)
-        elif isinstance(x, torch.nn.Module):
-            continue
-        elif hasattr(x, "__dict__") and not isinstance(x, type):
-            stack.extend(vars(x).values())
-    return sum(storages.values())
 
 
 def test_the_cap_refuses_a_long_prompt_and_a_step_past_it(models, tokenizer):
