@@ -119,7 +119,7 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------------------
     def conversation(self) -> Conversation:
-        return Conversation(self)
+        return Conversation(self._release, self._wake)
 
     def submit(self, prompt_ids, settings: SamplingSettings | None = None, max_new_tokens: int = 64,
                stop_ids=(), seed: int | None = None, conversation: Conversation | None = None,
@@ -138,7 +138,7 @@ class Engine:
                            dtype=dtype_name(self.model.dtype), context_used=len(prompt),
                            context_limit=self.row_tokens)
         own = conversation is None
-        conversation = conversation or Conversation(self)
+        conversation = conversation or Conversation(self._release, self._wake)
         reply = Reply(prompt, settings or SamplingSettings(), max_new_tokens, {int(t) for t in stop_ids}, seed,
                       conversation, stats, wall_s, own_conversation=own)
         with self._cv:

@@ -9,17 +9,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import LimitError
 from .sampling import Sampler, SamplingSettings
 from .stats import ReplyStats
-
-if TYPE_CHECKING:
-    from .engine import Engine
-
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading ids a and b share."""
@@ -59,15 +54,17 @@ class Conversation:
     prefills what is new; `close()` (or leaving the `with` block) gives the row back at once.
     """
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, release: Callable[[Conversation], None], wake: Callable[[], None]):
+        # The engine's hooks, not the engine: what a conversation may ask of it is to give its row
+        # back and to look again at its requests (a reply was cancelled).
+        self._release, self.wake = release, wake
         self.row: int | None = None  # None: no row (new, closed, or given up to a newcomer)
         self.cached: list[int] = []
         self.active: Reply | None = None  # the reply being made in this row
         self.last_used = time.monotonic()
 
     def close(self):
-        self.engine._release(self)
+        self._release(self)
 
     def __enter__(self):
         return self
@@ -118,7 +115,7 @@ class Reply:
     def cancel(self):
         """Stop after the step in flight; what was made so far stays in `tokens` and `stats`."""
         self._cancel.set()
-        self.conversation.engine._wake()
+        self.conversation.wake()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the engine is done with this reply; True when it is."""
