@@ -9,6 +9,7 @@ of function specs), the template renders them; a reply's calls are printed as `[
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from .fast import make_decoder, warm_up_or_off
 from .errors import GenerationError, ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
 from .options import FAST_DECODE_MODES, QUANT_SCHEMES
-from .sampling import check_seed
+from .sampling import SamplingSettings, check_seed
 from .tokenizer import Tokenizer
 from .tool_calls import parse_tool_calls, tool_names, validate_tools
 
@@ -60,17 +61,11 @@ def seed_argument(text: str) -> int:
 
 
 def sampling_kwargs(args, generation_config: dict) -> dict:
-    def pick(value, key, default):
-        return value if value is not None else generation_config.get(key, default)
-
-    sample = generation_config.get("do_sample", False)
-    return dict(
-        temperature=pick(args.temperature, "temperature", 0.0) if (sample or args.temperature is not None) else 0.0,
-        top_p=pick(args.top_p, "top_p", 1.0),
-        top_k=pick(args.top_k, "top_k", 0),
-        repetition_penalty=pick(args.repetition_penalty, "repetition_penalty", 1.0),
-        seed=args.seed,
-    )
+    """generate's sampling arguments: the checkpoint's generation_config.json, the flags over it."""
+    settings = SamplingSettings.from_generation_config(
+        generation_config, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty)
+    return dict(dataclasses.asdict(settings), seed=args.seed)
 
 
 def load_tools(path) -> list[dict] | None:
@@ -83,9 +78,11 @@ def load_tools(path) -> list[dict] | None:
         raise TokenizerError(f"--tools {path}: {exc}") from None
 
 
-def reply(chat: ChatSession, tok, messages, args, out=sys.stdout, tools=None) -> dict:
-    """Stream one reply to the conversation `messages`, then its statistics line; returns the
-    assistant message (with its `tool_calls` when it made any)."""
+def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
+    """Stream one reply to the conversation `messages` (to `out`, default: sys.stdout as it is at the
+    call), then its statistics line; returns the assistant message (with its `tool_calls` when it
+    made any)."""
+    out = out or sys.stdout
     model = chat.model
     ids = tok.encode_chat(messages, tools=tools)
     budget = min(args.max_new_tokens, chat.limit - len(ids))

