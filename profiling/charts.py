@@ -2,9 +2,16 @@
 load_run), plus a timeline of a run's trace file.
 
 The app's dashboard and `python -m profiling.report` use these same functions. Every chart takes
-`theme="light" | "dark"`. Charts do not mislead: every y axis is linear and starts at 0, spreads
-are drawn (p10–p90), values are written on the bars, and the model's memory is shown apart from
+`theme="light" | "dark"`. Charts do not mislead: every value axis is linear and starts at 0, spreads
+are drawn (p10–p90), values are written beside the bars, and the model's memory is shown apart from
 the process it runs in.
+
+The server cannot know how wide the screen is, so every chart reads from a 420 px phone to a
+desktop: its panels are stacked one per row (never side by side); runs are rows of horizontal bars,
+named on the left in short lines (never rotated), each value written past its bar's end or whisker
+with room kept for it; legends sit at the bottom of the figure (the plot shrinks to make room, so
+nothing runs into them); titles, subplot titles and legend names are short or wrapped to lines that
+fit 360 px; and bytes are decimal (kB, MB, GB) as in the headline table.
 """
 
 from __future__ import annotations
@@ -28,14 +35,30 @@ MEMORY_COLORS = {"weights": "#4C78A8", "kv": "#F58518", "activations": "#54A24B"
 PATTERNS = ["", "/", "x", ".", "\\", "+", "-", "|"]
 RUN_COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6",
               "#9D755D"]
+# Plotly draws the active button near-white (#F4FAFF, fixed): buttons keep dark text in both themes.
 THEMES = {
-    "light": {"template": "plotly_white", "ink": "#222222", "muted": "#666666"},
-    "dark": {"template": "plotly_dark", "ink": "#EEEEEE", "muted": "#AAAAAA"},
+    "light": {"template": "plotly_white", "ink": "#222222", "muted": "#666666",
+              "button": "#E1E5EA", "border": "#9AA3AF"},
+    "dark": {"template": "plotly_dark", "ink": "#EEEEEE", "muted": "#AAAAAA",
+             "button": "#AEB6C2", "border": "#D0D5DC"},
 }
 HEADLINE_COLUMNS = ["run", "time to first token (ms)", "ms per decode step", "decode tok/s",
                     "prefill tok/s", "% of roofline", "weights MB", "KV cache MB",
                     "peak MB (model)", "hook overhead %"]
 MB = 1e6
+
+# Sizes that hold at 420 px (a phone: the chart is about 360 px wide) and at any larger width.
+FONT = 'Arial, "Liberation Sans", Helvetica, sans-serif'  # the same metrics on every system
+TITLE_CHARS = 36     # a title line (17 px)
+LINE_CHARS = 44      # a subtitle line or a legend entry's line (12 px)
+TICK_CHARS = 14      # a line of a run's name on the runs' axis
+CHAR_PX = 7.0        # a 12 px character, generously
+LINE_PX = 16         # a line of 12 px text
+VALUE_AXIS_PX = 200  # the value axis' length on a phone: room is kept there for every value label
+BAR_PX = 18          # a horizontal bar's thickness
+GROUP = 0.8          # the part of a run's row that its bars fill
+PANEL_GAP_PX = 92    # between stacked panels: tick labels, axis title and the next panel's title
+AXIS_PX = 48         # under the last panel: its tick labels and axis title
 
 
 # -- labels, units, layout -------------------------------------------------------------------
@@ -61,10 +84,31 @@ def model_name(run: dict) -> str:
 
 
 def byte_unit(max_bytes: float) -> tuple[float, str]:
-    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+    """The decimal unit (GB, MB, kB, B) to show `max_bytes` in: the headline table's MB system."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
         if max_bytes >= scale:
-            return float(scale), unit
+            return scale, unit
     return 1.0, "B"
+
+
+def wrap(text: str, width: int = LINE_CHARS, sep: str = " ") -> str:
+    """`text` in lines of at most `width` characters (broken at `sep` only, so a longer word keeps
+    its line), joined with <br>; existing <br> are kept."""
+    lines = []
+    for part in str(text).split("<br>"):
+        line = ""
+        for word in part.split(sep):
+            if line and len(line) + len(sep) + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line}{sep}{word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
+
+
+def _lines(text: str) -> int:
+    return str(text).count("<br>") + 1 if text else 0
 
 
 def _num(value) -> float:
@@ -81,37 +125,128 @@ def _theme(theme: str) -> dict:
     return THEMES[theme]
 
 
-def _style(fig: go.Figure, theme: str, title: str, subtitle: str = "", **layout) -> go.Figure:
-    """Template, transparent background (the page's colour shows), room for the title (and a
-    subtitle) and a legend under the plot (narrow screens), y axes from 0."""
+def _top_margin(title: str, subtitle: str = "", buttons: bool = False) -> int:
+    """Room above the plot: the title's and subtitle's lines, the buttons, the first panel's title."""
+    return max(100, 20 + 24 * _lines(title) + LINE_PX * _lines(subtitle) + (40 if buttons else 0) + 34)
+
+
+def _style(fig: go.Figure, theme: str, title: str, subtitle: str = "", *, height: int,
+           buttons: bool = False, **layout) -> go.Figure:
+    """Template, transparent background (the page's colour shows), the title (and a subtitle) in
+    the figure's top left, the legend along the figure's bottom edge (its rows push the plot up,
+    however many a narrow screen needs), value axes from 0, tick labels never rotated."""
     colors = _theme(theme)
-    lines = subtitle.count("<br>") + 1 if subtitle else 0
+    title, subtitle = wrap(title, TITLE_CHARS), wrap(subtitle) if subtitle else ""
     fig.update_layout(
-        template=colors["template"], paper_bgcolor="rgba(0,0,0,0)",
-        plot_bgcolor="rgba(0,0,0,0)", font={"color": colors["ink"]},
-        title={"text": title, "x": 0.01, "xanchor": "left", "y": 0.985, "yanchor": "top",
+        template=colors["template"], paper_bgcolor="rgba(0,0,0,0)", height=height,
+        plot_bgcolor="rgba(0,0,0,0)", font={"color": colors["ink"], "family": FONT, "size": 12},
+        title={"text": title, "x": 0, "xref": "container", "xanchor": "left", "y": 1,
+               "yref": "container", "yanchor": "top", "pad": {"l": 8, "t": 12},
+               "font": {"size": 17},
                "subtitle": {"text": subtitle, "font": {"size": 12, "color": colors["muted"]}}},
-        margin={"t": 100 + 18 * lines, "b": 60, "l": 70, "r": 30},
-        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -0.18, "yanchor": "top"},
-        uniformtext={"minsize": 9, "mode": "show"}, **layout)
-    fig.update_xaxes(automargin=True)
-    fig.update_yaxes(rangemode="tozero", automargin=True)
+        margin={"t": _top_margin(title, subtitle, buttons), "b": 8, "l": 8, "r": 16},
+        legend={"orientation": "h", "x": 0, "xref": "container", "xanchor": "left", "y": 0,
+                "yref": "container", "yanchor": "bottom", "traceorder": "normal",
+                "font": {"size": 12}},
+        hoverlabel={"align": "left"}, **layout)
+    fig.update_xaxes(automargin=True, tickangle=0)
+    fig.update_yaxes(automargin=True, tickangle=0)
     return fig
 
 
-def _headroom(fig: go.Figure, top: float, row: int, col: int) -> None:
-    """y from 0 to 25 % above the tallest value, so labels above bars stay inside the plot."""
-    if top > 0:
-        fig.update_yaxes(range=[0, top * 1.25], row=row, col=col)
+def _legend_px(names: list[str]) -> int:
+    """The legend's height on a phone, where each entry may take a row of its own."""
+    return 12 + LINE_PX * sum(_lines(n) for n in names)
 
 
-def _empty(fig: go.Figure, text: str, theme: str, title: str) -> go.Figure:
-    _style(fig, theme, title)
-    fig.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
-                       font={"size": 14})
+def _panels(rows_px: list[float], titles: list[str] | None = None) -> tuple[go.Figure, float]:
+    """One panel per row, `rows_px` high each on a phone (taller where the legend needs fewer rows),
+    subplot titles at each panel's top left, clear of the panel above; (figure, plot area px)."""
+    area = sum(rows_px) + PANEL_GAP_PX * (len(rows_px) - 1)
+    fig = make_subplots(rows=len(rows_px), cols=1, row_heights=[p / sum(rows_px) for p in rows_px],
+                        vertical_spacing=PANEL_GAP_PX / area if len(rows_px) > 1 else 0,
+                        subplot_titles=titles)
+    for note in fig.layout.annotations:
+        note.update(x=0, xanchor="left", font={"size": 14}, yshift=4)
+    return fig, area
+
+
+def _empty(text: str, theme: str, title: str) -> go.Figure:
+    fig = go.Figure()
+    _style(fig, theme, title, height=300)
+    fig.add_annotation(text=wrap(text, 40), showarrow=False, xref="paper", yref="paper", x=0.5,
+                       y=0.5, font={"size": 14})
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     return fig
+
+
+# -- runs as rows of horizontal bars -----------------------------------------------------------
+def _slot(s: int, n: int) -> tuple[float, float]:
+    """Where series s of n sits in a run's row (offset from the row's centre, downwards) and the
+    thickness of its bar, in rows."""
+    width = GROUP / n
+    return -GROUP / 2 + width * (s + 0.5), width * 0.86
+
+
+def _row_px(n_runs: int, n_series: int, labels: list[str]) -> float:
+    """A panel's height: each run's row holds its bars and its name's lines."""
+    name_lines = max((_lines(wrap(label, TICK_CHARS, " · ")) for label in labels), default=1)
+    return n_runs * max(n_series * BAR_PX, name_lines * LINE_PX + 6) / GROUP
+
+
+def _runs_axis(fig: go.Figure, labels: list[str], row: int) -> None:
+    """The runs' axis of a panel: run i at y = i, first at the top, named in short lines."""
+    fig.update_yaxes(tickmode="array", tickvals=list(range(len(labels))),
+                     ticktext=[wrap(label, TICK_CHARS, " · ") for label in labels],
+                     range=[len(labels) - 0.5, -0.5], showgrid=False, zeroline=False,
+                     ticks="", row=row, col=1)
+
+
+def _hbar(fig: go.Figure, row: int, s: int, n: int, labels: list[str], values: list, **bar) -> go.Bar:
+    """Series s of n as horizontal bars, one per run, in its slot of each run's row; the run's name
+    is the hover text."""
+    offset, width = _slot(s, n)
+    fig.add_bar(x=values, y=[i + offset for i in range(len(values))], width=width,
+                orientation="h", hovertext=labels, textposition="none", row=row, col=1, **bar)
+    return fig.data[-1]
+
+
+def _value_room(ends: list[float], texts: list[str]) -> float:
+    """The value axis' end that leaves room for every label past its bar on a phone."""
+    top = 0.0
+    for end, text in zip(ends, texts):
+        px = len(re.sub(r"<[^>]+>", "", text or "")) * CHAR_PX + 12
+        top = max(top, _num(end) / max(1.0 - px / VALUE_AXIS_PX, 0.3))
+    return top
+
+
+class _Labels:
+    """Value labels written past the end of each bar (or of its whisker), added as text traces after
+    every bar so that the bars keep their places in fig.data."""
+
+    def __init__(self):
+        self.points: dict[int, list[tuple[float, float, str]]] = {}
+
+    def add(self, row: int, s: int, n: int, ends: list, texts: list[str]) -> None:
+        offset, _ = _slot(s, n)
+        self.points.setdefault(row, []).extend(
+            (_num(e), i + offset, "\u00a0" + t)  # a space from the bar's end or whisker
+            for i, (e, t) in enumerate(zip(ends, texts)) if t and e is not None)
+
+    def room(self, row: int) -> float:
+        points = self.points.get(row, [])
+        ends = [p[0] for p in points]
+        return max(_value_room(ends, [p[2] for p in points]), 1.05 * max(ends, default=0.0))
+
+    def draw(self, fig: go.Figure, theme: str) -> None:
+        for row, points in self.points.items():
+            if points:
+                fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points],
+                                text=[p[2] for p in points], mode="text", textposition="middle right",
+                                textfont={"color": _theme(theme)["ink"], "size": 12}, cliponaxis=False,
+                                showlegend=False, hoverinfo="skip", name="values", row=row, col=1)
+            fig.update_xaxes(range=[0, self.room(row)], row=row, col=1)
 
 
 # -- headline figures ------------------------------------------------------------------------
@@ -147,51 +282,65 @@ def headline_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
 
 
 # -- per-layer latency -----------------------------------------------------------------------
-def _layer_rows(run: dict, phase: str) -> tuple[list[str], dict[str, list[float]]]:
-    """Categories (embed, L0.., final norm, lm_head, other) and ms per component."""
-    layers = run.get("layers") or []
-    breakdown = (run.get("breakdown") or {}).get(phase) or {}
-    cats = ["embed"] + [f"L{layer.get('index', i)}" for i, layer in enumerate(layers)] + \
-        ["final norm", "lm_head", "other"]
-    comps = {name: [0.0] * len(cats) for name in COMPONENT_COLORS}
-    comps["model"][0] = _num(breakdown.get("embedding_ms"))
-    for j, layer in enumerate(layers, start=1):
-        figures = layer if phase == "decode" else (layer.get("prefill") or {})
-        comps["attention"][j] = _num(figures.get("attention_ms"))
-        comps["mlp"][j] = _num(figures.get("mlp_ms"))
-        comps["norms"][j] = (_num(figures.get("input_layernorm_ms"))
-                             + _num(figures.get("post_attention_layernorm_ms")))
-    comps["model"][-3] = _num(breakdown.get("final_norm_ms"))
-    comps["model"][-2] = _num(breakdown.get("lm_head_ms"))
-    comps["other"][-1] = max(_num(breakdown.get("other_ms")), 0.0)
-    return cats, comps
-
-
-LAYER_TITLES = {"decode": "Per-layer latency, decode (mean ms per step)",
-                "prefill": "Per-layer latency, prefill (ms for the whole prompt)"}
+OUTSIDE = ("embedding", "final norm", "LM head", "other")
+LAYER_TITLES = {"decode": "Per-layer latency · decode", "prefill": "Per-layer latency · prefill"}
+LAYER_SUBTITLES = {"decode": "mean ms per decode step", "prefill": "ms for the whole prompt"}
 COMPONENT_NAMES = {"attention": "Attention", "mlp": "MLP", "norms": "RMSNorms",
                    "model": "Embedding / final norm / LM head", "other": "Other (outside hooks)"}
+LEGEND_CHARS = 40
+
+
+def _layer_rows(run: dict, phase: str) -> tuple[list[int], dict[str, list[float]], dict[str, float]]:
+    """The decoder layers' indices and ms per component in each (attention, MLP, norms), and the
+    ms outside the layers (embedding, final norm, LM head, other)."""
+    layers = run.get("layers") or []
+    breakdown = (run.get("breakdown") or {}).get(phase) or {}
+    index = [int(_num(layer.get("index", i))) for i, layer in enumerate(layers)]
+    comps: dict[str, list[float]] = {"attention": [], "mlp": [], "norms": []}
+    for layer in layers:
+        figures = layer if phase == "decode" else (layer.get("prefill") or {})
+        comps["attention"].append(_num(figures.get("attention_ms")))
+        comps["mlp"].append(_num(figures.get("mlp_ms")))
+        comps["norms"].append(_num(figures.get("input_layernorm_ms"))
+                              + _num(figures.get("post_attention_layernorm_ms")))
+    outside = {"embedding": _num(breakdown.get("embedding_ms")),
+               "final norm": _num(breakdown.get("final_norm_ms")),
+               "LM head": _num(breakdown.get("lm_head_ms")),
+               "other": max(_num(breakdown.get("other_ms")), 0.0)}
+    return index, comps, outside
 
 
 def _add_layer_bars(fig: go.Figure, runs: list[dict], labels: list[str], phase: str,
                     visible: bool) -> int:
-    """Stacked component bars of every run for one phase; returns how many traces it added.
-    The legend names each component once (its colour); the runs are told apart by hatching."""
+    """Every run's bars for one phase: attention / MLP / norms stacked per decoder layer (top
+    panel), embedding, final norm, LM head and other (bottom panel); returns how many traces it
+    added. The legend names each component once (its colour); runs are told apart by hatching."""
     added = 0
     for r, (run, label) in enumerate(zip(runs, labels)):
-        cats, comps = _layer_rows(run, phase)
-        base = [0.0] * len(cats)
+        index, comps, outside = _layer_rows(run, phase)
+        pattern = {"shape": PATTERNS[r % len(PATTERNS)]}
+        base = [0.0] * len(index)
         for comp, values in comps.items():
             if not any(values):
                 continue
             name = COMPONENT_NAMES[comp]
             fig.add_bar(
-                x=cats, y=values, base=list(base), offsetgroup=str(r), name=name,
+                x=index, y=values, base=list(base), offsetgroup=str(r), name=name,
                 legendgroup=comp, showlegend=r == 0, visible=visible,
-                marker={"color": COMPONENT_COLORS[comp],
-                        "pattern": {"shape": PATTERNS[r % len(PATTERNS)]}},
-                hovertemplate=f"{label}<br>%{{x}} {name}: %{{y:.3f}} ms<extra></extra>")
+                marker={"color": COMPONENT_COLORS[comp], "pattern": pattern},
+                hovertemplate=f"{label}<br>layer %{{x}} {name}: %{{y:.3f}} ms<extra></extra>",
+                row=1, col=1)
             base = [b + v for b, v in zip(base, values)]
+            added += 1
+        for comp, cats in (("model", OUTSIDE[:3]), ("other", OUTSIDE[3:])):
+            values = [outside[c] for c in cats]
+            if not any(values):
+                continue
+            fig.add_bar(
+                x=list(cats), y=values, offsetgroup=str(r), name=COMPONENT_NAMES[comp],
+                legendgroup=comp, showlegend=r == 0, visible=visible,
+                marker={"color": COMPONENT_COLORS[comp], "pattern": pattern},
+                hovertemplate=f"{label}<br>%{{x}}: %{{y:.3f}} ms<extra></extra>", row=2, col=1)
             added += 1
     return added
 
@@ -199,23 +348,25 @@ def _add_layer_bars(fig: go.Figure, runs: list[dict], labels: list[str], phase: 
 def _run_hatching_legend(fig: go.Figure, labels: list[str]) -> int:
     """One legend entry per run showing its hatching (an empty bar); returns how many."""
     for r, label in enumerate(labels):
-        fig.add_bar(x=[None], y=[None], name=label, legendgroup=f"run{r}",
+        fig.add_bar(x=[None], y=[None], name=wrap(label, LEGEND_CHARS), legendgroup=f"run{r}",
                     marker={"color": "rgba(150,150,150,0.6)",
                             "pattern": {"shape": PATTERNS[r % len(PATTERNS)] or "",
-                                        "fillmode": "overlay"}})
+                                        "fillmode": "overlay"}}, row=1, col=1)
     return len(labels)
 
 
 def layer_latency_figure(runs: list[dict], phase: str = "decode",
                          theme: str = "light") -> go.Figure:
     """Stacked attention / MLP / norms per decoder layer, one bar group per run (hatching tells
-    runs apart). `phase` ("decode" or "prefill") is shown first; buttons switch between them."""
+    runs apart), and below it what runs outside the layers (embedding, final norm, LM head, other),
+    each panel on its own scale. `phase` ("decode" or "prefill") is shown first; buttons switch."""
     if phase not in PHASES:
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
-    fig = go.Figure()
     if not runs:
-        return _empty(fig, "no runs to show", theme, LAYER_TITLES[phase])
+        return _empty("no runs to show", theme, LAYER_TITLES[phase])
+    colors = _theme(theme)
     labels = run_labels(runs)
+    fig, area = _panels([230, 140])
     owner: list[str] = []
     for ph in PHASES:
         owner += [ph] * _add_layer_bars(fig, runs, labels, ph, visible=(ph == phase))
@@ -223,14 +374,22 @@ def layer_latency_figure(runs: list[dict], phase: str = "decode",
         owner += ["both"] * _run_hatching_legend(fig, labels)
     buttons = [{"label": ph.capitalize(), "method": "update",
                 "args": [{"visible": [o in (ph, "both") for o in owner]},
-                         {"title.text": LAYER_TITLES[ph]}]}
+                         {"title.text": LAYER_TITLES[ph], "title.subtitle.text": LAYER_SUBTITLES[ph]}]}
                for ph in PHASES]
-    _style(fig, theme, LAYER_TITLES[phase], barmode="group", yaxis_title="ms",
-           xaxis_title="block", updatemenus=[{
-               "buttons": buttons, "type": "buttons", "direction": "right", "x": 1.0,
-               "xanchor": "right", "y": 1.02, "yanchor": "bottom",
-               "active": PHASES.index(phase)}])
+    names = list(dict.fromkeys(t.name for t in fig.data if t.showlegend is not False))
+    height = _top_margin(LAYER_TITLES[phase], LAYER_SUBTITLES[phase], True) + area + AXIS_PX + \
+        _legend_px(names)
+    _style(fig, theme, LAYER_TITLES[phase], LAYER_SUBTITLES[phase], height=round(height),
+           buttons=True, barmode="group", updatemenus=[{
+               "buttons": buttons, "type": "buttons", "direction": "right", "x": 0,
+               "xanchor": "left", "y": 1, "yanchor": "bottom", "pad": {"b": 12},
+               "active": PHASES.index(phase), "showactive": True, "bgcolor": colors["button"],
+               "bordercolor": colors["border"], "font": {"color": "#222222", "size": 13}}])
     fig.update_layout(legend={"groupclick": "toggleitem"})
+    fig.update_xaxes(title_text="decoder layer", rangemode="normal", row=1, col=1)
+    fig.update_xaxes(title_text="outside the decoder layers", type="category",
+                     categoryorder="array", categoryarray=list(OUTSIDE), row=2, col=1)
+    fig.update_yaxes(title_text="ms", rangemode="tozero")
     return fig
 
 
@@ -252,79 +411,84 @@ def _process_peak_name(sources: set[str]) -> str:
         "whole-process peak"
 
 
-def _model_memory_bars(fig: go.Figure, labels: list[str], parts: list[dict], top: float,
-                       scale: float, unit: str) -> None:
-    """Weights, KV cache and activations/other stacked per run (left panel), values written on
-    the segments big enough to hold them (the rest in the hover)."""
+def _model_memory_bars(fig: go.Figure, labels: list[str], parts: list[dict], n: int, scale: float,
+                       unit: str, values: _Labels) -> None:
+    """Weights, KV cache and activations/other stacked per run (top panel); the stack's total is
+    written past its end, each part is in the hover."""
     base = [0.0] * len(parts)
     for key, name in (("weights", "Weights"), ("kv", "KV cache (allocated)"),
                       ("activations", "Activations / other (model peak − weights − KV)")):
         if key == "activations" and all(p[key] is None for p in parts):
             continue  # a run file from before the model peak was measured
-        values = [_num(p[key]) / scale for p in parts]
-        fig.add_bar(x=labels, y=values, base=list(base), offsetgroup="model", name=name,
-                    marker_color=MEMORY_COLORS[key], textposition="inside",
-                    text=[f"{v:.3g}" if v >= top * 0.06 else "" for v in values],
-                    insidetextanchor="middle",
-                    hovertemplate=f"%{{x}}<br>{name}: %{{y:.3f}} {unit}<extra></extra>",
-                    row=1, col=1)
-        base = [b + v for b, v in zip(base, values)]
+        part = [_num(p[key]) / scale for p in parts]
+        _hbar(fig, 1, 0, n, labels, part, base=list(base), name=wrap(name, LEGEND_CHARS),
+              marker_color=MEMORY_COLORS[key], legendgroup=key,
+              hovertemplate=f"%{{hovertext}}<br>{name}: %{{x:.3f}} {unit}<extra></extra>")
+        base = [b + v for b, v in zip(base, part)]
+    values.add(1, 0, n, base, [f"model {b:.3g} {unit}" for b in base])
 
 
-def _process_peak_marks(fig: go.Figure, labels: list[str], parts: list[dict], scale: float,
-                        unit: str, theme: str) -> None:
-    """The whole process's peak, marked apart from the model's stack and named for what it is."""
-    if not any(p["process_peak"] for p in parts):
-        return
+def _process_peak_bars(fig: go.Figure, labels: list[str], parts: list[dict], scale: float,
+                       unit: str, theme: str, values: _Labels) -> None:
+    """The whole process's peak, an outlined bar under the model's stack, named for what it is."""
     name = _process_peak_name({p["peak_source"] for p in parts} - {""})
     process = [_num(p["process_peak"]) / scale or None for p in parts]
-    fig.add_scatter(x=labels, y=process, mode="markers+text", name=name,
-                    text=[f"process {v:.3g} {unit}" if v else "" for v in process],
-                    textposition="top center",
-                    marker={"symbol": "line-ew-open", "size": 36, "line": {"width": 3},
-                            "color": _theme(theme)["muted"]},
-                    hovertemplate=f"%{{x}}<br>{name}: %{{y:.3f}} {unit}<extra></extra>",
-                    row=1, col=1)
+    _hbar(fig, 1, 1, 2, labels, process, name=wrap(name, LEGEND_CHARS),
+          marker={"color": "rgba(0,0,0,0)", "line": {"color": _theme(theme)["muted"], "width": 2}},
+          hovertemplate=f"%{{hovertext}}<br>{name}: %{{x:.3f}} {unit}<extra></extra>")
+    values.add(1, 1, 2, process, [f"process {v:.3g} {unit}" if v else "" for v in process])
 
 
-def _kv_cache_bars(fig: go.Figure, labels: list[str], parts: list[dict]) -> None:
-    """The KV cache alone (right panel), allocated and used, on its own scale."""
+def _kv_cache_bars(fig: go.Figure, labels: list[str], parts: list[dict], values: _Labels) -> str:
+    """The KV cache alone (bottom panel), allocated and used, on its own scale; returns its unit."""
     top = max(max(p["kv"], _num(p["kv_used"])) for p in parts)
     scale, unit = byte_unit(top)
-    fig.add_bar(x=labels, y=[p["kv"] / scale for p in parts], name="KV cache (allocated)",
-                marker_color=MEMORY_COLORS["kv"], showlegend=False, texttemplate="%{y:.3g}",
-                textposition="outside", cliponaxis=False, row=1, col=2,
-                hovertemplate=f"%{{x}}<br>KV allocated: %{{y:.3f}} {unit}<extra></extra>")
-    if any(p["kv_used"] is not None for p in parts):
-        fig.add_bar(x=labels, y=[_num(p["kv_used"]) / scale for p in parts],
-                    name="KV cache (used at the end)", marker_color=MEMORY_COLORS["kv"],
-                    marker_pattern_shape="/", opacity=0.6, texttemplate="%{y:.3g}",
-                    textposition="outside", cliponaxis=False, row=1, col=2,
-                    hovertemplate=f"%{{x}}<br>KV used: %{{y:.3f}} {unit}<extra></extra>")
-    fig.update_yaxes(title_text=unit, row=1, col=2)
-    _headroom(fig, top / scale, 1, 2)
+    has_used = any(p["kv_used"] is not None for p in parts)
+    n = 2 if has_used else 1
+    allocated = [p["kv"] / scale for p in parts]
+    _hbar(fig, 2, 0, n, labels, allocated, name="KV cache (allocated)", legendgroup="kv",
+          marker_color=MEMORY_COLORS["kv"], showlegend=False,
+          hovertemplate=f"%{{hovertext}}<br>KV allocated: %{{x:.3f}} {unit}<extra></extra>")
+    values.add(2, 0, n, allocated, [f"{v:.3g} {unit}" for v in allocated])
+    if has_used:
+        used = [_num(p["kv_used"]) / scale for p in parts]
+        _hbar(fig, 2, 1, n, labels, used, name="KV cache (used at the end)",
+              marker_color=MEMORY_COLORS["kv"], marker_pattern_shape="/", opacity=0.6,
+              hovertemplate=f"%{{hovertext}}<br>KV used: %{{x:.3f}} {unit}<extra></extra>")
+        values.add(2, 1, n, used, [f"used {v:.3g} {unit}" for v in used])
+    return unit
 
 
 def memory_figure(runs: list[dict], theme: str = "light") -> go.Figure:
-    """Left: the model's own memory per run, stacked (weights, KV cache, activations/other =
-    model peak - weights - KV, the process baseline left out), with the whole process's peak
-    marked apart. Right: the KV cache alone on its own scale (allocated and used)."""
-    title = "Memory: the model apart from the process it runs in"
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.65, 0.35], horizontal_spacing=0.12,
-                        subplot_titles=("Model memory (stacked)", "KV cache (own scale)"))
+    """Top: the model's own memory per run, stacked (weights, KV cache, activations/other =
+    model peak - weights - KV, the process baseline left out), with the whole process's peak as an
+    outlined bar apart. Bottom: the KV cache alone on its own scale (allocated and used)."""
+    title = "Memory: the model and its process"
     if not runs:
-        return _empty(fig, "no runs to show", theme, title)
+        return _empty("no runs to show", theme, title)
     labels = run_labels(runs)
     parts = [_memory_parts(r) for r in runs]
     top = max(max(_num(p["process_peak"]), p["weights"] + p["kv"] + _num(p["activations"]))
               for p in parts)
     scale, unit = byte_unit(top)
-    _model_memory_bars(fig, labels, parts, top / scale, scale, unit)
-    _process_peak_marks(fig, labels, parts, scale, unit, theme)
-    _style(fig, theme, title, barmode="group")
-    _kv_cache_bars(fig, labels, parts)
-    fig.update_yaxes(title_text=unit, row=1, col=1)
-    _headroom(fig, top / scale, 1, 1)
+    has_process = any(p["process_peak"] for p in parts)
+    n = 2 if has_process else 1
+    fig, area = _panels([_row_px(len(runs), n, labels), _row_px(len(runs), 2, labels)],
+                        ["Model (stacked) and process peak", "KV cache alone (own scale)"])
+    values = _Labels()
+    _model_memory_bars(fig, labels, parts, n, scale, unit, values)
+    if has_process:
+        _process_peak_bars(fig, labels, parts, scale, unit, theme, values)
+    kv_unit = _kv_cache_bars(fig, labels, parts, values)
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    values.draw(fig, theme)
+    height = _top_margin(title) + area + AXIS_PX + _legend_px(names)
+    _style(fig, theme, title, height=round(height), barmode="overlay")
+    for row in (1, 2):
+        _runs_axis(fig, labels, row)
+    fig.update_xaxes(type="linear", rangemode="tozero")
+    fig.update_xaxes(title_text=unit, row=1, col=1)
+    fig.update_xaxes(title_text=kv_unit, row=2, col=1)
     return fig
 
 
@@ -338,90 +502,96 @@ def divergence_text(run: dict) -> str:
     return "same greedy tokens" if base.get("tokens_match") else ""
 
 
-def _decode_bars(fig: go.Figure, runs: list[dict], labels: list[str]) -> None:
+def _decode_series(runs: list[dict], theme: str) -> list[dict]:
+    """The decode panel's bars, each {name, values, ends (where its label goes), texts, bar: the
+    go.Bar settings}: ours with its p10–p90 whisker and % of roofline, the fast path and
+    transformers where measured, and the roofline (an outlined bar: the most the bandwidth allows)."""
     decode = [_num(r.get("decode_tokens_per_s")) for r in runs]
     spread = [((r.get("decode") or {}).get("tokens_per_s") or {}) for r in runs]
     upper = [max(_num(s.get("p90")) - d, 0.0) if s else 0.0 for s, d in zip(spread, decode)]
     lower = [max(d - _num(s.get("p10")), 0.0) if s else 0.0 for s, d in zip(spread, decode)]
     pct = [(r.get("bandwidth") or {}).get("roofline_fraction") for r in runs]
-    text = [f"{d:.1f}" + (f"<br>{100 * p:.0f}% of roofline" if _value(p) is not None else "")
+    text = [f"{d:.1f}" + (f" · {100 * p:.0f}% of roofline" if _value(p) is not None else "")
             for d, p in zip(decode, pct)]
-    fig.add_bar(x=labels, y=decode, name="decode (ours, eager; p10–p90 whiskers)",
-                marker_color=RUN_COLORS[0], text=text, textposition="outside", cliponaxis=False,
-                error_y={"type": "data", "array": upper, "arrayminus": lower, "visible": True},
-                hovertemplate="%{x}<br>%{y:.1f} tok/s<br>%{text}<extra></extra>", row=1, col=1)
-    fast = [(r.get("fast_decode") or {}).get("decode_tokens_per_s") for r in runs]
+    series = [{"name": "decode (ours, eager; p10–p90 whiskers)", "values": decode, "texts": text,
+               "ends": [d + u for d, u in zip(decode, upper)],
+               "bar": {"marker_color": RUN_COLORS[0], "text": text,
+                       "error_x": {"type": "data", "array": upper, "arrayminus": lower,
+                                   "visible": True, "color": _theme(theme)["ink"], "width": 4},
+                       "hovertemplate": "%{hovertext}<br>%{x:.1f} tok/s<br>%{text}<extra></extra>"}}]
+    fast = [_value((r.get("fast_decode") or {}).get("decode_tokens_per_s")) for r in runs]
     if any(fast):
-        fig.add_bar(x=labels, y=[_value(v) for v in fast], name="decode (fast path, no hooks)",
-                    marker_color=RUN_COLORS[2], texttemplate="%{y:.1f}", textposition="outside",
-                    cliponaxis=False, row=1, col=1)
-    base = [(r.get("baseline") or {}).get("decode_tokens_per_s") for r in runs]
+        series.append({"name": "decode (fast path, no hooks)", "values": fast,
+                       "texts": [f"{v:.1f}" if v else "" for v in fast],
+                       "bar": {"marker_color": RUN_COLORS[2],
+                               "hovertemplate": "%{hovertext}<br>fast path %{x:.1f} tok/s"
+                                                "<extra></extra>"}})
+    base = [_value((r.get("baseline") or {}).get("decode_tokens_per_s")) for r in runs]
     if any(base):
         notes = [divergence_text(r) for r in runs]
-        fig.add_bar(x=labels, y=[_value(v) for v in base], name="decode (transformers)",
-                    marker_color=RUN_COLORS[3], customdata=notes, cliponaxis=False,
-                    text=[f"{_num(v):.1f}" + (" ⚠" if "diverge" in n else "")
-                          for v, n in zip(base, notes)], textposition="outside",
-                    hovertemplate="%{x}<br>transformers %{y:.1f} tok/s<br>%{customdata}"
-                                  "<extra></extra>", row=1, col=1)
-
-
-def _roofline_marks(fig: go.Figure, runs: list[dict], labels: list[str], theme: str) -> None:
+        text = [f"{_num(v):.1f}" + (" ⚠" if "diverge" in n else "") if v else ""
+                for v, n in zip(base, notes)]
+        series.append({"name": "decode (transformers)", "values": base, "texts": text,
+                       "bar": {"marker_color": RUN_COLORS[3], "customdata": notes, "text": text,
+                               "hovertemplate": "%{hovertext}<br>transformers %{x:.1f} tok/s<br>"
+                                                "%{customdata}<extra></extra>"}})
     bandwidth = [r.get("bandwidth") or {} for r in runs]
     roof = [_value(b.get("roofline_tokens_per_s")) for b in bandwidth]
-    if not any(roof):
-        return
-    hover = [f"{_num(b.get('limit_bytes_per_s')) / 1e9:.0f} GB/s ({b.get('limit_source')})"
-             for b in bandwidth]
-    fig.add_scatter(x=labels, y=roof, mode="markers", customdata=hover, row=1, col=1,
-                    name="roofline (bandwidth limit ÷ bytes per token)",
-                    marker={"symbol": "line-ew-open", "size": 40, "line": {"width": 3},
-                            "color": _theme(theme)["ink"]},
-                    hovertemplate="%{x}<br>roofline %{y:.1f} tok/s<br>%{customdata}"
-                                  "<extra></extra>")
+    if any(roof):
+        hover = [f"{_num(b.get('limit_bytes_per_s')) / 1e9:.0f} GB/s ({b.get('limit_source')})"
+                 for b in bandwidth]
+        series.append({"name": "roofline (bandwidth ÷ bytes per token)", "values": roof,
+                       "texts": [f"{v:.1f}" if v else "" for v in roof],
+                       "bar": {"customdata": hover,
+                               "marker": {"color": "rgba(0,0,0,0)",
+                                          "line": {"color": _theme(theme)["ink"], "width": 2}},
+                               "hovertemplate": "%{hovertext}<br>roofline %{x:.1f} tok/s<br>"
+                                                "%{customdata}<extra></extra>"}})
+    return series
+
+
+def _prefill_series(runs: list[dict]) -> list[dict]:
+    ours = [_num(r.get("prefill_tokens_per_s")) for r in runs]
+    series = [{"name": "prefill (ours)", "values": ours, "texts": [f"{v:.0f}" for v in ours],
+               "bar": {"marker_color": RUN_COLORS[1],
+                       "hovertemplate": "%{hovertext}<br>%{x:.1f} tok/s<extra></extra>"}}]
+    base = [_value((r.get("baseline") or {}).get("prefill_tokens_per_s")) for r in runs]
+    if any(base):
+        series.append({"name": "prefill (transformers)", "values": base,
+                       "texts": [f"{v:.0f}" if v else "" for v in base],
+                       "bar": {"marker_color": RUN_COLORS[4],
+                               "hovertemplate": "%{hovertext}<br>transformers %{x:.1f} tok/s"
+                                                "<extra></extra>"}})
+    return series
 
 
 def throughput_figure(runs: list[dict], theme: str = "light") -> go.Figure:
-    """Decode tokens/s (median, p10–p90 whiskers, % of roofline written on the bar) with the
-    bandwidth roofline marked and transformers' baseline (divergence said), and prefill tokens/s.
-    Linear axes from 0: a bar's height compares with every other's."""
+    """Decode tokens/s (median, p10–p90 whiskers, % of roofline written beside the bar) with the
+    bandwidth roofline and transformers' baseline (divergence said), and prefill tokens/s, one
+    row per run. Linear axes from 0: a bar's length compares with every other's."""
     title = "Throughput per run"
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-        "Decode tokens/s (median, p10–p90) vs roofline", "Prefill tokens/s"))
     if not runs:
-        return _empty(fig, "no runs to show", theme, title)
+        return _empty("no runs to show", theme, title)
     labels = run_labels(runs)
-    _decode_bars(fig, runs, labels)
-    _roofline_marks(fig, runs, labels, theme)
-    fig.add_bar(x=labels, y=[_num(r.get("prefill_tokens_per_s")) for r in runs],
-                name="prefill (ours)", marker_color=RUN_COLORS[1], texttemplate="%{y:.0f}",
-                textposition="outside", cliponaxis=False, row=1, col=2,
-                hovertemplate="%{x}<br>%{y:.1f} tok/s<extra></extra>")
-    base_prefill = [(r.get("baseline") or {}).get("prefill_tokens_per_s") for r in runs]
-    if any(base_prefill):
-        fig.add_bar(x=labels, y=[_value(v) for v in base_prefill], name="prefill (transformers)",
-                    marker_color=RUN_COLORS[4], texttemplate="%{y:.0f}", textposition="outside",
-                    cliponaxis=False, row=1, col=2)
+    panels = [_decode_series(runs, theme), _prefill_series(runs)]
+    fig, area = _panels([_row_px(len(runs), len(p), labels) for p in panels],
+                        ["Decode (median, p10–p90)", "Prefill"])
+    values = _Labels()
+    for row, series in enumerate(panels, start=1):
+        for s, one in enumerate(series):
+            _hbar(fig, row, s, len(series), labels, one["values"], name=wrap(one["name"], LEGEND_CHARS),
+                  **one["bar"])
+            values.add(row, s, len(series), one.get("ends", one["values"]), one["texts"])
+    names = [t.name for t in fig.data]
+    values.draw(fig, theme)
     notes = [f"{lab}: {text}" for r, lab in zip(runs, labels) if "diverge" in (text := divergence_text(r))]
-    _style(fig, theme, title, subtitle="<br>".join(f"⚠ {n}" for n in notes), barmode="group")
-    fig.update_yaxes(title_text="tokens/s", type="linear")
-    _headroom(fig, max(_decode_top(runs), 0.0), 1, 1)
-    _headroom(fig, max(_num(v) for r in runs for v in (
-        r.get("prefill_tokens_per_s"), (r.get("baseline") or {}).get("prefill_tokens_per_s"))),
-        1, 2)
+    subtitle = "<br>".join(wrap(f"⚠ {n}") for n in notes)
+    height = _top_margin(title, subtitle) + area + AXIS_PX + _legend_px(names)
+    _style(fig, theme, title, subtitle=subtitle, height=round(height), barmode="overlay")
+    for row in (1, 2):
+        _runs_axis(fig, labels, row)
+    fig.update_xaxes(title_text="tokens/s", type="linear", rangemode="tozero")
     return fig
-
-
-def _decode_top(runs: list[dict]) -> float:
-    """The tallest thing drawn in the decode panel: a bar with its whisker, or a roofline mark."""
-    values = []
-    for r in runs:
-        spread = (r.get("decode") or {}).get("tokens_per_s") or {}
-        values += [_num(r.get("decode_tokens_per_s")), _num(spread.get("p90")),
-                   _num((r.get("fast_decode") or {}).get("decode_tokens_per_s")),
-                   _num((r.get("baseline") or {}).get("decode_tokens_per_s")),
-                   _num((r.get("bandwidth") or {}).get("roofline_tokens_per_s"))]
-    return max(values, default=0.0)
 
 
 # -- context sweep ---------------------------------------------------------------------------
@@ -443,12 +613,11 @@ def sweep_figure(runs: list[dict], theme: str = "light") -> go.Figure:
     """Decode tokens/s (median, p10–p90 error bars) and KV-cache size against context length, one
     line per run; linear axes from 0."""
     title = "How cost grows with context"
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-        "Decode tokens/s vs context (p10–p90)", "KV cache vs context"))
     with_sweep = [(i, r, lab) for i, (r, lab) in enumerate(zip(runs, run_labels(runs)))
                   if r.get("sweep")]
     if not with_sweep:
-        return _empty(fig, "no sweep data: run with --sweep 128,512,2048", theme, title)
+        return _empty("no sweep data: run with --sweep 128,512,2048", theme, title)
+    fig, area = _panels([200, 170], ["Decode tokens/s (p10–p90)", "KV cache"])
     max_kv = max(_num(p.get("kv_cache_bytes")) for _, r, _ in with_sweep for p in r["sweep"])
     scale, unit = byte_unit(max_kv)
     for i, run, label in with_sweep:
@@ -456,20 +625,24 @@ def sweep_figure(runs: list[dict], theme: str = "light") -> go.Figure:
         ctx = [p.get("context_tokens") for p in points]
         color = RUN_COLORS[i % len(RUN_COLORS)]
         mid, up, down = _sweep_spread(points)
-        fig.add_scatter(x=ctx, y=mid, mode="lines+markers", name=label, legendgroup=label,
-                        line={"color": color}, row=1, col=1,
+        fig.add_scatter(x=ctx, y=mid, mode="lines+markers", name=wrap(label, LEGEND_CHARS),
+                        legendgroup=label, line={"color": color}, row=1, col=1,
                         error_y={"type": "data", "array": up, "arrayminus": down,
                                  "visible": True},
                         hovertemplate=f"{label}<br>context %{{x}}: %{{y:.1f}} tok/s<extra></extra>")
         fig.add_scatter(x=ctx, y=[_num(p.get("kv_cache_bytes")) / scale for p in points],
                         mode="lines+markers", name=label, legendgroup=label, showlegend=False,
-                        line={"color": color, "dash": "dot"}, row=1, col=2,
+                        line={"color": color, "dash": "dot"}, row=2, col=1,
                         hovertemplate=f"{label}<br>context %{{x}}: %{{y:.3f}} {unit}"
                                       "<extra></extra>")
-    _style(fig, theme, title)
-    fig.update_xaxes(type="linear", rangemode="tozero", title_text="context tokens")
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    height = _top_margin(title) + area + AXIS_PX + _legend_px(names)
+    _style(fig, theme, title, height=round(height))
+    fig.update_xaxes(type="linear", rangemode="tozero", title_text="context tokens",
+                     ticks="outside", ticklen=4)
+    fig.update_yaxes(rangemode="tozero", ticks="outside", ticklen=4)
     fig.update_yaxes(title_text="tokens/s", row=1, col=1)
-    fig.update_yaxes(title_text=unit, row=1, col=2)
+    fig.update_yaxes(title_text=unit, row=2, col=1)
     return fig
 
 
@@ -512,12 +685,12 @@ def trace_timeline(trace_path, theme: str = "light") -> go.Figure:
     blocks (attention, MLP, norms), top-level CPU operators and, on a GPU, kernels."""
     from .trace import cpu_op_parents, load_trace_events
 
-    title = "Trace timeline (prefill, then decode steps)"
+    title = "Trace timeline"
     fig = go.Figure()
     events = load_trace_events(trace_path)
     steps = [e for e in events if str(e.get("name", "")).startswith("qwen2.")]
     if not steps:
-        return _empty(fig, "no qwen2 steps in this trace", theme, title)
+        return _empty("no qwen2 steps in this trace", theme, title)
     t0 = min(e["ts"] for e in steps)
     t1 = max(e["ts"] + e["dur"] for e in steps)
     ops = [e for e in events if e.get("cat") == "cpu_op"]
@@ -539,10 +712,15 @@ def trace_timeline(trace_path, theme: str = "light") -> go.Figure:
                     text=[n.removeprefix("qwen2.") for n in names] if row == "steps" else None,
                     hovertemplate="%{customdata}<br>start %{base:.3f} ms · %{x:.3f} ms"
                                   "<extra></extra>")
-    _style(fig, theme, title, subtitle="blue: attention · orange: MLP · green: norms · purple: "
-           "layers, embedding, LM head · teal: matrix products", barmode="overlay", xaxis_title="ms from the prefill's start", height=420)
+    subtitle = ("prefill, then decode steps · blue: attention · orange: MLP · green: norms · "
+                "purple: layers, embedding, LM head · teal: matrix products")
+    shown = [r for r in TIMELINE_ROWS if rows[r]]
+    _style(fig, theme, title, subtitle=subtitle, barmode="overlay",
+           xaxis_title="ms from the prefill's start",
+           height=_top_margin(title, wrap(subtitle)) + 46 * len(shown) + 40 + AXIS_PX,
+           uniformtext={"minsize": 9, "mode": "hide"})
     fig.update_yaxes(categoryorder="array", rangemode="normal",
-                     categoryarray=[r for r in reversed(TIMELINE_ROWS) if rows[r]])
+                     categoryarray=list(reversed(shown)))
     return fig
 
 
@@ -550,23 +728,26 @@ def trace_timeline(trace_path, theme: str = "light") -> go.Figure:
 def serving_figure(results: list[dict], theme: str = "light") -> go.Figure:
     """Throughput and time to first token against concurrent users, one line per serving run
     (python -m profiling.serve): all new tokens over the wall time and each stream's decode tok/s
-    left, TTFT p95 right."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("tok/s", "TTFT p95 (s)"),
-                        horizontal_spacing=0.12)
+    on top, TTFT p95 below."""
     title = "Serving: tok/s and TTFT vs users"
     if not results:
-        return _empty(fig, "No serving run yet (python -m profiling.serve --out FILE)", theme, title)
+        return _empty("No serving run yet (python -m profiling.serve --out FILE)", theme, title)
+    fig, area = _panels([200, 160], ["Throughput (tok/s)", "Time to first token, p95 (s)"])
     for result in results:
         rows = result.get("rows") or []
         users = [r["users"] for r in rows]
         name = f"{result.get('path', '?')} · {result.get('decode', '')}".strip(" ·")
         fig.add_trace(go.Scatter(x=users, y=[r["aggregate_tok_s"] for r in rows], mode="lines+markers",
-                                 name=f"{name}: all streams (over the wall)"), row=1, col=1)
+                                 name=wrap(f"{name}: all streams (over the wall)", LEGEND_CHARS)),
+                      row=1, col=1)
         fig.add_trace(go.Scatter(x=users, y=[r["stream_tok_s_mean"] for r in rows], mode="lines+markers",
-                                 line={"dash": "dot"}, name=f"{name}: each stream"), row=1, col=1)
+                                 line={"dash": "dot"}, name=wrap(f"{name}: each stream", LEGEND_CHARS)),
+                      row=1, col=1)
         fig.add_trace(go.Scatter(x=users, y=[r["ttft_p95_s"] for r in rows], mode="lines+markers",
-                                 name=f"{name}: TTFT p95"), row=1, col=2)
-    cpu = (results[0].get("environment") or {}).get("cpu", "")
-    _style(fig, theme, title, subtitle=cpu)
+                                 name=wrap(f"{name}: TTFT p95", LEGEND_CHARS)), row=2, col=1)
+    cpu = str((results[0].get("environment") or {}).get("cpu", ""))
+    height = _top_margin(title, wrap(cpu)) + area + AXIS_PX + _legend_px([t.name for t in fig.data])
+    _style(fig, theme, title, subtitle=cpu, height=round(height))
     fig.update_xaxes(title_text="concurrent users", type="category")
+    fig.update_yaxes(rangemode="tozero")
     return fig

@@ -436,13 +436,15 @@ def test_layer_latency_figure(runs):
         visible = [t for t in fig.data if t.visible]
         assert visible and all(t.type == "bar" for t in fig.data)
         assert {t.offsetgroup for t in visible} == {"0", "1", "2"}  # one bar group per run
-        cats = list(visible[0].x)
-        assert cats[1:1 + LAYERS] == [f"L{i}" for i in range(LAYERS)]
+        layers = [t for t in visible if t.xaxis == "x"]  # top panel: the decoder layers, in order
+        assert list(layers[0].x) == list(range(LAYERS))
+        outside = {x for t in visible if t.xaxis == "x2" for x in t.x}  # bottom panel: the rest
+        assert {"embedding", "final norm", "LM head"} <= outside
         assert phase in fig.layout.title.text
         # attention and MLP of layer 0, run 0, are stacked: MLP starts where attention ends
         attn = next(t for t in visible if t.offsetgroup == "0" and t.legendgroup == "attention")
         mlp = next(t for t in visible if t.offsetgroup == "0" and t.legendgroup == "mlp")
-        assert mlp.base[1] == pytest.approx(attn.base[1] + attn.y[1])
+        assert mlp.base[0] == pytest.approx(attn.base[0] + attn.y[0])
     assert len(fig.layout.updatemenus[0].buttons) == 2
     with pytest.raises(ValueError, match="phase"):
         charts.layer_latency_figure(runs, phase="both")
@@ -450,20 +452,22 @@ def test_layer_latency_figure(runs):
 
 def test_memory_figure_shows_the_model_apart_from_the_process(runs, run):
     fig = charts.memory_figure(runs, theme="dark")
-    names = [t.name for t in fig.data]
+    names = [t.name.replace("<br>", " ") for t in fig.data]  # legend names wrap on a phone
     assert names[:3] == ["Weights", "KV cache (allocated)",
                          "Activations / other (model peak − weights − KV)"]
-    assert list(fig.data[0].x) == ["cpu · float32", "cuda:0 · bfloat16", "cuda:0 · float16"]
-    scale = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[fig.layout.yaxis.title.text]
-    stacked = fig.data[2].base[0] + fig.data[2].y[0]  # weights + KV + activations, run 0
+    labels = ["cpu · float32", "cuda:0 · bfloat16", "cuda:0 · float16"]
+    assert list(fig.data[0].hovertext) == labels  # one bar per run, a row each, named on the axis
+    assert [t.replace("<br>", " · ") for t in fig.layout.yaxis.ticktext] == labels
+    scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[fig.layout.xaxis.title.text]  # the table's units
+    stacked = fig.data[2].base[0] + fig.data[2].x[0]  # weights + KV + activations, run 0
     mem = run["memory"]
     assert stacked * scale == pytest.approx(mem["model_peak_bytes"], rel=1e-6)
     assert mem["model_peak_bytes"] == max(mem["peak_bytes"] - mem["process_baseline_bytes"],
                                           mem["weights_bytes"] + mem["kv_cache_bytes"])
     process = next(t for t in fig.data if "whole-process peak RSS" in t.name)
-    assert process.y[0] * scale == pytest.approx(mem["peak_bytes"], rel=1e-6)
+    assert process.x[0] * scale == pytest.approx(mem["peak_bytes"], rel=1e-6)
     kv_alone = [t for t in fig.data if t.xaxis == "x2"]  # the KV cache on its own scale
-    assert kv_alone and kv_alone[0].y[0] > 0
+    assert kv_alone and kv_alone[0].x[0] > 0
 
 
 def test_throughput_figure_is_linear_and_says_when_outputs_diverge(runs):
@@ -471,12 +475,14 @@ def test_throughput_figure_is_linear_and_says_when_outputs_diverge(runs):
     names = [t.name for t in fig.data]
     assert any("roofline" in n for n in names)
     ours = fig.data[names.index("decode (ours, eager; p10–p90 whiskers)")]
-    assert list(ours.y) == pytest.approx([r["decode_tokens_per_s"] for r in runs])
-    assert "% of roofline" in ours.text[0] and ours.error_y.visible
+    assert list(ours.x) == pytest.approx([r["decode_tokens_per_s"] for r in runs])  # bars per run
+    assert "% of roofline" in ours.text[0] and ours.error_x.visible
+    written = [t for t in fig.data if t.type == "scatter" and t.mode == "text"]  # values past the bars
+    assert any(ours.text[0] in v for t in written for v in t.text)
     base = fig.data[names.index("decode (transformers)")]
     assert "⚠" in base.text[1] and "token 5" in base.customdata[1]
-    assert "diverge at token 5" in fig.layout.title.subtitle.text
-    assert fig.layout.yaxis.type == "linear" and fig.layout.yaxis.rangemode == "tozero"
+    assert "diverge at token 5" in fig.layout.title.subtitle.text.replace("<br>", " ")
+    assert fig.layout.xaxis.type == "linear" and fig.layout.xaxis.rangemode == "tozero"
 
 
 def test_sweep_figure_is_linear_from_zero_with_spread(runs):

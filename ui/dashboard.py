@@ -63,10 +63,12 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
                                   min_width=240)
         new_tokens = gr.Slider(2, min(256, lm.context // 4), value=16, step=1, label="New tokens", min_width=240)
     with gr.Row():
+        # "profile-option": as wide as its label (ui/page.py), so that on a phone they wrap, never clip
         baseline = gr.Checkbox(False, label="transformers baseline", interactive=BASELINE_AVAILABLE,
-                               info=None if BASELINE_AVAILABLE else BASELINE_MISSING)
-        sweep = gr.Checkbox(False, label="Context sweep")
-        trace = gr.Checkbox(False, label="Record a torch.profiler trace")
+                               info=None if BASELINE_AVAILABLE else BASELINE_MISSING,
+                               elem_classes="profile-option")
+        sweep = gr.Checkbox(False, label="Context sweep", elem_classes="profile-option")
+        trace = gr.Checkbox(False, label="Record a torch.profiler trace", elem_classes="profile-option")
     run_btn = gr.Button("Run", variant="primary", elem_id="run-profile")
     status = gr.Markdown("Runs are saved in the app's runs folder (the oldest go first past its cap).",
                          elem_id="profile-status")

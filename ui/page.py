@@ -17,6 +17,36 @@ CSS = """
 #busy-note:not(:empty) { border-left: 4px solid #3b82f6; padding: 0 0.75rem; }
 #kpi-table, #trace-ops { overflow-x: auto; }
 @media (max-width: 720px) { .gradio-container { padding: 0 4px !important; } }
+/* The dashboard's checkboxes (ui/dashboard.py): Gradio lets a row of them shrink to clip their
+   labels; each keeps its label's width and they wrap instead. */
+.profile-option { min-width: min(13rem, 100%) !important; flex: 1 1 13rem !important; }
+
+/* The headline table (and the trace's top operations): header cells wrap between words, never
+   inside one ("decode tok/s", not "decod e tok/s"); the first column (the run) is narrower, its
+   label wrapping; every other column is at least a header word wide. At 1400 px with three runs
+   every column is in view; on a phone the table scrolls sideways (the page does not). Gradio sizes
+   the columns from these cells. */
+#kpi-table { --first-column: min(15rem, 40vw); }
+#trace-ops { --first-column: min(15rem, 36vw); }  /* in an accordion: a little less room */
+:is(#kpi-table, #trace-ops) thead :is(.header, .header-content) {
+  white-space: normal !important; word-break: normal !important; overflow-wrap: normal !important;
+  hyphens: none !important; }
+:is(#kpi-table, #trace-ops) :is(.header-cell.first-column, .body-cell.first-column,
+                                .sizing-body td:first-child) {
+  width: var(--first-column) !important; min-width: var(--first-column) !important;
+  max-width: var(--first-column) !important; flex: 0 0 var(--first-column) !important; }
+:is(#kpi-table, #trace-ops) .header-cell:not(.first-column) { min-width: 5.5rem; }
+#kpi-table :is(.body-cell .cell-wrap, .body-cell span, .sizing-body .cell-wrap) {
+  white-space: normal; word-break: normal; overflow-wrap: normal; }
+
+/* Inside the model: its charts (profiling/inside_charts.py) are drawn for both themes, with
+   transparent backgrounds and translucent fills; in dark mode their text is lightened here. */
+.dark :is(#inside-attention, #inside-candidates, #inside-lens, #inside-path)
+  :is(.infolayer, .xaxislayer-above, .yaxislayer-above, .table) text {
+  fill: var(--body-text-color) !important; }
+/* The path table is laid out for 760 px (inside_charts.PATH_MIN_PX): narrower, it scrolls sideways. */
+#inside-path { overflow-x: auto; }
+#inside-path .js-plotly-plot { min-width: 760px; }
 """
 THEME_JS = "() => document.querySelector('.dark') ? 'dark' : 'light'"
 
