@@ -30,7 +30,17 @@ from .settings import parse_sweep
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + error
-        self.exit(2, f"error: {message} (see python -m profiling.bench --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _DefaultsShown(argparse.HelpFormatter):
+    """--help says each option's default, where it has one worth saying (not None, not a flag's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def _int_at_least(minimum: int):
@@ -49,8 +59,8 @@ def _int_at_least(minimum: int):
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m profiling.bench",
+def build_parser(prog: str = "python -m profiling.bench") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, formatter_class=_DefaultsShown,
                 description="Profile a qwen2 model: speed, per-layer time, memory; write JSON.")
     p.add_argument("--model", required=True, help="hub id or local checkpoint directory")
     p.add_argument("--random-weights", action="store_true",
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps; comma list allowed")
     p.add_argument("--dtype", default="float32",
                    help="float32, bfloat16 or float16; comma list allowed")
-    p.add_argument("--prompt-tokens", type=_positive, default=32)
+    p.add_argument("--prompt-tokens", type=_positive, default=32, help="prompt length (seeded random token ids)")
     p.add_argument("--new-tokens", type=_positive, default=8, help="timed decode steps")
     p.add_argument("--warmup", type=_non_negative, default=1, help="untimed warm-up runs")
     p.add_argument("--out", default="run.json", help="run file (one per device/dtype if several)")
@@ -68,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, choices=["transformers"],
                    help="also time transformers' generate on the same model and prompt")
     p.add_argument("--sweep", default=None, help="context lengths, e.g. 128,512,2048")
-    p.add_argument("--quantize", default=None, choices=list(QUANT_SCHEMES))
+    p.add_argument("--quantize", default=None, choices=list(QUANT_SCHEMES), help="weight-only quantized linear layers")
     p.add_argument("--fast-decode", default="off", choices=list(FAST_DECODE_MODES),
                    help="load with qwen2's fast decode path (CUDA graphs / compiled CPU step); "
                         "its speed is recorded as fast_decode (per-block figures always come "
@@ -155,8 +165,8 @@ def run_cli(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m profiling.bench") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         return run_cli(args)
     except KeyboardInterrupt:
