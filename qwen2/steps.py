@@ -91,11 +91,11 @@ class CompiledCpuSteps(EagerSteps):
     name = "cpu-compile"
 
     def __init__(self, model, max_batch: int, mode: str | None = None):
-        from .cpu_compile import COMPILE_MODES, DEFAULT_MODE
+        from .cpu_compile import COMPILE_MODES, default_mode
 
         if model.device.type != "cpu":
             raise ConfigError(f"the compiled CPU decode needs a CPU model; this one is on {model.device}")
-        mode = mode or DEFAULT_MODE
+        mode = mode or default_mode()
         if mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode {mode!r} is unknown; expected one of {sorted(COMPILE_MODES)}")
         super().__init__(model)

@@ -8,11 +8,20 @@ import torch
 
 import qwen2
 from qwen2.chat import ChatSession, ReplyStats, common_prefix, message_text
+from tests.helpers import make_checkpoint
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return qwen2.load_model(tiny_model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory):
+    """The tiny model with a 1024-token context, so a conversation can outgrow its first cache."""
+    directory = make_checkpoint(tmp_path_factory.mktemp("tiny-1k"), max_position_embeddings=1024,
+                                with_tokenizer=False)
+    return qwen2.load_model(directory, dtype="float32")
 
 
 def ids(seed, n, vocab=512):
@@ -50,11 +59,8 @@ def test_an_edit_earlier_in_the_conversation_shortens_the_reused_prefix(model):
     assert chat.stats.reused_tokens == 10
 
 
-def test_growing_past_the_cache_keeps_the_prefix(tmp_path):
-    from tests.conftest import make_checkpoint
-
-    model = qwen2.load_model(make_checkpoint(tmp_path, max_position_embeddings=1024, with_tokenizer=False),
-                             dtype="float32")
+def test_growing_past_the_cache_keeps_the_prefix(long_model):
+    model = long_model
     chat = ChatSession(model)
     prompt = ids(3, 200)
     list(chat.reply(prompt, max_new_tokens=40, stop_token_ids=[]))  # a 256-slot cache
@@ -63,11 +69,8 @@ def test_growing_past_the_cache_keeps_the_prefix(tmp_path):
     assert chat.session.cache.max_len == 512 and chat.stats.reused_tokens == 239
 
 
-def test_a_reply_that_outgrows_its_cache_moves_to_a_larger_one(tmp_path):
-    from tests.conftest import make_checkpoint
-
-    model = qwen2.load_model(make_checkpoint(tmp_path, max_position_embeddings=1024, with_tokenizer=False),
-                             dtype="float32")
+def test_a_reply_that_outgrows_its_cache_moves_to_a_larger_one(long_model):
+    model = long_model
     chat = ChatSession(model)
     prompt = ids(13, 240)
     assert list(chat.reply(prompt, max_new_tokens=30, stop_token_ids=[])) == fresh(model, prompt, 30)

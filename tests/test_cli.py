@@ -1,4 +1,6 @@
-"""`python -m qwen2`: the terminal chat, one-shot and interactive, in a real subprocess."""
+"""`python -m qwen2`: the terminal chat, one-shot and interactive, in a real subprocess; its refusals
+and the byte fallback through its main() in this process (the same code, without a Python start-up
+each)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,11 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from qwen2.__main__ import main
+from tests.helpers import ROOT
 
 
 def run_cli(*args, stdin: str = "", env_extra=None, timeout=120):
@@ -18,49 +22,67 @@ def run_cli(*args, stdin: str = "", env_extra=None, timeout=120):
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def prompt_tokens(stats_line: str) -> int:
+    """N of "N prompt tokens" in a statistics line (qwen2.stats.ReplyStats.line)."""
+    return int(re.search(r"(\d+) prompt tokens", stats_line).group(1))
+
+
+@pytest.mark.slow
 def test_one_shot_prompt_streams_a_reply_and_stats(tiny_model_dir):
     out = run_cli("--model", str(tiny_model_dir), "--prompt", "你好, hello", "--max-new-tokens", "12",
                   "--temperature", "0", "--fast-decode", "off")
     assert out.returncode == 0, out.stderr
     stats = out.stdout.strip().splitlines()[-1]
     assert "prompt tokens" in stats and "first token" in stats and "tok/s" in stats and "cpu" in stats
-    new = int(stats.split(" new tokens")[0].split()[-1])
+    new = int(re.search(r"(\d+) new tokens?", stats).group(1))
     assert 0 <= new <= 12  # greedy may meet an end token before the budget
 
 
+@pytest.mark.slow
 def test_interactive_chat_takes_two_turns_then_quits(tiny_model_dir):
     out = run_cli("--model", str(tiny_model_dir), "--max-new-tokens", "4", "--temperature", "0",
                   stdin="first question\nsecond question\n\n")
     assert out.returncode == 0, out.stderr
     stats = [line for line in out.stdout.splitlines() if "prompt tokens" in line]
     assert len(stats) == 2
-    first, second = (int(re.search(r"(\d+) prompt tokens", line).group(1)) for line in stats)
+    first, second = (prompt_tokens(line) for line in stats)
     assert second > first  # the second prompt carries the first turn
 
 
-def test_random_weights_without_tokenizer_uses_byte_fallback(tiny_model_dir, tmp_path):
+def test_random_weights_without_tokenizer_uses_byte_fallback(tiny_model_dir, tmp_path, capsys):
     shutil.copy(tiny_model_dir / "config.json", tmp_path / "config.json")
-    out = run_cli("--model", str(tmp_path), "--random-weights", "--prompt", "hi", "--max-new-tokens", "3")
-    assert out.returncode == 0, out.stderr
-    assert "random weights" in out.stderr
+    assert main(["--model", str(tmp_path), "--random-weights", "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert "random weights" in out.err and "prompt tokens" in out.out
 
 
-def test_bad_model_and_bad_setting_give_one_line_errors(tiny_model_dir, tmp_path):
-    out = run_cli("--model", str(tmp_path / "nope"), "--prompt", "hi")
-    assert out.returncode == 2 and "model directory not found" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0")
-    assert out.returncode == 2 and "top_p" in out.stderr and "Traceback" not in out.stderr
-    out = run_cli("--model", "Org/NotCached", "--prompt", "hi", env_extra={"HF_HUB_CACHE": str(tmp_path)})
-    assert out.returncode == 2 and "Org/NotCached" in out.stderr and "Traceback" not in out.stderr
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
 
 
-def test_auto_fast_decode_compiles_at_start_up_on_cpu(tiny_model_dir):
+def test_bad_model_and_bad_setting_give_one_line_errors(tiny_model_dir, tmp_path, capsys, offline_hub):
+    assert main(["--model", str(tmp_path / "nope"), "--prompt", "hi"]) == 2
+    assert "model directory not found" in _one_error_line(capsys)
+    assert main(["--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0"]) == 2
+    assert "top_p" in _one_error_line(capsys)
+    assert main(["--model", "Org/NotCached", "--prompt", "hi"]) == 2  # offline, an empty hub cache
+    assert "Org/NotCached" in _one_error_line(capsys)
+
+
+@pytest.mark.slow
+def test_auto_fast_decode_compiles_at_start_up_on_cpu(tiny_model_dir, capsys):
+    """The default (auto) compiles the decode step before the first reply (in the cheap compile mode
+    the test run sets, $QWEN2_COMPILE_MODE), and the compiled step gives the eager greedy reply."""
     out = run_cli("--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
                   "--temperature", "0", "--fast-decode", "auto", timeout=400)
     assert out.returncode == 0, out.stderr
     assert "compiling the CPU decode step" in out.stderr and "compiled in" in out.stderr
-    eager = run_cli("--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
-                    "--temperature", "0", "--fast-decode", "off")
-    assert "compiling" not in eager.stderr
-    reply = lambda o: o.stdout.rsplit("[", 1)[0]  # noqa: E731 - the text before the stats line
-    assert reply(out) == reply(eager)  # the compiled step gives the same greedy reply
+    assert f"(Inductor, {os.environ['QWEN2_COMPILE_MODE']})" in out.stderr  # the run's cheap mode reached it
+    assert main(["--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
+                 "--temperature", "0", "--fast-decode", "off"]) == 0
+    eager = capsys.readouterr()
+    assert "compiling" not in eager.err
+    reply = lambda text: text.rsplit("[", 1)[0]  # noqa: E731 - the text before the stats line
+    assert reply(out.stdout) == reply(eager.out)  # the compiled step gives the same greedy reply

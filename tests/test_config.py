@@ -16,11 +16,11 @@ import torch
 import qwen2
 from qwen2.config import Qwen2Config
 from qwen2.errors import ConfigError
-from tests.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
-# The shape of tests.conftest.TINY, in the release format (as Qwen/Qwen2.5-*/config.json spells it).
+# The shape of tests.helpers.TINY, in the release format (as Qwen/Qwen2.5-*/config.json spells it).
 RELEASE = {
     "architectures": ["Qwen2ForCausalLM"],
     "attention_dropout": 0.0,

@@ -1,7 +1,9 @@
 """The compiled CPU decode (qwen2/cpu_compile.py) against the eager path: same logits, same tokens.
 
-Each compile of the tiny model's step takes a few seconds: the tests share one model per
-quantization (module-scoped) so each (batch, bucket, padded) combination compiles once.
+Each compile of the tiny model's step takes a few seconds: every decoder here compiles in Inductor's
+cheap mode (compile mode "default"; the app's max-autotune only changes how fast the step runs), and
+the float32 tests share one warmed-up decoder (module-scoped) so each (batch, bucket, padded)
+combination compiles once.
 """
 
 from __future__ import annotations
@@ -13,31 +15,36 @@ import torch
 
 import qwen2
 from qwen2.chat import ChatSession
-from qwen2.cpu_compile import CompiledCpuDecoder
+from qwen2.cpu_compile import DEFAULT_MODE, CompiledCpuDecoder
 from qwen2.fast import make_decoder
 from qwen2.generate import DecodeSession, generate, generate_batch
-from tests.test_fast import rand_ids
+from tests.helpers import make_checkpoint, rand_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _compiled(directory, quantize=None, dtype="float32"):
-    """(model, its compiled decode path)."""
+    """(model, its compiled decode path, in the cheap compile mode)."""
     model = qwen2.load_model(directory, dtype=dtype, quantize=quantize)
-    return model, make_decoder(model, "compile")
+    return model, CompiledCpuDecoder(model, mode="default")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """The tiny checkpoint with a 1024-token context, so a conversation can outgrow the first bucket."""
-    from tests.conftest import make_checkpoint
-
     return make_checkpoint(tmp_path_factory.mktemp("tiny-1k"), with_tokenizer=False, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="module")
 def compiled_fp32(model_dir):
-    return _compiled(model_dir)
+    """(model, decoder) warmed up as the app does at start-up, its buckets compiled once for the module."""
+    model, decoder = _compiled(model_dir)
+    messages = []
+    decoder.warm_up(progress=lambda fraction, message: messages.append((fraction, message)))
+    # what the warm-up alone did, before any test adds to it
+    decoder.warm_up_record = dict(messages=messages, compiled=set(decoder.compiled),
+                                  busy=[lease.busy for leases in decoder.pool.values() for lease in leases])
+    return model, decoder
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +60,7 @@ def _steps(model, ids, n_prompt, decoder=None, max_len=None):
     return torch.stack(out, 1), session
 
 
+@pytest.mark.slow
 def test_compiled_decode_logits_equal_eager(compiled_fp32, eager_fp32):
     model, decoder = compiled_fp32
     ids = rand_ids(0, (1, 20))
@@ -68,6 +76,7 @@ def test_compiled_decode_logits_equal_eager(compiled_fp32, eager_fp32):
     assert not any(lease.busy for lease in decoder.pool[(1, 256)])  # closed: its cache is back in the pool
 
 
+@pytest.mark.slow
 def test_compiled_greedy_tokens_identical(compiled_fp32, eager_fp32):
     model, decoder = compiled_fp32
     prompt = rand_ids(1, (1, 10))
@@ -76,6 +85,7 @@ def test_compiled_greedy_tokens_identical(compiled_fp32, eager_fp32):
     assert fast == slow and len(fast) == 24
 
 
+@pytest.mark.slow
 def test_compiled_decode_leaves_prefill_eager(compiled_fp32, eager_fp32):
     model, decoder = compiled_fp32
     ids = rand_ids(2, (1, 30))
@@ -87,9 +97,10 @@ def test_compiled_decode_leaves_prefill_eager(compiled_fp32, eager_fp32):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_conversation_crossing_a_bucket_boundary(compiled_fp32, eager_fp32):
-    """A cache of 300 tokens lives in the 512 bucket: a second compile, then the same logits as eager
-    all the way past slot 256."""
+    """A cache of 300 tokens lives in the 512 bucket (the second one the warm-up compiled): the same
+    logits as eager all the way past slot 256."""
     model, decoder = compiled_fp32
     ids = rand_ids(3, (1, 262))
     compiled, session = _steps(model, ids, 250, decoder, max_len=300)
@@ -100,6 +111,7 @@ def test_a_conversation_crossing_a_bucket_boundary(compiled_fp32, eager_fp32):
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_padded_batch_equals_eager(compiled_fp32, eager_fp32):
     model, decoder = compiled_fp32
     prompts = [rand_ids(4, (9,)).tolist(), rand_ids(5, (4,)).tolist(), rand_ids(6, (6,)).tolist()]
@@ -111,6 +123,7 @@ def test_compiled_padded_batch_equals_eager(compiled_fp32, eager_fp32):
     assert fast == alone
 
 
+@pytest.mark.slow
 def test_live_sessions_share_the_compiled_step_up_to_the_pool_size(compiled_fp32):
     """Each kept conversation decodes compiled in a cache of its own, with no recompile; a session
     beyond leases_per_bucket runs eagerly. All give the same logits."""
@@ -129,16 +142,16 @@ def test_live_sessions_share_the_compiled_step_up_to_the_pool_size(compiled_fp32
         session.close()
 
 
-def test_warm_up_reports_progress_and_compiles_the_first_bucket(tiny_model_dir):
-    model = qwen2.load_model(tiny_model_dir, dtype="float32")
-    decoder = CompiledCpuDecoder(model)
-    messages = []
-    decoder.warm_up(progress=lambda fraction, message: messages.append((fraction, message)))
-    assert messages[0][0] == 0.0 and "compiling" in messages[0][1]
-    assert messages[-1][0] == 1.0 and (1, 256, False) in decoder.compiled
-    assert not any(lease.busy for leases in decoder.pool.values() for lease in leases)  # all given back
+@pytest.mark.slow
+def test_warm_up_reports_progress_and_compiles_the_first_bucket(compiled_fp32):
+    record = compiled_fp32[1].warm_up_record
+    messages = record["messages"]
+    assert messages[0][0] == 0.0 and "compiling" in messages[0][1] and "default" in messages[0][1]
+    assert messages[-1][0] == 1.0 and (1, 256, False) in record["compiled"]
+    assert record["busy"] and not any(record["busy"])  # all given back
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_compiled_decode_equals_eager(tiny_model_dir, quantize):
     compiled, decoder = _compiled(tiny_model_dir, quantize=quantize)
@@ -152,6 +165,7 @@ def test_quantized_compiled_decode_equals_eager(tiny_model_dir, quantize):
         list(generate(eager, prompt, max_new_tokens=12, stop_token_ids=[]))
 
 
+@pytest.mark.slow
 def test_bfloat16_compiled_decode_stays_close(tiny_model_dir):
     compiled, decoder = _compiled(tiny_model_dir, dtype="bfloat16")
     eager = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
@@ -161,19 +175,33 @@ def test_bfloat16_compiled_decode_stays_close(tiny_model_dir):
     assert (fast - slow).abs().max().item() < 0.05 * slow.abs().max().item()
 
 
+def test_make_decoder_picks_the_compiled_cpu_decoder_and_its_mode(tiny_model_dir, monkeypatch):
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    monkeypatch.delenv("QWEN2_COMPILE_MODE", raising=False)
+    decoder = make_decoder(model, "compile")  # nothing compiles until a step runs
+    assert isinstance(decoder, CompiledCpuDecoder) and decoder.mode == DEFAULT_MODE and not decoder.compiled
+    monkeypatch.setenv("QWEN2_COMPILE_MODE", "default")  # what tests/conftest.py sets for the whole run
+    assert make_decoder(model, "compile").mode == "default"
+
+
 def test_rejects_a_non_cpu_model_and_unknown_modes(tiny_model_dir):
     model = qwen2.load_model(tiny_model_dir, dtype="float32")
     with pytest.raises(qwen2.ConfigError, match="mode"):
         CompiledCpuDecoder(model, mode="fastest")
+    elsewhere = model.to("meta")  # a device that is not the CPU, on any machine (no GPU needed)
+    assert elsewhere.device.type == "meta"
+    with pytest.raises(qwen2.ConfigError, match="needs a CPU model; this one is on meta"):
+        CompiledCpuDecoder(elsewhere, mode="default")
 
 
-def test_warm_up_compiles_the_buckets_a_chat_grows_through(model_dir):
-    model, decoder = _compiled(model_dir)
-    assert isinstance(decoder, CompiledCpuDecoder)
-    decoder.warm_up()
-    assert {key[1] for key in decoder.compiled} == {256, 512, 1024}  # 1024: the context of this model
+@pytest.mark.slow
+def test_warm_up_compiles_the_buckets_a_chat_grows_through(compiled_fp32):
+    compiled = compiled_fp32[1].warm_up_record["compiled"]
+    assert {key[1] for key in compiled} == {256, 512, 1024}  # 1024: the context of this model
+    assert all(key[0] == 1 and not key[2] for key in compiled)  # one row, unpadded
 
 
+@pytest.mark.slow
 def test_a_reply_after_warm_up_never_compiles(tiny_model_dir):
     """The app warms up at start-up, then replies from Gradio's worker threads with the sampler under
     inference mode: that first reply must run the warmed step (it once recompiled there, 0.2 tok/s)."""

@@ -254,27 +254,56 @@ def test_many_threads_submitting_at_once_are_all_served(model):
     assert all(results[i] == alone(model, ids(90 + i, 4 + i), 6) for i in range(8))
 
 
-def test_compiled_steps_are_used_once_ready_and_never_recompile(model):
+@pytest.fixture(scope="module")
+def compiled_engine(model):
+    """An engine with compiled steps (Inductor's cheap mode), started as the app starts it: serving
+    at once while its steps compile in the background. What it did before the compiles were done is
+    in `engine.early`; the fixture waits for them, so each step compiles once for the module."""
     engine = Engine(model, rows=4, fast_decode="compile", compile_mode="default")
-    engine.steps.compile_now(engine._pool)
+    messages = []
+    with engine.start(progress=lambda fraction, message: messages.append(message)):
+        state = engine.state
+        out = engine.generate(ids(110, 6), settings=VARIED, max_new_tokens=5)  # eager or compiled: served now
+        engine.steps._thread.join()
+        engine.early = dict(state=state, out=out, messages=messages)
+        yield engine
+
+
+@pytest.mark.slow
+def test_the_engine_serves_while_its_steps_compile_in_the_background(model, compiled_engine):
+    early = compiled_engine.early
+    assert early["state"].startswith("compiling") or early["state"] == "compiled"
+    assert early["out"] == alone(model, ids(110, 6), 5)
+    assert compiled_engine.state == "compiled" and "compiled for 1 row and 2-4 rows" in early["messages"][-1]
+    assert "Inductor default" in early["messages"][0]
+
+
+@pytest.mark.slow
+def test_compiled_steps_are_used_once_ready_and_never_recompile(model, compiled_engine):
+    engine = compiled_engine
     assert sorted(engine.steps.ready) == [1, 4] and engine.state == "compiled"  # one row; 2-4 rows
     prompts = [ids(100 + i, 4 + 11 * i) for i in range(4)]
-    with torch._dynamo.config.patch(error_on_recompile=True), engine.start(compile_in_background=False):
+    with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in (1, 3, 4, 2):  # one row, then 3, 4, 2 rows through one step; keys read from 5 to 50
             replies = [engine.submit(p, VARIED, 12) for p in prompts[:batch]]
             outs = [list(r) for r in replies]
             assert outs == [alone(model, p, 12) for p in prompts[:batch]]
 
 
-def test_the_engine_serves_while_its_steps_compile_in_the_background(model):
+def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypatch):
+    """compile_now (tests, benchmarks, `python -m qwen2`) runs the background compile's loop on this
+    thread: every bucket, in order, with progress. (The compiles themselves are
+    compiled_engine's; here each is recorded, not run.)"""
     engine = Engine(model, rows=2, fast_decode="compile", compile_mode="default")
+    threads = []
+    monkeypatch.setattr(engine.steps, "_compile",
+                        lambda cache, bucket: (threads.append(threading.current_thread()),
+                                               engine.steps.ready.__setitem__(bucket, 0.0)))
     messages = []
-    with engine.start(progress=lambda fraction, message: messages.append(message)):
-        assert engine.state.startswith("compiling") or engine.state == "compiled"
-        out = engine.generate(ids(110, 6), settings=VARIED, max_new_tokens=5)  # eager or compiled: served now
-        assert out == alone(model, ids(110, 6), 5)
-        engine.steps._thread.join()
-        assert engine.state == "compiled" and "compiled for 1 row and 2 rows" in messages[-1]
+    engine.steps.compile_now(engine._pool, progress=lambda fraction, message: messages.append(message))
+    assert sorted(engine.steps.ready) == [1, 2] and threads == [threading.current_thread()] * 2
+    assert engine.state == "compiled" and "compiled for 1 row and 2 rows" in messages[-1]
+    engine.close()
 
 
 def test_a_bad_seed_is_refused_at_submit_and_the_engine_keeps_serving(model):

@@ -11,11 +11,7 @@ from qwen2.generate import DecodeSession
 from qwen2.decoders import PooledDecoder
 from qwen2.fast import make_decoder
 from qwen2.quant import Int8Linear, quantize_rows
-from tests.conftest import quantized_agreement
-
-
-def rand_ids(seed, shape, vocab=512):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import make_checkpoint, quantized_agreement, rand_ids
 
 
 def test_fused_equals_unfused(tiny_model_dir):
@@ -53,8 +49,6 @@ def test_int8_linear_equals_dequantized_float_linear(dtype, rows):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, tied):
-    from tests.conftest import make_checkpoint
-
     directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
     ref = qwen2.load_model(directory, dtype="float32", fuse=False)
     q8 = qwen2.load_model(directory, dtype="float32", quantize="int8")
@@ -123,7 +117,7 @@ def test_cuda_graphs_require_cuda(tiny_model_dir):
         make_decoder(qwen2.load_model(tiny_model_dir), "graphs")
 
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+needs_cuda = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 
 
 @needs_cuda

@@ -7,17 +7,13 @@ import torch
 
 import qwen2
 from qwen2.generate import DecodeSession
-from tests.conftest import make_checkpoint
+from tests.helpers import make_checkpoint, rand_ids
 
 
 @pytest.fixture(scope="module")
 def windowed_dir(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("windowed"), with_tokenizer=False, use_sliding_window=True,
                            sliding_window=5, max_window_layers=1, num_hidden_layers=3, seed=7)
-
-
-def rand_ids(seed, shape):
-    return torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 import qwen2
 from qwen2.quant import Int4Linear, Int8Linear, quantize_groups, quantize_model, unpack_int4
-from tests.conftest import quantized_agreement
-from tests.test_fast import rand_ids
+from tests.helpers import quantized_agreement, rand_ids
 
 
 @pytest.mark.parametrize("out_features", [16, 48, 64, 96, 320])

@@ -24,7 +24,7 @@ from qwen2.config import Qwen2Config, official_config
 from qwen2.errors import CheckpointError, ConfigError, ModelNotFoundError, Qwen2Error
 from qwen2.options import cpu_has_bfloat16_math
 from qwen2.tokenizer import Tokenizer
-from tests.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 from tests.tokenizer_factory import make_hub_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -455,6 +455,7 @@ def write_random_checkpoint(directory: Path, **shape) -> Path:
     return directory
 
 
+@pytest.mark.slow
 def test_loading_holds_one_copy_of_the_weights(tmp_path):
     pytest.importorskip("psutil")
     if not Path("/proc/self/status").is_file():

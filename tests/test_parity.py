@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import qwen2
-from tests.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
+from tests.helpers import rand_ids as ids_for
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test oracle")
 
@@ -34,10 +35,6 @@ def pair(request, tmp_path_factory):
     ref = transformers.Qwen2ForCausalLM.from_pretrained(directory, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
     return request.param, directory, ref
-
-
-def ids_for(seed, shape, vocab=512):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])

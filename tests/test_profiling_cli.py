@@ -16,7 +16,7 @@ import torch
 
 import profiling
 from profiling.bench import main, output_paths
-from tests.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 
 pytest.importorskip("qwen2")
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,6 +124,7 @@ def _python(*args, cwd=ROOT):
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_end_to_end_bench_trace_sweep_and_report(ckpt, tmp_path):
     """A real process: run file + trace + sweep, then the HTML report from the run file."""
     out, traces = tmp_path / "run.json", tmp_path / "traces"
@@ -142,6 +143,7 @@ def test_end_to_end_bench_trace_sweep_and_report(ckpt, tmp_path):
     assert report.stat().st_size > 100_000  # plotly.js is embedded
 
 
+@pytest.mark.slow
 def test_real_process_bad_input_has_no_traceback(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
