@@ -127,7 +127,7 @@ def profile_one(args, device: torch.device, dtype: torch.dtype, path: Path) -> d
     import qwen2
 
     torch.manual_seed(args.seed)
-    from qwen2.fast import make_decoder
+    from qwen2.fast import make_fast_path
 
     model = qwen2.load_model(args.model, device=str(device), dtype=dtype,
                              random_weights=args.random_weights, quantize=args.quantize)
@@ -136,7 +136,7 @@ def profile_one(args, device: torch.device, dtype: torch.dtype, path: Path) -> d
         run = profile_model(model, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                             warmup=args.warmup, baseline=args.baseline, sweep=args.sweep,
                             trace_dir=args.trace_dir, progress=bar, seed=args.seed,
-                            decoder=make_decoder(model, args.fast_decode))
+                            fast_path=make_fast_path(model, args.fast_decode))
     finally:
         bar.close()
     save_run(run, path)

@@ -65,9 +65,9 @@ def _timed(fn) -> float:
 
 # ---- ours and transformers: whole greedy generates -----------------------------------------------
 
-def ours_generate(model, ids, n, decoder=None):
+def ours_generate(model, ids, n, fast_path=None):
     def run():
-        for _ in qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], decoder=decoder):
+        for _ in qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], fast_path=fast_path):
             pass
     return run
 
@@ -99,12 +99,12 @@ def quant_agreement(ours_q, ours_ref, ids) -> dict:
 
 def load_ours(args, mode, device):
     """Our model for `mode` and its fast decode path (None: eager)."""
-    from qwen2.fast import make_decoder
+    from qwen2.fast import make_fast_path
 
     dtype, quantize, _ = MODES[mode]
     model = qwen2.load_model(args.model, device=device, dtype=dtype, quantize=quantize,
                              random_weights=args.random_weights)
-    return model, make_decoder(model, args.fast_decode)
+    return model, make_fast_path(model, args.fast_decode)
 
 
 def load_pair(args, mode, device, ids):
@@ -113,7 +113,7 @@ def load_pair(args, mode, device, ids):
     base = qwen2.load_model(args.model, device=device, dtype=MODES[mode][2], fuse=False,
                             random_weights=args.random_weights)
     ref, how = load_reference(base)
-    ours, decoder = load_ours(args, mode, device)
+    ours, fast_path = load_ours(args, mode, device)
     if base.info.random_weights:  # random init is seeded; check both really hold the same weights
         with torch.inference_mode():
             if not torch.equal(ours.model.norm.weight, base.model.norm.weight):
@@ -121,25 +121,25 @@ def load_pair(args, mode, device, ids):
     extra = quant_agreement(ours, base, ids) if MODES[mode][1] else {}
     del base
     gc.collect()
-    return ours, decoder, ref, how, extra
+    return ours, fast_path, ref, how, extra
 
 
-def time_against_reference(args, ours, decoder, ref, ids, prefill_ids, device) -> dict:
+def time_against_reference(args, ours, fast_path, ref, ids, prefill_ids, device) -> dict:
     """Alternating rounds: decode tok/s of each, and the prefill seconds when asked for."""
     n = args.new_tokens
     log = {"ours": [], "ref": [], "ours_prefill": [], "ref_prefill": []}
     # Warm up both over every length the rounds will meet (cold first calls run at half speed).
-    warm = [ours_generate(ours, ids, n, decoder), reference_generate(ref, ids, n)]
+    warm = [ours_generate(ours, ids, n, fast_path), reference_generate(ref, ids, n)]
     if args.prefill_tokens:
-        warm += [ours_generate(ours, prefill_ids, 1, decoder), reference_generate(ref, prefill_ids, 1)]
+        warm += [ours_generate(ours, prefill_ids, 1, fast_path), reference_generate(ref, prefill_ids, 1)]
     for make in warm:
         make()
     with PeakMemory(device) as peak:
         for _ in range(args.rounds):
-            decode_rate(lambda k: ours_generate(ours, ids, k, decoder), n, log["ours"])
+            decode_rate(lambda k: ours_generate(ours, ids, k, fast_path), n, log["ours"])
             decode_rate(lambda k: reference_generate(ref, ids, k), n, log["ref"])
             if args.prefill_tokens:
-                log["ours_prefill"].append(_timed(ours_generate(ours, prefill_ids, 1, decoder)))
+                log["ours_prefill"].append(_timed(ours_generate(ours, prefill_ids, 1, fast_path)))
                 log["ref_prefill"].append(_timed(reference_generate(ref, prefill_ids, 1)))
     log["peak_bytes"], log["peak_source"] = peak.peak_bytes, peak.source
     return log
@@ -156,9 +156,9 @@ def traffic(ours, ref, ids, n, ours_tps, ref_tps, bandwidth) -> dict:
             "kv_cache_bytes": int(kv_per_token * (ids.shape[1] + n))}
 
 
-def greedy_match(ours, decoder, ref, ids, n) -> dict:
+def greedy_match(ours, fast_path, ref, ids, n) -> dict:
     """At equal precision the greedy tokens must be the same: how many leading tokens are."""
-    mine = list(qwen2.generate(ours, ids, max_new_tokens=n, stop_token_ids=[], decoder=decoder))
+    mine = list(qwen2.generate(ours, ids, max_new_tokens=n, stop_token_ids=[], fast_path=fast_path))
     with torch.inference_mode():
         theirs = greedy_generate(ref, ids, n)
     diverged = first_divergence(mine, theirs)
@@ -172,8 +172,8 @@ def _free(device):
 
 
 def compare_mode(args, mode, device, ids, prefill_ids, bandwidth) -> dict:
-    ours, decoder, ref, how, extra = load_pair(args, mode, device, ids)
-    log = time_against_reference(args, ours, decoder, ref, ids, prefill_ids, device)
+    ours, fast_path, ref, how, extra = load_pair(args, mode, device, ids)
+    log = time_against_reference(args, ours, fast_path, ref, ids, prefill_ids, device)
     ours_tps, ref_tps = statistics.median(log["ours"]), statistics.median(log["ref"])
     row = {"mode": mode, "ours_tok_s": ours_tps, "ref_tok_s": ref_tps, "ratio": ours_tps / ref_tps,
            "ours_tok_s_rounds": log["ours"], "ref_tok_s_rounds": log["ref"],
@@ -185,7 +185,7 @@ def compare_mode(args, mode, device, ids, prefill_ids, bandwidth) -> dict:
         row.update(prefill_ratio=ref_p / ours_p, ours_prefill_tok_s=args.prefill_tokens / ours_p,
                    ref_prefill_tok_s=args.prefill_tokens / ref_p)
     if not MODES[mode][1]:
-        row.update(greedy_match(ours, decoder, ref, ids, args.new_tokens))
+        row.update(greedy_match(ours, fast_path, ref, ids, args.new_tokens))
     del ours, ref
     _free(device)
     return row
@@ -239,11 +239,11 @@ def llama_run(llm, prompt: list[int], n: int, greedy=llama_greedy) -> tuple[floa
     return first - start, time.perf_counter() - first, tokens
 
 
-def ours_run(model, ids: torch.Tensor, n: int, decoder=None) -> tuple[float, float, list[int]]:
+def ours_run(model, ids: torch.Tensor, n: int, fast_path=None) -> tuple[float, float, list[int]]:
     """(prefill seconds, decode seconds, tokens) of our greedy generate, timed the same way."""
     start = time.perf_counter()
     tokens, first = [], None
-    for token in qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], decoder=decoder):
+    for token in qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], fast_path=fast_path):
         tokens.append(token)
         if first is None:
             synchronize(model.device)
@@ -269,10 +269,10 @@ def alternate(engines: dict, rounds: int, prompt_len: int, n: int) -> tuple[dict
 
 def compare_llama(args, mode, device, ids) -> dict:
     n, prompt = args.new_tokens, ids[0].tolist()
-    ours, decoder = load_ours(args, mode, device)
+    ours, fast_path = load_ours(args, mode, device)
     check_budget(ours, len(prompt), n)
     llm, version, greedy = load_llama(args.against[1], torch.get_num_threads(), n_ctx=len(prompt) + n + 8)
-    engines = {"ours": lambda: ours_run(ours, ids, n, decoder), "llama.cpp": lambda: llama_run(llm, prompt, n, greedy)}
+    engines = {"ours": lambda: ours_run(ours, ids, n, fast_path), "llama.cpp": lambda: llama_run(llm, prompt, n, greedy)}
     log, tokens = alternate(engines, args.rounds, len(prompt), n)
     med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in log.items()}
     diverged = first_divergence(tokens["ours"], tokens["llama.cpp"])
@@ -284,7 +284,7 @@ def compare_llama(args, mode, device, ids) -> dict:
            "ours_tok_s_rounds": log["ours"]["decode"], "ref_tok_s_rounds": log["llama.cpp"]["decode"],
            "ours_prefill_rounds": log["ours"]["prefill"], "ref_prefill_rounds": log["llama.cpp"]["prefill"],
            "greedy_same_prefix": n if diverged is None else diverged,
-           "decode_path": decoder.name if decoder is not None else "eager", "weights_bytes": weight_bytes(ours)["weights_bytes"],
+           "decode_path": fast_path.name if fast_path is not None else "eager", "weights_bytes": weight_bytes(ours)["weights_bytes"],
            "gguf_bytes": Path(args.against[1]).stat().st_size}
     del ours, llm
     _free(device)
@@ -351,7 +351,7 @@ def parse_args(argv):
     p.add_argument("--prefill-tokens", type=int, default=512, help="0 to skip the prefill comparison")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--fast-decode", choices=FAST_DECODE_MODES, default=None,
-                   help="our decode path (qwen2.fast.make_decoder's mode; default off)")
+                   help="our decode path (qwen2.fast.make_fast_path's mode; default off)")
     p.add_argument("--cuda-graphs", action="store_true", help="same as --fast-decode graphs (CUDA only)")
     p.add_argument("--compile", action="store_true", help="same as --fast-decode compile")
     p.add_argument("--against", nargs="+", default=["transformers"], metavar="ENGINE [GGUF_FILE]",

@@ -24,19 +24,19 @@ from .timers import make_clock, summarize
 
 def profile_model(model, *, prompt_tokens: int = 32, new_tokens: int = 8, warmup: int = 1,
                   baseline: str | None = None, sweep=None, trace_dir=None, progress=None,
-                  seed: int = 0, decoder=None) -> dict:
+                  seed: int = 0, fast_path=None) -> dict:
     """Profile one loaded qwen2 model on its own device and dtype; return the run dict.
 
     progress: optional callable(fraction: float, desc: str).
     baseline: None or "transformers". sweep: None, "128,512" or a list of context lengths.
     trace_dir: write one torch.profiler trace file (TensorBoard + Perfetto) into this directory.
-    decoder: a fast decode path (qwen2.fast.make_decoder) timed too, as `fast_decode`, without hooks.
+    fast_path: a fast decode path (qwen2.fast.make_fast_path) timed too, as `fast_decode`, without hooks.
     """
     settings = check_settings(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                               warmup=warmup, seed=seed, baseline=baseline, sweep=sweep,
                               trace_dir=trace_dir)
     plan = Plan(progress, settings.work_units())
-    measured = measure(model, settings, plan, decoder)
+    measured = measure(model, settings, plan, fast_path)
     plan.finish()
     return assemble(model, settings, measured)
 
@@ -44,8 +44,8 @@ def profile_model(model, *, prompt_tokens: int = 32, new_tokens: int = 8, warmup
 class _Stages:
     """The measuring stages of one run, sharing the model, the prompt, a clock and the plan."""
 
-    def __init__(self, model, settings: Settings, plan: Plan, decoder=None):
-        self.model, self.settings, self.plan, self.decoder = model, settings, plan, decoder
+    def __init__(self, model, settings: Settings, plan: Plan, fast_path=None):
+        self.model, self.settings, self.plan, self.fast_path = model, settings, plan, fast_path
         self.ids = seeded_prompt_ids(model.config.vocab_size, settings.prompt_tokens,
                                      model.device, settings.seed)
         self.clock = make_clock(model.device)
@@ -81,22 +81,22 @@ class _Stages:
 
     def fast_decode(self) -> dict | None:
         """The fast decode path given to profile_model, timed without hooks."""
-        decoder = self.decoder
-        if decoder is None:
+        fast_path = self.fast_path
+        if fast_path is None:
             return None
-        self.plan.stage(f"timing the model's fast decode path ({decoder.name})")
+        self.plan.stage(f"timing the model's fast decode path ({fast_path.name})")
         # Warm with the timed run's own length: the same cache bucket, so its capture or compile
         # (once per bucket) is paid here, and no other bucket is compiled for nothing.
-        timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, decoder=decoder)
-        times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, decoder=decoder)
-        if not times.fast_path:  # every cache of its bucket is lent to a live session (kept chats)
-            self.plan.stage(f"the {decoder.name} decode path is busy (its caches are lent to live "
+        timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, fast_path=fast_path)
+        times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, fast_path=fast_path)
+        if not times.on_fast_path:  # every cache of its bucket is lent to a live session (kept chats)
+            self.plan.stage(f"the {fast_path.name} decode path is busy (its caches are lent to live "
                             "sessions): not timed")
             return None
         step_ms = summarize(times.step_s, 1e3)
-        return {"decoder": decoder.name, "decode_tokens_per_s": 1e3 / step_ms["median"],
+        return {"decoder": fast_path.name, "decode_tokens_per_s": 1e3 / step_ms["median"],
                 "step_ms": step_ms, "ttft_s": times.prefill_s,
-                "note": f"the model's {decoder.name} decode path (not hookable); no per-block "
+                "note": f"the model's {fast_path.name} decode path (not hookable); no per-block "
                         f"figures"}
 
     def trace(self) -> dict | None:
@@ -126,9 +126,9 @@ class _Stages:
                                          reference_tokens=reference_tokens)
 
 
-def measure(model, settings: Settings, plan: Plan, decoder=None) -> Measurements:
+def measure(model, settings: Settings, plan: Plan, fast_path=None) -> Measurements:
     """Run every stage the settings ask for; return what was measured."""
-    stages = _Stages(model, settings, plan, decoder)
+    stages = _Stages(model, settings, plan, fast_path)
     with torch.inference_mode():
         limit, source = stages.bandwidth_limit()
         stages.warm_up()

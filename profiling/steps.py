@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 
-def new_session(model, max_len: int, decoder=None):
-    """A DecodeSession: with `decoder` (a fast decode path: CUDA graphs or a compiled CPU step) on a
+def new_session(model, max_len: int, fast_path=None):
+    """A DecodeSession: with `fast_path` (a fast decode path: CUDA graphs or a compiled CPU step) on a
     cache of its pool, sized in buckets; without, on a KV cache of its own of exactly `max_len`
     slots, with plain module calls (forward hooks do not fire inside a graph or a compiled region).
     """
     from qwen2.generate import DecodeSession
 
-    return DecodeSession(model, batch_size=1, max_len=max_len, decoder=decoder)
+    return DecodeSession(model, batch_size=1, max_len=max_len, fast_path=fast_path)
 
 
 @dataclass
@@ -33,19 +33,19 @@ class RunTimes:
     kv_allocated_bytes: int = 0
     kv_used_bytes: int = 0
     kv_length: int = 0
-    fast_path: bool = False  # the steps ran on a fast decode path (a decoder's pooled cache)
+    on_fast_path: bool = False  # the steps ran on a fast decode path (its pooled cache)
 
 
 def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
-              on_step=None, decoder=None) -> RunTimes:
+              on_step=None, fast_path=None) -> RunTimes:
     """Prefill `ids` then `new_tokens` greedy decode steps; time each with `clock`.
 
     With `hooks` (an entered ModuleHooks using the same clock) the per-block times of every step
-    are collected too. `on_step()` is called after each timed call (for progress bars). `decoder`
+    are collected too. `on_step()` is called after each timed call (for progress bars). `fast_path`
     runs the steps on a fast decode path (never with hooks: they would see nothing).
     """
     out = RunTimes()
-    session = new_session(model, ids.shape[1] + new_tokens, decoder=None if hooks is not None else decoder)
+    session = new_session(model, ids.shape[1] + new_tokens, fast_path=None if hooks is not None else fast_path)
 
     def timed(call, *args):
         """One greedy step through `call`: (next token, seconds, per-block parts or None)."""
@@ -75,7 +75,7 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
 
     out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
     cache = session.cache
-    out.fast_path = session.decoder is not None
+    out.on_fast_path = session.fast_path is not None
     out.kv_allocated_bytes = int(cache.allocated_bytes)
     out.kv_used_bytes = int(cache.used_bytes)
     out.kv_length = int(session.length)

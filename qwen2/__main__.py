@@ -19,7 +19,7 @@ import torch
 
 from . import load_model
 from .chat import ChatSession
-from .fast import make_decoder, warm_up_or_off
+from .fast import make_fast_path, warm_up_or_off
 from .errors import GenerationError, ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
 from .options import FAST_DECODE_MODES, QUANT_SCHEMES
@@ -89,7 +89,7 @@ def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
     if budget < 1:
         raise Qwen2Error(f"the conversation ({len(ids)} tokens) fills the context "
                          f"({chat.limit}); start a new one")
-    stream = tok.stream_decoder()
+    stream = tok.detokenizer()
     text = []
     tokens = chat.reply(ids, max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
                         **sampling_kwargs(args, model.info.generation_config))
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
         try:
             model = load_model(args.model, device=args.device, dtype=args.dtype,
                                random_weights=args.random_weights, quantize=args.quantize)
-            decoder = make_decoder(model, args.fast_decode)
+            fast_path = make_fast_path(model, args.fast_decode)
             tok = load_tokenizer(args.model, model)
         except ModelNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
         tools = load_tools(args.tools)
-        chat = ChatSession(model, decoder=warm_up(decoder))
+        chat = ChatSession(model, fast_path=warm_up(fast_path))
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt is not None:
             reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args, tools=tools)
@@ -150,15 +150,15 @@ def main(argv=None) -> int:
         return 130
 
 
-def warm_up(decoder):
+def warm_up(fast_path):
     """Capture or compile the decode step now, with progress on stderr, not in the first reply;
     where that cannot work (no C++ compiler for Inductor, say) decode eagerly and say so. Returns
-    the decoder to use (None: eager)."""
-    decoder, exc = warm_up_or_off(decoder, lambda fraction, message: print(message, file=sys.stderr, flush=True))
+    the fast_path to use (None: eager)."""
+    fast_path, exc = warm_up_or_off(fast_path, lambda fraction, message: print(message, file=sys.stderr, flush=True))
     if exc is not None:
         print(f"note: fast decode unavailable ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly",
               file=sys.stderr)
-    return decoder
+    return fast_path
 
 
 def load_tokenizer(source, model) -> Tokenizer:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .decoders import cache_bucket
+from .fast_path import cache_bucket
 from .generate import DecodeSession, check_budget, stream_tokens
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings
@@ -48,8 +48,8 @@ class ChatSession:
     conversation simply shortens that prefix.
     """
 
-    def __init__(self, model, max_len: int | None = None, decoder=None):
-        self.model, self.decoder = model, decoder  # decoder: a fast decode path (qwen2/fast.py) or None
+    def __init__(self, model, max_len: int | None = None, fast_path=None):
+        self.model, self.fast_path = model, fast_path  # fast_path: a fast decode path (qwen2/fast.py) or None
         self.limit = min(max_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
         self.session: DecodeSession | None = None
         self.cached: list[int] = []  # the ids whose keys/values are in the cache, in order
@@ -137,7 +137,7 @@ class ChatSession:
         if old is not None and old.cache.max_len >= needed:
             old.rewind(keep)
             return old
-        new = DecodeSession(self.model, 1, cache_bucket(needed, self.limit), decoder=self.decoder)
+        new = DecodeSession(self.model, 1, cache_bucket(needed, self.limit), fast_path=self.fast_path)
         if old is None:
             keep = 0
         elif keep:

@@ -7,7 +7,7 @@ of the machine's bandwidth at one row; Inductor, with the weights frozen into th
 between the products fused, gets closer. The math is the model's own forward, unchanged.
 
 Inductor specialises the step to its shapes, so the step always has the same ones: the KV cache is
-one of the pool's fixed-size caches (qwen2/decoders.py: a power-of-two length bucket) and attention
+one of the pool's fixed-size caches (qwen2/fast_path.py: a power-of-two length bucket) and attention
 reads all of it under a mask (kv_len=None). One compiled step serves a (batch size, bucket, padded)
 combination; a new combination compiles once, on first use. `warm_up` pays the first compile at
 start-up, with progress messages, so the first reply does not.
@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from .decoders import CacheLease, PooledDecoder, cache_bucket
+from .fast_path import CacheLease, FastPath, cache_bucket
 
 # Inductor options per compile mode. "max-autotune" times Inductor's own C++ GEMM templates against
 # the library kernels for every product and keeps the faster: slower to compile, the faster step
@@ -66,7 +66,7 @@ def recompile_limit_raised():
     return config.patch(**{name: max(getattr(config, name), _RECOMPILE_LIMIT)})
 
 
-class CompiledCpuDecoder(PooledDecoder):
+class CompiledCpuPath(FastPath):
     """Runs DecodeSession's steps through an Inductor-compiled forward on pooled, fixed-size caches."""
 
     name = "cpu-compile"
@@ -144,7 +144,7 @@ class CompiledCpuDecoder(PooledDecoder):
             if progress is not None:
                 progress(i / len(sizes), f"compiling the CPU decode step (Inductor, {self.mode}) for "
                                          f"{size}-token caches ({i + 1}/{len(sizes)})…")
-            with DecodeSession(self.model, 1, size, decoder=self) as session:
+            with DecodeSession(self.model, 1, size, fast_path=self) as session:
                 n_prompt = max(1, min(prompt_len, size - new_tokens))
                 logits = session.prefill(torch.zeros(1, n_prompt, dtype=torch.long))
                 for _ in range(min(new_tokens, session.cache.max_len - n_prompt)):

@@ -2,14 +2,14 @@
 launch instead of hundreds. Optionally the step is compiled first (torch.compile) to fuse the small
 elementwise kernels the graph would replay one by one; the compiled step is specialised to the cache
 length, so each new length bucket compiles once. Caches and shapes come from the pool in
-qwen2/decoders.py.
+qwen2/fast_path.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .decoders import CacheLease, PooledDecoder
+from .fast_path import CacheLease, FastPath
 
 
 def cudnn_attention_allowed():
@@ -26,7 +26,7 @@ def cudnn_attention_allowed():
         return sdpa_kernel(order)
 
 
-class CudaGraphDecoder(PooledDecoder):
+class CudaGraphPath(FastPath):
     def __init__(self, model, compile: bool = False):
         if model.device.type != "cuda":
             from .errors import ConfigError

@@ -1,18 +1,18 @@
 """Which fast decode path serves single-stream decoding (qwen2.generate, ChatSession, the profiler):
 CUDA graphs on CUDA (qwen2/cuda_graphs.py), an Inductor-compiled step on CPU (qwen2/cpu_compile.py),
-or none. The caller holds the decoder and hands it to what decodes; the model knows nothing of it.
+or none. The caller holds the fast path and hands it to what decodes; the model knows nothing of it.
 (The serving engine has its own batched step runners: qwen2/steps.py.)
 """
 
 from __future__ import annotations
 
-from .decoders import PooledDecoder
+from .fast_path import FastPath
 from .errors import ConfigError
 from .options import check_fast_decode
 
 
-def make_decoder(model, mode: str | None = "auto") -> PooledDecoder | None:
-    """The decoder for fast_decode `mode` ("auto", "graphs", "compile", "off") on the model's device;
+def make_fast_path(model, mode: str | None = "auto") -> FastPath | None:
+    """The fast path for fast_decode `mode` ("auto", "graphs", "compile", "off") on the model's device;
     None for "off" (and for "auto" where no fast path applies). Raises ConfigError for a mode the
     device cannot run."""
     mode = check_fast_decode(mode)
@@ -22,25 +22,25 @@ def make_decoder(model, mode: str | None = "auto") -> PooledDecoder | None:
     if mode == "off":
         return None
     if device == "cuda":
-        from .cuda_graphs import CudaGraphDecoder
+        from .cuda_graphs import CudaGraphPath
 
-        return CudaGraphDecoder(model, compile=mode == "compile")
+        return CudaGraphPath(model, compile=mode == "compile")
     if mode == "graphs":
         raise ConfigError(f"fast_decode='graphs' (CUDA graphs) needs a CUDA device; got {model.device}")
     if device == "cpu":
-        from .cpu_compile import CompiledCpuDecoder
+        from .cpu_compile import CompiledCpuPath
 
-        return CompiledCpuDecoder(model)
+        return CompiledCpuPath(model)
     raise ConfigError(f"fast_decode={mode!r} is not available on {model.device}; use 'off'")
 
 
-def warm_up_or_off(decoder: PooledDecoder | None, progress=None) -> tuple[PooledDecoder | None, Exception | None]:
-    """Warm `decoder` up now, not in a first reply: (the decoder, None), or (None, the error) where
+def warm_up_or_off(fast_path: FastPath | None, progress=None) -> tuple[FastPath | None, Exception | None]:
+    """Warm `fast_path` up now, not in a first reply: (the fast_path, None), or (None, the error) where
     that fails (no C++ compiler for Inductor, say) and decoding must run eagerly."""
-    if decoder is None:
+    if fast_path is None:
         return None, None
     try:
-        decoder.warm_up(progress)
+        fast_path.warm_up(progress)
     except Exception as exc:  # noqa: BLE001 - any capture or compiler failure: the eager path still answers
         return None, exc
-    return decoder, None
+    return fast_path, None

@@ -19,13 +19,13 @@ from .sampling import Sampler, SamplingSettings
 class DecodeSession:
     """One batch's KV cache and the calls that fill it: prefill(prompt), then step(token) per token.
 
-    With a fast decode path (`decoder`, a qwen2.decoders.PooledDecoder: CUDA graphs or a compiled
+    With a fast decode path (`fast_path`, a qwen2.fast_path.FastPath: CUDA graphs or a compiled
     CPU step) the cache is borrowed from its pool and each step runs through it; without one, or
     when the pool has no cache free, steps are plain module calls (which the profiler's hooks see).
     `close()` (or leaving a `with` block) gives a borrowed cache back.
     """
 
-    def __init__(self, model, batch_size: int = 1, max_len: int | None = None, decoder=None):
+    def __init__(self, model, batch_size: int = 1, max_len: int | None = None, fast_path=None):
         config = model.config
         max_len = max_len or config.max_position_embeddings
         if max_len > config.max_position_embeddings:
@@ -34,8 +34,8 @@ class DecodeSession:
                 f"{config.max_position_embeddings}")
         self.model = model
         with torch.inference_mode():
-            self.lease = decoder.acquire(batch_size, max_len) if decoder is not None else None
-            self.decoder = decoder if self.lease is not None else None
+            self.lease = fast_path.acquire(batch_size, max_len) if fast_path is not None else None
+            self.fast_path = fast_path if self.lease is not None else None
             if self.lease is not None:
                 self.cache = self.lease.cache
             else:
@@ -46,7 +46,7 @@ class DecodeSession:
         """Give a borrowed cache back to its pool (a no-op for a cache of its own, or once closed)."""
         if self.lease is not None:
             self.lease.release()
-            self.lease = self.decoder = None
+            self.lease = self.fast_path = None
 
     def __enter__(self):
         return self
@@ -92,8 +92,8 @@ class DecodeSession:
         self._check_room(1)
         slot = self.cache.length
         positions = self.next_position[:, None]
-        if self.decoder is not None:
-            logits = self.decoder.step(self.lease, token_ids, slot, positions)
+        if self.fast_path is not None:
+            logits = self.fast_path.step(self.lease, token_ids, slot, positions)
         else:
             slots = torch.tensor([slot], device=self.cache.key_valid.device)
             with eager_attention_kernels(slots.device):
@@ -169,22 +169,22 @@ def default_stop_ids(model, tokenizer=None) -> set[int]:
 
 def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             stop_token_ids=None, seed: int | None = None, decoder=None) -> Iterator[int]:
+             stop_token_ids=None, seed: int | None = None, fast_path=None) -> Iterator[int]:
     """Stream the ids of new tokens for one prompt (LongTensor [1, T]); the stop token is not yielded.
 
     Arguments are checked before the first token, so a bad setting raises at the call, and leaves the
-    model as it was. Closing the generator (break) drops its cache. `decoder`: a fast decode path
-    (qwen2.fast.make_decoder), or None for plain module calls.
+    model as it was. Closing the generator (break) drops its cache. `fast_path`: a fast decode path
+    (qwen2.fast.make_fast_path), or None for plain module calls.
     """
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _as_prompt(input_ids, model.config.vocab_size).to(model.device)
     check_budget(model, prompt.shape[1], max_new_tokens)
     stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
-    return _generate(model, prompt, max_new_tokens, settings, stop, seed, decoder)
+    return _generate(model, prompt, max_new_tokens, settings, stop, seed, fast_path)
 
 
-def _generate(model, prompt, max_new_tokens, settings, stop, seed, decoder):
-    with DecodeSession(model, 1, prompt.shape[1] + max_new_tokens, decoder=decoder) as session:
+def _generate(model, prompt, max_new_tokens, settings, stop, seed, fast_path):
+    with DecodeSession(model, 1, prompt.shape[1] + max_new_tokens, fast_path=fast_path) as session:
         sampler = Sampler(settings, prompt, model.config.vocab_size, seed)
         yield from stream_tokens(session, sampler, session.prefill(prompt), max_new_tokens, stop)
 
@@ -225,7 +225,7 @@ def _read_token(session, next_id, step_first: bool):
 def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                    top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                    stop_token_ids=None, seed: int | None = None, pad_token_id: int = 0,
-                   decoder=None) -> list[list[int]]:
+                   fast_path=None) -> list[list[int]]:
     """Generate for several prompts at once, left-padded into one batch; one list of new ids per prompt.
 
     Greedy results equal generating each prompt alone. A row that meets a stop token stops growing
@@ -245,7 +245,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
     stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
     ids, mask = ids.to(model.device), mask.to(model.device)
 
-    with DecodeSession(model, len(prompts), longest + max_new_tokens, decoder=decoder) as session:
+    with DecodeSession(model, len(prompts), longest + max_new_tokens, fast_path=fast_path) as session:
         sampler = Sampler(settings, ids, model.config.vocab_size, seed, prompt_mask=mask)
         logits = session.prefill(ids, mask)
         outputs: list[list[int]] = [[] for _ in prompts]

@@ -22,7 +22,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 # Weight-only quantization (qwen2/quant.py): activations stay in the model's dtype.
 QUANT_SCHEMES = ("int8", "int4")
 
-# How decode steps run (qwen2/decoders.py): "graphs" replays CUDA graphs, "compile" runs a compiled
+# How decode steps run (qwen2/fast_path.py): "graphs" replays CUDA graphs, "compile" runs a compiled
 # step (CUDA: compiled, then captured as a graph; CPU: Inductor), "auto" picks per device, "off" is
 # plain module calls.
 FAST_DECODE_MODES = ("auto", "graphs", "compile", "off")

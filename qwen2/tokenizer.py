@@ -1,9 +1,9 @@
 """Text <-> token ids for Qwen2: the `tokenizers` library, a sandboxed Jinja chat template, a
-streaming decoder, and a byte-level fallback for when no tokenizer files exist.
+streaming fast_path, and a byte-level fallback for when no tokenizer files exist.
 
     tok = Tokenizer.from_pretrained("Qwen/Qwen2-0.5B-Instruct")   # or a local directory
     ids = tok.encode_chat([{"role": "user", "content": "你好"}])
-    stream = tok.stream_decoder()
+    stream = tok.detokenizer()
     for token_id in generated:
         print(stream.push(token_id), end="")
     print(stream.flush())
@@ -152,10 +152,10 @@ def _tool_response(messages: list[dict], i: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Streaming decoder
+# Streaming fast_path
 
 
-class StreamDecoder:
+class IncrementalDetokenizer:
     """Turn token ids into text one at a time without ever emitting half a character.
 
     A byte-level BPE token can end in the middle of a multi-byte UTF-8 character; decoding it
@@ -352,8 +352,8 @@ class Tokenizer:
             raise TokenizerError(f"token id {value} is negative; ids are 0..{self.vocab_size - 1}")
         return value
 
-    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
-        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
     # ---- chat ----------------------------------------------------------------------------
 

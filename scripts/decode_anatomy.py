@@ -11,7 +11,7 @@ import torch
 import torch._inductor.config
 
 import qwen2
-from qwen2.fast import make_decoder
+from qwen2.fast import make_fast_path
 from qwen2.generate import DecodeSession
 
 
@@ -36,17 +36,17 @@ def main():
     if args.coordinate_descent:
         torch._inductor.config.coordinate_descent_tuning = True
     model = qwen2.load_model(args.model, device="cuda", dtype="bfloat16", random_weights=True)
-    decoder = make_decoder(model, "compile" if args.compile else "graphs")
+    fast_path = make_fast_path(model, "compile" if args.compile else "graphs")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, 1000, (1, 64), device="cuda")
-    session = DecodeSession(model, 1, args.context + 400, decoder=decoder)
+    session = DecodeSession(model, 1, args.context + 400, fast_path=fast_path)
     logits = session.prefill(ids)
     tok = logits.argmax(-1)
     session.step(tok)
     replay = per_call(session.lease.state["graph"].replay)
     step = per_call(lambda: session.step(tok), n=100)
     n = 128
-    stream = qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], decoder=decoder)
+    stream = qwen2.generate(model, ids, max_new_tokens=n, stop_token_ids=[], fast_path=fast_path)
     next(stream)
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -58,7 +58,7 @@ def main():
           f"({1e3 / token:.0f} tok/s)")
     eager = DecodeSession(model, 1, session.cache.max_len)  # same shapes: no recompile
     eager.prefill(ids)
-    fn = decoder.step_fn
+    fn = fast_path.step_fn
     slot = torch.tensor([eager.length], device="cuda")
     with torch.inference_mode():
         fn(tok[:, None], cache=eager.cache, slots=slot, positions=eager.next_position[:, None],

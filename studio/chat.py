@@ -180,15 +180,15 @@ class Chat:
         if key in self.conversations.stop_asked:  # Stop was pressed while this reply waited its turn
             self.conversations.stop_asked.discard(key)
             reply.cancel()
-        decoder, text, count = lm.tokenizer.stream_decoder(), "", 0
+        fast_path, text, count = lm.tokenizer.detokenizer(), "", 0
         try:
             sent = -STREAM_INTERVAL_S  # the first token shows at once
             for count, token_id in enumerate(reply, 1):
-                text += lm.token_text(decoder, token_id)
+                text += lm.token_text(fast_path, token_id)
                 if time.monotonic() - sent >= STREAM_INTERVAL_S:
                     sent = time.monotonic()
                     yield text, f"generating… {count} new token{'' if count == 1 else 's'}"
-            text += decoder.flush()
+            text += fast_path.flush()
         except Qwen2Error as exc:
             raise ChatError(str(exc)) from None
         except Exception as exc:

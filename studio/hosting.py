@@ -168,21 +168,21 @@ class LoadedModel:
 
     def text_of(self, token_ids) -> str:
         """The text of a reply's token ids, as the stream shows it."""
-        decoder = self.tokenizer.stream_decoder()
-        return "".join(self.token_text(decoder, t) for t in token_ids) + decoder.flush()
+        fast_path = self.tokenizer.detokenizer()
+        return "".join(self.token_text(fast_path, t) for t in token_ids) + fast_path.flush()
 
     def sampling_defaults(self) -> SamplingSettings:
         """The chat's default settings: the checkpoint's generation_config.json, read as the terminal
         chat and transformers read it (greedy unless it says do_sample)."""
         return SamplingSettings.from_generation_config(self.model.info.generation_config)
 
-    def token_text(self, decoder, token_id: int) -> str:
+    def token_text(self, fast_path, token_id: int) -> str:
         """Streamed text of one token; ids with no text of their own (random weights) show as ⟨id⟩."""
         tok = self.tokenizer
         if token_id >= tok.vocab_size or (tok.is_fallback and token_id >= 256
                                           and token_id not in tok.special_token_ids):
-            return decoder.flush() + f"⟨{token_id}⟩"
-        return decoder.push(token_id)
+            return fast_path.flush() + f"⟨{token_id}⟩"
+        return fast_path.push(token_id)
 
     def model_for(self, device: str, dtype: str | None):
         """The chat model when device and dtype match it, else a copy loaded for profiling (one kept)."""

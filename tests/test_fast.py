@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import qwen2
 from qwen2.generate import DecodeSession
-from qwen2.decoders import PooledDecoder
-from qwen2.fast import make_decoder
+from qwen2.fast_path import FastPath
+from qwen2.fast import make_fast_path
 from qwen2.quant import Int8Linear, quantize_rows
 from tests.helpers import make_checkpoint, quantized_agreement, rand_ids
 
@@ -114,7 +114,7 @@ def test_cuda_graphs_require_cuda(tiny_model_dir):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the GPU tests below cover it")
     with pytest.raises(qwen2.ConfigError, match="CUDA"):
-        make_decoder(qwen2.load_model(tiny_model_dir), "graphs")
+        make_fast_path(qwen2.load_model(tiny_model_dir), "graphs")
 
 
 needs_cuda = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
@@ -125,18 +125,18 @@ needs_cuda = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 def test_cuda_graph_decode_equals_eager(tiny_model_dir, quantize, compile):
     eager = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32", quantize=quantize)
     graphed = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32", quantize=quantize)
-    decoder = make_decoder(graphed, "compile" if compile else "graphs")
+    fast_path = make_fast_path(graphed, "compile" if compile else "graphs")
     ids = rand_ids(4, (1, 9)).cuda()
     full = eager(torch.cat([ids, rand_ids(5, (1, 10)).cuda()], 1))
-    session = DecodeSession(graphed, 1, 19, decoder=decoder)
-    assert session.decoder is decoder is not None
+    session = DecodeSession(graphed, 1, 19, fast_path=fast_path)
+    assert session.fast_path is fast_path is not None
     torch.testing.assert_close(session.prefill(ids), full[:, 8], atol=1e-4, rtol=0)
     tail = rand_ids(5, (1, 10)).cuda()
     for t in range(10):
         torch.testing.assert_close(session.step(tail[:, t]), full[:, 9 + t], atol=1e-4, rtol=0)
     session.close()
     for _ in range(2):  # the pooled cache and its graph are reused by the next generations
-        assert list(qwen2.generate(graphed, ids, max_new_tokens=16, stop_token_ids=[], decoder=decoder)) == \
+        assert list(qwen2.generate(graphed, ids, max_new_tokens=16, stop_token_ids=[], fast_path=fast_path)) == \
             list(qwen2.generate(eager, ids, max_new_tokens=16, stop_token_ids=[]))
 
 
@@ -177,15 +177,15 @@ def test_single_query_attention_equals_sdpa(masked):
 def test_cuda_graphs_switch_between_padded_and_unpadded_batches(tiny_model_dir):
     eager = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32")
     graphed = qwen2.load_model(tiny_model_dir, device="cuda", dtype="float32")
-    decoder = make_decoder(graphed, "graphs")
+    fast_path = make_fast_path(graphed, "graphs")
     prompts = [rand_ids(7, (1, 9))[0].tolist(), rand_ids(8, (1, 3))[0].tolist()]
     same_length = [rand_ids(9, (1, 5))[0].tolist(), rand_ids(10, (1, 5))[0].tolist()]
     for batch in (same_length, prompts, same_length):  # unpadded, padded, unpadded: re-captures
-        assert qwen2.generate_batch(graphed, batch, max_new_tokens=10, stop_token_ids=[], decoder=decoder) == \
+        assert qwen2.generate_batch(graphed, batch, max_new_tokens=10, stop_token_ids=[], fast_path=fast_path) == \
             qwen2.generate_batch(eager, batch, max_new_tokens=10, stop_token_ids=[])
 
 
-class FullCacheDecoder(PooledDecoder):
+class FullCacheDecoder(FastPath):
     """The pooled protocol with a plain forward over the whole fixed-size cache: what CUDA graphs and
     the compiled CPU step run, minus the capture. Tests the pool, the leases and the masks on CPU."""
 
@@ -200,24 +200,24 @@ class FullCacheDecoder(PooledDecoder):
 def test_pooled_decoder_protocol_equals_eager(tiny_model_dir):
     eager = qwen2.load_model(tiny_model_dir, dtype="float32")
     pooled = qwen2.load_model(tiny_model_dir, dtype="float32")
-    decoder = FullCacheDecoder(pooled)
+    fast_path = FullCacheDecoder(pooled)
     ids = rand_ids(11, (1, 9))
     for _ in range(2):  # the second generation reuses the pooled cache
-        assert list(qwen2.generate(pooled, ids, max_new_tokens=12, stop_token_ids=[], decoder=decoder)) == \
+        assert list(qwen2.generate(pooled, ids, max_new_tokens=12, stop_token_ids=[], fast_path=fast_path)) == \
             list(qwen2.generate(eager, ids, max_new_tokens=12, stop_token_ids=[]))
-    assert list(decoder.pool) == [(1, 256)]  # one bucket: 9 + 12 tokens round up to 256 (the context)
+    assert list(fast_path.pool) == [(1, 256)]  # one bucket: 9 + 12 tokens round up to 256 (the context)
     prompts = [rand_ids(12, (1, 7))[0].tolist(), rand_ids(13, (1, 3))[0].tolist()]  # padded batch
-    assert qwen2.generate_batch(pooled, prompts, max_new_tokens=8, stop_token_ids=[], decoder=decoder) == \
+    assert qwen2.generate_batch(pooled, prompts, max_new_tokens=8, stop_token_ids=[], fast_path=fast_path) == \
         qwen2.generate_batch(eager, prompts, max_new_tokens=8, stop_token_ids=[])
     # A live session holds its cache: a second one runs eagerly on its own, and the lease comes
     # back when the first session is closed.
-    first = DecodeSession(pooled, 1, 32, decoder=decoder)
-    second = DecodeSession(pooled, 1, 32, decoder=decoder)
-    assert first.decoder is decoder and second.decoder is None
+    first = DecodeSession(pooled, 1, 32, fast_path=fast_path)
+    second = DecodeSession(pooled, 1, 32, fast_path=fast_path)
+    assert first.fast_path is fast_path and second.fast_path is None
     first.close()
-    with DecodeSession(pooled, 1, 32, decoder=decoder) as third:
-        assert third.decoder is decoder
-    assert DecodeSession(pooled, 1, 32).decoder is None
+    with DecodeSession(pooled, 1, 32, fast_path=fast_path) as third:
+        assert third.fast_path is fast_path
+    assert DecodeSession(pooled, 1, 32).fast_path is None
 
 
 def test_profile_times_the_fast_path_only_when_it_gets_a_cache(tiny_model_dir):
@@ -226,34 +226,34 @@ def test_profile_times_the_fast_path_only_when_it_gets_a_cache(tiny_model_dir):
     import profiling
 
     pooled = qwen2.load_model(tiny_model_dir, dtype="float32")
-    decoder = FullCacheDecoder(pooled)
-    free = profiling.profile_model(pooled, prompt_tokens=6, new_tokens=3, warmup=0, decoder=decoder)
+    fast_path = FullCacheDecoder(pooled)
+    free = profiling.profile_model(pooled, prompt_tokens=6, new_tokens=3, warmup=0, fast_path=fast_path)
     assert free["fast_decode"]["decoder"] == "full-cache" and free["fast_decode"]["decode_tokens_per_s"] > 0
-    with DecodeSession(pooled, 1, 32, decoder=decoder) as chat:  # holds the (1, 256) cache, like a kept chat
-        assert chat.decoder is not None
-        busy = profiling.profile_model(pooled, prompt_tokens=6, new_tokens=3, warmup=0, decoder=decoder)
+    with DecodeSession(pooled, 1, 32, fast_path=fast_path) as chat:  # holds the (1, 256) cache, like a kept chat
+        assert chat.fast_path is not None
+        busy = profiling.profile_model(pooled, prompt_tokens=6, new_tokens=3, warmup=0, fast_path=fast_path)
     assert busy["fast_decode"] is None
 
 
-def test_chat_session_through_a_pooled_decoder(tiny_model_dir):
+def test_chat_session_through_a_fast_path(tiny_model_dir):
     from qwen2.chat import ChatSession
 
     eager = qwen2.load_model(tiny_model_dir, dtype="float32")
     pooled = qwen2.load_model(tiny_model_dir, dtype="float32")
-    chat = ChatSession(pooled, decoder=FullCacheDecoder(pooled))
+    chat = ChatSession(pooled, fast_path=FullCacheDecoder(pooled))
     conversation = rand_ids(14, (1, 12))[0].tolist()
     for turn in range(3):
         reply = list(chat.reply(conversation, max_new_tokens=6, stop_token_ids=[]))
         assert reply == list(qwen2.generate(eager, torch.tensor([conversation]), max_new_tokens=6,
                                             stop_token_ids=[]))
-        assert chat.session.decoder is not None
+        assert chat.session.fast_path is not None
         conversation = conversation + reply + rand_ids(15 + turn, (1, 4))[0].tolist()
 
 
-def test_make_decoder_modes(tiny_model_dir):
+def test_make_fast_path_modes(tiny_model_dir):
     model = qwen2.load_model(tiny_model_dir, dtype="float32")
-    assert make_decoder(model, "off") is None
+    assert make_fast_path(model, "off") is None
     with pytest.raises(qwen2.ConfigError, match="graphs"):
-        make_decoder(model, "graphs")
+        make_fast_path(model, "graphs")
     with pytest.raises(qwen2.ConfigError, match="fast_decode"):
-        make_decoder(model, "turbo")
+        make_fast_path(model, "turbo")

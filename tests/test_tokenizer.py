@@ -126,11 +126,11 @@ def test_encode_matches_transformers_with_special_tokens(tok, hf_tok):
 def test_ids_past_the_vocab_have_no_text_and_negative_ids_are_named(tok):
     # The model's embedding is padded past the tokenizer's vocab; a sampled padding id has no text.
     assert tok.decode([tok.encode("a")[0], tok.vocab_size + 7]) == "a"
-    assert tok.stream_decoder().push(tok.vocab_size) == ""
+    assert tok.detokenizer().push(tok.vocab_size) == ""
     with pytest.raises(TokenizerError, match="-1"):
         tok.decode([-1])
     with pytest.raises(TokenizerError, match="-3"):
-        tok.stream_decoder().push(-3)
+        tok.detokenizer().push(-3)
 
 
 def test_decode_accepts_tensors(tok):
@@ -148,11 +148,11 @@ def _splits_a_character(tok: Tokenizer, ids: list[int]) -> bool:
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_stream_decoder_never_emits_half_characters(tok, skip):
+def test_detokenizer_never_emits_half_characters(tok, skip):
     text = f"{MIXED}<|im_end|>再见 👋"
     ids = tok.encode(text)
     assert _splits_a_character(tok, ids), "the test needs a token boundary inside a character"
-    stream = tok.stream_decoder(skip_special_tokens=skip)
+    stream = tok.detokenizer(skip_special_tokens=skip)
     chunks = [stream.push(i) for i in ids]
     chunks.append(stream.flush())
     assert not any("\ufffd" in c for c in chunks)
@@ -162,29 +162,29 @@ def test_stream_decoder_never_emits_half_characters(tok, skip):
     assert sum(1 for c in chunks if c == "") > 0  # it did hold back while characters were open
 
 
-def test_stream_decoder_emits_promptly(tok):
+def test_detokenizer_emits_promptly(tok):
     ids = tok.encode("hello world")
-    stream = tok.stream_decoder()
+    stream = tok.detokenizer()
     assert "".join(stream.push(i) for i in ids) == "hello world"  # nothing left for flush
     assert stream.flush() == ""
 
 
-def test_stream_decoder_flushes_an_unfinished_character(tok):
+def test_detokenizer_flushes_an_unfinished_character(tok):
     ids = tok.encode("ab🎉")
     assert tok.decode(ids[:-1]).endswith("\ufffd")  # the emoji's last byte is in the last token
-    stream = tok.stream_decoder()
+    stream = tok.detokenizer()
     assert "".join(stream.push(i) for i in ids[:-1]) == "ab"
     assert stream.flush() == "\ufffd"
     assert stream.flush() == ""
 
 
-def test_stream_decoder_passes_invalid_bytes_on(tok):
+def test_detokenizer_passes_invalid_bytes_on(tok):
     # Lone continuation bytes can never complete; they must not be held back forever.
     cont = tok.encode("\u00e9")  # é = C3 A9
     lone = [i for i in cont if tok.decode([i]) == "\ufffd"]
     assert lone
     ids = lone[-1:] * 3 + tok.encode("ok")
-    stream = tok.stream_decoder()
+    stream = tok.detokenizer()
     chunks = [stream.push(i) for i in ids] + [stream.flush()]
     assert "".join(chunks) == tok.decode(ids)
 
@@ -289,7 +289,7 @@ def test_byte_fallback_small_vocab():
     assert all(0 <= i < 512 for i in chat)
     assert chat.count(510) == 5 and chat.count(511) == 4
     assert t.decode(chat, skip_special_tokens=False) == render_chatml(CONVERSATION)
-    stream = t.stream_decoder()
+    stream = t.detokenizer()
     assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == text
     assert t.decode([300, 400, 512]) == ""  # unused ids, and ids past the vocab, have no text
 

@@ -6,10 +6,10 @@ decode into come from a pool, one per (batch size, length bucket), and attention
 cache under a mask instead of a growing slice. The math is the model's own forward; only how it is
 launched changes.
 
-A DecodeSession given a decoder borrows a cache with `decoder.acquire(...)` (a CacheLease), runs each
-step with `decoder.step(lease, ...)` and gives the cache back with `close()`. When the bucket's caches
-are all lent to live sessions (a decoder lends `leases_per_bucket` of them), `acquire` returns None and
-that session runs eagerly on a cache of its own. qwen2/fast.py picks the decoder for a device and mode.
+A DecodeSession given a fast path borrows a cache with `fast_path.acquire(...)` (a CacheLease), runs each
+step with `fast_path.step(lease, ...)` and gives the cache back with `close()`. When the bucket's caches
+are all lent to live sessions (a fast path lends `leases_per_bucket` of them), `acquire` returns None and
+that session runs eagerly on a cache of its own. qwen2/fast.py picks the fast_path for a device and mode.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def cache_bucket(n: int, limit: int, minimum: int = 256) -> int:
 
 
 class CacheLease:
-    """A pooled KV cache lent to one session, with the decoder's state for it (graph, buffers)."""
+    """A pooled KV cache lent to one session, with the fast_path's state for it (graph, buffers)."""
 
     def __init__(self, cache: KVCache):
         self.cache = cache
@@ -39,7 +39,7 @@ class CacheLease:
         self.busy = False
 
 
-class PooledDecoder:
+class FastPath:
     """Base of the fast decode paths: the cache pool and the warm-up; subclasses implement `step`."""
 
     name = "pooled"
@@ -86,7 +86,7 @@ class PooledDecoder:
         if progress is not None:
             progress(0.0, f"preparing the {self.name} decode step")
         ids = torch.zeros(1, prompt_len, dtype=torch.long)
-        for _ in generate(self.model, ids, max_new_tokens=new_tokens, stop_token_ids=[], decoder=self):
+        for _ in generate(self.model, ids, max_new_tokens=new_tokens, stop_token_ids=[], fast_path=self):
             pass
         if progress is not None:
             progress(1.0, f"{self.name} decode step ready")
