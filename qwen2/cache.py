@@ -4,6 +4,10 @@ Slot s of the cache holds the keys/values of the s-th token fed to the model (pa
 so a left-padded batch shares one slot index per step. `key_valid` marks which slots hold real
 tokens; `padded` says whether any slot is padding at all, so the common unpadded case skips the mask.
 Fixed shapes are what lets a decode step be captured once as a CUDA graph and replayed.
+
+The cache's bookkeeping (`length`, `padded`, `key_valid`) changes through its own methods only:
+the model writes k/v and validity per forward (`update`, `mark_valid`), its user says how far that
+got (`mark_padded`, `advance`) and moves it (`rewind`, `reset`, `copy_prefix_from`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .config import Qwen2Config
+from .errors import GenerationError
 
 
 def kv_bytes_per_token(config: Qwen2Config, dtype: torch.dtype, batch_size: int = 1) -> int:
@@ -26,10 +31,19 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.bytes_per_token = kv_bytes_per_token(config, dtype, batch_size)
-        self.padded = False
         self.batch_size, self.max_len = batch_size, max_len
-        self.length = 0  # slots written so far (kept by the DecodeSession, on the host)
+        self._length = 0  # slots written so far, on the host: reading it never syncs a device
+        self._padded = False
 
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def padded(self) -> bool:
+        return self._padded
+
+    # -- what the model calls during a forward ---------------------------------------------------
     def update(self, layer_idx: int, k, v, slots, kv_len):
         """Write k/v (B, Hkv, T, hd) into `slots` (T,); return slots [0, kv_len) (all when None)."""
         self.k[layer_idx].index_copy_(2, slots, k)
@@ -38,10 +52,45 @@ class KVCache:
             return self.k[layer_idx], self.v[layer_idx]
         return self.k[layer_idx][:, :, :kv_len], self.v[layer_idx][:, :, :kv_len]
 
+    def mark_valid(self, slots, valid):
+        """Record which of the new `slots` (T,) hold real tokens: valid (B, T), False = padding."""
+        self.key_valid.index_copy_(1, slots, valid)
+
+    # -- what the cache's user calls around the forwards ------------------------------------------
+    def mark_padded(self):
+        """Some slot holds padding: from now on the mask must read key_valid (until reset)."""
+        self._padded = True
+
+    def advance(self, n: int):
+        """`n` more slots were written (by the forward that just ran)."""
+        if self._length + n > self.max_len:
+            raise GenerationError(f"{self._length} + {n} slots exceed the cache's {self.max_len}")
+        self._length += n
+
+    @torch.inference_mode()
     def rewind(self, length: int):
         """Forget every slot from `length` on (their stale k/v are overwritten before being read)."""
         self.key_valid[:, length:] = False
-        self.length = min(self.length, length)
+        self._length = min(self._length, length)
+
+    def reset(self):
+        """Empty, as new: no slot written, no padding (the k/v memory is kept, not cleared)."""
+        self.rewind(0)
+        self._padded = False
+
+    @torch.inference_mode()
+    def copy_prefix_from(self, other: KVCache, n: int):
+        """Hold exactly `other`'s first `n` slots (k, v, validity, padding): to move a sequence into
+        a cache of another size. Both caches must have the same batch size, layers and heads."""
+        if other.batch_size != self.batch_size or not 0 <= n <= min(other.length, self.max_len):
+            raise GenerationError(f"cannot copy {n} slots of a {other.batch_size}-row cache holding "
+                                  f"{other.length} into a {self.batch_size}-row cache of {self.max_len}")
+        for src, dst in ((other.k, self.k), (other.v, self.v)):
+            for a, b in zip(src, dst):
+                b[:, :, :n].copy_(a[:, :, :n])  # (B, Hkv, n, hd)
+        self.key_valid[:, :n].copy_(other.key_valid[:, :n])
+        self.key_valid[:, n:] = False
+        self._length, self._padded = n, other.padded
 
     @property
     def allocated_bytes(self) -> int:
@@ -57,7 +106,7 @@ class RowCache:
 
     Row r holds one conversation: slot s of the row is that conversation's token s, so a row's
     slot is its token's position and no row is ever padded. One extra row at the end is scratch:
-    the padding entries of a batch (a 3-request batch run as 4) write their garbage there.
+    the compile's trial steps (qwen2/steps.py) write there, never into a live conversation's row.
     """
 
     def __init__(self, config: Qwen2Config, rows: int, row_len: int, device, dtype):

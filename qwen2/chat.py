@@ -140,15 +140,8 @@ class ChatSession:
         new = DecodeSession(self.model, 1, cache_bucket(needed, self.limit), fast_path=self.fast_path)
         if old is None:
             keep = 0
-        elif keep:
-            with torch.inference_mode():
-                for src, dst in ((old.cache.k, new.cache.k), (old.cache.v, new.cache.v)):
-                    for a, b in zip(src, dst):
-                        b[:, :, :keep].copy_(a[:, :, :keep])
-                new.cache.key_valid[:, :keep] = True
-                new.cache.length = keep
-                new.next_position.fill_(keep)
-        if old is not None:
+        else:
+            new.copy_prefix_from(old, keep)
             old.close()
         self.session, self.cached = new, self.cached[:keep]
         return new

@@ -16,10 +16,9 @@ Prefill stays eager (its shapes change with every prompt; its products are matri
 already near peak). int8 / int4 weights (qwen2/quant.py) go through the same path: their kernels are
 calls in the graph, and Inductor fuses what surrounds them.
 
-Measured on a 2-vCPU AMD EPYC, Qwen2.5-Coder-0.5B, 2 threads (docs/benchmarks.md): decode bf16
-13.2 -> 33 tok/s, int8 23 -> 44, int4 52; a max-autotune compile takes about a minute per
-(batch, bucket) and frozen bf16 weights are a second, prepacked copy of the weights in memory
-(the eager prefill keeps using the originals).
+What it gains and what it costs (decode speed, compile time per (batch, bucket)) is measured in
+docs/benchmarks.md. Frozen bf16 weights are a second, prepacked copy of the weights in memory (the
+eager prefill keeps using the originals).
 """
 
 from __future__ import annotations
@@ -34,9 +33,8 @@ from .fast_path import CacheLease, FastPath, cache_bucket
 
 # Inductor options per compile mode. "max-autotune" times Inductor's own C++ GEMM templates against
 # the library kernels for every product and keeps the faster: slower to compile, the faster step
-# (one bf16 896 -> 9728 product at one row, 1 thread, busy VM: 3.2 ms eager, 2.0 ms "default",
-# 1.2 ms "max-autotune"; int8 1.2 / 1.9 / 0.75 ms). On CPU "max-autotune-no-cudagraphs" is the
-# same thing (CUDA graphs do not apply).
+# (per-product timings: docs/benchmarks.md). On CPU "max-autotune-no-cudagraphs" is the same thing
+# (CUDA graphs do not apply).
 COMPILE_MODES = {
     "default": {},
     "max-autotune": {"max_autotune": True},
@@ -49,6 +47,19 @@ def default_mode() -> str:
     """The compile mode when none is given: $QWEN2_COMPILE_MODE where set (the test suite sets
     "default": it checks the compiled step, not its speed), else DEFAULT_MODE."""
     return os.environ.get("QWEN2_COMPILE_MODE") or DEFAULT_MODE
+
+
+def checked_mode(model, mode: str | None) -> str:
+    """`mode` (default_mode() when None) once it and the model's device are known to compile; both
+    compiled CPU decoders (CompiledCpuPath here, the engine's CompiledCpuSteps) start with this."""
+    from .errors import ConfigError
+
+    if model.device.type != "cpu":
+        raise ConfigError(f"the compiled CPU decode needs a CPU model; this one is on {model.device}")
+    mode = mode or default_mode()
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile mode {mode!r} is unknown; expected one of {sorted(COMPILE_MODES)}")
+    return mode
 
 
 # One compiled step per (batch size, bucket, padded): allow more than dynamo's default of 8.
@@ -70,8 +81,8 @@ class CompiledCpuPath(FastPath):
     """Runs DecodeSession's steps through an Inductor-compiled forward on pooled, fixed-size caches."""
 
     name = "cpu-compile"
-    # The step reads its whole bucket under a mask, and that is not free on CPU: on the 0.5B model
-    # a 2048-slot bucket measured 27 tok/s against 40 at 256 (bf16, 2 threads). So buckets stay
+    # The step reads its whole bucket under a mask, and that is not free on CPU: a large bucket
+    # decodes markedly slower than a small one (docs/benchmarks.md). So buckets stay
     # small (a chat moves up as it grows: qwen2/chat.py) and warm_up compiles the first few.
     warm_buckets = (256, 512, 1024)
     # The compiled step is specialised to shapes, not to one cache: every live conversation the app
@@ -79,15 +90,7 @@ class CompiledCpuPath(FastPath):
     leases_per_bucket = 4
 
     def __init__(self, model, mode: str | None = None, attention: str = "single_query"):
-        if model.device.type != "cpu":
-            from .errors import ConfigError
-
-            raise ConfigError(f"the compiled CPU decode needs a CPU model; this one is on {model.device}")
-        mode = mode or default_mode()
-        if mode not in COMPILE_MODES:
-            from .errors import ConfigError
-
-            raise ConfigError(f"compile mode {mode!r} is unknown; expected one of {sorted(COMPILE_MODES)}")
+        mode = checked_mode(model, mode)
         super().__init__(model)
         self.mode = mode
         # single_query: one query row as products and sums that Inductor fuses, chosen for the

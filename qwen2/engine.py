@@ -138,7 +138,7 @@ class Engine:
                            dtype=dtype_name(self.model.dtype), context_used=len(prompt),
                            context_limit=self.row_tokens)
         own = conversation is None
-        conversation = conversation or Conversation(self._release, self._wake)
+        conversation = conversation or self.conversation()
         reply = Reply(prompt, settings or SamplingSettings(), max_new_tokens, {int(t) for t in stop_ids}, seed,
                       conversation, stats, wall_s, own_conversation=own)
         with self._cv:

@@ -18,7 +18,7 @@ def make_fast_path(model, mode: str | None = "auto") -> FastPath | None:
     mode = check_fast_decode(mode)
     device = model.device.type
     if mode == "auto":
-        mode = {"cuda": "graphs", "cpu": "compile"}.get(device, "off")  # CPU: 2.5x decode, docs/benchmarks.md
+        mode = {"cuda": "graphs", "cpu": "compile"}.get(device, "off")  # speed-ups: docs/benchmarks.md
     if mode == "off":
         return None
     if device == "cuda":

@@ -67,8 +67,7 @@ class FastPath:
             lease = CacheLease(self.new_cache(*key))
             leases.append(lease)
         lease.busy = True
-        lease.cache.rewind(0)
-        lease.cache.padded = False  # set again by the prefill when its batch has padding
+        lease.cache.reset()  # the last borrower's tokens and padding are not this session's
         return lease
 
     def step(self, lease: CacheLease, token_ids: torch.Tensor, slot: int, positions: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,8 @@ class DecodeSession:
         slots = torch.arange(self.cache.length, self.cache.length + T, device=device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(device)
-            self.cache.padded = self.cache.padded or not bool(attention_mask.all())
+            if not bool(attention_mask.all()):  # before the forward: its mask reads key_valid from now on
+                self.cache.mark_padded()
             positions = self.next_position[:, None] + attention_mask.long().cumsum(-1) - 1
             positions = positions.clamp(min=0)
             self.next_position += attention_mask.long().sum(-1)
@@ -83,7 +84,7 @@ class DecodeSession:
         with eager_attention_kernels(device):
             logits = self.model(input_ids.to(device), attention_mask, cache=self.cache, slots=slots,
                                 positions=positions, kv_len=self.cache.length + T, last_only=True)
-        self.cache.length += T
+        self.cache.advance(T)
         return logits[:, -1]
 
     @torch.inference_mode()
@@ -100,21 +101,33 @@ class DecodeSession:
                 logits = self.model(token_ids[:, None], cache=self.cache, slots=slots, positions=positions,
                                     kv_len=slot + 1, last_only=True)[:, -1]
         self.next_position += 1
-        self.cache.length += 1
+        self.cache.advance(1)
         return logits
 
     @torch.inference_mode()
     def rewind(self, length: int):
         """Keep only the first `length` tokens (one unpadded row): a chat's next turn re-uses them."""
-        if self.cache.batch_size != 1 or self.cache.padded:
-            raise GenerationError("rewind needs a single unpadded row")
+        _check_single_row(self.cache, "rewind")
         self.cache.rewind(length)
         self.next_position.fill_(self.cache.length)
+
+    @torch.inference_mode()
+    def copy_prefix_from(self, other: DecodeSession, length: int):
+        """Start from `other`'s first `length` tokens (one unpadded row): a chat moving to a larger cache."""
+        _check_single_row(other.cache, "copy_prefix_from")
+        self.cache.copy_prefix_from(other.cache, length)
+        self.next_position.fill_(length)  # unpadded: a token's position is its slot
+
+
+def _check_single_row(cache: KVCache, what: str):
+    # With padding, a row's positions lag its slots by its own padding: one length fits no batch.
+    if cache.batch_size != 1 or cache.padded:
+        raise GenerationError(f"{what} needs a single unpadded row")
 
 
 def eager_attention_kernels(device: torch.device):
     """On CUDA, leave cuDNN attention out of eager calls: it builds a plan for every sequence length
-    it meets (tens of ms each), and a chat meets a new length at every step. Flash / memory-efficient
+    it meets (slow to build), and a chat meets a new length at every step. Flash / memory-efficient
     kernels need no plan. (A CUDA graph has one shape and allows it: qwen2/cuda_graphs.py.)"""
     if device.type != "cuda":
         return contextlib.nullcontext()
@@ -167,6 +180,10 @@ def default_stop_ids(model, tokenizer=None) -> set[int]:
     return ids
 
 
+def _stop_set(model, stop_token_ids) -> set[int]:
+    return default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
+
+
 def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              stop_token_ids=None, seed: int | None = None, fast_path=None) -> Iterator[int]:
@@ -179,7 +196,7 @@ def generate(model, input_ids, max_new_tokens: int = 64, temperature: float = 0.
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _as_prompt(input_ids, model.config.vocab_size).to(model.device)
     check_budget(model, prompt.shape[1], max_new_tokens)
-    stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
+    stop = _stop_set(model, stop_token_ids)
     return _generate(model, prompt, max_new_tokens, settings, stop, seed, fast_path)
 
 
@@ -242,7 +259,7 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], max_new_tokens: int 
         ids[row, longest - len(prompt):] = torch.as_tensor(list(prompt), dtype=torch.long)
         mask[row, longest - len(prompt):] = 1
     _check_ids(ids, model.config.vocab_size)
-    stop = default_stop_ids(model) if stop_token_ids is None else {int(t) for t in stop_token_ids}
+    stop = _stop_set(model, stop_token_ids)
     ids, mask = ids.to(model.device), mask.to(model.device)
 
     with DecodeSession(model, len(prompts), longest + max_new_tokens, fast_path=fast_path) as session:

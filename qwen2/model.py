@@ -300,7 +300,7 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.info = ModelInfo()  # source, generation config, quantization, decode path: set by load_model
+        self.info = ModelInfo()  # source, generation config, quantization: set by load_model
 
     @property
     def device(self) -> torch.device:
@@ -341,7 +341,7 @@ class Qwen2ForCausalLM(nn.Module):
             key_slots, key_valid = slots, (attention_mask.bool() if attention_mask is not None else None)
         else:
             valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-            cache.key_valid.index_copy_(1, slots, valid)
+            cache.mark_valid(slots, valid)
             S = kv_len if kv_len is not None else cache.max_len
             key_slots = torch.arange(S, device=input_ids.device)
             key_valid = cache.key_valid[:, :S] if cache.padded else None

@@ -78,7 +78,7 @@ class Int8Linear(nn.Module):
         return cls(_int8_parameter(q), _int8_parameter(scales), bias, fused_kernel)
 
     # The fused kernel streams int8 weights once per row of x: unbeatable for decode (1 row), but
-    # for a long prompt one dequantised copy and a float product is faster (measured crossover ~32).
+    # for a long prompt one dequantised copy and a float product is faster (crossover: docs/benchmarks.md).
     FUSED_MAX_ROWS = 32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -181,11 +181,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, V) float logits -> (B,) token ids."""
+        ids = self.draw(logits)
+        self.mark(ids)
+        return ids
+
+    def draw(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) float logits -> (B,) token ids, picked as __call__ picks them but not yet counted
+        as seen: for a caller that may feed another token than the one drawn (mark what it feeds)."""
         logits = process_logits(logits.float(), self.settings, self.seen)
         if self.settings.greedy:
-            ids = logits.argmax(dim=-1)
-        else:
-            ids = torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
+            return logits.argmax(dim=-1)
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
+
+    def mark(self, ids: torch.Tensor) -> None:
+        """Count (B,) token ids, one per row, as seen by the repetition penalty (a no-op without one)."""
         if self.seen is not None:
-            self.seen.scatter_(1, ids[:, None], True)
-        return ids
+            self.seen.scatter_(1, ids.to(self.seen.device)[:, None], True)

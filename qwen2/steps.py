@@ -91,13 +91,9 @@ class CompiledCpuSteps(EagerSteps):
     name = "cpu-compile"
 
     def __init__(self, model, max_batch: int, mode: str | None = None):
-        from .cpu_compile import COMPILE_MODES, default_mode
+        from .cpu_compile import COMPILE_MODES, checked_mode
 
-        if model.device.type != "cpu":
-            raise ConfigError(f"the compiled CPU decode needs a CPU model; this one is on {model.device}")
-        mode = mode or default_mode()
-        if mode not in COMPILE_MODES:
-            raise ConfigError(f"compile mode {mode!r} is unknown; expected one of {sorted(COMPILE_MODES)}")
+        mode = checked_mode(model, mode)
         super().__init__(model)
         self.mode, self.buckets = mode, batch_buckets(max_batch)
         # Inductor reads `freezing` (weights as constants it may pre-pack for its GEMM kernels) from its

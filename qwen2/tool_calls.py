@@ -16,7 +16,7 @@ Qwen2.5-Instruct lists the tools as JSON lines in its system turn and answers a 
 `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`; tool results go back to it in a
 user turn, each inside <tool_response></tool_response>. The Jinja template shipped with the
 checkpoint does that rendering; the strings here reproduce it for tokenizers that have no
-template (see qwen2.tokenizer.render_chatml).
+template (see qwen2.chatml.render_chatml).
 """
 
 from __future__ import annotations

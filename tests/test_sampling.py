@@ -459,3 +459,27 @@ def test_error_midway_through_a_stream_leaves_the_model_intact(model, before):
     with pytest.raises(GenerationError):
         qwen2.generate(model, PROMPT, temperature=-1.0)
     assert reference_runs(model) == before
+
+
+def test_draw_picks_as_the_call_does_and_mark_counts_what_is_fed():
+    """draw() is __call__ without marking; mark() marks the token a caller feeds instead (Inside's
+    hand-picked token): the penalty then sees that token, as a sampler whose prompt held it."""
+    logits = torch.tensor([[3.0, 2.9, 0.5, 0.1, -1.0]])
+    s = SamplingSettings(temperature=0.8, repetition_penalty=1.5)
+    prompt = torch.tensor([[4]])
+    picked = set()
+    for seed in range(8):
+        draws, calls = Sampler(s, prompt, 5, seed=seed), Sampler(s, prompt, 5, seed=seed)
+        token = draws.draw(logits)
+        assert torch.equal(token, calls(logits))  # the same pick from the same generator
+        assert draws.seen.tolist() == [[False, False, False, False, True]]  # nothing marked by draw
+        assert calls.seen[0, token].item() and calls.seen.sum() == 1 + (token.item() != 4)
+        picked.add(token.item())
+    assert picked == {0, 1}  # both likely tokens came up: the comparison was not of one constant
+    draws.mark(torch.tensor([2]))
+    assert draws.seen.tolist() == [[False, False, True, False, True]]
+    fed = Sampler(s, torch.tensor([[4, 2]]), 5, seed=0)
+    assert torch.equal(draws.seen, fed.seen)
+    greedy = Sampler(SamplingSettings(), prompt, 5)
+    greedy.mark(torch.tensor([1]))  # no penalty: nothing to mark
+    assert greedy.seen is None and greedy.draw(logits).tolist() == [0]
