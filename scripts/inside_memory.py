@@ -9,9 +9,10 @@
 Like the app (app.py's Inside keeps up to 4), each session stays alive after its start and its
 steps, and so does its last view; RSS (psutil) is printed after the model is loaded and after every start/step, and the
 tensor bytes each session holds (its attributes walked, each storage counted once). The prompt is
-`--prompt` repeated and cut to the cap less the steps, so the steps fit. `--impl FILE` imports
-another copy of profiling/inside.py (e.g. the version before a change) to compare; `--max-tokens 0`
-passes no cap (an implementation without the keyword).
+`--prompt` repeated and cut to the cap less the steps, so the steps fit. A session allocates its KV
+cache for its cap at start, so `--max-tokens 0` (no cap: the model's context) measures a cache of
+the whole context. `--impl FILE` imports another copy of inside/session.py (e.g. the version before
+a change) to compare; it is loaded as part of the inside package, so its relative imports resolve.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -42,14 +42,21 @@ def rss_mb() -> float:
 
 
 def load_impl(path: str | None):
-    if not path:
-        import profiling.inside as module
+    import inside
 
-        return module
-    spec = importlib.util.spec_from_file_location("inside_under_test", path)
+    if not path:
+        return inside.session
+    spec = importlib.util.spec_from_file_location("inside.session_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def new_session(module, model, tokenizer, max_tokens: int | None):
+    from inside import InsideSettings
+
+    return module.InsideSession(model, tokenizer, InsideSettings(max_tokens=max_tokens))
 
 
 def load(args):
@@ -86,15 +93,14 @@ def sweep(module, model, tokenizer, lengths, args):
     print(f"{'tokens':>7} {'start_s':>8} {'step_s':>7} {'rss_MB':>8}")
     for n in lengths:
         ids = prompt_ids(tokenizer, args.prompt, n, model.config.vocab_size)
-        session = module.InsideSession(model, tokenizer)
+        session = new_session(module, model, tokenizer, n + 1)  # the cap sizes the cache: the prompt and a step
         t0 = time.perf_counter()
         session.start(ids)
         t1 = time.perf_counter()
         session.step()
         t2 = time.perf_counter()
         print(f"{n:7d} {t1 - t0:8.2f} {t2 - t1:7.3f} {rss_mb():8.0f}", flush=True)
-        if hasattr(session, "close"):
-            session.close()
+        session.close()
         del session
 
 
@@ -104,7 +110,7 @@ def main():
                    "official repo id (random weights of its shape); default: .models/Qwen2.5-Coder-0.5B-Instruct")
     p.add_argument("--random-weights", action="store_true", help="random weights even where a checkpoint is")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: load_model's choice)")
-    p.add_argument("--impl", default=None, help="another copy of profiling/inside.py to measure (e.g. the old one)")
+    p.add_argument("--impl", default=None, help="another copy of inside/session.py to measure (e.g. the old one)")
     p.add_argument("--sessions", type=int, default=3)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=1024, help="the session's cap (0: pass none)")
@@ -122,7 +128,7 @@ def main():
     t0 = time.perf_counter()
     model, tokenizer, source, real = load(args)
     print(f"model {source} ({'real' if real else 'random'} weights, {str(model.dtype).removeprefix('torch.')}), "
-          f"impl {args.impl or 'profiling/inside.py'}, torch threads {torch.get_num_threads()}, "
+          f"impl {args.impl or 'inside/session.py'}, torch threads {torch.get_num_threads()}, "
           f"loaded in {time.perf_counter() - t0:.1f} s")
     loaded = rss_mb()
     print(f"RSS before loading {base:.0f} MB, after loading {loaded:.0f} MB")
@@ -134,15 +140,10 @@ def main():
     cap = args.max_tokens or None
     n_prompt = args.prompt_tokens or ((cap or 1024) - args.steps)
     ids = prompt_ids(tokenizer, args.prompt, n_prompt, model.config.vocab_size)
-    kwargs = {}
-    if cap is not None:
-        if "max_tokens" not in inspect.signature(module.InsideSession).parameters:
-            sys.exit(f"{args.impl} has no max_tokens keyword: pass --max-tokens 0")
-        kwargs["max_tokens"] = cap
     print(f"prompt {len(ids)} tokens, cap {cap}, {args.sessions} sessions x {args.steps} steps")
     sessions, views = [], []
     for s in range(args.sessions):
-        session = module.InsideSession(model, tokenizer, **kwargs)
+        session = new_session(module, model, tokenizer, cap)
         sessions.append(session)  # kept alive, as the app keeps its last 4
         before = rss_mb()
         t = time.perf_counter()
@@ -166,8 +167,7 @@ def main():
     print(f"RSS after {args.sessions} sessions: {end:.0f} MB = loaded model + {end - loaded:.0f} MB")
     if args.close:
         for session in sessions:
-            if hasattr(session, "close"):
-                session.close()
+            session.close()
         print(f"RSS after closing them: {rss_mb():.0f} MB")
 
 

@@ -1,21 +1,21 @@
 """The Inside-the-model view's logic, apart from the page: one walk through the model per session
-(profiling.inside.InsideSession), the latest few kept, each bounded in tokens so that its memory and
-the time it holds the model alone stay small on a shared CPU."""
+(inside.InsideSession), the latest few kept, each bounded in tokens so that its memory and the time
+it holds the model alone stay small on a shared CPU."""
 
 from __future__ import annotations
 
-import profiling.inside
-import profiling.inside_charts
+import inside.charts
+from inside import InsideSession, InsideSettings
 from qwen2.errors import Qwen2Error
-from qwen2.sampling import SamplingSettings, check_seed
 
 from .chat import CHARS_PER_TOKEN_BOUND
 from .errors import VisitorError
 from .hosting import Busy, LoadedModel
 from .sessions import SessionLRU
+from .settings import checked_sampling, checked_seed
 from .text import plain
 
-INSIDE_MAX_TOKENS = 512  # prompt + stepped tokens: a 512-token prefill holds the model ~2 s on 2 vCPUs
+INSIDE_MAX_TOKENS = 512  # prompt + stepped tokens: the walk's cap (its times: docs/benchmarks.md)
 INSIDE_SESSIONS = 4
 HOLDING = "the Inside-the-model view is running"
 
@@ -26,10 +26,10 @@ class Inside:
     def __init__(self, lm: LoadedModel, busy: Busy, keep: int = INSIDE_SESSIONS,
                  max_tokens: int = INSIDE_MAX_TOKENS):
         self.lm, self.busy, self.max_tokens = lm, busy, max_tokens
-        self.sessions: SessionLRU[profiling.inside.InsideSession] = SessionLRU(keep)
+        self.sessions: SessionLRU[InsideSession] = SessionLRU(keep)
 
     def start(self, key: str, prompt, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-              seed=-1, layer=0) -> list:
+              seed=-1, layer=0, theme="light") -> list:
         """Run `prompt` through the model; returns the views of the token it makes next."""
         prompt = str(prompt or "")
         if not prompt.strip():
@@ -37,20 +37,19 @@ class Inside:
         if len(prompt) > CHARS_PER_TOKEN_BOUND * self.max_tokens:
             raise VisitorError(f"This prompt is {len(prompt):,} characters; the Inside view explains at most "
                                f"{self.max_tokens} tokens: please shorten it.")
+        settings = checked_sampling(temperature, top_p, top_k, repetition_penalty, min_p)
+        seed = checked_seed(seed)
         try:
-            settings = SamplingSettings(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                        min_p=float(min_p), repetition_penalty=float(repetition_penalty))
-            seed = None if seed is None or int(seed) < 0 else check_seed(int(seed))
-            session = profiling.inside.InsideSession(self.lm.model, self.lm.tokenizer, settings=settings,
-                                                     seed=seed, max_tokens=self.max_tokens)
+            session = InsideSession(self.lm.model, self.lm.tokenizer,
+                                    InsideSettings(sampling=settings, seed=seed, max_tokens=self.max_tokens))
             with self.busy.hold(HOLDING):
                 view = session.start(prompt)
         except (ValueError, TypeError, OverflowError, Qwen2Error) as exc:
             raise VisitorError(f"Cannot run this prompt: {exc}") from None
         self.sessions.put(key, session)
-        return self.figures(view, layer)
+        return self.figures(view, layer, theme)
 
-    def step(self, key: str, layer=0) -> list:
+    def step(self, key: str, layer=0, theme="light") -> list:
         """Feed the chosen token through the KV cache (one decode step); returns the new views."""
         session = self.sessions.get(key)
         if session is None:
@@ -60,22 +59,29 @@ class Inside:
                 view = session.step()
         except Qwen2Error as exc:
             raise VisitorError(str(exc)) from None
-        return self.figures(view, layer)
+        return self.figures(view, layer, theme)
 
     @staticmethod
-    def figures(view: dict, layer) -> list:
-        """[summary, path, candidates, logit lens, attention figures, the view's JSON]."""
-        charts = profiling.inside_charts
+    def figures(view: dict, layer, theme="light") -> list:
+        """[summary, path, candidates, logit lens, attention figures, the view's JSON], drawn for the
+        page's theme ("dark", or light for anything else)."""
+        charts, theme = inside.charts, _theme(theme)
         layer = max(0, min(int(layer or 0), view["model"]["layers"] - 1))
-        return [inside_summary(view), charts.path_figure(view), charts.candidates_figure(view),
-                charts.logit_lens_figure(view), charts.attention_figure(view, layer), view]
+        return [inside_summary(view), charts.path_figure(view, theme=theme),
+                charts.candidates_figure(view, theme=theme), charts.logit_lens_figure(view, theme=theme),
+                charts.attention_figure(view, layer, theme=theme), view]
 
     @staticmethod
-    def attention(view, layer):
+    def attention(view, layer, theme="light"):
         """Another layer's attention map, from the view already computed (no model run); None without one."""
         if not view:
             return None
-        return profiling.inside_charts.attention_figure(view, max(0, min(int(layer), view["model"]["layers"] - 1)))
+        layer = max(0, min(int(layer), view["model"]["layers"] - 1))
+        return inside.charts.attention_figure(view, layer, theme=_theme(theme))
+
+
+def _theme(theme) -> str:
+    return "dark" if theme == "dark" else "light"  # a value from the page: never an error
 
 
 def inside_summary(view: dict) -> str:

@@ -1,7 +1,8 @@
-"""profiling.inside ("Inside the model"): every number it shows checked against the model itself --
+"""inside ("Inside the model"): every number it shows checked against the model itself --
 shapes against the config, the logit lens's last layer against the model's logits, the attention
 maps against the eager backend's probabilities, the candidates against qwen2.sampling, a step
 against a full forward -- on fused and unfused models and a sliding-window one."""
+
 
 from __future__ import annotations
 
@@ -11,44 +12,11 @@ import pytest
 import torch
 
 import qwen2
-import profiling.inside as inside
-from profiling.inside import InsideSession, inside_view, parameter_counts
-from profiling.memory import held_tensor_bytes
+from inside import InsideSession, inside_view, parameter_counts
 from qwen2 import model as model_module
 from qwen2.sampling import PROCESSORS, SamplingSettings, apply_min_p, apply_repetition_penalty, apply_top_k, \
     apply_top_p, process_logits, processor_stages
-from tests.conftest import make_checkpoint
-
-PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def sliding_dir(tmp_path_factory):
-    """Layer 0 full attention, layer 1 a sliding window of 4 tokens (shorter than the prompt)."""
-    return make_checkpoint(tmp_path_factory.mktemp("tiny-sliding"), use_sliding_window=True, sliding_window=4,
-                           max_window_layers=1)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_model_dir, sliding_dir):
-    return {
-        "fused": qwen2.load_model(tiny_model_dir, dtype="float32", fuse=True),
-        "unfused": qwen2.load_model(tiny_model_dir, dtype="float32", fuse=False),
-        "sliding": qwen2.load_model(sliding_dir, dtype="float32", fuse=True),
-    }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir):
-    return qwen2.Tokenizer.from_pretrained(tiny_model_dir)
-
-
-KINDS = ["fused", "unfused", "sliding"]
-
-
-@torch.inference_mode()
-def full_logits(model, ids) -> torch.Tensor:
-    return model(torch.tensor([ids]))[0, -1].float()
+from tests.inside_fixtures import KINDS, PROMPT, SETTINGS, full_logits, session_of
 
 
 # ---- shapes and parameters -----------------------------------------------------------------
@@ -75,7 +43,7 @@ def test_path_shapes_equal_the_config(models, tokenizer, kind):
         assert path[key]["shape"] == shape, key
         assert path[key]["ok"], key
     # every layer's captured shapes were checked, not only layer 0's
-    for (name, layer), shape in session.capture.shapes.items():
+    for (name, layer), shape in session.latest.shapes.items():
         if layer is not None and name in expected:
             assert shape == expected[name], (name, layer)
     assert view["model"]["fused"] is (kind != "unfused")
@@ -126,7 +94,7 @@ def test_kv_cache_bytes(models, tokenizer):
 def test_logit_lens_last_layer_equals_the_model_logits(models, tokenizer, kind):
     model = models[kind]
     ids = tokenizer.encode(PROMPT)
-    session = InsideSession(model, tokenizer, lens_top=5)
+    session = session_of(model, tokenizer, lens_top=5)
     view = session.start(ids)
     want = full_logits(model, ids)
     torch.testing.assert_close(session.lens_logits[-1], want, rtol=1e-5, atol=1e-5)
@@ -250,7 +218,7 @@ def test_query_heads_are_grouped_under_their_kv_head(models, tokenizer):
 
 def test_full_maps_only_for_short_prompts(models, tokenizer):
     model = models["fused"]
-    session = InsideSession(model, tokenizer, full_map_max=8)
+    session = session_of(model, tokenizer, full_map_max=8)
     view = session.start(list(range(5, 15)))  # 10 tokens > 8
     assert all(e["full"] is None for e in view["attention"]["layers"])
     assert all(len(e["last_row"][0]) == 10 for e in view["attention"]["layers"])
@@ -265,7 +233,6 @@ def test_full_maps_only_for_short_prompts(models, tokenizer):
 # ---- candidates and the sampling processors ------------------------------------------------
 
 
-SETTINGS = dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
 
 
 def test_processor_stages_follow_process_logits():
@@ -294,7 +261,7 @@ def test_processor_stages_follow_process_logits():
 def test_candidates_after_processors_equal_sampling(models, tokenizer):
     model = models["fused"]
     ids = tokenizer.encode(PROMPT)
-    session = InsideSession(model, tokenizer, seed=0, candidates=8, **SETTINGS)
+    session = session_of(model, tokenizer, seed=0, candidates=8, **SETTINGS)
     view = session.start(ids)
     settings = SamplingSettings(**SETTINGS)
     logits = full_logits(model, ids)[None]
@@ -333,7 +300,7 @@ def test_chosen_tokens_are_what_generate_yields(models, tokenizer, sampling):
     model = models["fused"]
     ids = tokenizer.encode(PROMPT)
     want = list(qwen2.generate(model, torch.tensor([ids]), max_new_tokens=5, stop_token_ids=[], **sampling))
-    session = InsideSession(model, tokenizer, **sampling)
+    session = session_of(model, tokenizer, **sampling)
     got = [session.start(ids)["chosen"]["id"]]
     for _ in range(4):
         got.append(session.step()["chosen"]["id"])
@@ -366,17 +333,22 @@ def test_step_equals_a_full_forward_on_prompt_plus_token(models, tokenizer, kind
     assert fed == 7
 
 
-def test_a_full_cache_is_rebuilt(models, tokenizer, monkeypatch):
-    monkeypatch.setattr(inside, "GROWTH", 1)
+def test_one_cache_for_the_cap_serves_every_step_up_to_it(models, tokenizer):
+    """The KV cache is allocated once, for the cap: stepping to the cap never builds another (no
+    regrowth, no re-prefill), and the last step still equals a full forward."""
     model = models["fused"]
     ids = tokenizer.encode(PROMPT)
-    session = InsideSession(model, tokenizer)
+    cap = len(ids) + 3
+    session = session_of(model, tokenizer, max_tokens=cap)
     session.start(ids)
+    cache = session.decode.cache
+    assert cache.max_len == cap
     for _ in range(3):
         view = session.step()
+        assert session.decode.cache is cache
     ids = [t["id"] for t in view["tokens"]]
+    assert len(ids) == cap == cache.length
     torch.testing.assert_close(session.logits[0], full_logits(model, ids), rtol=1e-4, atol=1e-5)
-    assert len(ids) == len(tokenizer.encode(PROMPT)) + 3
 
 
 def test_the_view_is_json_and_names_random_weights(tokenizer, tiny_model_dir):
@@ -393,7 +365,7 @@ def test_the_view_is_json_and_names_random_weights(tokenizer, tiny_model_dir):
 @pytest.mark.parametrize("options", [dict(dtype="bfloat16"), dict(dtype="bfloat16", quantize="int8", fuse=False)])
 def test_other_dtypes_and_int8(tiny_model_dir, tokenizer, options):
     model = qwen2.load_model(tiny_model_dir, **options)
-    session = InsideSession(model, tokenizer, temperature=0.5, seed=0)
+    session = session_of(model, tokenizer, temperature=0.5, seed=0)
     session.start(PROMPT)
     view = session.step()
     assert all(s["ok"] for s in view["path"])
@@ -414,185 +386,4 @@ def test_bad_input_is_refused(models, tokenizer):
     with pytest.raises(qwen2.GenerationError):
         InsideSession(models["fused"]).start("text without a tokenizer")
     with pytest.raises(qwen2.GenerationError):
-        InsideSession(models["fused"], tokenizer, top_p=0)
-
-
-# ---- charts --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["fused", "sliding"])
-def test_charts_build_from_the_view(models, tokenizer, kind):
-    from profiling import inside_charts as charts
-
-    session = InsideSession(models[kind], tokenizer, temperature=0.7, top_k=10, seed=0)
-    view = session.start(PROMPT)
-    figures = [charts.path_figure(view), charts.candidates_figure(view), charts.logit_lens_figure(view),
-               charts.attention_figure(view, layer=1), charts.attention_figure(view, layer=1, mode="last"),
-               charts.attention_figure(session.attention_layer(0), tokens=view["tokens"])]
-    for fig in figures:
-        assert fig.to_json()
-    view = session.step()
-    assert charts.attention_figure(view, layer=0).to_json()
-    # without full maps the chart falls back to the last row
-    long_view = session.view(full_maps=False)
-    assert charts.attention_figure(long_view, layer=0).to_json()
-
-
-# ---- bounds: the cap, what a session holds, close ------------------------------------------
-
-
-def test_the_cap_refuses_a_long_prompt_and_a_step_past_it(models, tokenizer):
-    model = models["fused"]
-    session = InsideSession(model, tokenizer, max_tokens=12)
-    assert session.max_tokens == 12
-    with pytest.raises(qwen2.GenerationError) as err:
-        session.start(list(range(5, 18)))  # 13 tokens
-    message = str(err.value)
-    assert "13 tokens" in message and "12" in message and "shorten" in message
-    assert session.session is None  # nothing was run
-    long_text = "word " * 40
-    with pytest.raises(qwen2.GenerationError, match=rf"{len(tokenizer.encode(long_text))} tokens.*cap of 12"):
-        session.start(long_text)
-
-    view = session.start(list(range(5, 15)))  # 10 tokens: two steps fit
-    assert view["max_tokens"] == 12
-    session.step()
-    view = session.step()
-    assert len(view["tokens"]) == 12
-    seen = None if session.sampler.seen is None else session.sampler.seen.clone()
-    with pytest.raises(qwen2.GenerationError) as err:
-        session.step()
-    message = str(err.value)
-    assert "12" in message and "10 prompt + 2 stepped" in message and "shorter prompt" in message
-    with pytest.raises(qwen2.GenerationError):
-        session.step(3)  # a token picked by hand: refused alike, before anything changes
-    assert len(session.ids) == 12 and session.view(full_maps=False)["step"] == 2
-    if seen is not None:
-        assert torch.equal(session.sampler.seen, seen)
-
-    # the cap is at most the model's context; a bad cap is refused
-    assert InsideSession(model, tokenizer, max_tokens=10**6).max_tokens == model.config.max_position_embeddings
-    assert InsideSession(model, tokenizer).max_tokens == model.config.max_position_embeddings
-    for bad in (0, -1, 2.5, "100", True):
-        with pytest.raises(qwen2.GenerationError, match="max_tokens"):
-            InsideSession(model, tokenizer, max_tokens=bad)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_session_holds_only_its_kv_cache_as_the_prompt_grows(models, tokenizer, kind):
-    """What a kept session holds grows with T by the KV cache's bytes per token at most: no per-layer
-    activations of every position (q, k, the residual stream), no (L + 1, V) lens tensors. The
-    session before the change held ~5x the KV cache's growth (the capture's (T, q|k|v) and (T, D)
-    outputs, q/k of every position)."""
-    from qwen2.cache import kv_bytes_per_token
-
-    model = models[kind]
-    per_token = kv_bytes_per_token(model.config, model.dtype)
-
-    def held(n: int, steps: int) -> tuple[int, int]:
-        session = InsideSession(model, tokenizer, temperature=0.7, repetition_penalty=1.2, seed=0)
-        session.start([(7 * i) % 400 + 50 for i in range(n)])
-        for _ in range(steps):
-            session.step()
-        return held_tensor_bytes(session, skip=(model, tokenizer)), session.session.cache.allocated_bytes
-
-    for steps in (0, 1):
-        small, small_cache = held(20, steps)
-        big, big_cache = held(200, steps)
-        assert big - small <= (200 - 20) * per_token, (steps, big, small)
-        # beyond the KV cache, nothing grows with T (q of every position is kept only up to full_map_max)
-        assert big - big_cache <= small - small_cache, (steps, big - big_cache, small - small_cache)
-        # and that rest is small: a few (V,) rows and the (L + 1, D) residual rows
-        c = model.config
-        assert big - big_cache <= 8 * c.vocab_size * 4 + 4 * (c.num_hidden_layers + 1) * c.hidden_size * 4
-
-
-def test_the_kv_cache_is_sized_by_the_cap(models, tokenizer):
-    model = models["fused"]
-    session = InsideSession(model, tokenizer, max_tokens=40)
-    session.start(list(range(5, 35)))
-    assert session.session.cache.max_len == 40
-    assert session.view()["kv_cache"]["allocated_tokens"] == 40
-
-
-def test_close_lets_the_kv_cache_go(models, tokenizer):
-    import gc
-    import weakref
-
-    model = models["fused"]
-    session = InsideSession(model, tokenizer)
-    session.start(PROMPT)
-    session.step()
-    refs = [weakref.ref(session.session.cache.k[0]), weakref.ref(session.session.cache.v[-1]),
-            weakref.ref(session.q_all[0]), weakref.ref(session.lens_rows)]
-    session.close()
-    gc.collect()
-    assert all(r() is None for r in refs)
-    assert held_tensor_bytes(session, skip=(model, tokenizer)) == 0
-    for call in (session.step, session.view, lambda: session.attention_probs(0)):
-        with pytest.raises(qwen2.GenerationError, match="closed"):
-            call()
-    session.close()  # twice: a no-op
-    # started again, it works as a fresh one
-    assert session.start(PROMPT)["chosen"] == InsideSession(model, tokenizer).start(PROMPT)["chosen"]
-
-    with InsideSession(model, tokenizer) as s:
-        s.start(PROMPT)
-        ref = weakref.ref(s.session.cache.k[0])
-    gc.collect()
-    assert ref() is None and s.session is None
-
-    view = inside_view(model, tokenizer, PROMPT, steps=1)  # the one-call helper closes its session
-    assert view["step"] == 1
-
-
-def test_full_maps_end_past_full_map_max_and_the_last_row_stays_right(models, tokenizer):
-    model = models["sliding"]
-    ids = list(range(5, 12))  # 7 tokens, full_map_max 8: the second step crosses it
-    session = InsideSession(model, tokenizer, full_map_max=8)
-    session.start(ids)
-    view = session.step()
-    assert all(e["full"] is not None for e in view["attention"]["layers"])  # 8 tokens: still full
-    view = session.step()
-    assert all(e["full"] is None for e in view["attention"]["layers"])  # 9 tokens: the last row only
-    with pytest.raises(qwen2.GenerationError, match="full_map_max"):
-        session.attention_probs(0, last_only=False)
-    fresh = InsideSession(model, tokenizer, full_map_max=8)
-    fresh_view = fresh.start([t["id"] for t in view["tokens"]])
-    for layer in range(model.config.num_hidden_layers):
-        torch.testing.assert_close(session.attention_probs(layer)[0], fresh.attention_probs(layer)[0],
-                                   rtol=1e-4, atol=1e-6)
-        assert session.attention_probs(layer)[1].tolist() == fresh.attention_probs(layer)[1].tolist()
-    assert view["logit_lens"]["top_ids"] == fresh_view["logit_lens"]["top_ids"]
-
-
-def test_settings_object_or_keywords(models, tokenizer):
-    model = models["fused"]
-    ids = tokenizer.encode(PROMPT)
-    by_keywords = InsideSession(model, tokenizer, seed=3, **SETTINGS)
-    by_object = InsideSession(model, tokenizer, settings=SamplingSettings(**SETTINGS), seed=3)
-    assert by_object.settings == by_keywords.settings == SamplingSettings(**SETTINGS)
-    a, b = by_keywords.start(ids), by_object.start(ids)
-    assert a["chosen"] == b["chosen"] and a["candidates"] == b["candidates"]
-    assert by_keywords.step()["chosen"] == by_object.step()["chosen"]
-    assert InsideSession(model, tokenizer).settings == SamplingSettings()
-    with pytest.raises(qwen2.GenerationError, match="not both"):
-        InsideSession(model, tokenizer, settings=SamplingSettings(), temperature=0.5)
-    with pytest.raises(qwen2.GenerationError, match="SamplingSettings"):
-        InsideSession(model, tokenizer, settings={"temperature": 0.5})
-
-
-def test_a_picked_token_is_what_the_penalty_sees(models, tokenizer):
-    """Feeding a token other than the chosen one: the repetition penalty marks the token fed, not the
-    draw, so the next candidates equal a fresh session's on the same text."""
-    model = models["fused"]
-    ids = tokenizer.encode(PROMPT)
-    options = dict(temperature=0.7, repetition_penalty=1.5, seed=0)
-    session = InsideSession(model, tokenizer, **options)
-    session.start(ids)
-    picked = next(t for t in range(300, 400) if t != session.chosen and t not in ids)
-    session.step(picked)
-    fresh = InsideSession(model, tokenizer, **options)
-    fresh.start(ids + [picked])
-    for (name, got), (_, want) in zip(session.stage_probs(), fresh.stage_probs()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+        session_of(models["fused"], tokenizer, top_p=0)

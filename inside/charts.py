@@ -1,12 +1,13 @@
-"""Plotly figures for the "Inside the model" views (profiling.inside's JSON view).
+"""Plotly figures of an Inside view (inside.views' JSON).
 
 path_figure(view), candidates_figure(view), logit_lens_figure(view), attention_figure(view, layer):
 each takes the dict InsideSession.start/step/view returns (plain JSON, so it can come from an API
 call too) and returns a go.Figure. Token text is shown with visible whitespace (token_label).
 
-The figures suit the light and the dark page alike: transparent backgrounds, translucent fills and
-grey grid lines read on both, and the page's stylesheet (ui/page.py) lightens their text in dark
-mode. Like profiling.charts, they read from a 420 px phone to a desktop: titles and key lines are
+Every figure takes `theme="light" | "dark"`, as the dashboard's (profiling.charts, whose colours
+they share): the text, the template and the table's lines follow the page's theme, backgrounds are
+transparent and fills translucent, so the page's own colour shows through. Like profiling.charts,
+they read from a 420 px phone to a desktop: titles and key lines are
 wrapped to fit 360 px, tick labels are never rotated (token positions are numbered, the tokens
 listed in a key and in the hover), attention maps wrap to at most four per row, and the path table
 is laid out for PATH_MIN_PX (the page keeps it that wide: it scrolls sideways on a phone).
@@ -19,7 +20,7 @@ import re
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .charts import FONT, LINE_CHARS, wrap
+from profiling.chart_style import FONT, LINE_CHARS, THEMES, wrap
 
 STAGE_COLORS = ["#BAB0AC", "#B279A2", "#F58518", "#4C78A8", "#54A24B", "#E45756", "#72B7B2"]
 SCOPE_FILL = {"model": "rgba(76,120,168,0.10)", "layer": "rgba(245,133,24,0.16)"}
@@ -27,7 +28,6 @@ BAD_FILL = "rgba(228,87,86,0.35)"
 HEADER_FILL = "rgba(128,128,128,0.22)"
 RULE = "rgba(128,128,128,0.35)"   # table lines, grid lines
 BLANK = "rgba(128,128,128,0.14)"  # attention cells a query may not see
-INK = "#333333"                   # text; ui/page.py lightens it in dark mode
 HEAT = "Viridis"
 PATH_MIN_PX = 760                 # ui/page.py keeps #inside-path at least this wide
 CELL_CHAR_PX = 6.2                # a 12 px character (Arial averages 5.7)
@@ -63,23 +63,33 @@ def _shape(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")" if shape is not None else "?"
 
 
-def _notice(view: dict) -> str:
-    return " <span style='color:#c0392b'>(random weights)</span>" if view.get("notice") else ""
+WARNING = {"light": "#c0392b", "dark": "#ff7b6b"}  # the random-weights note, readable on either page
 
 
-def _style(fig: go.Figure, title: str, subtitle: str = "", *, body: float, **layout) -> go.Figure:
-    """Transparent backgrounds, grey rules, the title (and a wrapped subtitle) at the top left with
-    room for them above the `body` px of the plot and its legend, a legend along the bottom edge,
-    tick labels never rotated."""
+def _colors(theme: str) -> dict:
+    if theme not in THEMES:
+        raise ValueError(f"theme must be 'light' or 'dark', got {theme!r}")
+    return THEMES[theme]
+
+
+def _notice(view: dict, theme: str) -> str:
+    return f" <span style='color:{WARNING[theme]}'>(random weights)</span>" if view.get("notice") else ""
+
+
+def _style(fig: go.Figure, theme: str, title: str, subtitle: str = "", *, body: float, **layout) -> go.Figure:
+    """The theme's template and text, transparent backgrounds, grey rules, the title (and a wrapped
+    subtitle) at the top left with room for them above the `body` px of the plot and its legend, a
+    legend along the bottom edge, tick labels never rotated."""
+    colors = _colors(theme)
     lines = title.count("<br>") + 1 + (subtitle.count("<br>") + 1 if subtitle else 0)
     top = 30 + 20 * lines
     layout = {"plot_bgcolor": "rgba(0,0,0,0)", **layout}
     fig.update_layout(
-        template="plotly_white", paper_bgcolor="rgba(0,0,0,0)",
-        font={"family": FONT, "color": INK, "size": 12}, height=round(top + body),
+        template=colors["template"], paper_bgcolor="rgba(0,0,0,0)",
+        font={"family": FONT, "color": colors["ink"], "size": 12}, height=round(top + body),
         title={"text": title, "x": 0, "xref": "container", "xanchor": "left", "y": 1,
                "yref": "container", "yanchor": "top", "pad": {"l": 8, "t": 10}, "font": {"size": 16},
-               "subtitle": {"text": subtitle, "font": {"size": 12, "color": "#777777"}}},
+               "subtitle": {"text": subtitle, "font": {"size": 12, "color": colors["muted"]}}},
         margin={"l": 10, "r": 10, "b": 10, "t": top},
         legend={"orientation": "h", "x": 0, "xref": "container", "xanchor": "left", "y": 0,
                 "yref": "container", "yanchor": "bottom"},
@@ -110,11 +120,13 @@ def _fit(text: str, fraction: float, dotted: bool = False) -> str:
     return "<br>".join(lines + [line])
 
 
-def path_figure(view: dict) -> go.Figure:
+def path_figure(view: dict, theme: str = "light") -> go.Figure:
     """The path as a table: stage, module, the shape it produced (batch of one dropped), the shape
     the config implies when they differ, parameters, what it does. Layer rows are shaded: they
     repeat once per decoder layer. Cells are wrapped to fit PATH_MIN_PX, so the table's height does
-    not depend on the screen's width."""
+    not depend on the screen's width. The cells' text takes the theme's ink: a table draws its
+    own text, which the figure's font colour does not reach."""
+    ink = _colors(theme)["ink"]
     m, kv = view["model"], view["kv_cache"]
     rows = view["path"]
     columns: list[list[str]] = [[] for _ in PATH_COLUMNS]
@@ -135,24 +147,24 @@ def path_figure(view: dict) -> go.Figure:
     fig = go.Figure(go.Table(
         columnwidth=[f for _, f in PATH_COLUMNS],
         header=dict(values=[f"<b>{name}</b>" for name, _ in PATH_COLUMNS], fill_color=HEADER_FILL,
-                    align="left", line_color=RULE, height=26),
+                    align="left", line_color=RULE, height=26, font={"color": ink}),
         cells=dict(values=columns, fill_color=[fill] * len(PATH_COLUMNS), align="left", line_color=RULE,
-                   height=24),
+                   height=24, font={"color": ink}),
     ))
     title = wrap(f"{_count(m['parameters'])} params: {m['layers']} layers × {_count(m['parameters_per_layer'])} "
-                 f"(↻ rows) + embedding, norm, head", 70) + _notice(view)
+                 f"(↻ rows) + embedding, norm, head", 70) + _notice(view, theme)
     subtitle = wrap(f"{m['heads']} query heads / {m['kv_heads']} KV heads · KV cache {_bytes(kv['bytes'])} for "
                     f"{kv['tokens']} tokens · {view['phase']} of {view['path'][0]['shape'][0]} token(s) · "
                     f"{m['dtype']} on {m['device']}", 110)
     # the header, then each row (24 px for a line; plotly grows a row to hold more), a little slack
-    _style(fig, title, subtitle, body=30 + sum(24 if n == 1 else 14 + 16 * n for n in lines) + 24)
+    _style(fig, theme, title, subtitle, body=30 + sum(24 if n == 1 else 14 + 16 * n for n in lines) + 24)
     return fig
 
 
 # ----------------------------------------------------------------------------- candidates
 
 
-def candidates_figure(view: dict, inactive: bool = False) -> go.Figure:
+def candidates_figure(view: dict, inactive: bool = False, theme: str = "light") -> go.Figure:
     """The candidate tokens' probabilities before and after each sampling processor (bars per
     stage; processors left at their "off" value are hidden unless inactive=True). The chosen token
     is marked ▶ on its row."""
@@ -170,12 +182,12 @@ def candidates_figure(view: dict, inactive: bool = False) -> go.Figure:
             customdata=[[s["kept"], s["other"]]] * len(labels),
             hovertemplate="%{y}<br>%{x:.4f}<br>" + s["label"] + " · %{customdata[0]} tokens kept"
                           "<br>others: %{customdata[1]:.4f}<extra></extra>")
-    title = "Next-token candidates" + _notice(view)
+    title = "Next-token candidates" + _notice(view, theme)
     subtitle = wrap(f"▶ chosen: {token_label(view['chosen']['text'])} (p={view['chosen']['prob']:.3f}) · "
                     "probability before and after each sampling setting", LINE_CHARS)
     bars = len(labels) * (12 + 9 * len(stages))
     legend = 12 + 18 * sum(wrap(s["label"], 40).count("<br>") + 1 for s in stages)
-    _style(fig, title, subtitle, body=max(200, bars) + 50 + legend, barmode="group",
+    _style(fig, theme, title, subtitle, body=max(200, bars) + 50 + legend, barmode="group",
            xaxis={"title": "probability", "range": [0, min(1.02, 1.15 * top + 0.01)]},
            yaxis={"autorange": "reversed", "tickfont": {"family": "monospace"}})
     return fig
@@ -184,7 +196,7 @@ def candidates_figure(view: dict, inactive: bool = False) -> go.Figure:
 # ----------------------------------------------------------------------------- logit lens
 
 
-def logit_lens_figure(view: dict) -> go.Figure:
+def logit_lens_figure(view: dict, theme: str = "light") -> go.Figure:
     """Layers (embedding at the bottom, last layer at the top) × top-5 tokens, coloured by
     probability, token text in the cells; hover adds the chosen token's probability and rank."""
     lens = view["logit_lens"]
@@ -200,10 +212,10 @@ def logit_lens_figure(view: dict) -> go.Figure:
         z=lens["top_probs"], x=[f"#{c + 1}" for c in range(k)], y=rows, text=text,
         texttemplate="%{text}", textfont={"size": 10}, hovertext=hover, hoverinfo="text", colorscale=HEAT,
         zmin=0, zmax=1, colorbar=dict(title="p", thickness=14)))
-    title = "Logit lens" + _notice(view)
+    title = "Logit lens" + _notice(view, theme)
     subtitle = wrap(f"the layer where '{token_label(target['text'])}' appears: each layer's top {k} "
                     "next tokens", LINE_CHARS)
-    _style(fig, title, subtitle, body=max(220, 40 + 22 * len(rows)) + 20,
+    _style(fig, theme, title, subtitle, body=max(220, 40 + 22 * len(rows)) + 20,
            yaxis=dict(autorange=True, tickfont=dict(size=10)), xaxis=dict(side="top"))
     return fig
 
@@ -226,7 +238,7 @@ def _token_key(labels: list[str]) -> str:
 
 
 def attention_figure(view_or_layer: dict, layer: int = 0, mode: str = "auto", tokens: list | None = None,
-                     heads: list[int] | None = None) -> go.Figure:
+                     heads: list[int] | None = None, theme: str = "light") -> go.Figure:
     """One layer's attention, query heads grouped under their KV head.
 
     view_or_layer: a view (then `layer` picks the layer) or one layer's dict from
@@ -253,8 +265,7 @@ def attention_figure(view_or_layer: dict, layer: int = 0, mode: str = "auto", to
     labels = [token_label(t["text"], 12) for t in tokens]
     S = len(labels)
     kind = "sliding window " + str(entry["window"]) if entry["window"] else "full attention"
-    title = f"Layer {entry['layer']} ({kind})" + (" <span style='color:#c0392b'>(random weights)</span>"
-                                                  if notice else "")
+    title = f"Layer {entry['layer']} ({kind})" + _notice({"notice": notice}, theme)
 
     if mode == "last":
         z = [_masked(entry["last_row"][h], entry["last_visible"]) for h in heads]
@@ -268,7 +279,7 @@ def attention_figure(view_or_layer: dict, layer: int = 0, mode: str = "auto", to
             if kv_of[heads[n]] != kv_of[heads[n - 1]]:
                 fig.add_hline(y=n - 0.5, line=dict(color="rgba(128,128,128,0.9)", width=3))
         subtitle = wrap(f"the last token '{labels[-1]}' over the context", LINE_CHARS) + "<br>" + _token_key(labels)
-        _style(fig, title, subtitle, body=max(200, 80 + 22 * len(heads)) + 60,
+        _style(fig, theme, title, subtitle, body=max(200, 80 + 22 * len(heads)) + 60,
                xaxis=dict(title="key position", showgrid=False, zeroline=False),
                yaxis=dict(tickvals=list(range(len(heads))), ticktext=ylabels, autorange="reversed",
                           title="query head", showgrid=False, zeroline=False))
@@ -311,6 +322,6 @@ def attention_figure(view_or_layer: dict, layer: int = 0, mode: str = "auto", to
             fig.update_yaxes(showticklabels=c == 1, nticks=few, autorange="reversed", showgrid=False,
                              zeroline=False, title_text="query" if c == 1 else None, row=r, col=c)
     subtitle = "rows: queries, columns: keys; positions numbered<br>" + _token_key(labels)
-    _style(fig, title, subtitle, body=area + 50, plot_bgcolor=BLANK,
+    _style(fig, theme, title, subtitle, body=area + 50, plot_bgcolor=BLANK,
            coloraxis=dict(colorscale=HEAT, cmin=0, cmax=1, colorbar=dict(title="p", thickness=14)))
     return fig
