@@ -14,6 +14,7 @@ from . import runfile
 from .environment import environment
 from .hooks import LAYER_BLOCKS
 from .memory import PeakMemory, parameter_count
+from .overhead import median_ratio_interval
 from .settings import Settings
 from .steps import RunTimes
 from .timers import summarize
@@ -51,6 +52,7 @@ def model_facts(model) -> dict:
     heads = int(cfg.num_attention_heads)
     return {
         "source": str(info.source),
+        "name": runfile.model_name(str(info.source)),
         "random_weights": bool(info.random_weights),
         "quantize": info.quantization,
         "num_layers": int(cfg.num_hidden_layers),
@@ -149,12 +151,14 @@ def breakdown_section(hooked: RunTimes) -> dict:
 
 
 def instrumentation_section(clean: RunTimes, hooked: RunTimes, timer: str) -> dict:
-    """The hooks' cost: the hooked run's times against the clean run's."""
+    """The hooks' cost: the hooked run's times against the clean run's, with the decode figure's
+    bootstrap interval from both runs' steps (profiling.overhead: noise can make it negative)."""
     clean_step, hooked_step = summarize(clean.step_s, 1e3), summarize(hooked.step_s, 1e3)
     clean_ms = clean_step["median"] if clean_step else None
     hooked_ms = hooked_step["median"] if hooked_step else None
     overhead_prefill = _ratio(hooked.prefill_s, clean.prefill_s)
     overhead_decode = _ratio(hooked_ms, clean_ms)
+    interval = median_ratio_interval(clean.step_s, hooked.step_s) or (None, None)
     return {
         "timer": timer,
         "sync": "one synchronize per step" if timer != "perf_counter" else "none needed",
@@ -164,6 +168,9 @@ def instrumentation_section(clean: RunTimes, hooked: RunTimes, timer: str) -> di
         "decode_step_ms_hooked": hooked_ms,
         "overhead_fraction_prefill": None if overhead_prefill is None else overhead_prefill - 1.0,
         "overhead_fraction_decode": None if overhead_decode is None else overhead_decode - 1.0,
+        "overhead_fraction_decode_low": interval[0],
+        "overhead_fraction_decode_high": interval[1],
+        "decode_step_ms_hooked_list": [s * 1e3 for s in hooked.step_s],
     }
 
 

@@ -1,5 +1,6 @@
-"""Plotly figures and the headline table built from run dicts (as returned by profile_model or
-load_run), plus a timeline of a run's trace file.
+"""Plotly figures built from run dicts (as returned by profile_model or load_run), plus a timeline
+of a run's trace file; the headline table is in profiling/headline.py, the shared look (themes,
+text measures, stacked panels, bar rows) in profiling/chart_style.py.
 
 The app's dashboard and `python -m profiling.report` use these same functions. Every chart takes
 `theme="light" | "dark"`. Charts do not mislead: every value axis is linear and starts at 0, spreads
@@ -19,267 +20,13 @@ from __future__ import annotations
 import re
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from .runfile import label_parts, run_label
+from .chart_style import (AXIS_PX, COMPONENT_COLORS, MEMORY_COLORS, PATTERNS, PHASES, RUN_COLORS, ValueLabels,
+                          byte_unit, empty_figure, finite_value, hbar, legend_px, number, row_px, runs_axis,
+                          stacked_panels, style, theme_colors, top_margin, wrap)
 
-PHASES = ("decode", "prefill")
-COMPONENT_COLORS = {
-    "attention": "#4C78A8",
-    "mlp": "#F58518",
-    "norms": "#54A24B",
-    "model": "#B279A2",    # embedding, final norm, LM head
-    "other": "#BAB0AC",
-}
-MEMORY_COLORS = {"weights": "#4C78A8", "kv": "#F58518", "activations": "#54A24B"}
-PATTERNS = ["", "/", "x", ".", "\\", "+", "-", "|"]
-RUN_COLORS = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#B279A2", "#FF9DA6",
-              "#9D755D"]
-# Plotly draws the active button near-white (#F4FAFF, fixed): buttons keep dark text in both themes.
-THEMES = {
-    "light": {"template": "plotly_white", "ink": "#222222", "muted": "#666666",
-              "button": "#E1E5EA", "border": "#9AA3AF"},
-    "dark": {"template": "plotly_dark", "ink": "#EEEEEE", "muted": "#AAAAAA",
-             "button": "#AEB6C2", "border": "#D0D5DC"},
-}
-HEADLINE_COLUMNS = ["run", "time to first token (ms)", "ms per decode step", "decode tok/s",
-                    "prefill tok/s", "% of roofline", "weights MB", "KV cache MB",
-                    "peak MB (model)", "hook overhead %"]
-MB = 1e6
-
-# Sizes that hold at 420 px (a phone: the chart is about 360 px wide) and at any larger width.
-FONT = 'Arial, "Liberation Sans", Helvetica, sans-serif'  # the same metrics on every system
-TITLE_CHARS = 36     # a title line (17 px)
-LINE_CHARS = 44      # a subtitle line or a legend entry's line (12 px)
-TICK_CHARS = 14      # a line of a run's name on the runs' axis
-CHAR_PX = 7.0        # a 12 px character, generously
-LINE_PX = 16         # a line of 12 px text
-VALUE_AXIS_PX = 200  # the value axis' length on a phone: room is kept there for every value label
-BAR_PX = 18          # a horizontal bar's thickness
-GROUP = 0.8          # the part of a run's row that its bars fill
-PANEL_GAP_PX = 92    # between stacked panels: tick labels, axis title and the next panel's title
-AXIS_PX = 48         # under the last panel: its tick labels and axis title
-
-
-# -- labels, units, layout -------------------------------------------------------------------
-def run_labels(runs: list[dict]) -> list[str]:
-    """Short unique labels for chart axes: device · dtype (· quantize), plus those parts of the
-    full run label (tokens, weights, date, commit) that differ between the runs shown, then a
-    counter where runs still look alike. The full label is `runfile.run_label`."""
-    parts = [label_parts(r) for r in runs]
-    keys = ["device", "dtype", "quantize", "tokens", "weights", "date", "commit"]
-    varying = {k for k in keys[3:] if len({p.get(k) for p in parts}) > 1}
-    labels = [" · ".join(v for k, v in p.items() if k in keys[:3] or k in varying) for p in parts]
-    seen: dict[str, int] = {}
-    out = []
-    for label in labels:
-        seen[label] = seen.get(label, 0) + 1
-        out.append(label if seen[label] == 1 else f"{label} #{seen[label]}")
-    return out
-
-
-def model_name(run: dict) -> str:
-    source = str((run.get("model") or {}).get("source") or "")
-    return source.rstrip("/").split("/")[-1] if source else ""
-
-
-def byte_unit(max_bytes: float) -> tuple[float, str]:
-    """The decimal unit (GB, MB, kB, B) to show `max_bytes` in: the headline table's MB system."""
-    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if max_bytes >= scale:
-            return scale, unit
-    return 1.0, "B"
-
-
-def wrap(text: str, width: int = LINE_CHARS, sep: str = " ") -> str:
-    """`text` in lines of at most `width` characters (broken at `sep` only, so a longer word keeps
-    its line), joined with <br>; existing <br> are kept."""
-    lines = []
-    for part in str(text).split("<br>"):
-        line = ""
-        for word in part.split(sep):
-            if line and len(line) + len(sep) + len(word) > width:
-                lines.append(line)
-                line = word
-            else:
-                line = f"{line}{sep}{word}" if line else word
-        lines.append(line)
-    return "<br>".join(lines)
-
-
-def _lines(text: str) -> int:
-    return str(text).count("<br>") + 1 if text else 0
-
-
-def _num(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
-
-
-def _value(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _theme(theme: str) -> dict:
-    if theme not in THEMES:
-        raise ValueError(f"theme must be 'light' or 'dark', got {theme!r}")
-    return THEMES[theme]
-
-
-def _top_margin(title: str, subtitle: str = "", buttons: bool = False) -> int:
-    """Room above the plot: the title's and subtitle's lines, the buttons, the first panel's title."""
-    return max(100, 20 + 24 * _lines(title) + LINE_PX * _lines(subtitle) + (40 if buttons else 0) + 34)
-
-
-def _style(fig: go.Figure, theme: str, title: str, subtitle: str = "", *, height: int,
-           buttons: bool = False, **layout) -> go.Figure:
-    """Template, transparent background (the page's colour shows), the title (and a subtitle) in
-    the figure's top left, the legend along the figure's bottom edge (its rows push the plot up,
-    however many a narrow screen needs), value axes from 0, tick labels never rotated."""
-    colors = _theme(theme)
-    title, subtitle = wrap(title, TITLE_CHARS), wrap(subtitle) if subtitle else ""
-    fig.update_layout(
-        template=colors["template"], paper_bgcolor="rgba(0,0,0,0)", height=height,
-        plot_bgcolor="rgba(0,0,0,0)", font={"color": colors["ink"], "family": FONT, "size": 12},
-        title={"text": title, "x": 0, "xref": "container", "xanchor": "left", "y": 1,
-               "yref": "container", "yanchor": "top", "pad": {"l": 8, "t": 12},
-               "font": {"size": 17},
-               "subtitle": {"text": subtitle, "font": {"size": 12, "color": colors["muted"]}}},
-        margin={"t": _top_margin(title, subtitle, buttons), "b": 8, "l": 8, "r": 16},
-        legend={"orientation": "h", "x": 0, "xref": "container", "xanchor": "left", "y": 0,
-                "yref": "container", "yanchor": "bottom", "traceorder": "normal",
-                "font": {"size": 12}},
-        hoverlabel={"align": "left"}, **layout)
-    fig.update_xaxes(automargin=True, tickangle=0)
-    fig.update_yaxes(automargin=True, tickangle=0)
-    return fig
-
-
-def _legend_px(names: list[str]) -> int:
-    """The legend's height on a phone, where each entry may take a row of its own."""
-    return 12 + LINE_PX * sum(_lines(n) for n in names)
-
-
-def _panels(rows_px: list[float], titles: list[str] | None = None) -> tuple[go.Figure, float]:
-    """One panel per row, `rows_px` high each on a phone (taller where the legend needs fewer rows),
-    subplot titles at each panel's top left, clear of the panel above; (figure, plot area px)."""
-    area = sum(rows_px) + PANEL_GAP_PX * (len(rows_px) - 1)
-    fig = make_subplots(rows=len(rows_px), cols=1, row_heights=[p / sum(rows_px) for p in rows_px],
-                        vertical_spacing=PANEL_GAP_PX / area if len(rows_px) > 1 else 0,
-                        subplot_titles=titles)
-    for note in fig.layout.annotations:
-        note.update(x=0, xanchor="left", font={"size": 14}, yshift=4)
-    return fig, area
-
-
-def _empty(text: str, theme: str, title: str) -> go.Figure:
-    fig = go.Figure()
-    _style(fig, theme, title, height=300)
-    fig.add_annotation(text=wrap(text, 40), showarrow=False, xref="paper", yref="paper", x=0.5,
-                       y=0.5, font={"size": 14})
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return fig
-
-
-# -- runs as rows of horizontal bars -----------------------------------------------------------
-def _slot(s: int, n: int) -> tuple[float, float]:
-    """Where series s of n sits in a run's row (offset from the row's centre, downwards) and the
-    thickness of its bar, in rows."""
-    width = GROUP / n
-    return -GROUP / 2 + width * (s + 0.5), width * 0.86
-
-
-def _row_px(n_runs: int, n_series: int, labels: list[str]) -> float:
-    """A panel's height: each run's row holds its bars and its name's lines."""
-    name_lines = max((_lines(wrap(label, TICK_CHARS, " · ")) for label in labels), default=1)
-    return n_runs * max(n_series * BAR_PX, name_lines * LINE_PX + 6) / GROUP
-
-
-def _runs_axis(fig: go.Figure, labels: list[str], row: int) -> None:
-    """The runs' axis of a panel: run i at y = i, first at the top, named in short lines."""
-    fig.update_yaxes(tickmode="array", tickvals=list(range(len(labels))),
-                     ticktext=[wrap(label, TICK_CHARS, " · ") for label in labels],
-                     range=[len(labels) - 0.5, -0.5], showgrid=False, zeroline=False,
-                     ticks="", row=row, col=1)
-
-
-def _hbar(fig: go.Figure, row: int, s: int, n: int, labels: list[str], values: list, **bar) -> go.Bar:
-    """Series s of n as horizontal bars, one per run, in its slot of each run's row; the run's name
-    is the hover text."""
-    offset, width = _slot(s, n)
-    fig.add_bar(x=values, y=[i + offset for i in range(len(values))], width=width,
-                orientation="h", hovertext=labels, textposition="none", row=row, col=1, **bar)
-    return fig.data[-1]
-
-
-def _value_room(ends: list[float], texts: list[str]) -> float:
-    """The value axis' end that leaves room for every label past its bar on a phone."""
-    top = 0.0
-    for end, text in zip(ends, texts):
-        px = len(re.sub(r"<[^>]+>", "", text or "")) * CHAR_PX + 12
-        top = max(top, _num(end) / max(1.0 - px / VALUE_AXIS_PX, 0.3))
-    return top
-
-
-class _Labels:
-    """Value labels written past the end of each bar (or of its whisker), added as text traces after
-    every bar so that the bars keep their places in fig.data."""
-
-    def __init__(self):
-        self.points: dict[int, list[tuple[float, float, str]]] = {}
-
-    def add(self, row: int, s: int, n: int, ends: list, texts: list[str]) -> None:
-        offset, _ = _slot(s, n)
-        self.points.setdefault(row, []).extend(
-            (_num(e), i + offset, "\u00a0" + t)  # a space from the bar's end or whisker
-            for i, (e, t) in enumerate(zip(ends, texts)) if t and e is not None)
-
-    def room(self, row: int) -> float:
-        points = self.points.get(row, [])
-        ends = [p[0] for p in points]
-        return max(_value_room(ends, [p[2] for p in points]), 1.05 * max(ends, default=0.0))
-
-    def draw(self, fig: go.Figure, theme: str) -> None:
-        for row, points in self.points.items():
-            if points:
-                fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points],
-                                text=[p[2] for p in points], mode="text", textposition="middle right",
-                                textfont={"color": _theme(theme)["ink"], "size": 12}, cliponaxis=False,
-                                showlegend=False, hoverinfo="skip", name="values", row=row, col=1)
-            fig.update_xaxes(range=[0, self.room(row)], row=row, col=1)
-
-
-# -- headline figures ------------------------------------------------------------------------
-def _round(value, digits: int = 1):
-    value = _value(value)
-    return None if value is None else round(value, digits)
-
-
-def headline_rows(runs: list[dict]) -> tuple[list[str], list[list]]:
-    """The headline figures, one row per run (numbers, None where not measured): the full run
-    label, time to first token, ms per decode step, decode and prefill tok/s, % of roofline,
-    weights / KV cache / model peak memory (MB, the model apart from the process baseline) and
-    the timing hooks' overhead."""
-    rows = []
-    for run in runs:
-        mem = run.get("memory") or {}
-        step = ((run.get("decode") or {}).get("step_ms") or {}).get("median")
-        roof = (run.get("bandwidth") or {}).get("roofline_fraction")
-        overhead = (run.get("instrumentation") or {}).get("overhead_fraction_decode")
-        rows.append([
-            run_label(run),
-            _round(_num(run.get("ttft_s")) * 1e3 if _value(run.get("ttft_s")) else None, 1),
-            _round(step, 2),
-            _round(run.get("decode_tokens_per_s"), 1),
-            _round(run.get("prefill_tokens_per_s"), 1),
-            _round(100 * roof if _value(roof) is not None else None, 1),
-            _round(_num(mem.get("weights_bytes")) / MB, 1),
-            _round(_num(mem.get("kv_cache_bytes")) / MB, 2),
-            _round(mem["model_peak_bytes"] / MB if _value(mem.get("model_peak_bytes")) else None, 1),
-            _round(100 * overhead if _value(overhead) is not None else None, 1),
-        ])
-    return list(HEADLINE_COLUMNS), rows
-
+# The run names and the headline table live in headline.py; charts.<name> is also their documented home.
+from .headline import HEADLINE_COLUMNS, headline_rows, hover_labels, model_name, run_labels  # noqa: F401
 
 # -- per-layer latency -----------------------------------------------------------------------
 OUTSIDE = ("embedding", "final norm", "LM head", "other")
@@ -295,28 +42,28 @@ def _layer_rows(run: dict, phase: str) -> tuple[list[int], dict[str, list[float]
     ms outside the layers (embedding, final norm, LM head, other)."""
     layers = run.get("layers") or []
     breakdown = (run.get("breakdown") or {}).get(phase) or {}
-    index = [int(_num(layer.get("index", i))) for i, layer in enumerate(layers)]
+    index = [int(number(layer.get("index", i))) for i, layer in enumerate(layers)]
     comps: dict[str, list[float]] = {"attention": [], "mlp": [], "norms": []}
     for layer in layers:
         figures = layer if phase == "decode" else (layer.get("prefill") or {})
-        comps["attention"].append(_num(figures.get("attention_ms")))
-        comps["mlp"].append(_num(figures.get("mlp_ms")))
-        comps["norms"].append(_num(figures.get("input_layernorm_ms"))
-                              + _num(figures.get("post_attention_layernorm_ms")))
-    outside = {"embedding": _num(breakdown.get("embedding_ms")),
-               "final norm": _num(breakdown.get("final_norm_ms")),
-               "LM head": _num(breakdown.get("lm_head_ms")),
-               "other": max(_num(breakdown.get("other_ms")), 0.0)}
+        comps["attention"].append(number(figures.get("attention_ms")))
+        comps["mlp"].append(number(figures.get("mlp_ms")))
+        comps["norms"].append(number(figures.get("input_layernorm_ms"))
+                              + number(figures.get("post_attention_layernorm_ms")))
+    outside = {"embedding": number(breakdown.get("embedding_ms")),
+               "final norm": number(breakdown.get("final_norm_ms")),
+               "LM head": number(breakdown.get("lm_head_ms")),
+               "other": max(number(breakdown.get("other_ms")), 0.0)}
     return index, comps, outside
 
 
-def _add_layer_bars(fig: go.Figure, runs: list[dict], labels: list[str], phase: str,
+def _add_layer_bars(fig: go.Figure, runs: list[dict], hovers: list[str], phase: str,
                     visible: bool) -> int:
     """Every run's bars for one phase: attention / MLP / norms stacked per decoder layer (top
     panel), embedding, final norm, LM head and other (bottom panel); returns how many traces it
     added. The legend names each component once (its colour); runs are told apart by hatching."""
     added = 0
-    for r, (run, label) in enumerate(zip(runs, labels)):
+    for r, (run, hover) in enumerate(zip(runs, hovers)):
         index, comps, outside = _layer_rows(run, phase)
         pattern = {"shape": PATTERNS[r % len(PATTERNS)]}
         base = [0.0] * len(index)
@@ -328,7 +75,7 @@ def _add_layer_bars(fig: go.Figure, runs: list[dict], labels: list[str], phase: 
                 x=index, y=values, base=list(base), offsetgroup=str(r), name=name,
                 legendgroup=comp, showlegend=r == 0, visible=visible,
                 marker={"color": COMPONENT_COLORS[comp], "pattern": pattern},
-                hovertemplate=f"{label}<br>layer %{{x}} {name}: %{{y:.3f}} ms<extra></extra>",
+                hovertemplate=f"{hover}<br>layer %{{x}} {name}: %{{y:.3f}} ms<extra></extra>",
                 row=1, col=1)
             base = [b + v for b, v in zip(base, values)]
             added += 1
@@ -340,7 +87,7 @@ def _add_layer_bars(fig: go.Figure, runs: list[dict], labels: list[str], phase: 
                 x=list(cats), y=values, offsetgroup=str(r), name=COMPONENT_NAMES[comp],
                 legendgroup=comp, showlegend=r == 0, visible=visible,
                 marker={"color": COMPONENT_COLORS[comp], "pattern": pattern},
-                hovertemplate=f"{label}<br>%{{x}}: %{{y:.3f}} ms<extra></extra>", row=2, col=1)
+                hovertemplate=f"{hover}<br>%{{x}}: %{{y:.3f}} ms<extra></extra>", row=2, col=1)
             added += 1
     return added
 
@@ -363,13 +110,13 @@ def layer_latency_figure(runs: list[dict], phase: str = "decode",
     if phase not in PHASES:
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
     if not runs:
-        return _empty("no runs to show", theme, LAYER_TITLES[phase])
-    colors = _theme(theme)
+        return empty_figure("no runs to show", theme, LAYER_TITLES[phase])
+    colors = theme_colors(theme)
     labels = run_labels(runs)
-    fig, area = _panels([230, 140])
+    fig, area = stacked_panels([230, 140])
     owner: list[str] = []
     for ph in PHASES:
-        owner += [ph] * _add_layer_bars(fig, runs, labels, ph, visible=(ph == phase))
+        owner += [ph] * _add_layer_bars(fig, runs, hover_labels(runs), ph, visible=(ph == phase))
     if len(runs) > 1:
         owner += ["both"] * _run_hatching_legend(fig, labels)
     buttons = [{"label": ph.capitalize(), "method": "update",
@@ -377,9 +124,9 @@ def layer_latency_figure(runs: list[dict], phase: str = "decode",
                          {"title.text": LAYER_TITLES[ph], "title.subtitle.text": LAYER_SUBTITLES[ph]}]}
                for ph in PHASES]
     names = list(dict.fromkeys(t.name for t in fig.data if t.showlegend is not False))
-    height = _top_margin(LAYER_TITLES[phase], LAYER_SUBTITLES[phase], True) + area + AXIS_PX + \
-        _legend_px(names)
-    _style(fig, theme, LAYER_TITLES[phase], LAYER_SUBTITLES[phase], height=round(height),
+    height = top_margin(LAYER_TITLES[phase], LAYER_SUBTITLES[phase], True) + area + AXIS_PX + \
+        legend_px(names)
+    style(fig, theme, LAYER_TITLES[phase], LAYER_SUBTITLES[phase], height=round(height),
            buttons=True, barmode="group", updatemenus=[{
                "buttons": buttons, "type": "buttons", "direction": "right", "x": 0,
                "xanchor": "left", "y": 1, "yanchor": "bottom", "pad": {"b": 12},
@@ -396,11 +143,11 @@ def layer_latency_figure(runs: list[dict], phase: str = "decode",
 # -- memory ----------------------------------------------------------------------------------
 def _memory_parts(run: dict) -> dict:
     mem = run.get("memory") or {}
-    weights, kv = _num(mem.get("weights_bytes")), _num(mem.get("kv_cache_bytes"))
-    activations = _value(mem.get("activations_bytes"))
+    weights, kv = number(mem.get("weights_bytes")), number(mem.get("kv_cache_bytes"))
+    activations = finite_value(mem.get("activations_bytes"))
     return {"weights": weights, "kv": kv, "activations": activations,
-            "kv_used": _value(mem.get("kv_cache_used_bytes")),
-            "process_peak": _value(mem.get("peak_bytes")),
+            "kv_used": finite_value(mem.get("kv_cache_used_bytes")),
+            "process_peak": finite_value(mem.get("peak_bytes")),
             "peak_source": str(mem.get("peak_source") or "")}
 
 
@@ -411,8 +158,8 @@ def _process_peak_name(sources: set[str]) -> str:
         "whole-process peak"
 
 
-def _model_memory_bars(fig: go.Figure, labels: list[str], parts: list[dict], n: int, scale: float,
-                       unit: str, values: _Labels) -> None:
+def _model_memory_bars(fig: go.Figure, hovers: list[str], parts: list[dict], n: int, scale: float,
+                       unit: str, values: ValueLabels) -> None:
     """Weights, KV cache and activations/other stacked per run (top panel); the stack's total is
     written past its end, each part is in the hover."""
     base = [0.0] * len(parts)
@@ -420,39 +167,39 @@ def _model_memory_bars(fig: go.Figure, labels: list[str], parts: list[dict], n: 
                       ("activations", "Activations / other (model peak − weights − KV)")):
         if key == "activations" and all(p[key] is None for p in parts):
             continue  # a run file from before the model peak was measured
-        part = [_num(p[key]) / scale for p in parts]
-        _hbar(fig, 1, 0, n, labels, part, base=list(base), name=wrap(name, LEGEND_CHARS),
+        part = [number(p[key]) / scale for p in parts]
+        hbar(fig, 1, 0, n, hovers, part, base=list(base), name=wrap(name, LEGEND_CHARS),
               marker_color=MEMORY_COLORS[key], legendgroup=key,
               hovertemplate=f"%{{hovertext}}<br>{name}: %{{x:.3f}} {unit}<extra></extra>")
         base = [b + v for b, v in zip(base, part)]
     values.add(1, 0, n, base, [f"model {b:.3g} {unit}" for b in base])
 
 
-def _process_peak_bars(fig: go.Figure, labels: list[str], parts: list[dict], scale: float,
-                       unit: str, theme: str, values: _Labels) -> None:
+def _process_peak_bars(fig: go.Figure, hovers: list[str], parts: list[dict], scale: float,
+                       unit: str, theme: str, values: ValueLabels) -> None:
     """The whole process's peak, an outlined bar under the model's stack, named for what it is."""
     name = _process_peak_name({p["peak_source"] for p in parts} - {""})
-    process = [_num(p["process_peak"]) / scale or None for p in parts]
-    _hbar(fig, 1, 1, 2, labels, process, name=wrap(name, LEGEND_CHARS),
-          marker={"color": "rgba(0,0,0,0)", "line": {"color": _theme(theme)["muted"], "width": 2}},
+    process = [number(p["process_peak"]) / scale or None for p in parts]
+    hbar(fig, 1, 1, 2, hovers, process, name=wrap(name, LEGEND_CHARS),
+          marker={"color": "rgba(0,0,0,0)", "line": {"color": theme_colors(theme)["muted"], "width": 2}},
           hovertemplate=f"%{{hovertext}}<br>{name}: %{{x:.3f}} {unit}<extra></extra>")
     values.add(1, 1, 2, process, [f"process {v:.3g} {unit}" if v else "" for v in process])
 
 
-def _kv_cache_bars(fig: go.Figure, labels: list[str], parts: list[dict], values: _Labels) -> str:
+def _kv_cache_bars(fig: go.Figure, hovers: list[str], parts: list[dict], values: ValueLabels) -> str:
     """The KV cache alone (bottom panel), allocated and used, on its own scale; returns its unit."""
-    top = max(max(p["kv"], _num(p["kv_used"])) for p in parts)
+    top = max(max(p["kv"], number(p["kv_used"])) for p in parts)
     scale, unit = byte_unit(top)
     has_used = any(p["kv_used"] is not None for p in parts)
     n = 2 if has_used else 1
     allocated = [p["kv"] / scale for p in parts]
-    _hbar(fig, 2, 0, n, labels, allocated, name="KV cache (allocated)", legendgroup="kv",
+    hbar(fig, 2, 0, n, hovers, allocated, name="KV cache (allocated)", legendgroup="kv",
           marker_color=MEMORY_COLORS["kv"], showlegend=False,
           hovertemplate=f"%{{hovertext}}<br>KV allocated: %{{x:.3f}} {unit}<extra></extra>")
     values.add(2, 0, n, allocated, [f"{v:.3g} {unit}" for v in allocated])
     if has_used:
-        used = [_num(p["kv_used"]) / scale for p in parts]
-        _hbar(fig, 2, 1, n, labels, used, name="KV cache (used at the end)",
+        used = [number(p["kv_used"]) / scale for p in parts]
+        hbar(fig, 2, 1, n, hovers, used, name="KV cache (used at the end)",
               marker_color=MEMORY_COLORS["kv"], marker_pattern_shape="/", opacity=0.6,
               hovertemplate=f"%{{hovertext}}<br>KV used: %{{x:.3f}} {unit}<extra></extra>")
         values.add(2, 1, n, used, [f"used {v:.3g} {unit}" for v in used])
@@ -465,27 +212,28 @@ def memory_figure(runs: list[dict], theme: str = "light") -> go.Figure:
     outlined bar apart. Bottom: the KV cache alone on its own scale (allocated and used)."""
     title = "Memory: the model and its process"
     if not runs:
-        return _empty("no runs to show", theme, title)
+        return empty_figure("no runs to show", theme, title)
     labels = run_labels(runs)
     parts = [_memory_parts(r) for r in runs]
-    top = max(max(_num(p["process_peak"]), p["weights"] + p["kv"] + _num(p["activations"]))
+    top = max(max(number(p["process_peak"]), p["weights"] + p["kv"] + number(p["activations"]))
               for p in parts)
     scale, unit = byte_unit(top)
     has_process = any(p["process_peak"] for p in parts)
     n = 2 if has_process else 1
-    fig, area = _panels([_row_px(len(runs), n, labels), _row_px(len(runs), 2, labels)],
+    fig, area = stacked_panels([row_px(len(runs), n, labels), row_px(len(runs), 2, labels)],
                         ["Model (stacked) and process peak", "KV cache alone (own scale)"])
-    values = _Labels()
-    _model_memory_bars(fig, labels, parts, n, scale, unit, values)
+    values = ValueLabels()
+    hovers = hover_labels(runs)
+    _model_memory_bars(fig, hovers, parts, n, scale, unit, values)
     if has_process:
-        _process_peak_bars(fig, labels, parts, scale, unit, theme, values)
-    kv_unit = _kv_cache_bars(fig, labels, parts, values)
+        _process_peak_bars(fig, hovers, parts, scale, unit, theme, values)
+    kv_unit = _kv_cache_bars(fig, hovers, parts, values)
     names = [t.name for t in fig.data if t.showlegend is not False]
     values.draw(fig, theme)
-    height = _top_margin(title) + area + AXIS_PX + _legend_px(names)
-    _style(fig, theme, title, height=round(height), barmode="overlay")
+    height = top_margin(title) + area + AXIS_PX + legend_px(names)
+    style(fig, theme, title, height=round(height), barmode="overlay")
     for row in (1, 2):
-        _runs_axis(fig, labels, row)
+        runs_axis(fig, labels, row)
     fig.update_xaxes(type="linear", rangemode="tozero")
     fig.update_xaxes(title_text=unit, row=1, col=1)
     fig.update_xaxes(title_text=kv_unit, row=2, col=1)
@@ -506,56 +254,56 @@ def _decode_series(runs: list[dict], theme: str) -> list[dict]:
     """The decode panel's bars, each {name, values, ends (where its label goes), texts, bar: the
     go.Bar settings}: ours with its p10–p90 whisker and % of roofline, the fast path and
     transformers where measured, and the roofline (an outlined bar: the most the bandwidth allows)."""
-    decode = [_num(r.get("decode_tokens_per_s")) for r in runs]
+    decode = [number(r.get("decode_tokens_per_s")) for r in runs]
     spread = [((r.get("decode") or {}).get("tokens_per_s") or {}) for r in runs]
-    upper = [max(_num(s.get("p90")) - d, 0.0) if s else 0.0 for s, d in zip(spread, decode)]
-    lower = [max(d - _num(s.get("p10")), 0.0) if s else 0.0 for s, d in zip(spread, decode)]
+    upper = [max(number(s.get("p90")) - d, 0.0) if s else 0.0 for s, d in zip(spread, decode)]
+    lower = [max(d - number(s.get("p10")), 0.0) if s else 0.0 for s, d in zip(spread, decode)]
     pct = [(r.get("bandwidth") or {}).get("roofline_fraction") for r in runs]
-    text = [f"{d:.1f}" + (f" · {100 * p:.0f}% of roofline" if _value(p) is not None else "")
+    text = [f"{d:.1f}" + (f" · {100 * p:.0f}% of roofline" if finite_value(p) is not None else "")
             for d, p in zip(decode, pct)]
     series = [{"name": "decode (ours, eager; p10–p90 whiskers)", "values": decode, "texts": text,
                "ends": [d + u for d, u in zip(decode, upper)],
                "bar": {"marker_color": RUN_COLORS[0], "text": text,
                        "error_x": {"type": "data", "array": upper, "arrayminus": lower,
-                                   "visible": True, "color": _theme(theme)["ink"], "width": 4},
+                                   "visible": True, "color": theme_colors(theme)["ink"], "width": 4},
                        "hovertemplate": "%{hovertext}<br>%{x:.1f} tok/s<br>%{text}<extra></extra>"}}]
-    fast = [_value((r.get("fast_decode") or {}).get("decode_tokens_per_s")) for r in runs]
+    fast = [finite_value((r.get("fast_decode") or {}).get("decode_tokens_per_s")) for r in runs]
     if any(fast):
         series.append({"name": "decode (fast path, no hooks)", "values": fast,
                        "texts": [f"{v:.1f}" if v else "" for v in fast],
                        "bar": {"marker_color": RUN_COLORS[2],
                                "hovertemplate": "%{hovertext}<br>fast path %{x:.1f} tok/s"
                                                 "<extra></extra>"}})
-    base = [_value((r.get("baseline") or {}).get("decode_tokens_per_s")) for r in runs]
+    base = [finite_value((r.get("baseline") or {}).get("decode_tokens_per_s")) for r in runs]
     if any(base):
         notes = [divergence_text(r) for r in runs]
-        text = [f"{_num(v):.1f}" + (" ⚠" if "diverge" in n else "") if v else ""
+        text = [f"{number(v):.1f}" + (" ⚠" if "diverge" in n else "") if v else ""
                 for v, n in zip(base, notes)]
         series.append({"name": "decode (transformers)", "values": base, "texts": text,
                        "bar": {"marker_color": RUN_COLORS[3], "customdata": notes, "text": text,
                                "hovertemplate": "%{hovertext}<br>transformers %{x:.1f} tok/s<br>"
                                                 "%{customdata}<extra></extra>"}})
     bandwidth = [r.get("bandwidth") or {} for r in runs]
-    roof = [_value(b.get("roofline_tokens_per_s")) for b in bandwidth]
+    roof = [finite_value(b.get("roofline_tokens_per_s")) for b in bandwidth]
     if any(roof):
-        hover = [f"{_num(b.get('limit_bytes_per_s')) / 1e9:.0f} GB/s ({b.get('limit_source')})"
+        hover = [f"{number(b.get('limit_bytes_per_s')) / 1e9:.0f} GB/s ({b.get('limit_source')})"
                  for b in bandwidth]
         series.append({"name": "roofline (bandwidth ÷ bytes per token)", "values": roof,
                        "texts": [f"{v:.1f}" if v else "" for v in roof],
                        "bar": {"customdata": hover,
                                "marker": {"color": "rgba(0,0,0,0)",
-                                          "line": {"color": _theme(theme)["ink"], "width": 2}},
+                                          "line": {"color": theme_colors(theme)["ink"], "width": 2}},
                                "hovertemplate": "%{hovertext}<br>roofline %{x:.1f} tok/s<br>"
                                                 "%{customdata}<extra></extra>"}})
     return series
 
 
 def _prefill_series(runs: list[dict]) -> list[dict]:
-    ours = [_num(r.get("prefill_tokens_per_s")) for r in runs]
+    ours = [number(r.get("prefill_tokens_per_s")) for r in runs]
     series = [{"name": "prefill (ours)", "values": ours, "texts": [f"{v:.0f}" for v in ours],
                "bar": {"marker_color": RUN_COLORS[1],
                        "hovertemplate": "%{hovertext}<br>%{x:.1f} tok/s<extra></extra>"}}]
-    base = [_value((r.get("baseline") or {}).get("prefill_tokens_per_s")) for r in runs]
+    base = [finite_value((r.get("baseline") or {}).get("prefill_tokens_per_s")) for r in runs]
     if any(base):
         series.append({"name": "prefill (transformers)", "values": base,
                        "texts": [f"{v:.0f}" if v else "" for v in base],
@@ -571,25 +319,26 @@ def throughput_figure(runs: list[dict], theme: str = "light") -> go.Figure:
     row per run. Linear axes from 0: a bar's length compares with every other's."""
     title = "Throughput per run"
     if not runs:
-        return _empty("no runs to show", theme, title)
+        return empty_figure("no runs to show", theme, title)
     labels = run_labels(runs)
     panels = [_decode_series(runs, theme), _prefill_series(runs)]
-    fig, area = _panels([_row_px(len(runs), len(p), labels) for p in panels],
+    hovers = hover_labels(runs)
+    fig, area = stacked_panels([row_px(len(runs), len(p), labels) for p in panels],
                         ["Decode (median, p10–p90)", "Prefill"])
-    values = _Labels()
+    values = ValueLabels()
     for row, series in enumerate(panels, start=1):
         for s, one in enumerate(series):
-            _hbar(fig, row, s, len(series), labels, one["values"], name=wrap(one["name"], LEGEND_CHARS),
+            hbar(fig, row, s, len(series), hovers, one["values"], name=wrap(one["name"], LEGEND_CHARS),
                   **one["bar"])
             values.add(row, s, len(series), one.get("ends", one["values"]), one["texts"])
     names = [t.name for t in fig.data]
     values.draw(fig, theme)
     notes = [f"{lab}: {text}" for r, lab in zip(runs, labels) if "diverge" in (text := divergence_text(r))]
     subtitle = "<br>".join(wrap(f"⚠ {n}") for n in notes)
-    height = _top_margin(title, subtitle) + area + AXIS_PX + _legend_px(names)
-    _style(fig, theme, title, subtitle=subtitle, height=round(height), barmode="overlay")
+    height = top_margin(title, subtitle) + area + AXIS_PX + legend_px(names)
+    style(fig, theme, title, subtitle=subtitle, height=round(height), barmode="overlay")
     for row in (1, 2):
-        _runs_axis(fig, labels, row)
+        runs_axis(fig, labels, row)
     fig.update_xaxes(title_text="tokens/s", type="linear", rangemode="tozero")
     return fig
 
@@ -600,12 +349,12 @@ def _sweep_spread(points: list[dict]) -> tuple[list, list, list]:
     mid, up, down = [], [], []
     for p in points:
         ms = p.get("decode_step_ms") or {}
-        median = _value(p.get("decode_tokens_per_s"))
-        fast = 1e3 / ms["p10"] if _value(ms.get("p10")) else median
-        slow = 1e3 / ms["p90"] if _value(ms.get("p90")) else median
+        median = finite_value(p.get("decode_tokens_per_s"))
+        fast = 1e3 / ms["p10"] if finite_value(ms.get("p10")) else median
+        slow = 1e3 / ms["p90"] if finite_value(ms.get("p90")) else median
         mid.append(median)
-        up.append(max(_num(fast) - _num(median), 0.0))
-        down.append(max(_num(median) - _num(slow), 0.0))
+        up.append(max(number(fast) - number(median), 0.0))
+        down.append(max(number(median) - number(slow), 0.0))
     return mid, up, down
 
 
@@ -613,15 +362,15 @@ def sweep_figure(runs: list[dict], theme: str = "light") -> go.Figure:
     """Decode tokens/s (median, p10–p90 error bars) and KV-cache size against context length, one
     line per run; linear axes from 0."""
     title = "How cost grows with context"
-    with_sweep = [(i, r, lab) for i, (r, lab) in enumerate(zip(runs, run_labels(runs)))
-                  if r.get("sweep")]
+    with_sweep = [(i, r, lab, hover) for i, (r, lab, hover)
+                  in enumerate(zip(runs, run_labels(runs), hover_labels(runs))) if r.get("sweep")]
     if not with_sweep:
-        return _empty("no sweep data: run with --sweep 128,512,2048", theme, title)
-    fig, area = _panels([200, 170], ["Decode tokens/s (p10–p90)", "KV cache"])
-    max_kv = max(_num(p.get("kv_cache_bytes")) for _, r, _ in with_sweep for p in r["sweep"])
+        return empty_figure("no sweep data: run with --sweep 128,512,2048", theme, title)
+    fig, area = stacked_panels([200, 170], ["Decode tokens/s (p10–p90)", "KV cache"])
+    max_kv = max(number(p.get("kv_cache_bytes")) for _, r, _, _ in with_sweep for p in r["sweep"])
     scale, unit = byte_unit(max_kv)
-    for i, run, label in with_sweep:
-        points = sorted(run["sweep"], key=lambda p: _num(p.get("context_tokens")))
+    for i, run, label, hover in with_sweep:
+        points = sorted(run["sweep"], key=lambda p: number(p.get("context_tokens")))
         ctx = [p.get("context_tokens") for p in points]
         color = RUN_COLORS[i % len(RUN_COLORS)]
         mid, up, down = _sweep_spread(points)
@@ -629,15 +378,15 @@ def sweep_figure(runs: list[dict], theme: str = "light") -> go.Figure:
                         legendgroup=label, line={"color": color}, row=1, col=1,
                         error_y={"type": "data", "array": up, "arrayminus": down,
                                  "visible": True},
-                        hovertemplate=f"{label}<br>context %{{x}}: %{{y:.1f}} tok/s<extra></extra>")
-        fig.add_scatter(x=ctx, y=[_num(p.get("kv_cache_bytes")) / scale for p in points],
+                        hovertemplate=f"{hover}<br>context %{{x}}: %{{y:.1f}} tok/s<extra></extra>")
+        fig.add_scatter(x=ctx, y=[number(p.get("kv_cache_bytes")) / scale for p in points],
                         mode="lines+markers", name=label, legendgroup=label, showlegend=False,
                         line={"color": color, "dash": "dot"}, row=2, col=1,
-                        hovertemplate=f"{label}<br>context %{{x}}: %{{y:.3f}} {unit}"
+                        hovertemplate=f"{hover}<br>context %{{x}}: %{{y:.3f}} {unit}"
                                       "<extra></extra>")
     names = [t.name for t in fig.data if t.showlegend is not False]
-    height = _top_margin(title) + area + AXIS_PX + _legend_px(names)
-    _style(fig, theme, title, height=round(height))
+    height = top_margin(title) + area + AXIS_PX + legend_px(names)
+    style(fig, theme, title, height=round(height))
     fig.update_xaxes(type="linear", rangemode="tozero", title_text="context tokens",
                      ticks="outside", ticklen=4)
     fig.update_yaxes(rangemode="tozero", ticks="outside", ticklen=4)
@@ -690,7 +439,7 @@ def trace_timeline(trace_path, theme: str = "light") -> go.Figure:
     events = load_trace_events(trace_path)
     steps = [e for e in events if str(e.get("name", "")).startswith("qwen2.")]
     if not steps:
-        return _empty("no qwen2 steps in this trace", theme, title)
+        return empty_figure("no qwen2 steps in this trace", theme, title)
     t0 = min(e["ts"] for e in steps)
     t1 = max(e["ts"] + e["dur"] for e in steps)
     ops = [e for e in events if e.get("cat") == "cpu_op"]
@@ -715,9 +464,9 @@ def trace_timeline(trace_path, theme: str = "light") -> go.Figure:
     subtitle = ("prefill, then decode steps · blue: attention · orange: MLP · green: norms · "
                 "purple: layers, embedding, LM head · teal: matrix products")
     shown = [r for r in TIMELINE_ROWS if rows[r]]
-    _style(fig, theme, title, subtitle=subtitle, barmode="overlay",
+    style(fig, theme, title, subtitle=subtitle, barmode="overlay",
            xaxis_title="ms from the prefill's start",
-           height=_top_margin(title, wrap(subtitle)) + 46 * len(shown) + 40 + AXIS_PX,
+           height=top_margin(title, wrap(subtitle)) + 46 * len(shown) + 40 + AXIS_PX,
            uniformtext={"minsize": 9, "mode": "hide"})
     fig.update_yaxes(categoryorder="array", rangemode="normal",
                      categoryarray=list(reversed(shown)))
@@ -731,8 +480,8 @@ def serving_figure(results: list[dict], theme: str = "light") -> go.Figure:
     on top, TTFT p95 below."""
     title = "Serving: tok/s and TTFT vs users"
     if not results:
-        return _empty("No serving run yet (python -m profiling.serve --out FILE)", theme, title)
-    fig, area = _panels([200, 160], ["Throughput (tok/s)", "Time to first token, p95 (s)"])
+        return empty_figure("No serving run yet (python -m profiling.serve --out FILE)", theme, title)
+    fig, area = stacked_panels([200, 160], ["Throughput (tok/s)", "Time to first token, p95 (s)"])
     for result in results:
         rows = result.get("rows") or []
         users = [r["users"] for r in rows]
@@ -746,8 +495,8 @@ def serving_figure(results: list[dict], theme: str = "light") -> go.Figure:
         fig.add_trace(go.Scatter(x=users, y=[r["ttft_p95_s"] for r in rows], mode="lines+markers",
                                  name=wrap(f"{name}: TTFT p95", LEGEND_CHARS)), row=2, col=1)
     cpu = str((results[0].get("environment") or {}).get("cpu", ""))
-    height = _top_margin(title, wrap(cpu)) + area + AXIS_PX + _legend_px([t.name for t in fig.data])
-    _style(fig, theme, title, subtitle=cpu, height=round(height))
+    height = top_margin(title, wrap(cpu)) + area + AXIS_PX + legend_px([t.name for t in fig.data])
+    style(fig, theme, title, subtitle=cpu, height=round(height))
     fig.update_xaxes(title_text="concurrent users", type="category")
     fig.update_yaxes(rangemode="tozero")
     return fig

@@ -60,6 +60,14 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def cpus_usable() -> int | None:
+    """The CPUs this process may run on: in a container or under taskset, fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     env = {
         "device": str(device),
@@ -67,6 +75,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "dtype": dtype_name(dtype),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpus_usable": cpus_usable(),
         "torch_threads": torch.get_num_threads(),
         "gpu_name": None,
         "gpu_memory_bytes": None,

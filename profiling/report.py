@@ -16,6 +16,7 @@ from pathlib import Path
 import plotly.io as pio
 
 from . import charts
+from .chart_style import byte_unit
 from .atomic import write_atomically
 from .errors import RunFileError
 from .runfile import load_run, validate_run
@@ -32,27 +33,29 @@ th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 def _bytes(value) -> str:
     if not isinstance(value, (int, float)):
         return "–"
-    scale, unit = charts.byte_unit(value)
+    scale, unit = byte_unit(value)
     return f"{value / scale:,.2f} {unit}"
 
 
+def _cell(value) -> str:
+    if value is None:
+        return "<td>–</td>"
+    if isinstance(value, str):  # a label, or the hook overhead's interval / "within noise"
+        return f"<td class='l'>{html.escape(value)}</td>"
+    return f"<td>{value:,}</td>"
+
+
 def _summary_table(runs: list[dict]) -> str:
-    """The headline figures (charts.headline_rows), one row per run, plus the model's name."""
+    """The headline figures (charts.headline_rows: run, figures, model, hardware), one row per run."""
     columns, rows = charts.headline_rows(runs)
-    head = "<th class='l'>model</th>" + "".join(
-        f"<th class='l'>{html.escape(c)}</th>" if i == 0 else f"<th>{html.escape(c)}</th>"
-        for i, c in enumerate(columns))
-    body = []
-    for run, row in zip(runs, rows):
-        cells = [f"<td class='l'>{html.escape(charts.model_name(run) or '?')}</td>"]
-        cells += [f"<td class='l'>{html.escape(str(v))}</td>" if i == 0 else
-                  f"<td>{'–' if v is None else f'{v:,}'}</td>" for i, v in enumerate(row)]
-        body.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th class='l'>{html.escape(c)}</th>" if isinstance(v, str) else f"<th>{html.escape(c)}</th>"
+                   for c, v in zip(columns, rows[0] if rows else columns))
+    body = ["<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in rows]
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
 def _environment_table(runs: list[dict], labels: list[str]) -> str:
-    keys = ["device_name", "cpu_model", "cpu_count", "torch_threads", "load_average", "gpu_name",
+    keys = ["device_name", "cpu_model", "cpu_count", "cpus_usable", "torch_threads", "load_average", "gpu_name",
             "gpu_memory_bytes", "torch_version", "cuda_version", "python_version", "timestamp"]
     head = "<th class='l'>run</th>" + "".join(f"<th class='l'>{k}</th>" for k in keys) + \
         "<th class='l'>git commit</th><th class='l'>timer</th>"
@@ -101,7 +104,8 @@ def render_report(runs: list[dict], title: str = "Qwen2 Studio profiling report"
 <p class="note">Decode tok/s is the median over steps of the clean (hook-free) run; % roofline is
 (weights + KV bytes read per token) ÷ step time ÷ the device's bandwidth limit. Peak MB (model) is
 the process's peak less its baseline (what it held besides the weights before the run). Hook
-overhead is the hooked run's median step time against the clean run's.</p>
+overhead is the hooked run's median step time against the clean run's, with its 95% bootstrap
+interval from both runs' steps; "within noise" where that interval reaches zero.</p>
 {''.join(parts)}
 <h2>Environment</h2>
 {_environment_table(runs, labels)}

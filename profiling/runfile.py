@@ -120,6 +120,51 @@ def label_parts(run: dict) -> dict[str, str]:
     return parts
 
 
+def model_name(source: str) -> str:
+    """The model's name from where it was loaded: a hub id's or a directory's last part (for a hub
+    cache's snapshot folder, the repository it caches, not the snapshot's hash)."""
+    parts = [p for p in str(source or "").replace("\\", "/").split("/") if p]
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.split("--")[-1]
+    return parts[-1] if parts else ""
+
+
+def model_size(parameters) -> str:
+    """494032768 -> "494 M", 7615616512 -> "7.62 B"."""
+    if not isinstance(parameters, int) or isinstance(parameters, bool) or parameters <= 0:
+        return ""
+    if parameters >= 1e9:
+        return f"{parameters / 1e9:.3g} B"
+    return f"{parameters / 1e6:.0f} M" if parameters >= 1e6 else f"{parameters / 1e3:.0f} k"
+
+
+def model_label(run: dict) -> str:
+    """Which model, e.g. "Qwen2.5-Coder-0.5B-Instruct · 494 M" (its name and parameter count)."""
+    model = run.get("model") or {}
+    name = model.get("name") or model_name(model.get("source") or "") or "unknown model"
+    return " · ".join(p for p in (str(name), model_size(model.get("parameters"))) if p)
+
+
+def hardware_label(run: dict) -> str:
+    """Which hardware, e.g. "AMD EPYC · 2 cores · 2 threads" or "NVIDIA H200 · 141 GB" (older
+    files without an environment section: the device name recorded at the top, or the device)."""
+    env = run.get("environment") or {}
+    name = env.get("device_name") or run.get("device_name") or env.get("gpu_name") or env.get("cpu_model")
+    parts = [str(name or run.get("device", "?"))]
+    if str(run.get("device", "")).startswith("cuda") or env.get("gpu_name"):
+        memory = env.get("gpu_memory_bytes")
+        if isinstance(memory, (int, float)) and memory > 0:
+            parts.append(f"{memory / 1e9:.0f} GB")
+    else:
+        cores, usable = env.get("cpu_count"), env.get("cpus_usable")
+        if cores:
+            parts.append(f"{usable} of {cores} cores" if usable and usable != cores else f"{cores} cores")
+        if env.get("torch_threads"):
+            parts.append(f"{env['torch_threads']} threads")
+    return " · ".join(parts)
+
+
 def run_label(run: dict) -> str:
     """Which run this is, e.g. "cpu · bfloat16 · int8 · 64+16 tok · real weights · 2026-11-23 ·
     abc1234" (device, dtype, quantization, prompt+new tokens, weights, date, commit)."""

@@ -43,6 +43,7 @@ class ModelFacts(Section):
     source: Text = None
     random_weights: Flag = None
     quantize: Text = None
+    name: Text = None
     num_layers: Count = None
     hidden_size: Count = None
     intermediate_size: Count = None
@@ -140,6 +141,9 @@ class Instrumentation(Section):
     decode_step_ms_hooked: Number = None
     overhead_fraction_prefill: Number = None
     overhead_fraction_decode: Number = None
+    overhead_fraction_decode_low: Number = None     # the bootstrap interval (profiling.overhead)
+    overhead_fraction_decode_high: Number = None
+    decode_step_ms_hooked_list: Annotated[list[float], Field(max_length=MAX_STEPS)] | None = None
 
 
 class Memory(Section):
@@ -171,6 +175,7 @@ class Environment(Section):
     dtype: Text = None
     cpu_model: Text = None
     cpu_count: Count = None
+    cpus_usable: Count = None      # the CPUs this process may run on (a container's share)
     torch_threads: Count = None
     gpu_name: Text = None
     gpu_memory_bytes: Number = None

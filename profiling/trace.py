@@ -36,6 +36,18 @@ def run_name_for(model) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", name)
 
 
+def start_profiler_here() -> None:
+    """Start and stop torch.profiler once, recording nothing, on the calling thread.
+
+    Kineto, torch.profiler's engine, registers itself on the thread that imported torch and must
+    initialise on that same thread: when its first use is on another one (a Gradio worker running a
+    trace), it logs "ERROR: External init callback must run in same thread as registerClient". A
+    server calls this from its main thread at start-up, so later traces on any thread find it ready.
+    The first start also pays torch.profiler's one-time imports."""
+    with profile(activities=[ProfilerActivity.CPU]):
+        pass
+
+
 def _profile_steps(model, ids: torch.Tensor, steps: int, prof, on_step=None) -> None:
     """An unrecorded warm-up step, then ProfilerStep#1 = prefill and #2.. = decode steps."""
     with ModuleHooks(model, clock=None, labels=True), torch.inference_mode():
@@ -91,7 +103,7 @@ def run_trace(model, ids: torch.Tensor, steps: int, trace_dir, run_name: str | N
 def load_trace_events(trace_path) -> tuple[dict, ...]:
     """The complete ("X") events of a Chrome trace file (.json or .json.gz), read-only.
 
-    Parsed once per version of the file: a shipped trace takes 1-2 s to parse, and the dashboard
+    Parsed once per version of the file: a shipped trace is slow to parse, and the dashboard
     reads it for its top operations and again for its timeline, on every page load."""
     path = Path(trace_path)
     try:

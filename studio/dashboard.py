@@ -17,7 +17,7 @@ import profiling.charts
 import profiling.report
 import profiling.trace
 from profiling.errors import RunFileError
-from profiling.runfile import run_label, shipped_runs, shipped_serving_runs, trace_file
+from profiling.runfile import hardware_label, model_label, run_label, shipped_runs, shipped_serving_runs, trace_file
 
 from .errors import VisitorError
 from .hosting import Busy, LoadedModel, device_choices
@@ -39,6 +39,7 @@ class Shown:
     runs: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     selected: list[str] | None = None  # the run list's selection (None: leave it)
+    trace_of: str | None = None        # the run whose trace the trace views show
 
 
 @dataclass
@@ -59,7 +60,12 @@ class Dashboard:
 
     # -- views -------------------------------------------------------------------------------
     def views(self, runs: list[dict], theme: str, paths) -> list:
-        """[KPI table, layer, memory, throughput, sweep figures, baseline note, top ops, timeline]."""
+        """[KPI table, layer, memory, throughput, sweep figures, baseline note, top ops, timeline]
+        (None where there is nothing to show: no sweep, no trace)."""
+        return self._draw(runs, theme, paths)[0]
+
+    def _draw(self, runs: list[dict], theme: str, paths) -> tuple[list, str | None]:
+        """(the views, the label of the run whose trace they show, or None)."""
         charts, theme = profiling.charts, "dark" if theme == "dark" else "light"
 
         def draw(fn, **kwargs):
@@ -71,12 +77,31 @@ class Dashboard:
 
         columns, rows = charts.headline_rows(runs)
         has_sweep = any(run.get("sweep") for run in runs)
+        ops, timeline, trace_of = trace_views(runs, paths, theme)
         return [pd.DataFrame(rows, columns=columns),
                 draw(charts.layer_latency_figure, phase="decode"), draw(charts.memory_figure),
                 draw(charts.throughput_figure), draw(charts.sweep_figure) if has_sweep else None,
-                baseline_note(runs), *trace_views(runs, paths, theme)]
+                baseline_note(runs), ops, timeline], trace_of
+
+    def shown(self, runs: list[dict], theme: str, paths, status: str, **kwargs) -> Shown:
+        """What to show for `runs`: their views, and the status, which says whose trace the trace
+        views show when several runs are (they show one run's trace)."""
+        views, trace_of = self._draw(runs, theme, paths)
+        if trace_of is not None and len(runs) > 1:
+            status += (f"  \nThe trace views below show the trace of **{plain(trace_of)}** (the first of "
+                       "these runs that has one).")
+        return Shown(views, status, runs, trace_of=trace_of, **kwargs)
 
     # -- a profile -----------------------------------------------------------------------------
+    def starting(self) -> str:
+        """The status the moment Run is pressed, before the profile reports progress."""
+        return self.busy.note() or ("Starting the profile: its progress shows here; the figures below "
+                                    "stay until the new ones arrive.")
+
+    @staticmethod
+    def progress_status(now: Progress) -> str:
+        return f"Profiling ({now.fraction:.0%}): {plain(now.desc)}. The figures below stay until the new ones arrive."
+
     def check_devices(self, devices) -> list[str]:
         """The devices to profile, each once; VisitorError for one this machine does not have."""
         devices = [devices] if isinstance(devices, str) else list(devices or [self.lm.device])
@@ -153,8 +178,7 @@ class Dashboard:
         if traces:
             status += ("  \nThe trace's top operations and timeline are below; the trace file is in the "
                        "downloads (open it at https://ui.perfetto.dev or chrome://tracing).")
-        return Shown(self.views(runs, theme, files), status, runs,
-                     [str(f) for f in files] + [str(report_path)] + traces)
+        return self.shown(runs, theme, files, status, files=[str(f) for f in files] + [str(report_path)] + traces)
 
     # -- comparing runs ------------------------------------------------------------------------
     def compare(self, selected=None, uploads=(), theme="light") -> Shown:
@@ -170,10 +194,10 @@ class Dashboard:
         if not runs:
             raise VisitorError("Choose saved runs, or upload run files (.json), to compare.")
         report_path = self.runs.report(runs, profiling.report.write_report)
-        status = "Comparing " + "; ".join(f"**{plain(run_label(r))}** (`{plain(p.name)}`)"
+        status = "Comparing " + "; ".join(f"{described(r)} (`{plain(p.name)}`)"
                                           for r, p in zip(runs, paths)) + "."
-        return Shown(self.views(runs, theme, paths), status, runs, [str(report_path)],
-                     [self.runs.value_of(p) for p in paths])
+        return self.shown(runs, theme, paths, status, files=[str(report_path)],
+                          selected=[self.runs.value_of(p) for p in paths])
 
     def page_load(self, theme="light") -> Shown | None:
         """The shipped reference runs, selected and shown (CPU vs GPU at first sight); None if none ship."""
@@ -186,8 +210,15 @@ class Dashboard:
             return Shown([None] * len(VIEW_SLOTS), f"The shipped reference runs cannot be shown: {plain(str(exc))}",
                          selected=self.runs.shipped_values())
         status = ("Showing the reference runs shipped with the app: "
-                  + "; ".join(f"**{plain(run_label(r))}**" for r in runs) + ". Run a profile to add this machine's.")
-        return Shown(self.views(runs, theme, shipped), status, runs, selected=self.runs.shipped_values())
+                  + "; ".join(described(r) for r in runs) + ". Run a profile to add this machine's.")
+        if self.busy.what:  # a page opened (or reloaded) while the model is held: say so, not just "shipped"
+            status += f"  \nBusy now: {plain(self.busy.what)}."
+        return self.shown(runs, theme, shipped, status, selected=self.runs.shipped_values())
+
+
+def described(run: dict) -> str:
+    """A run in a status line: its label, then its model and hardware."""
+    return f"**{plain(run_label(run))}** ({plain(model_label(run))} on {plain(hardware_label(run))})"
 
 
 def shipped_note() -> str:
@@ -210,7 +241,8 @@ def load_or_none(path) -> dict:
 
 
 def trace_views(runs, paths, theme) -> list:
-    """The first traced run's top operations and timeline (None, None when no run has a readable trace)."""
+    """The first traced run's top operations, timeline and label ([None, None, None] when no run has
+    a readable trace)."""
     for run, path in zip(runs, paths):
         trace = trace_file(run, path)
         if trace is None:
@@ -218,10 +250,10 @@ def trace_views(runs, paths, theme) -> list:
         try:
             ops = pd.DataFrame(profiling.trace.top_ops(trace, n=15)).round(
                 {"total_ms": 3, "mean_ms": 4, "percent": 1})
-            return [ops, profiling.charts.trace_timeline(trace, theme=theme)]
+            return [ops, profiling.charts.trace_timeline(trace, theme=theme), run_label(run)]
         except Exception:
             traceback.print_exc()
-    return [None, None]
+    return [None, None, None]
 
 
 def baseline_note(runs: list[dict]) -> str:

@@ -18,25 +18,19 @@ Screenshots of each tab at each width and theme go to $ARTIFACTS_DIR (default: .
 from __future__ import annotations
 
 import json
-import os
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.test_app import ROOT, App
+from tests.browser_fixtures import wait_until
+from tests.helpers import ROOT, App
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 WIDTHS = (420, 1400)
 THEMES = ("light", "dark")
 TOUCH_PX = 2.0  # boxes may touch by this much (glyph boxes are a little taller than the ink)
 THIRD_RUN = "other-machine-cpu-int8.json"
 SHIPPED_BF16 = "[shipped] cpu · bfloat16 · 64+32"  # the run picker's labels of docs/runs/*.json
 SHIPPED_INT8 = "[shipped] cpu · bfloat16 · int8"
-
-pytestmark = pytest.mark.flaky(reruns=1)  # a shared 2-core machine: one rerun (pytest-rerunfailures)
 
 # Every text a reader needs in each chart shown, its box on the page, and what collides: pairs of
 # overlapping texts, values struck by markers, whiskers or other bars, texts cut by the chart's edge.
@@ -172,7 +166,7 @@ def test_figures_stack_their_panels_and_fit_a_phone(n_runs):
     """What holds at any width, read from the figures: one panel per row, tick labels never rotated,
     the legend on the figure's bottom edge, a set height, title and legend lines short enough for a
     360 px chart, and runs named on horizontal bars' axis (never as rotated category labels)."""
-    from profiling import charts
+    from profiling import chart_style, charts
     from profiling.runfile import shipped_runs, shipped_serving_runs, trace_file
 
     runs = three_runs()[:n_runs]
@@ -191,38 +185,17 @@ def test_figures_stack_their_panels_and_fit_a_phone(n_runs):
             if axis.domain and axis.anchor and str(axis.anchor).startswith("y") and axis.domain != (0, 1):
                 pytest.fail(f"{name}: a panel beside another ({axis.domain})")
             assert axis.tickangle in (None, 0), f"{name}: rotated tick labels"
-        assert all(len(line) <= charts.TITLE_CHARS for line in name.split("<br>")), name
+        assert all(len(line) <= chart_style.TITLE_CHARS for line in name.split("<br>")), name
         for trace_ in fig.data:
             if trace_.showlegend is not False and trace_.name:
                 assert all(len(line) <= 44 for line in trace_.name.split("<br>")), trace_.name
     for fig in figures[1:3]:  # memory and throughput: runs are rows, named in short lines
         assert all(b.orientation == "h" for b in fig.data if b.type == "bar")
-        assert all(len(line) <= charts.TICK_CHARS or " · " not in line
+        assert all(len(line) <= chart_style.TICK_CHARS or " · " not in line
                    for text in fig.layout.yaxis.ticktext for line in text.split("<br>"))
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def artifacts() -> Path:
-    path = Path(os.environ.get("ARTIFACTS_DIR") or ROOT / "artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"layout test skipped: {CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("layout test skipped: the playwright python package is not installed")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     """The app on the tiny model; its runs folder holds a third run (the shipped int8 run, as if
@@ -236,16 +209,6 @@ def server(tiny_model_dir, tmp_path_factory):
     app = App(work, "--model", str(tiny_model_dir), "--dtype", "float32")
     yield app
     app.close()
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def open_page(browser, server, theme: str, width: int):
@@ -378,5 +341,32 @@ def test_inside_reads_well_at_phone_and_desktop_widths(browser, server, artifact
             assert_charts_read_well(page, theme, where, expect=4)
             width_now = page.evaluate("document.documentElement.scrollWidth")
             assert width_now <= width, f"{where}: the page scrolls sideways ({width_now}px)"
+    finally:
+        page.close()
+
+
+# -- the chat ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("theme", THEMES)
+def test_chat_reads_well_at_phone_and_desktop_widths(browser, server, artifacts, theme):
+    """A turn with its statistics, at each width: nothing scrolls sideways, the message box and the
+    statistics stay inside the page, and the reply is not hidden under the box."""
+    page = open_page(browser, server, theme, 1400)
+    try:
+        box = page.locator("#chat-input textarea")
+        box.fill("Hello there!")
+        box.press("Enter")
+        wait_until(lambda: "new token" in page.locator("#chat-stats").inner_text()
+                   and page.locator("#chat-input .stop-button").is_hidden(), 60, "the reply's statistics")
+        for width in WIDTHS:
+            settle(page, width)
+            where = f"chat, {width}px, {theme}"
+            page.screenshot(path=str(artifacts / f"layout-chat-{width}-{theme}.png"), full_page=True)
+            width_now = page.evaluate("document.documentElement.scrollWidth")
+            assert width_now <= width, f"{where}: the page scrolls sideways ({width_now}px)"
+            for selector in ("#chatbot", "#chat-input", "#chat-stats"):
+                right = page.locator(selector).evaluate("el => el.getBoundingClientRect().right")
+                assert right <= width + 1, f"{where}: {selector} runs past the page's edge ({right}px)"
+            bubbles = page.locator("#chatbot .message")
+            assert bubbles.count() >= 2, f"{where}: the turn is not shown"
     finally:
         page.close()

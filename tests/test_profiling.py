@@ -23,11 +23,11 @@ from profiling.errors import BaselineError, RunFileError
 from profiling.hooks import ModuleHooks
 from profiling.prompts import seeded_prompt_ids
 from profiling.report import write_report
-from profiling.runfile import run_label, shipped_runs
+from profiling.runfile import model_size, run_label, shipped_runs
 from profiling.steps import timed_run
 from profiling.trace import top_ops
 from profiling.timers import CpuClock, summarize
-from tests.conftest import make_checkpoint
+from tests.helpers import make_checkpoint
 
 qwen2 = pytest.importorskip("qwen2")
 
@@ -164,6 +164,10 @@ def test_instrumentation_overhead_is_recorded(run):
         assert inst[key] > 0, key
     assert inst["overhead_fraction_decode"] == pytest.approx(
         inst["decode_step_ms_hooked"] / inst["decode_step_ms_clean"] - 1)
+    # its interval, from both runs' steps (profiling.overhead), holds the figure
+    assert inst["overhead_fraction_decode_low"] <= inst["overhead_fraction_decode"] <= \
+        inst["overhead_fraction_decode_high"]
+    assert len(inst["decode_step_ms_hooked_list"]) == run["decode"]["steps"]
     assert "eager" in run["decode_path"]
 
 
@@ -456,7 +460,9 @@ def test_memory_figure_shows_the_model_apart_from_the_process(runs, run):
     assert names[:3] == ["Weights", "KV cache (allocated)",
                          "Activations / other (model peak − weights − KV)"]
     labels = ["cpu · float32", "cuda:0 · bfloat16", "cuda:0 · float16"]
-    assert list(fig.data[0].hovertext) == labels  # one bar per run, a row each, named on the axis
+    # one bar per run, a row each, named on the axis; the hover names it in full (model, hardware)
+    assert [h.split("<br>")[0] for h in fig.data[0].hovertext] == [f"<b>{label}</b>" for label in labels]
+    assert all(model_size(run["model"]["parameters"]) in h for h in fig.data[0].hovertext)
     assert [t.replace("<br>", " · ") for t in fig.layout.yaxis.ticktext] == labels
     scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[fig.layout.xaxis.title.text]  # the table's units
     stacked = fig.data[2].base[0] + fig.data[2].x[0]  # weights + KV + activations, run 0
@@ -523,7 +529,9 @@ def test_headline_rows(runs, run):
     assert row["ms per decode step"] == pytest.approx(run["decode"]["step_ms"]["median"], abs=0.01)
     assert row["weights MB"] == pytest.approx(run["memory"]["weights_bytes"] / 1e6, abs=0.1)
     assert row["peak MB (model)"] == pytest.approx(run["memory"]["model_peak_bytes"] / 1e6, abs=0.1)
-    assert row["hook overhead %"] is not None
+    assert row["model"] == f"{Path(run['model']['source']).name} · {model_size(run['model']['parameters'])}"
+    assert row["hardware"].endswith(f"{run['environment']['torch_threads']} threads")
+    assert row["hook overhead"].startswith("within noise") or row["hook overhead"].endswith(")")
 
 
 def test_run_label_says_which_run_is_which(run):

@@ -30,7 +30,7 @@ def events(dash: Dashboard):
             for now in dash.profile(devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme):
                 if isinstance(now, Progress):
                     progress(now.fraction, desc=now.desc)
-                    yield [gr.skip()] * (len(VIEW_SLOTS) + 2) + [f"⏳ Profiling: {now.desc}", gr.skip()]
+                    yield [gr.skip()] * (len(VIEW_SLOTS) + 2) + [dash.progress_status(now), gr.skip()]
                 else:
                     yield outputs(now, dash.runs.choices())
         except VisitorError as exc:
@@ -50,6 +50,19 @@ def events(dash: Dashboard):
         return [*shown.views, shown.status, gr.update(choices=choices, value=shown.selected)]
 
     return profile, compare, page_load
+
+
+TRACE_MISSING = ("No trace among the runs shown: tick **Record a torch.profiler trace** and press Run, or "
+                 "compare a run that has one; its top operations and timeline then appear here.")
+
+
+def reveal(sweep=None, files=None, ops=None, timeline=None) -> list:
+    """Show only the boxes that have something in them (an empty gr.Plot or gr.File is a box with an
+    icon): the sweep, the downloads and the trace views, or, in the trace's place, what would appear.
+    A separate step after each event, so that the API's outputs stay plain values."""
+    has_trace = ops is not None and len(ops) > 0 and timeline is not None
+    return [gr.update(visible=sweep is not None), gr.update(visible=bool(files)),
+            gr.update(visible=has_trace), gr.update(visible=has_trace), gr.update(visible=not has_trace)]
 
 
 def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
@@ -79,14 +92,16 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
     throughput_plot = gr.Plot(label="Throughput and roofline", show_label=False)
     baseline_md = gr.Markdown("", elem_id="baseline-note")  # right under the baseline bars
     memory_plot = gr.Plot(label="Memory", show_label=False)
-    sweep_plot = gr.Plot(label="Context sweep", show_label=False)
+    sweep_plot = gr.Plot(label="Context sweep", show_label=False, elem_id="sweep-plot", visible=False)
     with gr.Accordion("Trace: top operations and timeline (record a trace, or compare a traced run)",
                       open=True):
-        trace_ops = gr.Dataframe(label="Top operations", elem_id="trace-ops", interactive=False)
-        timeline = gr.Plot(label="Trace timeline", show_label=False)
+        trace_note = gr.Markdown(TRACE_MISSING, elem_id="trace-note")
+        trace_ops = gr.Dataframe(label="Top operations", elem_id="trace-ops", interactive=False, visible=False)
+        timeline = gr.Plot(label="Trace timeline", show_label=False, elem_id="trace-timeline", visible=False)
     serving_plot = gr.Plot(label="Serving: throughput and time to first token vs concurrent users",
                            show_label=False, elem_id="serving-plot")
-    downloads = gr.File(label="Run JSON, HTML report and trace", file_count="multiple", interactive=False)
+    downloads = gr.File(label="Run JSON, HTML report and trace", file_count="multiple", interactive=False,
+                        elem_id="run-downloads", visible=False)  # shown once a profile or comparison made some
     with gr.Accordion("Run JSON", open=False):
         run_json = gr.JSON(label="Runs")
     with gr.Accordion("Compare saved, shipped or uploaded runs", open=True):
@@ -101,12 +116,18 @@ def dashboard_tab(lm: LoadedModel, dash: Dashboard, theme):
 
     views = [kpi, layer_plot, memory_plot, throughput_plot, sweep_plot, baseline_md, trace_ops, timeline]
     profile, compare, page_load = events(dash)
-    run_btn.click(lambda: dash.busy.note() or gr.skip(), None, status, queue=False,
-                  api_visibility="undocumented").then(
+
+    def then_reveal(event):
+        return event.then(reveal, [sweep_plot, downloads, trace_ops, timeline],
+                          [sweep_plot, downloads, trace_ops, timeline, trace_note], queue=False,
+                          api_visibility="undocumented", show_progress="hidden")
+
+    # The progress shows in the status, not over a chart: the charts stay until the new ones arrive.
+    then_reveal(run_btn.click(dash.starting, None, status, queue=False, api_visibility="undocumented").then(
         on_gpu(profile), [devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme],
-        [*views, run_json, downloads, status, saved], api_name="profile", show_progress_on=layer_plot,
-        concurrency_id=COMPUTE_QUEUE, concurrency_limit=1)
-    compare_btn.click(compare, [saved, uploads, theme], [*views, run_json, downloads, status, saved],
-                      api_name="compare", show_progress_on=layer_plot)
+        [*views, run_json, downloads, status, saved], api_name="profile", show_progress_on=status,
+        concurrency_id=COMPUTE_QUEUE, concurrency_limit=1))
+    then_reveal(compare_btn.click(compare, [saved, uploads, theme], [*views, run_json, downloads, status, saved],
+                                  api_name="compare", show_progress_on=status))
     refresh.click(lambda: gr.update(choices=dash.runs.choices()), None, saved, api_visibility="undocumented")
-    return views, status, saved, serving_plot, page_load
+    return views, status, saved, serving_plot, page_load, then_reveal

@@ -26,7 +26,7 @@ CSS = """
    label wrapping; every other column is at least a header word wide. At 1400 px with three runs
    every column is in view; on a phone the table scrolls sideways (the page does not). Gradio sizes
    the columns from these cells. */
-#kpi-table { --first-column: min(15rem, 40vw); }
+#kpi-table { --first-column: min(14rem, 40vw); }  /* 12 columns (the model and hardware ones too) */
 #trace-ops { --first-column: min(15rem, 36vw); }  /* in an accordion: a little less room */
 :is(#kpi-table, #trace-ops) thead :is(.header, .header-content) {
   white-space: normal !important; word-break: normal !important; overflow-wrap: normal !important;
@@ -70,10 +70,10 @@ def build_demo(lm: LoadedModel, runs: RunStore) -> gr.Blocks:
             with gr.Tab("Chat", id="chat"):
                 chat.chat_tab(lm, Chat(lm, busy))
             with gr.Tab("Dashboard", id="dashboard"):
-                views, status, saved, serving_plot, page_load = dashboard.dashboard_tab(lm, dash, theme)
+                views, status, saved, serving_plot, page_load, then_reveal = dashboard.dashboard_tab(lm, dash, theme)
             with gr.Tab("Inside the model", id="inside"):
                 inside.inside_tab(lm, Inside(lm, busy))
-        demo.load(None, None, theme, js=THEME_JS).then(
-            page_load, theme, [*views, status, saved], api_visibility="undocumented").then(
-            serving_view, theme, serving_plot, api_visibility="undocumented")
+        shown = demo.load(None, None, theme, js=THEME_JS).then(
+            page_load, theme, [*views, status, saved], api_visibility="undocumented")
+        then_reveal(shown).then(serving_view, theme, serving_plot, api_visibility="undocumented")
     return demo
