@@ -36,6 +36,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 import profiling.runfile  # noqa: E402
+import profiling.trace  # noqa: E402
 from qwen2 import options  # noqa: E402
 from qwen2.engine import Limits  # noqa: E402
 from qwen2.errors import Qwen2Error  # noqa: E402
@@ -70,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=env("QWEN2_STUDIO_COMPILE_MODE", "max-autotune"),
                    choices=("default", "max-autotune"),
                    help="Inductor's effort: max-autotune (default) times its GEMM kernels for the fastest "
-                        "step, about a minute per batch size on the 0.5B model; default compiles in seconds")
+                        "step, slower to compile; default compiles quickly (times: docs/benchmarks.md)")
     p.add_argument("--compile-cache", default=env("QWEN2_STUDIO_COMPILE_CACHE", str(DEFAULT_COMPILE_CACHE)),
                    help="where compiled steps are kept across restarts (TORCHINDUCTOR_CACHE_DIR; default: "
                         "%(default)s)")
@@ -103,6 +104,12 @@ def main(argv=None):
         if value <= 0:
             fail(f"{name} must be positive, not {value}")
     limits = Limits(new_tokens=args.max_new_tokens, wall_s=args.reply_time_limit)
+    # Traces run on Gradio's worker threads, and torch.profiler must first start on this one
+    # (profiling.trace); before the engine's threads, so the empty session sees none of their work.
+    try:
+        profiling.trace.start_profiler_here()
+    except RuntimeError as exc:  # a torch built without the profiler: chat and profiles work, traces may not
+        print(f"[qwen2-studio] torch.profiler did not start: {exc}", flush=True)
     try:
         lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode,
                          slots=args.slots, slot_tokens=args.slot_tokens, limits=limits,

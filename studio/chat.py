@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 
 from qwen2.chat import message_text
 from qwen2.engine import Conversation, Reply
 from qwen2.errors import Qwen2Error, TokenizerError
-from qwen2.sampling import SamplingSettings, check_seed
 from qwen2.tool_calls import validate_tools
 
 from .errors import VisitorError
 from .hosting import Busy, LoadedModel
 from .sessions import SessionLRU
+from .settings import checked_new_tokens, checked_sampling, checked_seed
 
 # The page gets at most 20 updates a second: each update re-renders the reply in the browser, so one per
 # token only loads the page (and its Stop click) at a few hundred tokens per second.
 STREAM_INTERVAL_S = 0.05
-STATS_TITLE = "📊 "  # per-reply statistics are "thought" messages whose title starts with this
+# Per-reply statistics are "thought" messages whose title starts with this. Plain text: an emoji here
+# shows as an empty box wherever the browser has no emoji font.
+STATS_TITLE = "Stats: "
 CHARS_PER_TOKEN_BOUND = 8  # no real text averages more characters a token (code indentation: about 4)
 EMPTY_HINT = "Type a message first: the message box is empty."
 
@@ -100,17 +103,15 @@ def fit_context(tokenizer, context: int, system: str, turns: list[dict], text, m
     return ids, lo, min(int(max_new), context - len(ids))
 
 
-def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed) -> dict:
-    """{"sampling": SamplingSettings, "seed": int or None}, checked now (ChatError with a readable message)."""
+def sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p=0.0,
+                      most_new_tokens: int | None = None) -> dict:
+    """{"sampling": SamplingSettings, "seed": int or None, "max_new_tokens": int}, checked now
+    (studio/settings.py); `most_new_tokens` is the server's cap (--max-new-tokens)."""
     try:
-        sampling = SamplingSettings(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                    repetition_penalty=float(repetition_penalty))
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"max new tokens must be at least 1, not {max_new_tokens}")
-        seed = None if seed is None or int(seed) < 0 else check_seed(int(seed))  # negative: a random seed
-    except (TypeError, ValueError, OverflowError, Qwen2Error) as exc:
-        raise ChatError(f"Invalid setting: {exc}") from None
-    return {"sampling": sampling, "seed": seed}
+        return {"sampling": checked_sampling(temperature, top_p, top_k, repetition_penalty, min_p),
+                "seed": checked_seed(seed), "max_new_tokens": checked_new_tokens(max_new_tokens, most_new_tokens)}
+    except VisitorError as exc:
+        raise ChatError(str(exc)) from None
 
 
 def context_meter(used: int, limit: int) -> str:
@@ -157,6 +158,11 @@ class Chat:
         self.lm, self.busy = lm, busy
         self.conversations = Conversations(lm)
 
+    def settings(self, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p=0.0) -> dict:
+        """sampling_settings, with this server's cap on max new tokens."""
+        return sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p,
+                                 most_new_tokens=self.lm.engine.limits.new_tokens)
+
     def stream(self, key: str, text: str, history, system: str, settings: dict, max_new_tokens: int,
                tools=None):
         lm = self.lm
@@ -180,18 +186,19 @@ class Chat:
         if key in self.conversations.stop_asked:  # Stop was pressed while this reply waited its turn
             self.conversations.stop_asked.discard(key)
             reply.cancel()
-        fast_path, text, count = lm.tokenizer.detokenizer(), "", 0
+        detokenizer, text, count = lm.tokenizer.detokenizer(), "", 0
         try:
             sent = -STREAM_INTERVAL_S  # the first token shows at once
             for count, token_id in enumerate(reply, 1):
-                text += lm.token_text(fast_path, token_id)
+                text += lm.token_text(detokenizer, token_id)
                 if time.monotonic() - sent >= STREAM_INTERVAL_S:
                     sent = time.monotonic()
                     yield text, f"generating… {count} new token{'' if count == 1 else 's'}"
-            text += fast_path.flush()
+            text += detokenizer.flush()
         except Qwen2Error as exc:
             raise ChatError(str(exc)) from None
-        except Exception as exc:
+        except Exception as exc:  # a bug: its traceback for the server's log, a message for the visitor
+            traceback.print_exc()
             raise ChatError(f"{type(exc).__name__}: {exc}") from None
         finally:
             reply.cancel()  # a no-op once it ended; Stop closes this generator at its yield

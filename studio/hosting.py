@@ -21,6 +21,10 @@ from .text import hide_paths, plain
 DEFAULT_MODEL = "Qwen/Qwen2-0.5B-Instruct"
 RANDOM_NOTICE = "random weights: replies are noise; the profiling figures are real"
 RANDOM_MAX_NEW_TOKENS = 48  # the default reply length with random weights: noise, so keep it short
+# The default reply length where the model decodes slowly (a small CPU; speeds in docs/benchmarks.md):
+# a reply caught in a repetition loop stops at half the length a GPU's does.
+CPU_MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS = 512  # elsewhere (a GPU writes this in seconds)
 REAL_WEIGHTS_HOWTO = (
     "To chat with real weights, start the app with `python app.py --model DIR_OR_ID` (a checkpoint "
     "directory, or a hub id such as `Qwen/Qwen2-0.5B-Instruct`) on a machine that can download it, "
@@ -64,10 +68,10 @@ class Busy:
 
     def note(self) -> str:
         if self.what:
-            return f"⏳ Busy: {self.what}. Your request waits in line and starts as soon as it is done."
+            return f"Busy: {self.what}. Your request waits in line and starts as soon as it is done."
         load = self.engine.load
         if load["live"] >= load["rows"]:
-            return (f"⏳ {load['live']} replies are being written and {load['waiting']} wait; yours starts "
+            return (f"Busy: {load['live']} replies are being written and {load['waiting']} wait; yours starts "
                     "as soon as one ends.")
         return ""
 
@@ -91,7 +95,7 @@ class LoadedModel:
             self.tokenizer_problem = exc
         self.stop_ids = default_stop_ids(self.model, self.tokenizer)
         self._extra: dict = {}
-        # The compiled CPU decode step by default (about twice the eager speed, docs/benchmarks.md),
+        # The compiled CPU decode step by default (its speed-up: docs/benchmarks.md),
         # compiled in the background while the engine serves eagerly. ZeroGPU attaches a GPU per call.
         if fast_decode is None:
             fast_decode = "off" if zero_gpu else "auto"
@@ -168,21 +172,31 @@ class LoadedModel:
 
     def text_of(self, token_ids) -> str:
         """The text of a reply's token ids, as the stream shows it."""
-        fast_path = self.tokenizer.detokenizer()
-        return "".join(self.token_text(fast_path, t) for t in token_ids) + fast_path.flush()
+        detokenizer = self.tokenizer.detokenizer()
+        return "".join(self.token_text(detokenizer, t) for t in token_ids) + detokenizer.flush()
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """The chat's default reply length: short with random weights (noise), shorter on CPU than on a
+        GPU, and never more than half the context or the server's cap."""
+        if self.random_weights:
+            wanted = RANDOM_MAX_NEW_TOKENS
+        else:
+            wanted = CPU_MAX_NEW_TOKENS if self.model.device.type == "cpu" else MAX_NEW_TOKENS
+        return max(1, min(wanted, self.context // 2, self.engine.limits.new_tokens))
 
     def sampling_defaults(self) -> SamplingSettings:
         """The chat's default settings: the checkpoint's generation_config.json, read as the terminal
         chat and transformers read it (greedy unless it says do_sample)."""
         return SamplingSettings.from_generation_config(self.model.info.generation_config)
 
-    def token_text(self, fast_path, token_id: int) -> str:
+    def token_text(self, detokenizer, token_id: int) -> str:
         """Streamed text of one token; ids with no text of their own (random weights) show as ⟨id⟩."""
         tok = self.tokenizer
         if token_id >= tok.vocab_size or (tok.is_fallback and token_id >= 256
                                           and token_id not in tok.special_token_ids):
-            return fast_path.flush() + f"⟨{token_id}⟩"
-        return fast_path.push(token_id)
+            return detokenizer.flush() + f"⟨{token_id}⟩"
+        return detokenizer.push(token_id)
 
     def model_for(self, device: str, dtype: str | None):
         """The chat model when device and dtype match it, else a copy loaded for profiling (one kept)."""

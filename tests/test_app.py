@@ -10,91 +10,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_checkpoint
+from tests.helpers import ROOT, App, endless_checkpoint, free_port, stats_numbers
 
 gradio_client = pytest.importorskip("gradio_client")
-from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 RANDOM_NOTICE = "random weights: replies are noise; the profiling figures are real"
-NEVER = 10**6  # an end-of-sequence id no model here can sample: replies run to max_new_tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def endless_checkpoint(directory: Path, **overrides) -> Path:
-    """A tiny checkpoint whose eos id never comes up, so a reply runs until max_new_tokens or Stop."""
-    directory = make_checkpoint(directory, **overrides)
-    gen_path = directory / "generation_config.json"
-    gen = json.loads(gen_path.read_text())
-    gen["eos_token_id"] = [NEVER]
-    gen_path.write_text(json.dumps(gen))
-    return directory
-
-
-class App:
-    """`python app.py ...` on a free loopback port; stopped (by its own pid) on close()."""
-
-    def __init__(self, workdir: Path, *args: str, env: dict | None = None, timeout: float = 240):
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.runs_dir = workdir / "runs"
-        self.log_path = workdir / "app.log"
-        full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1",
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
-        full_env.pop("GRADIO_SERVER_PORT", None)
-        full_env.pop("GRADIO_SERVER_NAME", None)
-        with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "app.py"), "--port", str(self.port),
-                 "--runs-dir", str(self.runs_dir), *args],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"app.py exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "config", timeout=5) as resp:
-                    if resp.status == 200:
-                        self.config = json.loads(resp.read())
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                pytest.fail(f"app.py did not serve within {timeout}s:\n{self.log()}")
-            time.sleep(0.5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
-
-    def client(self, tmp_path: Path | None = None) -> Client:
-        kwargs = {"download_files": str(tmp_path)} if tmp_path else {}
-        return Client(self.url, verbose=False, **kwargs)
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -108,15 +37,6 @@ def app(endless_dir, tmp_path_factory):
                  "--max-new-tokens", "4096")
     yield server
     server.close()
-
-
-def stats_numbers(stats: str) -> dict:
-    """{"prompt tokens": n, "new tokens": m, "reused": r} from a stats line (qwen2.chat.ReplyStats.line)."""
-    numbers = {name.rstrip("s") + "s": int(num)
-               for num, name in re.findall(r"(\d+) (prompt tokens|new tokens?)", stats)}
-    reused = re.search(r"prompt tokens \((\d+) reused\)", stats)
-    numbers["reused"] = int(reused.group(1)) if reused else 0
-    return numbers
 
 
 def test_api_signature_every_parameter_but_the_message_has_a_default(app):
@@ -229,11 +149,11 @@ def test_stop_keeps_the_text_and_statistics_of_the_same_tokens(endless_dir):
 def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
     client = app.client()
     _, before = client.predict("Remember this.", max_new_tokens=3, api_name="/chat")
-    # every slider's range is valid: top-p starts above 0, so 0 is refused by the slider itself
-    with pytest.raises(AppError, match="less than minimum"):
+    # the runtime's message, naming the parameter and its range (not Gradio's "less than minimum value")
+    with pytest.raises(AppError, match=r"top_p=0\.0 is invalid; expected in \(0, 1\]"):
         client.predict("Hi", top_p=0.0, api_name="/chat")
-    with pytest.raises(AppError, match="greater than maximum"):
-        client.predict("Hi", temperature=5.0, api_name="/chat")
+    with pytest.raises(AppError, match=r"temperature=-5\.0 is invalid; expected >= 0"):
+        client.predict("Hi", temperature=-5.0, api_name="/chat")
     with pytest.raises(AppError, match="context"):  # a system prompt longer than the context
         client.predict("Hi", "word " * 5000, api_name="/chat")
     with pytest.raises(AppError, match="cuda"):
@@ -248,15 +168,137 @@ def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
 
 def test_settings_are_checked_before_anything_runs():
     import studio.chat as chat_logic  # the chat's logic, without Gradio
+    from qwen2.sampling import SamplingSettings
 
     with pytest.raises(chat_logic.ChatError, match="top_p"):
         chat_logic.sampling_settings(0.7, 0.0, 20, 1.05, 16, -1)
-    with pytest.raises(chat_logic.ChatError, match="max new tokens"):
+    with pytest.raises(chat_logic.ChatError, match=r"max_new_tokens=0 is invalid; expected an integer >= 1"):
         chat_logic.sampling_settings(0.7, 0.8, 20, 1.05, 0, -1)
+    with pytest.raises(chat_logic.ChatError, match=r"max_new_tokens=9 is invalid; expected an integer in \[1, 8\]"):
+        chat_logic.sampling_settings(0.7, 0.8, 20, 1.05, 9, -1, most_new_tokens=8)
+    for name, args in (("temperature", ("hot", 0.8, 20, 1.05, 16, -1)),
+                       ("top_k", (0.7, 0.8, None, 1.05, 16, -1)),
+                       ("min_p", (0.7, 0.8, 20, 1.05, 16, -1, [0.1])),
+                       ("max_new_tokens", (0.7, 0.8, 20, 1.05, True, -1))):
+        with pytest.raises(chat_logic.ChatError, match=f"{name}=.* is invalid; expected"):
+            chat_logic.sampling_settings(*args)
+    assert chat_logic.sampling_settings(0, 1, 3.0, 1, 2.0, 5.0) == {
+        "sampling": SamplingSettings(top_k=3), "seed": 5, "max_new_tokens": 2}
+    assert chat_logic.sampling_settings(0, 1, 0, 1, 1, None)["seed"] is None
+    assert chat_logic.sampling_settings(0, 1, 0, 1, 1, -1.0)["seed"] is None
     assert chat_logic.sampling_settings(0, 1, 0, 1, 1, 5)["seed"] == 5
     for seed in (10**30, 2**63, float("inf")):  # past what torch.Generator takes: a message, not a traceback
         with pytest.raises(chat_logic.ChatError, match="seed|infinity"):
             chat_logic.sampling_settings(0.7, 0.8, 20, 1.05, 16, seed)
+
+
+# Each sampling setting outside the runtime's range, as an API client sends it: the runtime's message,
+# naming the parameter and the range (qwen2.sampling), never Gradio's "Value 0.0 is less than minimum".
+OUT_OF_RANGE = [
+    ({"temperature": -0.5}, r"temperature=-0\.5 is invalid; expected >= 0 \(0 = greedy\)"),
+    ({"temperature": "hot"}, r"temperature='hot' is invalid; expected a number"),
+    ({"top_p": 0.0}, r"top_p=0\.0 is invalid; expected in \(0, 1\] \(1 = off\)"),
+    ({"top_p": 1.5}, r"top_p=1\.5 is invalid; expected in \(0, 1\]"),
+    ({"top_k": -1}, r"top_k=-1 is invalid; expected >= 0 \(0 = off\)"),
+    ({"top_k": 2.5}, r"top_k=2\.5 is invalid; expected an integer >= 0"),
+    ({"min_p": 1.0}, r"min_p=1\.0 is invalid; expected in \[0, 1\) \(0 = off\)"),
+    ({"repetition_penalty": 0.0}, r"repetition_penalty=0\.0 is invalid; expected > 0 \(1 = off\)"),
+    ({"max_new_tokens": 0}, r"max_new_tokens=0 is invalid; expected an integer in \[1, 4096\]"),
+    ({"max_new_tokens": 4097}, r"max_new_tokens=4097 is invalid; expected an integer in \[1, 4096\]"),
+    ({"seed": 2**63}, r"seed=9223372036854775808 is invalid; expected an integer in \[0, 2\*\*63\)"),
+    ({"seed": 1.5}, r"seed=1\.5 is invalid; expected an integer in \[0, 2\*\*63\)"),
+]
+
+
+def test_out_of_range_settings_come_back_as_the_runtimes_messages(app):
+    client = app.client()
+    start = app.log_size()
+    for endpoint, args in (("/chat", ("Hi",)), ("/chat_tools", ("Hi", None))):
+        for setting, message in OUT_OF_RANGE:
+            with pytest.raises(AppError, match=message):
+                client.predict(*args, **setting, api_name=endpoint)
+    # each refusal is one line in the server's log, and no traceback: a refused request is no bug
+    log = app.log_since(start)
+    assert "Traceback" not in log and "less than minimum" not in log, log[-3000:]
+    assert log.count(" refused: ") == 2 * len(OUT_OF_RANGE), log[-3000:]
+    # the runtime's range is the API's, wider than the page's sliders (temperature up to 2, top-k to 200)
+    reply, stats = client.predict("Hi", temperature=3.0, top_k=500, min_p=0.5, max_new_tokens=2, seed=1,
+                                  api_name="/chat")
+    assert stats_numbers(stats)["new tokens"] == 2, stats
+
+
+def test_user_errors_log_one_line_and_no_traceback(app):
+    """A refused request (empty message, a prompt too long, broken tools, a bad setting) says why in
+    one line of the server's log; the app keeps serving."""
+    client = app.client()
+    start = app.log_size()
+    refusals = [(("   ",), {}, "/chat", "Type a message first"),
+                (("Hi", "word " * 5000), {}, "/chat", "context"),
+                (("Hi", [{"type": "function"}]), {}, "/chat_tools", r"tools\[0\]"),
+                (("Hi",), {"repetition_penalty": -1.0}, "/chat", "repetition_penalty=-1.0 is invalid")]
+    for args, kwargs, endpoint, message in refusals:
+        with pytest.raises(AppError, match=message):
+            client.predict(*args, **kwargs, api_name=endpoint)
+    _, stats = client.predict("Hi", max_new_tokens=2, api_name="/chat")
+    assert stats_numbers(stats)["new tokens"] == 2
+    log = app.log_since(start)
+    assert "Traceback" not in log, log[-3000:]
+    refused = [line for line in log.splitlines() if " refused: " in line]
+    assert len(refused) == len(refusals), log[-3000:]
+    assert all(len(line) < 400 for line in refused), refused
+
+
+def test_the_default_reply_length_fits_the_device_and_shows_on_the_page(app):
+    from studio.hosting import CPU_MAX_NEW_TOKENS
+
+    api = app.client().view_api(return_format="dict", print_info=False)["named_endpoints"]
+    defaults = {p["label"]: p["parameter_default"] for p in api["/chat"]["parameters"]}
+    assert defaults["Max new tokens"] == CPU_MAX_NEW_TOKENS < 512, defaults  # this app runs on CPU
+    # the limit shows on the page: in the settings' title (seen folded) and beside the setting
+    page = json.dumps(app.config)
+    assert f"replies stop at {CPU_MAX_NEW_TOKENS} new tokens" in page
+    assert f"{CPU_MAX_NEW_TOKENS} by default on cpu" in page
+    # and a reply that reaches it says so first in its statistics
+    _, stats = app.client().predict("Tell me a long story.", max_new_tokens=5, api_name="/chat")
+    assert stats.startswith("**Stats:** length limit reached: 5 new tokens"), stats
+
+
+def test_the_default_reply_length_by_device():
+    from types import SimpleNamespace
+
+    from studio.hosting import CPU_MAX_NEW_TOKENS, MAX_NEW_TOKENS, RANDOM_MAX_NEW_TOKENS, LoadedModel
+
+    def default(device="cpu", random_weights=False, context=8192, cap=2048):
+        lm = SimpleNamespace(random_weights=random_weights, context=context,
+                             model=SimpleNamespace(device=SimpleNamespace(type=device)),
+                             engine=SimpleNamespace(limits=SimpleNamespace(new_tokens=cap)))
+        return LoadedModel.default_max_new_tokens.fget(lm)
+
+    assert default("cpu") == CPU_MAX_NEW_TOKENS < default("cuda") == MAX_NEW_TOKENS
+    assert default("cuda", random_weights=True) == RANDOM_MAX_NEW_TOKENS
+    assert default("cpu", context=256) == 128 and default("cuda", cap=100) == 100
+
+
+def test_a_bug_while_replying_keeps_its_traceback_in_the_log(tiny_model_dir, capsys):
+    """Refusals log one line; an unexpected exception is a bug, and its traceback is printed."""
+    from studio.chat import Chat, ChatError
+    from studio.hosting import Busy, LoadedModel
+
+    lm = LoadedModel(str(tiny_model_dir), "cpu", "float32", None, fast_decode="off").start()
+    try:
+        chat = Chat(lm, Busy(lm.engine))
+
+        def broken(fast_path, token_id):
+            raise RuntimeError("a bug in the detokenizer")
+
+        lm.token_text = broken
+        settings = chat.settings(0.0, 1.0, 0, 1.0, 4, 0)
+        with pytest.raises(ChatError, match="RuntimeError: a bug in the detokenizer"):
+            list(chat.stream("bug", "Hi", [], "", settings, 4))
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "a bug in the detokenizer" in err, err
+    finally:
+        lm.engine.close()
 
 
 def test_empty_message_shows_the_hint(app):
@@ -326,6 +368,8 @@ def test_profile_returns_figures_and_saves_the_run(app, tmp_path):
     assert ops and len(ops["data"]) >= 3 and "name" in ops["headers"], ops
     assert out["timeline"] and json.loads(out["timeline"]["plot"])["data"]
     assert "trace" in out["status"]
+    # torch.profiler ran on a Gradio worker thread, with Kineto initialised on the main one (app.py)
+    assert "External init callback" not in app.log_since(0), app.log()
 
 
 def test_compare_saved_and_uploaded_runs(app, tmp_path):
@@ -421,6 +465,14 @@ def test_inside_the_model_endpoint_runs_a_prompt_and_steps(app):
     assert time.monotonic() - started < 30
     *_, again = client.predict(api_name="/inside_step")
     assert again["step"] == 2
+    # out-of-range settings come back as the runtime's messages, one log line each, no traceback
+    offset = app.log_size()
+    with pytest.raises(AppError, match=re.escape("top_p=0.0 is invalid; expected in (0, 1]")):
+        client.predict("Hi", 0.0, 0, 0.0, api_name="/inside")
+    with pytest.raises(AppError, match=re.escape("top_k='many' is invalid; expected an integer")):
+        client.predict("Hi", 0.0, "many", api_name="/inside")
+    log = app.log_since(offset)
+    assert log.count("/inside refused:") == 2 and "Traceback" not in log, log
 
 
 def test_shipped_runs_load_and_are_preselected_in_compare(tmp_path, tiny_model_dir, monkeypatch):

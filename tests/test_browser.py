@@ -6,50 +6,18 @@ kept; four turns prefill about as much each (the KV cache is kept). Dashboard: t
 runs are preselected and shown with the headline-figures table; a profile renders the charts and
 the trace view; it reads on a narrow screen and in dark mode. Inside the model: a prompt's
 views render and "Next token" steps. Screenshots of every tab go to
-$ARTIFACTS_DIR (default: <system tmp>/qwen2-studio-artifacts).
+$ARTIFACTS_DIR (default: ./artifacts).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.test_app import App, endless_checkpoint, stats_numbers
-
-CHROMIUM = "/usr/bin/chromium"
-# One rerun of a failed browser test: on these shared 2-core machines a streaming UI step can miss its
-# window under load (a failure in the rerun still fails). Needs pytest-rerunfailures (requirements-dev).
-pytestmark = pytest.mark.flaky(reruns=1)
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-@pytest.fixture(scope="module")
-def artifacts() -> Path:
-    path = Path(os.environ.get("ARTIFACTS_DIR") or Path(tempfile.gettempdir()) / "qwen2-studio-artifacts")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"browser test skipped: {CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("browser test skipped: the playwright python package is not installed")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
+from tests.browser_fixtures import wait_until
+from tests.helpers import App, endless_checkpoint, stats_numbers
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -79,21 +47,11 @@ def page(request, browser, server, artifacts):
             print(f"no screenshot: {exc}")
         print(f"app log (tail):\n{server.log()[-3000:]}")
     stop = page.locator("#chat-input .stop-button")
-    if stop.is_visible():  # a reply left running would hold the queue for the next test (or rerun)
+    if stop.is_visible():  # a reply left running would hold the queue for the next test
         stop.dispatch_event("click")
         page.locator("#chat-input .submit-button").wait_for(state="visible", timeout=15_000)
     page.close()
     assert not errors, errors
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def open_settings(page):
@@ -151,6 +109,10 @@ def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
     wait_until(lambda: "Type a message first" in stats.inner_text(), 10, "the empty-message hint")
     assert page.locator("[data-testid=user]").count() == 0
 
+    # The default reply length fits a CPU, and the settings' title says it while they are folded away.
+    from studio.hosting import CPU_MAX_NEW_TOKENS
+    assert page.get_by_text(f"replies stop at {CPU_MAX_NEW_TOKENS} new tokens").is_visible()
+
     # A long reply streams; Stop keeps it, with its statistics under it, and the box comes back.
     open_settings(page)
     set_number(page, "Max new tokens", "4000", "max-new-tokens")
@@ -197,6 +159,12 @@ def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
     send(page, "Thanks! Now a short one.")
     line = wait_for_reply_stats(page, 2)
     assert "24 new tokens" in line and "stopped" not in line, line
+    # the limit shows in the settings' title, folded or not, and the statistics say it was reached;
+    # their title is plain text (an emoji is an empty box in a browser without an emoji font)
+    wait_until(lambda: page.get_by_text("replies stop at 24 new tokens").count() == 1, 10,
+               "the settings' title to show the new limit")
+    assert page.locator("#chatbot").get_by_text("Stats: length limit reached: 24 new tokens").count() == 1, \
+        page.locator("#chatbot").inner_text()[-500:]
     assert stats_numbers(line)["reused"] > 0, line  # the first turn came from the kept cache
     page.get_by_text("System prompt and sampling").click()  # fold the settings away again
     page.screenshot(path=str(artifacts / "04-chat-reply-with-stats.png"), full_page=True)

@@ -10,9 +10,10 @@ import json
 import pytest
 
 from qwen2.tool_calls import parse_tool_calls
-from tests.test_app import App, AppError, stats_numbers
-from tests.conftest import make_checkpoint
-from tests.test_chat_template import QWEN25_TEMPLATE
+from gradio_client.exceptions import AppError
+
+from tests.helpers import App, make_checkpoint, stats_numbers
+from tests.tokenizer_factory import QWEN25_TEMPLATE
 
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",

@@ -8,10 +8,11 @@ import gradio as gr
 
 from qwen2.chat import message_text
 from qwen2.tool_calls import parse_tool_calls, tool_names
-from studio.chat import EMPTY_HINT, Chat, ChatError, sampling_settings, stats_message
-from studio.hosting import RANDOM_MAX_NEW_TOKENS, LoadedModel
+from studio.chat import EMPTY_HINT, Chat, ChatError, stats_message
+from studio.hosting import LoadedModel
 
 from .queues import CHAT_CONCURRENCY, CHAT_QUEUE
+from .refusals import api_error, checked_by_studio, refused
 
 EXAMPLES = [
     "Explain what a KV cache is, in three sentences.",
@@ -29,7 +30,7 @@ def box_ready(**value):
 def make_chat_events(chat: Chat):
     """The page's chat events: start (instant), respond (streams, queued), stop; and the API's."""
 
-    def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
+    def start(message, chatbot, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p,
               request: gr.Request):
         """Check the message and settings before the box is cleared; returns
         (textbox, chatbot, stats, pending message or None)."""
@@ -38,16 +39,16 @@ def make_chat_events(chat: Chat):
         try:
             if not text.strip():
                 raise ChatError(EMPTY_HINT)
-            sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            chat.settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p)
         except ChatError as exc:
-            gr.Warning(str(exc))
+            gr.Warning(refused("chat", exc))
             return gr.update(), gr.skip(), f"⚠ {exc}", None
         chatbot = [*(chatbot or []), {"role": "user", "content": text}]
         waiting = chat.busy.note() or "waiting for the model…"
         return gr.update(value="", interactive=False, submit_btn=False, stop_btn=True), chatbot, waiting, text
 
     def respond(pending, chatbot, system_prompt, temperature, top_p, top_k, repetition_penalty,
-                max_new_tokens, seed, request: gr.Request):
+                max_new_tokens, seed, min_p, request: gr.Request):
         """Stream the reply to `pending` (the message `start` moved into the chat); on any error, put
         the message back in the box and the chat back as it was, and say what went wrong."""
         if pending is None:
@@ -55,12 +56,12 @@ def make_chat_events(chat: Chat):
             return
         before = (chatbot or [])[:-1]
         try:
-            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            settings = chat.settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p)
             for reply, stats in chat.stream(request.session_hash, pending, before, system_prompt, settings,
-                                            max_new_tokens):
+                                            settings["max_new_tokens"]):
                 yield [*chatbot, {"role": "assistant", "content": reply}], stats, gr.skip()
         except ChatError as exc:
-            gr.Warning(f"Could not reply: {exc}")
+            gr.Warning(f"Could not reply: {refused('chat', exc)}")
             yield before, f"⚠ Could not reply: {exc}", box_ready(value=pending)
             return
         except Exception as exc:  # never leave the page stuck: report, restore
@@ -84,22 +85,23 @@ def make_chat_events(chat: Chat):
         return ""
 
     def api(message, system_prompt, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
-            history, request: gr.Request):
+            min_p, history, request: gr.Request):
         """Stream a reply to `message` in this session's conversation; yields (reply so far, stats)."""
         text = message_text(message)
         try:
             if not text.strip():
                 raise ChatError(EMPTY_HINT)
-            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            settings = chat.settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p)
             for reply, stats in chat.stream(request.session_hash, text, history, system_prompt, settings,
-                                            max_new_tokens):
+                                            settings["max_new_tokens"]):
                 turn = [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
                 yield reply, stats, [*(history or []), *turn]  # a cancelled reply stays in the history
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise api_error("/chat", exc) from None
 
     def api_tools(message, tools, tool_results=None, system_prompt="", temperature=0.0, top_p=1.0, top_k=0,
-                  repetition_penalty=1.0, max_new_tokens=512, seed=-1, history=None, request: gr.Request = None):
+                  repetition_penalty=1.0, max_new_tokens=256, seed=-1, min_p=0.0, history=None,
+                  request: gr.Request = None):
         """Function calling, in this session's conversation (the one /chat continues): a reply with
         `tools` (JSON function specs) rendered into the prompt by the checkpoint's template. Returns
         (the reply's text without its calls, the calls as [{"type": "function", "function": {"name",
@@ -111,13 +113,13 @@ def make_chat_events(chat: Chat):
         try:
             if not new:
                 raise ChatError(EMPTY_HINT)
-            settings = sampling_settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed)
+            settings = chat.settings(temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed, min_p)
             reply, stats = "", ""
             for reply, stats in chat.stream(request.session_hash, new, history, system_prompt, settings,
-                                            max_new_tokens, tools=tools):
+                                            settings["max_new_tokens"], tools=tools):
                 pass
         except ChatError as exc:
-            raise gr.Error(str(exc)) from None
+            raise api_error("/chat_tools", exc) from None
         content, calls = parse_tool_calls(reply, names=tool_names(tools))
         calls = [call.to_dict() for call in calls]
         turn = [*new, {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}]
@@ -126,10 +128,14 @@ def make_chat_events(chat: Chat):
     return start, respond, stop, clear, api, api_tools
 
 
+def settings_title(max_new_tokens) -> str:
+    return f"System prompt and sampling · replies stop at {max_new_tokens} new tokens"
+
+
 def chat_tab(lm: LoadedModel, chat: Chat):
     """The Chat tab: the conversation, the box, the settings (also the inputs of the /chat API)."""
     gen = lm.sampling_defaults()
-    default_new = RANDOM_MAX_NEW_TOKENS if lm.random_weights else min(512, lm.context // 2)
+    default_new, most_new = lm.default_max_new_tokens, min(lm.context, lm.engine.limits.new_tokens)
     chatbot = gr.Chatbot(height=460, show_label=False, elem_id="chatbot", placeholder=(
         f"Chat with `{lm.source}` running on {lm.device} ({lm.dtype}). Each reply shows its statistics "
         "under it; the conversation's KV cache is kept between turns."))
@@ -137,20 +143,27 @@ def chat_tab(lm: LoadedModel, chat: Chat):
                          submit_btn=True, stop_btn=False, autofocus=True, lines=1)
     stats = gr.Markdown("", elem_id="chat-stats")
     gr.Examples([[e] for e in EXAMPLES], inputs=[textbox], label="Examples (English, Chinese, code)")
-    with gr.Accordion("System prompt and sampling (defaults from generation_config.json)", open=False):
+    # The reply length is in the accordion's title, so it shows while the settings are folded away.
+    with gr.Accordion(settings_title(default_new), open=False) as accordion:
         system = gr.Textbox("", label="System prompt", lines=2, placeholder="e.g. You are a helpful assistant.")
+        gr.Markdown("Sampling defaults from the checkpoint's `generation_config.json`.")
         with gr.Row():
-            temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05,
-                                    label="Temperature", info="0 = greedy")
+            temperature = gr.Slider(0, 2, value=gen.temperature, step=0.05, label="Temperature", info="0 = greedy")
             top_p = gr.Slider(0.01, 1, value=gen.top_p, step=0.01, label="Top-p", info="1 = off")
             top_k = gr.Slider(0, 200, value=min(gen.top_k, 200), step=1, label="Top-k (0 = off)")
+            min_p = gr.Slider(0, 0.99, value=gen.min_p, step=0.01, label="Min-p", info="0 = off")
         with gr.Row():
             penalty = gr.Slider(0.5, 2, value=min(max(gen.repetition_penalty, 0.5), 2.0), step=0.01,
                                 label="Repetition penalty", info="1 = off")
-            max_new = gr.Slider(1, min(lm.context, lm.engine.limits.new_tokens), value=default_new, step=1,
-                                label="Max new tokens", elem_id="max-new-tokens")
+            max_new = gr.Slider(1, most_new, value=default_new, step=1, label="Max new tokens",
+                                elem_id="max-new-tokens",
+                                info=f"a reply stops here: {default_new} by default on {lm.device}, "
+                                     f"at most {most_new:,}")
             seed = gr.Number(-1, precision=0, label="Seed (-1 = random)")
-    settings = [temperature, top_p, top_k, penalty, max_new, seed]
+    # min_p last: the API's positional order (message, system prompt, ..., seed) stays as it was.
+    settings = [checked_by_studio(c) for c in (temperature, top_p, top_k, penalty, max_new, seed, min_p)]
+    max_new.change(lambda n: gr.update(label=settings_title(n)), max_new, accordion, queue=False,
+                   api_visibility="undocumented", show_progress="hidden")
 
     start, respond, stop, clear, api, api_tools = make_chat_events(chat)
     pending = gr.State(None)
