@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-# make_checkpoint is also re-exported: test modules written before tests/helpers.py import it from
-# tests.conftest (new code imports it from tests.helpers).
 from tests.helpers import make_checkpoint, train_peaked_model
+
+# Fixtures of the Inside tests (fused, unfused and sliding-window models) and the browser tests.
+pytest_plugins = ["tests.inside_fixtures", "tests.browser_fixtures"]
 
 # The environment of the whole run, set in pytest_configure (before any test module is imported or
 # any test runs) and put back in pytest_unconfigure. Subprocesses the tests start (app.py,

@@ -3,8 +3,7 @@
 and the top-1 agreement / KL of a quantized copy of it, and `python app.py` as a subprocess on a
 free loopback port (App) with the helpers its tests use.
 
-Test modules import these from here, never from one another (tests/conftest.py re-exports
-make_checkpoint and TINY for the modules that still import them from there).
+Test modules import these from here, never from one another.
 """
 
 from __future__ import annotations
@@ -196,6 +195,15 @@ class App:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """All the log written after `offset` (a log_size() taken earlier)."""
+        with open(self.log_path, "rb") as fh:
+            fh.seek(offset)
+            return fh.read().decode(errors="replace")
 
     def client(self, tmp_path: Path | None = None):
         from gradio_client import Client
