@@ -3,7 +3,7 @@
 Writes DIR/<run>.pt.trace.json.gz: a gzipped Chrome trace that
   - https://ui.perfetto.dev opens directly ("Open trace file"; chrome://tracing too),
   - TensorBoard's PyTorch Profiler tab reads (`tensorboard --logdir DIR`, needs torch-tb-profiler),
-  - `top_ops(path)` and `profiling.charts.trace_timeline(path)` summarise and draw.
+  - `top_ops(path)` and `profiling.trace_chart.trace_timeline(path)` summarise and draw.
 The labels come from record_function ranges opened and closed by forward hooks (ModuleHooks with
 labels=True), so the model itself carries no profiling code.
 """

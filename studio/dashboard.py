@@ -18,6 +18,7 @@ import profiling.report
 import profiling.trace
 from profiling.errors import RunFileError
 from profiling.runfile import hardware_label, model_label, run_label, shipped_runs, shipped_serving_runs, trace_file
+from profiling.trace_chart import trace_timeline
 
 from .errors import VisitorError
 from .hosting import Busy, LoadedModel, device_choices
@@ -250,7 +251,7 @@ def trace_views(runs, paths, theme) -> list:
         try:
             ops = pd.DataFrame(profiling.trace.top_ops(trace, n=15)).round(
                 {"total_ms": 3, "mean_ms": 4, "percent": 1})
-            return [ops, profiling.charts.trace_timeline(trace, theme=theme), run_label(run)]
+            return [ops, trace_timeline(trace, theme=theme), run_label(run)]
         except Exception:
             traceback.print_exc()
     return [None, None, None]

@@ -167,6 +167,7 @@ def test_figures_stack_their_panels_and_fit_a_phone(n_runs):
     the legend on the figure's bottom edge, a set height, title and legend lines short enough for a
     360 px chart, and runs named on horizontal bars' axis (never as rotated category labels)."""
     from profiling import chart_style, charts
+    from profiling.trace_chart import trace_timeline
     from profiling.runfile import shipped_runs, shipped_serving_runs, trace_file
 
     runs = three_runs()[:n_runs]
@@ -176,7 +177,7 @@ def test_figures_stack_their_panels_and_fit_a_phone(n_runs):
                charts.sweep_figure(runs), charts.serving_figure(shipped_serving_runs())]
     trace = trace_file(runs[0], shipped_runs()[0])
     if trace:
-        figures.append(charts.trace_timeline(trace))
+        figures.append(trace_timeline(trace))
     for fig in figures:
         layout = fig.layout
         name = layout.title.text

@@ -26,6 +26,7 @@ from profiling.report import write_report
 from profiling.runfile import model_size, run_label, shipped_runs
 from profiling.steps import timed_run
 from profiling.trace import top_ops
+from profiling.trace_chart import trace_timeline
 from profiling.timers import CpuClock, summarize
 from tests.helpers import make_checkpoint
 
@@ -278,7 +279,7 @@ def test_top_ops(traced):
 
 
 def test_trace_timeline(traced):
-    fig = charts.trace_timeline(traced[0]["trace"]["file"], theme="dark")
+    fig = trace_timeline(traced[0]["trace"]["file"], theme="dark")
     rows = {t.name for t in fig.data}
     assert {"steps", "layers", "blocks", "operators"} <= rows
     steps = next(t for t in fig.data if t.name == "steps")
