@@ -1,4 +1,5 @@
 """Terminal chat: python -m qwen2 --model ID_OR_DIR [--device] [--dtype] [--prompt TEXT] [--tools FILE]
+[--speculate lookup]
 
 With --prompt: one reply, then exit. Without: a multi-turn chat (empty line or Ctrl-D quits).
 After each reply: prompt tokens, time to first token and decode tokens/s. With --tools (a JSON list
@@ -13,6 +14,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,8 +24,10 @@ from .chat import ChatSession
 from .fast import make_fast_path, warm_up_or_off
 from .errors import GenerationError, ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
-from .options import FAST_DECODE_MODES, QUANT_SCHEMES
+from .options import FAST_DECODE_MODES, QUANT_SCHEMES, dtype_name
 from .sampling import SamplingSettings, check_seed
+from .speculative import PromptLookupDrafter, speculative_generate
+from .stats import ReplyStats
 from .tokenizer import Tokenizer
 from .tool_calls import parse_tool_calls, tool_names, validate_tools
 
@@ -48,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=seed_argument, default=None, help="an integer in [0, 2**63)")
     p.add_argument("--random-weights", action="store_true", help="official shape, random weights (no download)")
+    p.add_argument("--speculate", default="off", choices=("off", "lookup"),
+                   help="speculative decoding (lookup: prompt-lookup drafts, verified in one forward; the "
+                        "reply is the same, drafted/accepted counts join the stats line). Decodes eagerly, "
+                        "and prefills the whole conversation each turn. Default: off")
     p.add_argument("--tools", default=None, metavar="FILE.json",
                    help="function calling: a JSON list of tool specs ({type: function, function: {name, ...}})")
     return p.parse_args(argv)
@@ -91,8 +99,14 @@ def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
                          f"({chat.limit}); start a new one")
     stream = tok.detokenizer()
     text = []
-    tokens = chat.reply(ids, max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
-                        **sampling_kwargs(args, model.info.generation_config))
+    kwargs = dict(max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
+                  **sampling_kwargs(args, model.info.generation_config))
+    speculation = None
+    if getattr(args, "speculate", "off") == "lookup":
+        speculation = speculative_generate(model, torch.tensor([ids]), PromptLookupDrafter(), **kwargs)
+        tokens = timed_reply(chat, len(ids), budget, speculation)
+    else:
+        tokens = chat.reply(ids, **kwargs)
     for token in tokens:
         piece = stream.push(token)
         text.append(piece)
@@ -100,12 +114,33 @@ def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
         out.flush()
     tail = stream.flush()
     text.append(tail)
-    out.write(f"{tail}\n[{chat.stats.line()}]\n")
+    line = chat.stats.line() + (f" · {speculation.stats.line()}" if speculation is not None else "")
+    out.write(f"{tail}\n[{line}]\n")
     content, calls = parse_tool_calls("".join(text), names=tool_names(tools))
     for call in calls:
         out.write(f"[tool call] {call.name} {json.dumps(call.arguments, ensure_ascii=False)}\n")
     message = {"role": "assistant", "content": content}
     return {**message, "tool_calls": [c.to_dict() for c in calls]} if calls else message
+
+
+def timed_reply(chat: ChatSession, prompt_tokens: int, budget: int, tokens):
+    """Stream `tokens` (a reply made outside the chat's cache: --speculate), filling chat.stats as
+    ChatSession.reply does. The chat's kept cache is dropped: the next turn prefills from scratch."""
+    chat.reset()
+    chat.stats = stats = ReplyStats(prompt_tokens=prompt_tokens, device=str(chat.model.device),
+                                    dtype=dtype_name(chat.model.dtype), stopped=True,
+                                    context_used=prompt_tokens, context_limit=chat.limit)
+    started, first, count = time.perf_counter(), None, 0
+    for token in tokens:
+        now = time.perf_counter()
+        first = first or now
+        count += 1
+        stats.new_tokens, stats.context_used = count, prompt_tokens + count
+        stats.ttft_s, stats.decode_s = first - started, now - first
+        yield token
+    stats.stopped = False
+    stats.end = "length" if count >= budget else "stop"
+    stats.ttft_s = stats.ttft_s if first else time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -114,7 +149,8 @@ def main(argv=None) -> int:
         try:
             model = load_model(args.model, device=args.device, dtype=args.dtype,
                                random_weights=args.random_weights, quantize=args.quantize)
-            fast_path = make_fast_path(model, args.fast_decode)
+            # speculation runs eagerly (DecodeSession.extend): no decode step to compile or capture
+            fast_path = None if args.speculate != "off" else make_fast_path(model, args.fast_decode)
             tok = load_tokenizer(args.model, model)
         except ModelNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -105,6 +105,24 @@ class DecodeSession:
         return logits
 
     @torch.inference_mode()
+    def extend(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed (B, T) tokens after those in the cache; return the logits at every position, float32
+        (B, T, V): row t is the next-token distribution after token t. Always a plain module call
+        (a fast path has one-token steps only). With rewind(length) this is verify-and-roll-back:
+        speculative decoding (qwen2/speculative.py) feeds a draft, keeps what the model agrees with."""
+        B, T = token_ids.shape
+        self._check_room(T)
+        device = self.cache.key_valid.device
+        slots = torch.arange(self.cache.length, self.cache.length + T, device=device)
+        positions = self.next_position[:, None] + torch.arange(T, device=device)
+        with eager_attention_kernels(device):
+            logits = self.model(token_ids.to(device), cache=self.cache, slots=slots, positions=positions,
+                                kv_len=self.cache.length + T, last_only=False)
+        self.next_position += T
+        self.cache.advance(T)
+        return logits
+
+    @torch.inference_mode()
     def rewind(self, length: int):
         """Keep only the first `length` tokens (one unpadded row): a chat's next turn re-uses them."""
         _check_single_row(self.cache, "rewind")
