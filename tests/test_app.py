@@ -389,8 +389,11 @@ def test_compare_saved_and_uploaded_runs(app, tmp_path):
     assert any(Path(f).name.endswith(".html") for f in files) and "Comparing" in status
     bad = tmp_path / "not-a-run.json"
     bad.write_text('{"hello": 1}')
+    offset = app.log_size()
     with pytest.raises(AppError, match="not a run file"):
         client.predict([], [handle_file(str(bad))], api_name="/compare")
+    log = app.log_since(offset)  # a visitor's mistake: one line in the server's log, no traceback
+    assert log.count("/compare refused:") == 1 and "Traceback" not in log, log
 
 
 def test_a_mistyped_upload_breaks_nothing_for_anyone(app, tmp_path):

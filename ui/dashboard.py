@@ -13,6 +13,7 @@ from studio.errors import VisitorError
 from studio.hosting import LoadedModel, device_choices
 
 from .queues import COMPUTE_QUEUE, on_gpu
+from .refusals import api_error
 
 
 def outputs(shown: Shown, choices) -> list:
@@ -34,14 +35,14 @@ def events(dash: Dashboard):
                 else:
                     yield outputs(now, dash.runs.choices())
         except VisitorError as exc:
-            raise gr.Error(str(exc)) from None
+            raise api_error("/profile", exc) from None
 
     def compare(selected=None, uploaded=None, theme="light"):
         uploads = [(u if isinstance(u, str) else u.name, getattr(u, "orig_name", None)) for u in uploaded or []]
         try:
             return outputs(dash.compare(selected, uploads, theme), dash.runs.choices())
         except VisitorError as exc:
-            raise gr.Error(str(exc)) from None
+            raise api_error("/compare", exc) from None
 
     def page_load(theme="light"):
         shown, choices = dash.page_load(theme), dash.runs.choices()
