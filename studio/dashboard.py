@@ -60,13 +60,10 @@ class Dashboard:
         self.lm, self.runs, self.busy = lm, runs, busy
 
     # -- views -------------------------------------------------------------------------------
-    def views(self, runs: list[dict], theme: str, paths) -> list:
-        """[KPI table, layer, memory, throughput, sweep figures, baseline note, top ops, timeline]
-        (None where there is nothing to show: no sweep, no trace)."""
-        return self._draw(runs, theme, paths)[0]
-
-    def _draw(self, runs: list[dict], theme: str, paths) -> tuple[list, str | None]:
-        """(the views, the label of the run whose trace they show, or None)."""
+    def views(self, runs: list[dict], theme: str, paths) -> tuple[list, str | None]:
+        """([KPI table, layer, memory, throughput, sweep figures, baseline note, top ops, timeline],
+        the label of the run whose trace they show); None where there is nothing to show (no sweep,
+        no trace)."""
         charts, theme = profiling.charts, "dark" if theme == "dark" else "light"
 
         def draw(fn, **kwargs):
@@ -87,7 +84,7 @@ class Dashboard:
     def shown(self, runs: list[dict], theme: str, paths, status: str, **kwargs) -> Shown:
         """What to show for `runs`: their views, and the status, which says whose trace the trace
         views show when several runs are (they show one run's trace)."""
-        views, trace_of = self._draw(runs, theme, paths)
+        views, trace_of = self.views(runs, theme, paths)
         if trace_of is not None and len(runs) > 1:
             status += (f"  \nThe trace views below show the trace of **{plain(trace_of)}** (the first of "
                        "these runs that has one).")
