@@ -15,7 +15,9 @@ Against llama.cpp (`--against llama.cpp GGUF_FILE`, needs the optional llama-cpp
 runs the GGUF (a file of the same model: its precision is the GGUF's) on the same prompt token ids,
 greedy, with the same thread count. Both are timed token by token: prefill = the prompt's forward
 pass up to the first token, decode = each following token's step and greedy pick (llama.cpp:
-`eval([token])` + argmax of its logits; no stop tokens on either side).
+`eval([token])` + argmax of its logits; no stop tokens on either side). `--agreement-tokens 400`
+adds the quality at the same bits: both engines' top-1 agreement and KL with our model computing in
+float32, teacher-forced on its 400-token greedy reply (profiling/agreement.py).
 
 Rounds alternate ours / the other engine so drift in a shared machine's speed hits both; the
 median of the rounds is reported.
@@ -38,6 +40,7 @@ from qwen2.cache import kv_bytes_per_token
 from qwen2.generate import check_budget
 from qwen2.options import FAST_DECODE_MODES, parse_dtype, resolve_device
 
+from . import agreement
 from .baseline import first_divergence, greedy_generate, load_reference
 from .device import memory_bandwidth_limit, synchronize
 from .environment import environment
@@ -90,11 +93,7 @@ def decode_rate(make, n, rounds_log):
 def quant_agreement(ours_q, ours_ref, ids) -> dict:
     """Top-1 agreement and KL(ref || quantized) of next-token distributions over the prompt positions."""
     with torch.inference_mode():
-        a, b = ours_ref(ids), ours_q(ids)
-    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-    kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
-                                    reduction="sum").item() / ids.shape[1]
-    return {"top1_agreement": agree, "kl_nats_per_token": kl}
+        return agreement.agreement(ours_q(ids)[0], ours_ref(ids)[0])
 
 
 def load_ours(args, mode, device):
@@ -267,11 +266,29 @@ def alternate(engines: dict, rounds: int, prompt_len: int, n: int) -> tuple[dict
     return log, tokens
 
 
-def compare_llama(args, mode, device, ids) -> dict:
+def agreement_rows(args, ours, llm, ids) -> dict:
+    """Teacher-forced on the reference's greedy reply of --agreement-tokens tokens: top-1 agreement
+    and KL of ours (this mode) and of llama.cpp (this GGUF), each against the reference: our model
+    holding the checkpoint's weights, computing in float32 (profiling/agreement.py)."""
+    prompt = ids[0].tolist()
+    reference_model = qwen2.load_model(args.model, device=ids.device, dtype=torch.float32,
+                                       random_weights=args.random_weights)
+    reply = agreement.saved_reply(args.agreement_reply, prompt, args.agreement_tokens,
+                                  lambda: agreement.reference_reply(reference_model, ids, args.agreement_tokens))
+    reference = agreement.ours_logits(reference_model, prompt, reply)
+    del reference_model
+    gc.collect()
+    return {"tokens": len(reply), "reference": "ours, float32",
+            "ours": agreement.agreement(agreement.ours_logits(ours, prompt, reply), reference),
+            "llama.cpp": agreement.agreement(agreement.llama_logits(llm, prompt, reply), reference)}
+
+
+def compare_llama(args, mode, device, ids, bandwidth) -> dict:
     n, prompt = args.new_tokens, ids[0].tolist()
     ours, fast_path = load_ours(args, mode, device)
-    check_budget(ours, len(prompt), n)
-    llm, version, greedy = load_llama(args.against[1], torch.get_num_threads(), n_ctx=len(prompt) + n + 8)
+    check_budget(ours, len(prompt), max(n, args.agreement_tokens))
+    n_ctx = len(prompt) + max(n, args.agreement_tokens) + 8
+    llm, version, greedy = load_llama(args.against[1], torch.get_num_threads(), n_ctx=n_ctx)
     engines = {"ours": lambda: ours_run(ours, ids, n, fast_path), "llama.cpp": lambda: llama_run(llm, prompt, n, greedy)}
     log, tokens = alternate(engines, args.rounds, len(prompt), n)
     med = {name: {k: statistics.median(v) for k, v in d.items()} for name, d in log.items()}
@@ -286,6 +303,13 @@ def compare_llama(args, mode, device, ids) -> dict:
            "greedy_same_prefix": n if diverged is None else diverged,
            "decode_path": fast_path.name if fast_path is not None else "eager", "weights_bytes": weight_bytes(ours)["weights_bytes"],
            "gguf_bytes": Path(args.against[1]).stat().st_size}
+    read = row["weights_bytes"] + kv_bytes_per_token(ours.config, ours.dtype) * (len(prompt) + n / 2)
+    row.update(ours_gb_s=read * row["ours_tok_s"] / 1e9, roofline_pct=100 * read * row["ours_tok_s"] / bandwidth,
+               bandwidth_bytes_per_s=bandwidth)
+    if args.agreement_tokens:
+        print(f"[compare] {mode} vs llama.cpp: agreement with our float32 on {args.agreement_tokens} reply tokens ...",
+              file=sys.stderr, flush=True)
+        row["agreement"] = agreement_rows(args, ours, llm, ids)
     del ours, llm
     _free(device)
     return row
@@ -304,9 +328,16 @@ def format_llama_table(rows) -> str:
             lines.append(f"{i:<7} {a:>10.1f} {b:>10.1f} {a / b:>5.2f}x {pa:>12.1f} {pb:>13.1f}")
         lines.append(f"{'median':<7} {r['ours_tok_s']:>10.1f} {r['ref_tok_s']:>10.1f} {r['ratio']:>5.2f}x "
                      f"{r['ours_prefill_tok_s']:>12.1f} {r['ref_prefill_tok_s']:>13.1f}")
+        lines.append(f"ours reads {r['ours_gb_s']:.1f} GB/s at its median decode speed: {r['roofline_pct']:.0f} % of "
+                     f"the {r['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s measured on this machine")
         lines.append(f"decode and prefill in tok/s; greedy tokens equal for the first {r['greedy_same_prefix']}/"
                      f"{r['new_tokens']} (different precisions and kernels may diverge); weights "
                      f"{r['weights_bytes'] / 1e6:.0f} MB ours, GGUF {r['gguf_bytes'] / 1e6:.0f} MB")
+        if "agreement" in r:
+            a = r["agreement"]
+            for engine in ("ours", "llama.cpp"):
+                lines.append(f"agreement with our float32, teacher-forced on its {a['tokens']}-token reply: {engine:<9} "
+                             f"top-1 {a[engine]['top1_agreement']:.2%}, KL {a[engine]['kl_nats_per_token']:.2e} nats/token")
     return "\n".join(lines)
 
 
@@ -356,6 +387,11 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="same as --fast-decode compile")
     p.add_argument("--against", nargs="+", default=["transformers"], metavar="ENGINE [GGUF_FILE]",
                    help="transformers (default) or: llama.cpp GGUF_FILE (needs llama-cpp-python)")
+    p.add_argument("--agreement-tokens", type=int, default=0,
+                   help="with --against llama.cpp: also the top-1 agreement and KL of both engines with our model "
+                        "in float32, teacher-forced on its greedy reply of this many tokens (0: skip)")
+    p.add_argument("--agreement-reply", default=None, metavar="JSON",
+                   help="keep that reply here (written the first time, read after: the float32 reply takes minutes)")
     p.add_argument("--threads", type=int, default=None, help="threads for torch and llama.cpp (default: torch's)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
@@ -369,8 +405,10 @@ def check_args(args) -> list[str]:
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown mode(s) {bad}; expected {', '.join(MODES)}")
-    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1 or args.prefill_tokens < 0:
-        raise ValueError("--new-tokens must be >= 2, --prompt-tokens and --rounds >= 1, --prefill-tokens >= 0")
+    if (args.new_tokens < 2 or args.prompt_tokens < 1 or args.rounds < 1 or args.prefill_tokens < 0
+            or args.agreement_tokens < 0):
+        raise ValueError("--new-tokens must be >= 2, --prompt-tokens and --rounds >= 1, --prefill-tokens and "
+                         "--agreement-tokens >= 0")
     engine = args.against[0]
     if engine not in AGAINST or (engine == "llama.cpp") != (len(args.against) == 2) or len(args.against) > 2:
         raise ValueError("--against takes 'transformers' or 'llama.cpp GGUF_FILE'")
@@ -403,12 +441,12 @@ def main(argv=None) -> int:
         device = resolve_device(args.device)
         ids, prefill_ids = prompt_ids(args, _config(args).vocab_size, device)
         rows = []
+        bandwidth, bw_source = memory_bandwidth_limit(device)
         if llama:
             for mode in modes:
                 print(f"[compare] {mode} vs llama.cpp: loading and timing ...", file=sys.stderr, flush=True)
-                rows.append(compare_llama(args, mode, device, ids))
+                rows.append(compare_llama(args, mode, device, ids, bandwidth))
         else:
-            bandwidth, bw_source = memory_bandwidth_limit(device)
             for mode in modes:
                 print(f"[compare] {mode}: loading and timing ...", file=sys.stderr, flush=True)
                 rows.append(compare_mode(args, mode, device, ids, prefill_ids, bandwidth))

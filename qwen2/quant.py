@@ -34,6 +34,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .options import QUANT_SCHEMES as SCHEMES  # the one list of schemes
+from .options import cpu_has_bfloat16_math
 
 # Group size of int4 (weights per scale/min pair along the input dimension): 32, 64 or 128.
 INT4_GROUP_SIZE = 32
@@ -62,27 +63,40 @@ def _has_int8_kernel(device: torch.device) -> bool:
         return False
 
 
+def fused_max_rows(device: torch.device) -> int | None:
+    """Rows of x up to which the fused int8 kernel beats one dequantised copy and a float product
+    (None: at any count). Where the CPU has bf16 math (AVX-512 BF16, AMX) a bf16 GEMM wins above
+    ~32 rows; without it torch converts bf16 to fp32 inside the product, and the fused kernel was
+    the faster one at every count from 1 to 512 rows (docs/benchmarks.md)."""
+    if device.type == "cpu" and not cpu_has_bfloat16_math():
+        return None
+    return 32
+
+
 class Int8Linear(nn.Module):
     """y = (x @ q^T) * scale + bias, with q int8 (out, in) and scale (out,)."""
 
-    def __init__(self, weight: nn.Parameter, scales: nn.Parameter, bias: nn.Parameter | None, fused_kernel: bool):
+    def __init__(self, weight: nn.Parameter, scales: nn.Parameter, bias: nn.Parameter | None, fused_kernel: bool,
+                 max_fused_rows: int | None = 32):
         super().__init__()
         self.weight, self.scales, self.bias = weight, scales, bias
-        self.fused_kernel = fused_kernel
+        self.fused_kernel, self.max_fused_rows = fused_kernel, max_fused_rows
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fused_kernel: bool) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, fused_kernel: bool, max_fused_rows: int | None = 32) -> "Int8Linear":
         q, scales = quantize_rows(linear.weight.data)
         bias = linear.bias
-        return cls(_int8_parameter(q), _int8_parameter(scales), bias, fused_kernel)
+        return cls(_int8_parameter(q), _int8_parameter(scales), bias, fused_kernel, max_fused_rows)
 
-    # The fused kernel streams int8 weights once per row of x: unbeatable for decode (1 row), but
-    # for a long prompt one dequantised copy and a float product is faster (crossover: docs/benchmarks.md).
-    FUSED_MAX_ROWS = 32
+    def _fused(self, x: torch.Tensor) -> bool:
+        # The fused kernel streams the int8 weights per block of rows of x: unbeatable for decode; for
+        # a long prompt, where the CPU has bf16 math, one dequantised copy and a bf16 GEMM is faster.
+        rows = x.numel() // x.shape[-1]
+        return self.fused_kernel and (self.max_fused_rows is None or rows <= self.max_fused_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_kernel and x.numel() <= self.FUSED_MAX_ROWS * x.shape[-1]:
+        if self._fused(x):
             y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)
         else:
@@ -228,13 +242,13 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
             raise ConfigError(f"int4 weights need the CPU kernel; this model is on {model.device}")
         if group_size not in (32, 64, 128):
             raise ConfigError(f"int4 group_size must be 32, 64 or 128; got {group_size}")
-    fused = _has_int8_kernel(model.device)
+    fused, rows = _has_int8_kernel(model.device), fused_max_rows(model.device)
     dtype = model.dtype
 
     def quantized(linear: nn.Linear, kind: str) -> nn.Module:
         if kind == "int4":
             return Int4Linear.from_linear(linear, group_size)
-        return Int8Linear.from_linear(linear, fused)
+        return Int8Linear.from_linear(linear, fused, rows)
 
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
@@ -246,9 +260,9 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     if head == "int4":
         model.lm_head = Int4Linear.from_weight(model.lm_head.weight.data, None, group_size)
     elif model.config.tie_word_embeddings:
-        model.lm_head = Int8Linear(embed_q, embed_scales, None, fused)  # the same int8 rows serve both
+        model.lm_head = Int8Linear(embed_q, embed_scales, None, fused, rows)  # the same int8 rows serve both
     else:
-        model.lm_head = Int8Linear.from_linear(model.lm_head, fused)
+        model.lm_head = Int8Linear.from_linear(model.lm_head, fused, rows)
     model.model.embed_tokens = Int8Embedding(embed_q, embed_scales, dtype)
     model.info.quantization = scheme
     return model

@@ -11,6 +11,11 @@ Drafters:
   and strong where the reply repeats its input (code edits, quoting, summarising a document).
 - DraftModelDrafter: a smaller model with the same vocabulary, with its own KV cache kept in sync.
 
+A verification of several tokens costs more than a step (on a 2-vCPU CPU about 2x for two tokens),
+so wrong guesses make decoding slower. DraftGate verifies only as many guesses as are expected to
+pay, from the hit rate each kind of draft has had so far: in open chat, where prompt lookup rarely
+guesses right, it soon verifies almost nothing; in a code edit it lets long copies through.
+
 Exactness: greedy output is the target's own greedy output, token for token (up to the float
 rounding of a k-row forward against a one-row step). Sampled output follows the target's
 distribution exactly by the speculative-sampling rule (Leviathan et al. 2023, Chen et al. 2023):
@@ -72,6 +77,7 @@ class Draft:
 
     tokens: list[int]
     probs: torch.Tensor | None = None
+    kind: int = 0  # which of the drafter's kinds of guess this is (DraftGate keeps a hit rate per kind)
 
 
 class Drafter:
@@ -81,6 +87,7 @@ class Drafter:
     after a rejection (the tokens it guessed beyond the kept ones are simply no longer there)."""
 
     max_draft: int = 8
+    free_guesses = False  # True: propose() costs next to nothing, so DraftGate may check unverified guesses
 
     def start(self, prompt: list[int], max_len: int, settings: SamplingSettings, generator, vocab_size: int):
         pass
@@ -96,7 +103,10 @@ class PromptLookupDrafter(Drafter):
     """Match the last n tokens (n = max_ngram down to min_ngram, longest first) against earlier
     tokens of prompt + reply, take the most recent match, and propose up to max_draft tokens that
     followed it. The copy may run into the tokens it is producing (as LZ77 does), so a periodic text
-    gets a full-length draft. No match: no draft (the verification is then a plain step)."""
+    gets a full-length draft. No match: no draft (the verification is then a plain step). A draft's
+    kind is the length of the n-gram it matched: longer matches come true more often."""
+
+    free_guesses = True
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 1, max_draft: int = 8):
         for name, value in (("max_ngram", max_ngram), ("min_ngram", min_ngram), ("max_draft", max_draft)):
@@ -107,14 +117,18 @@ class PromptLookupDrafter(Drafter):
         self.max_ngram, self.min_ngram, self.max_draft = max_ngram, min_ngram, max_draft
 
     def propose(self, context: list[int], max_tokens: int) -> Draft:
-        return Draft(self.lookup(context, min(max_tokens, self.max_draft)))
+        ngram, tokens = self.match(context, min(max_tokens, self.max_draft))
+        return Draft(tokens, kind=ngram)
 
     def lookup(self, tokens: list[int], max_tokens: int | None = None) -> list[int]:
         """The draft for `tokens` (prompt + reply so far): at most max_tokens (default max_draft) ids."""
-        limit = self.max_draft if max_tokens is None else max_tokens
+        return self.match(tokens, self.max_draft if max_tokens is None else max_tokens)[1]
+
+    def match(self, tokens: list[int], limit: int) -> tuple[int, list[int]]:
+        """(length of the n-gram matched, the draft of at most `limit` ids); (0, []) without a match."""
         length = len(tokens)
         if limit <= 0:
-            return []
+            return 0, []
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             tail = tokens[length - n:]
             last = tail[-1]
@@ -125,8 +139,56 @@ class PromptLookupDrafter(Drafter):
                     for i in range(limit):
                         pos = start + n + i
                         out.append(tokens[pos] if pos < length else out[pos - length])
-                    return out
-        return []
+                    return n, out
+        return 0, []
+
+
+# What verifying T tokens in one forward costs, in one-token steps, T = 1, 2, ...: measured on a
+# 2-vCPU AMD EPYC (AVX2), eager float32, Qwen2.5-Coder-0.5B, 541 tokens of context
+# (docs/benchmarks.md, "verification cost"); beyond the table, its last figure. A GPU verifies a
+# few tokens for about the price of one (not measured here): pass such a table there.
+CPU_VERIFY_COST = (1.0, 1.84, 2.1, 2.35, 2.35, 2.35, 2.35, 2.35, 2.68)
+
+
+class DraftGate:
+    """How many of a draft's guesses to verify this round: as many as pay for their verification.
+
+    Keeps a running hit rate per kind of draft (Draft.kind), from every verification (each kept guess
+    a hit, the first rejected one a miss) and, for drafters whose guesses are free, from rounds it
+    declined to verify (the first guess against the token that came). With hit rate a, verifying k
+    guesses yields (1 - a^(k+1)) / (1 - a) tokens on average for verify_cost[k] steps; the gate takes
+    the k with the most tokens per step, or 0 (a plain step) when no k beats one token per step. So
+    drafts that keep failing (prompt lookup in open chat) stop costing verifications, and drafts
+    that keep coming true (code copied from the prompt) run long. Drafters whose guesses cost a
+    forward of their own are always asked for one guess at least, or their rate would never move.
+    The choice depends only on tokens, never on timings: a seeded reply stays repeatable."""
+
+    def __init__(self, verify_cost=CPU_VERIFY_COST, prior: float = 0.5, memory: float = 0.8):
+        costs = tuple(float(c) for c in verify_cost)
+        if not costs or any(c <= 0 for c in costs) or not 0 <= prior <= 1 or not 0 <= memory < 1:
+            raise GenerationError(f"DraftGate(verify_cost={verify_cost!r}, prior={prior!r}, memory={memory!r}) is "
+                                  "invalid; expected positive costs, a prior in [0, 1] and a memory in [0, 1)")
+        self.costs, self.prior, self.memory = costs, prior, memory
+        self.rates: dict[int, float] = {}
+
+    def cost(self, tokens: int) -> float:
+        """Verification of `tokens` tokens (the pending one and the guesses), in steps."""
+        return self.costs[min(tokens, len(self.costs)) - 1] / self.costs[0]
+
+    def length(self, kind: int, offered: int, at_least: int = 0) -> int:
+        a = min(self.rates.get(kind, self.prior), 0.999)
+        best, best_rate = 0, 1.0
+        for k in range(1, offered + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / self.cost(k + 1)
+            if rate > best_rate:
+                best, best_rate = k, rate
+        return max(best, min(at_least, offered))
+
+    def observe(self, kind: int, hits: int, missed: bool):
+        rate = self.rates.get(kind, self.prior)
+        for outcome in [1.0] * hits + [0.0] * missed:
+            rate = self.memory * rate + (1 - self.memory) * outcome
+        self.rates[kind] = rate
 
 
 class DraftModelDrafter(Drafter):
@@ -211,21 +273,25 @@ class SpeculativeStream:
 def speculative_generate(model, input_ids, drafter: Drafter | None = None, max_new_tokens: int = 64,
                          temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                          repetition_penalty: float = 1.0, stop_token_ids=None,
-                         seed: int | None = None) -> SpeculativeStream:
+                         seed: int | None = None, gate: DraftGate | None = None,
+                         gated: bool = True) -> SpeculativeStream:
     """qwen2.generate with speculation: the same arguments and stop / length / context rules, the
     ids of the new tokens streamed (the stop token is not yielded), plus `.stats` on the stream.
-    `drafter` defaults to PromptLookupDrafter(). Runs eagerly (DecodeSession without a fast path)."""
+    `drafter` defaults to PromptLookupDrafter(); `gate` to a fresh DraftGate() (gated=False verifies
+    every draft in full). Runs eagerly (DecodeSession without a fast path)."""
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _as_prompt(input_ids, model.config.vocab_size).to(model.device)
     check_budget(model, prompt.shape[1], max_new_tokens)
     stop = _stop_set(model, stop_token_ids)
     check_seed(seed)
     drafter = PromptLookupDrafter() if drafter is None else drafter
+    gate = (gate or DraftGate()) if gated else None
     stats = SpeculativeStats()
-    return SpeculativeStream(_speculate(model, prompt, drafter, max_new_tokens, settings, stop, seed, stats), stats)
+    stream = _speculate(model, prompt, drafter, gate, max_new_tokens, settings, stop, seed, stats)
+    return SpeculativeStream(stream, stats)
 
 
-def _speculate(model, prompt, drafter, max_new_tokens, settings, stop, seed, stats):
+def _speculate(model, prompt, drafter, gate, max_new_tokens, settings, stop, seed, stats):
     vocab = model.config.vocab_size
     max_len = prompt.shape[1] + max_new_tokens
     with DecodeSession(model, 1, max_len) as session:
@@ -244,6 +310,10 @@ def _speculate(model, prompt, drafter, max_new_tokens, settings, stop, seed, sta
                 room = max_new_tokens - stats.tokens - 1
                 draft = drafter.propose(context, room) if room > 0 else Draft([])
                 guess = draft.tokens[:room]
+                if gate is not None and guess:
+                    at_least = 0 if drafter.free_guesses else 1
+                    guess = guess[:gate.length(draft.kind, len(guess), at_least)]
+                unverified = draft.tokens[0] if draft.tokens and not guess and room > 0 else None
                 fed = torch.tensor([[pending] + guess], device=model.device)
                 logits = session.extend(fed)[0]  # (k + 1, V): the target after pending and each guess
                 stats.forwards += 1
@@ -255,6 +325,10 @@ def _speculate(model, prompt, drafter, max_new_tokens, settings, stop, seed, sta
                     q = None if draft.probs is None else draft.probs[:len(guess)]
                     kept, token = verify_sampled(processed.softmax(dim=-1), guess, q, sampler.generator)
                 stats.accepted += kept
+                if gate is not None and guess:
+                    gate.observe(draft.kind, kept, kept < len(guess))
+                elif gate is not None and unverified is not None:
+                    gate.observe(draft.kind, int(unverified == token), unverified != token)
                 session.rewind(session.length - (len(guess) - kept))  # keep pending and the kept guesses
                 for t in guess[:kept] + [token]:
                     if t in stop:

@@ -2,9 +2,11 @@
 
     python scripts/speculative_bench.py [--model .models/Qwen2.5-Coder-0.5B-Instruct] [--dtypes float32,bfloat16]
                                         [--prompts rename,hints,story] [--new-tokens 192] [--rounds 3]
+                                        [--drafters "3,1,8;3,1,8,all"]
 
 Both engines decode eagerly (qwen2.generate with fast_path=None against qwen2.speculative.
-speculative_generate with a PromptLookupDrafter), alternately, round after round (which goes first
+speculative_generate with a PromptLookupDrafter, gated by a DraftGate unless the drafter's
+settings end in ",all"), alternately, round after round (which goes first
 alternates too); decode tok/s = (new tokens - 1) / (time of the last token - time of the first), so
 the prefill (the same for both) is left out. Prints best and median tok/s of each engine, the
 speed-up (median of the per-round ratios, and best over best), the drafter's acceptance rate and the
@@ -169,8 +171,9 @@ def bench_prompt(model, ids, stop, args, configs):
                 plain, rate = timed(qwen2.generate(model, ids, max_new_tokens=args.new_tokens, stop_token_ids=stop))
                 plain_rates.append(rate)
             else:
-                stream = speculative_generate(model, ids, PromptLookupDrafter(*which), max_new_tokens=args.new_tokens,
-                                              stop_token_ids=stop)
+                settings, gated = parse_drafter(which)
+                stream = speculative_generate(model, ids, PromptLookupDrafter(*settings), max_new_tokens=args.new_tokens,
+                                              stop_token_ids=stop, gated=gated)
                 spec, rate = timed(stream)
                 tokens, rates, ratios, _ = results[which]
                 rates.append(rate)
@@ -178,6 +181,13 @@ def bench_prompt(model, ids, stop, args, configs):
         for c in configs:
             results[c][2].append(results[c][1][-1] / plain_rates[-1])
     return plain, plain_rates, results
+
+
+def parse_drafter(text):
+    """"3,1,8" -> ((3, 1, 8), gated); "3,1,8,all" -> verify every draft in full (no DraftGate)."""
+    fields = text.split(",")
+    gated = fields[-1] != "all"
+    return tuple(int(x) for x in fields[:3]), gated
 
 
 def verification_cost(model, ids, sizes=(1, 2, 4, 8, 9, 16), repeats=5):
@@ -211,15 +221,16 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--drafters", default="3,1,8",
-                   help="PromptLookupDrafter settings max_ngram,min_ngram,max_draft; several joined by ';'")
+                   help="PromptLookupDrafter settings max_ngram,min_ngram,max_draft (gated by DraftGate; add ',all' "
+                        "to verify every draft in full); several joined by ';'")
     p.add_argument("--no-cost", action="store_true", help="skip the extend(T) / step cost table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    configs = [tuple(int(x) for x in c.split(",")) for c in args.drafters.split(";")]
+    configs = [c.strip() for c in args.drafters.split(";")]
     tok = qwen2.Tokenizer.from_pretrained(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f} | "
           f"{args.model} | greedy, {args.new_tokens} new tokens, {args.rounds} alternating rounds | "
-          f"lookup drafters (max_ngram, min_ngram, max_draft): {configs}")
+          f"lookup drafters (max_ngram,min_ngram,max_draft[,all: ungated]): {configs}")
     failures = []
     for dtype in args.dtypes.split(","):
         model = qwen2.load_model(args.model, device="cpu", dtype=dtype)
@@ -241,7 +252,7 @@ def main(argv=None):
                 same = "yes" if diff is None else f"no (first difference at token {diff})"
                 if diff is not None and dtype == "float32":
                     failures.append(f"{dtype} {name} {config}: {same}")
-                print(f"{label:<24}{','.join(map(str, config)):>8}{len(spec):>7}{statistics.median(pr):>12.2f}"
+                print(f"{label:<24}{config:>8}{len(spec):>7}{statistics.median(pr):>12.2f}"
                       f"{statistics.median(sr):>11.2f}{statistics.median(ratios):>8.2f}x{max(sr) / max(pr):>9.2f}x"
                       f"{stats.accepted:>6}/{stats.drafted:<4}{stats.acceptance or 0:>4.0%}"
                       f"{stats.tokens_per_forward:>8.2f}  {same}")

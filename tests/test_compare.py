@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("transformers", reason="the comparison's reference is transformers")
 
 from profiling import compare  # noqa: E402
+import qwen2  # noqa: E402
 from qwen2.quant import quantize_model  # noqa: E402
 
 
@@ -140,3 +141,66 @@ def test_against_llama_cpp_runs_both_on_the_same_prompt(tiny_model_dir, tmp_path
     assert len(row["ours_tok_s_rounds"]) == len(row["ref_tok_s_rounds"]) == 2
     assert row["ours_tok_s"] > 0 and row["ref_tok_s"] > 0 and row["ours_prefill_tok_s"] > 0
     assert row["ratio"] == pytest.approx(row["ours_tok_s"] / row["ref_tok_s"])
+
+
+def test_agreement_teacher_forces_the_reply_and_tells_a_perturbed_model(tiny_model_dir, tmp_path):
+    from profiling import agreement
+
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    ids = torch.randint(0, 500, (1, 7), generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "reply.json"
+    reply = agreement.saved_reply(path, ids[0].tolist(), 40, lambda: agreement.reference_reply(model, ids, 40))
+    assert len(reply) == 40 and json.loads(path.read_text())["reply"] == reply
+    assert agreement.saved_reply(path, ids[0].tolist(), 40, lambda: pytest.fail("made again")) == reply
+    assert agreement.saved_reply(path, ids[0].tolist()[1:], 3, lambda: [1, 2, 3]) == [1, 2, 3]  # another prompt
+    logits = agreement.ours_logits(model, ids[0].tolist(), reply)  # prefill, then chunks of 16
+    with torch.inference_mode():
+        full = model(torch.cat([ids, torch.tensor([reply])], dim=1))[0, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=0)
+    same = agreement.agreement(logits, full)
+    assert same["top1_agreement"] == 1.0 and same["kl_nats_per_token"] < 1e-6 and same["positions"] == 40
+    noisy = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * p.std() * 0.5)
+    other = agreement.agreement(agreement.ours_logits(noisy, ids[0].tolist(), reply), full)
+    assert other["kl_nats_per_token"] > 1e-3 and other["top1_agreement"] < 1.0
+
+
+def test_against_llama_cpp_reports_both_engines_agreement(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from profiling import agreement
+
+    gguf, out, kept = tmp_path / "model.gguf", tmp_path / "rows.json", tmp_path / "reply.json"
+    gguf.write_bytes(b"GGUF")
+    fakes = []
+
+    def fake_load(path, threads, n_ctx):
+        assert n_ctx >= 12  # the prompt and the 12-token reply fit
+        fakes.append(FakeLlama(512))
+        return fakes[-1], "fake", FakeLlama.greedy
+
+    def one_hot(llm):  # the fake's logits: all mass on its greedy token
+        row = torch.full((512,), -30.0)
+        row[llm.greedy()] = 0.0
+        return row
+
+    monkeypatch.setattr(compare, "require_engine", lambda engine: None)
+    monkeypatch.setattr(compare, "load_llama", fake_load)
+    monkeypatch.setattr(agreement, "llama_last_row", one_hot)
+    code = compare.main(["--model", str(tiny_model_dir), "--modes", "float32", "--prompt", "Hi there",
+                         "--new-tokens", "3", "--rounds", "1", "--against", "llama.cpp", str(gguf),
+                         "--agreement-tokens", "12", "--agreement-reply", str(kept), "--out", str(out)])
+    assert code == 0
+    assert "agreement with our float32" in capsys.readouterr().out
+    result = json.loads(out.read_text())["rows"][0]["agreement"]
+    reply = json.loads(kept.read_text())["reply"]
+    assert result["tokens"] == len(reply) == 12
+    assert result["ours"]["top1_agreement"] == 1.0 and result["ours"]["kl_nats_per_token"] < 1e-6  # the reference itself
+    # llama.cpp was fed the prompt, then the reply one token at a time (all but its last token)
+    prompt = fakes[0].evals[-12]
+    assert len(prompt) > 2 and fakes[0].evals[-11:] == [[t] for t in reply[:-1]]
+    # the fake's choice after token t is t + 1; the reference's is the next reply token (its own greedy reply)
+    before = [prompt[-1]] + reply[:-1]
+    expected = sum((b + 1) % 512 == t for b, t in zip(before, reply)) / 12
+    assert result["llama.cpp"]["top1_agreement"] == pytest.approx(expected) and result["llama.cpp"]["positions"] == 12
+    assert result["llama.cpp"]["kl_nats_per_token"] > 1.0  # one-hot guesses, mostly wrong

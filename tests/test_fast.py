@@ -33,11 +33,13 @@ def test_quantize_rows_error_is_within_half_a_step():
     assert (err <= scales[:, None] / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("rows", [1, 15, 60], ids=["decode", "short", "prefill"])  # 60 > FUSED_MAX_ROWS
+@pytest.mark.parametrize("max_fused_rows", [32, None], ids=["dequantized-above-32", "fused-always"])
+@pytest.mark.parametrize("rows", [1, 15, 60], ids=["decode", "short", "prefill"])  # 60 > 32
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_equals_dequantized_float_linear(dtype, rows):
+def test_int8_linear_equals_dequantized_float_linear(dtype, rows, max_fused_rows):
     lin = torch.nn.Linear(96, 40, bias=True).to(dtype)
-    q8 = Int8Linear.from_linear(lin, fused_kernel=True)
+    q8 = Int8Linear.from_linear(lin, fused_kernel=True, max_fused_rows=max_fused_rows)
+    assert q8._fused(torch.zeros(rows, 1, 96)) == (max_fused_rows is None or rows <= max_fused_rows)
     x = torch.randn(rows, 1, 96).to(dtype)
     dequant = q8.weight.float() * q8.scales.float()[:, None]
     expected = F.linear(x.float(), dequant, lin.bias.float())
@@ -45,6 +47,15 @@ def test_int8_linear_equals_dequantized_float_linear(dtype, rows):
     torch.testing.assert_close(q8(x).float(), expected, atol=tol, rtol=tol)
     slow = Int8Linear(q8.weight, q8.scales, q8.bias, fused_kernel=False)
     torch.testing.assert_close(slow(x).float(), expected, atol=tol, rtol=tol)
+
+
+def test_int8_prefill_is_fused_on_cpus_without_bf16_math(monkeypatch):
+    from qwen2 import quant
+
+    for native, expected in ((True, 32), (False, None)):
+        monkeypatch.setattr(quant, "cpu_has_bfloat16_math", lambda native=native: native)
+        assert quant.fused_max_rows(torch.device("cpu")) == expected
+    assert quant.fused_max_rows(torch.device("cuda")) == 32
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -16,7 +16,7 @@ from qwen2 import speculative
 from qwen2.errors import ContextLengthError, GenerationError
 from qwen2.generate import DecodeSession
 from qwen2.sampling import SamplingSettings, process_logits
-from qwen2.speculative import (Draft, Drafter, DraftModelDrafter, PromptLookupDrafter, speculative_generate,
+from qwen2.speculative import (Draft, Drafter, DraftGate, DraftModelDrafter, PromptLookupDrafter, speculative_generate,
                                verify_sampled)
 from tests.helpers import make_checkpoint, rand_ids
 
@@ -118,7 +118,7 @@ def test_rolled_back_cache_equals_a_plain_runs(target, other, noisy, name):
     full forward (checked by running the loop's own calls on a session we keep)."""
     prompt = PROMPTS["random"]()
     drafter = drafters(target, other, noisy)[name]()
-    stream = speculative_generate(target, prompt, drafter, max_new_tokens=40, stop_token_ids=[])
+    stream = speculative_generate(target, prompt, drafter, max_new_tokens=40, stop_token_ids=[], gated=False)
     reply = list(stream)
     assert stream.stats.drafted > stream.stats.accepted  # rejections happened, and rollbacks
     session = DecodeSession(target, 1, 80)
@@ -202,14 +202,15 @@ def drafters(target, other, noisy):
             "wrong_guesses": lambda: ReplayDrafter([(7 * i) % 512 for i in range(300)])}
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "every-draft"])
 @pytest.mark.parametrize("prompt_name", sorted(PROMPTS))
 @pytest.mark.parametrize("drafter_name", ["lookup", "lookup_long", "draft_model", "other_model", "self_draft",
                                           "wrong_guesses"])
-def test_greedy_equals_generate(target, other, noisy, prompt_name, drafter_name):
+def test_greedy_equals_generate(target, other, noisy, prompt_name, drafter_name, gated):
     prompt = PROMPTS[prompt_name]()
     expected = list(qwen2.generate(target, prompt, max_new_tokens=48, stop_token_ids=[]))
     stream = speculative_generate(target, prompt, drafters(target, other, noisy)[drafter_name](), max_new_tokens=48,
-                                  stop_token_ids=[])
+                                  stop_token_ids=[], gated=gated)
     assert list(stream) == expected
     stats = stream.stats
     assert stats.tokens == 48 and stats.accepted <= stats.drafted
@@ -226,7 +227,7 @@ def test_greedy_with_a_repetition_penalty_equals_generate(target, noisy):
         for drafter in (PromptLookupDrafter(), DraftModelDrafter(noisy, max_draft=3),
                         ReplayDrafter(expected)):  # the right tokens: only the penalty's seen set can stop them
             stream = speculative_generate(target, prompt, drafter, max_new_tokens=40,
-                                          repetition_penalty=penalty, stop_token_ids=[])
+                                          repetition_penalty=penalty, stop_token_ids=[], gated=False)
             assert list(stream) == expected
 
 
@@ -238,7 +239,7 @@ def test_stop_tokens_end_the_reply_inside_an_accepted_run(target):
         expected = list(qwen2.generate(target, prompt, max_new_tokens=40, stop_token_ids=stop))
         assert len(expected) == free.index(free[at])
         for drafter in (PromptLookupDrafter(), DraftModelDrafter(target, max_draft=6), ReplayDrafter(free, 6)):
-            stream = speculative_generate(target, prompt, drafter, max_new_tokens=40, stop_token_ids=stop)
+            stream = speculative_generate(target, prompt, drafter, max_new_tokens=40, stop_token_ids=stop, gated=False)
             assert list(stream) == expected
 
 
@@ -255,7 +256,7 @@ def test_max_new_tokens_is_respected(target, max_new):
     prompt = repeated_prompt()
     expected = list(qwen2.generate(target, prompt, max_new_tokens=max_new, stop_token_ids=[]))
     stream = speculative_generate(target, prompt, DraftModelDrafter(target, max_draft=8), max_new_tokens=max_new,
-                                  stop_token_ids=[])
+                                  stop_token_ids=[], gated=False)
     assert list(stream) == expected and len(expected) == max_new
 
 
@@ -265,7 +266,7 @@ def test_at_the_context_limit(target, noisy):
     assert prompt.shape[1] + 30 == limit
     expected = list(qwen2.generate(target, prompt, max_new_tokens=30, stop_token_ids=[]))
     for drafter in (PromptLookupDrafter(max_draft=16), DraftModelDrafter(noisy, max_draft=8)):
-        assert list(speculative_generate(target, prompt, drafter, max_new_tokens=30, stop_token_ids=[])) == expected
+        assert list(speculative_generate(target, prompt, drafter, max_new_tokens=30, stop_token_ids=[], gated=False)) == expected
     with pytest.raises(ContextLengthError):
         speculative_generate(target, prompt, max_new_tokens=31)
     with pytest.raises(GenerationError):
@@ -375,7 +376,7 @@ def sampled_counts(model, prompt, make_drafter, settings, n, steps):
     counts = {}
     for seed in range(n):
         stream = speculative_generate(model, torch.tensor([prompt]), make_drafter(), max_new_tokens=steps,
-                                      stop_token_ids=[], seed=seed, temperature=settings.temperature,
+                                      stop_token_ids=[], seed=seed, temperature=settings.temperature, gated=False,
                                       top_k=settings.top_k, repetition_penalty=settings.repetition_penalty)
         seq = tuple(stream)
         counts[seq] = counts.get(seq, 0) + 1
@@ -415,6 +416,61 @@ def test_sampling_is_repeatable_with_a_seed(target, noisy):
     runs = [list(speculative_generate(target, prompt, DraftModelDrafter(noisy, max_draft=3), max_new_tokens=24,
                                       temperature=0.9, top_p=0.9, seed=5, stop_token_ids=[])) for _ in range(2)]
     assert runs[0] == runs[1] and len(runs[0]) == 24
+
+
+# ----------------------------------------------------------------------------- the draft gate
+
+
+def test_gate_verifies_what_pays_and_nothing_that_does_not():
+    gate = DraftGate(verify_cost=(1.0, 1.84, 2.1, 2.35, 2.35, 2.35, 2.35, 2.35, 2.68))
+    gate.rates = {1: 0.05, 3: 0.95}
+    assert gate.length(1, 8) == 0  # 1.05 tokens for 1.84 steps: a plain step is better
+    assert gate.length(1, 8, at_least=1) == 1
+    assert gate.length(3, 8) == 7  # 6.7 tokens for 2.35 steps beats 7.0 for 2.68 (the ninth row's jump)
+    assert gate.length(3, 4) == 4
+    assert gate.length(3, 0) == 0
+    flat = DraftGate(verify_cost=(1.0,))  # a GPU-like cost: guesses are free to verify
+    flat.rates = {0: 0.05}
+    assert flat.length(0, 5) == 5
+
+
+def test_gate_learns_from_hits_and_misses():
+    gate = DraftGate(prior=0.5, memory=0.8)
+    for _ in range(10):
+        gate.observe(2, 0, True)
+    assert gate.rates[2] < 0.1 and gate.length(2, 8) == 0
+    for _ in range(4):
+        gate.observe(2, 8, False)
+    assert gate.rates[2] > 0.9 and gate.length(2, 8) >= 7
+    assert gate.rates.get(1) is None  # kinds are apart
+
+
+@pytest.mark.parametrize("bad", [dict(verify_cost=()), dict(verify_cost=(1, 0)), dict(prior=1.5), dict(memory=1.0)])
+def test_gate_arguments_are_checked(bad):
+    with pytest.raises(GenerationError, match="DraftGate"):
+        DraftGate(**bad)
+
+
+class FreeReplayDrafter(ReplayDrafter):
+    free_guesses = True
+
+
+def test_gated_free_drafter_stops_verifying_wrong_guesses_and_runs_long_on_right_ones(target):
+    prompt = rand_ids(13, (1, 20))
+    expected = list(qwen2.generate(target, prompt, max_new_tokens=64, stop_token_ids=[]))
+    wrong = [(t + 1) % 512 for t in expected]
+    for gated in (False, True):
+        stream = speculative_generate(target, prompt, FreeReplayDrafter(wrong, max_draft=4), max_new_tokens=64,
+                                      stop_token_ids=[], gated=gated)
+        assert list(stream) == expected
+        if gated:
+            assert stream.stats.drafted <= 2  # the prior's first tries, then checked unverified
+        else:
+            assert stream.stats.drafted > 60
+    right = speculative_generate(target, prompt, FreeReplayDrafter(expected, max_draft=8), max_new_tokens=64,
+                                 stop_token_ids=[])
+    assert list(right) == expected
+    assert right.stats.accepted == right.stats.drafted and right.stats.forwards <= 12
 
 
 # ----------------------------------------------------------------------------- python -m qwen2 --speculate
