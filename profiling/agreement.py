@@ -39,8 +39,11 @@ def reference_reply(model, ids: torch.Tensor, n: int) -> list[int]:
 def saved_reply(path, prompt: list[int], n: int, make) -> list[int]:
     """The reply kept at `path` (JSON) for this prompt and length, else make() (and keep it there)."""
     if path and Path(path).is_file():
-        saved = json.loads(Path(path).read_text())
-        if saved.get("prompt") == prompt and len(saved.get("reply", [])) == n:
+        try:
+            saved = json.loads(Path(path).read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a saved reply (expected JSON with 'prompt' and 'reply'): {exc}") from None
+        if isinstance(saved, dict) and saved.get("prompt") == prompt and len(saved.get("reply", [])) == n:
             return saved["reply"]
     reply = make()
     if path:

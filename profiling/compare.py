@@ -412,6 +412,8 @@ def check_args(args) -> list[str]:
     engine = args.against[0]
     if engine not in AGAINST or (engine == "llama.cpp") != (len(args.against) == 2) or len(args.against) > 2:
         raise ValueError("--against takes 'transformers' or 'llama.cpp GGUF_FILE'")
+    if args.agreement_tokens and engine != "llama.cpp":
+        raise ValueError("--agreement-tokens compares with llama.cpp: add --against llama.cpp GGUF_FILE")
     if engine == "llama.cpp" and not str(args.device).strip().lower().startswith("cpu"):
         raise ValueError("--against llama.cpp runs on the CPU: use --device cpu")
     if engine == "llama.cpp" and not Path(args.against[1]).is_file():

@@ -77,6 +77,8 @@ def test_compare_random_weights_from_a_local_config(tiny_model_dir, tmp_path, ca
     (["--against", "vllm"], "--against"),
     (["--against", "llama.cpp"], "--against"),
     (["--against", "llama.cpp", "/nonexistent/model.gguf"], "GGUF file not found"),
+    (["--agreement-tokens", "400"], "--against llama.cpp"),
+    (["--agreement-tokens", "-1"], "--agreement-tokens"),
     (["--new-tokens", "1"], "--new-tokens"),
     (["--device", "cuda:7"], "cuda"),
 ])
@@ -153,6 +155,10 @@ def test_agreement_teacher_forces_the_reply_and_tells_a_perturbed_model(tiny_mod
     assert len(reply) == 40 and json.loads(path.read_text())["reply"] == reply
     assert agreement.saved_reply(path, ids[0].tolist(), 40, lambda: pytest.fail("made again")) == reply
     assert agreement.saved_reply(path, ids[0].tolist()[1:], 3, lambda: [1, 2, 3]) == [1, 2, 3]  # another prompt
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not a saved reply"):
+        agreement.saved_reply(broken, [1], 3, lambda: [1, 2, 3])
     logits = agreement.ours_logits(model, ids[0].tolist(), reply)  # prefill, then chunks of 16
     with torch.inference_mode():
         full = model(torch.cat([ids, torch.tensor([reply])], dim=1))[0, ids.shape[1] - 1:-1]
