@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=seed_argument, default=None, help="an integer in [0, 2**63)")
     p.add_argument("--random-weights", action="store_true", help="official shape, random weights (no download)")
     p.add_argument("--speculate", default="off", choices=("off", "lookup"),
-                   help="speculative decoding (lookup: prompt-lookup drafts, verified in one forward; the "
-                        "reply is the same, drafted/accepted counts join the stats line). Decodes eagerly, "
+                   help="speculative decoding (lookup: prompt-lookup drafts, verified in one forward when "
+                        "they are likely to pay; the reply is the same, drafted/accepted counts join the stats "
+                        "line). Decodes eagerly, "
                         "and prefills the whole conversation each turn. Default: off")
     p.add_argument("--tools", default=None, metavar="FILE.json",
                    help="function calling: a JSON list of tool specs ({type: function, function: {name, ...}})")
