@@ -144,11 +144,16 @@ def time_against_reference(args, ours, fast_path, ref, ids, prefill_ids, device)
     return log
 
 
+def mean_kv_read(model, prompt_len: int, n: int) -> float:
+    """KV-cache bytes a decode step reads on average over n new tokens after a prompt_len prompt."""
+    return kv_bytes_per_token(model.config, model.dtype) * (prompt_len + n / 2)
+
+
 def traffic(ours, ref, ids, n, ours_tps, ref_tps, bandwidth) -> dict:
     """Bytes read per decoded token (weights + the mean KV cache) and what that makes in GB/s."""
     w_ours, w_ref = weight_bytes(ours)["weights_bytes"], weight_bytes(ref)["weights_bytes"]
     kv_per_token = kv_bytes_per_token(ours.config, ours.dtype)
-    kv_read = kv_per_token * (ids.shape[1] + n / 2)
+    kv_read = mean_kv_read(ours, ids.shape[1], n)
     return {"ours_gb_s": (w_ours + kv_read) * ours_tps / 1e9, "ref_gb_s": (w_ref + kv_read) * ref_tps / 1e9,
             "roofline_pct": 100 * (w_ours + kv_read) * ours_tps / bandwidth,
             "weights_bytes": w_ours, "ref_weights_bytes": w_ref,
@@ -303,7 +308,7 @@ def compare_llama(args, mode, device, ids, bandwidth) -> dict:
            "greedy_same_prefix": n if diverged is None else diverged,
            "decode_path": fast_path.name if fast_path is not None else "eager", "weights_bytes": weight_bytes(ours)["weights_bytes"],
            "gguf_bytes": Path(args.against[1]).stat().st_size}
-    read = row["weights_bytes"] + kv_bytes_per_token(ours.config, ours.dtype) * (len(prompt) + n / 2)
+    read = row["weights_bytes"] + mean_kv_read(ours, len(prompt), n)
     row.update(ours_gb_s=read * row["ours_tok_s"] / 1e9, roofline_pct=100 * read * row["ours_tok_s"] / bandwidth,
                bandwidth_bytes_per_s=bandwidth)
     if args.agreement_tokens:

@@ -63,6 +63,11 @@ def _has_int8_kernel(device: torch.device) -> bool:
         return False
 
 
+# Above this many rows of x, a CPU with bf16 math runs a dequantised copy and a bf16 GEMM faster
+# than the fused int8 kernel (docs/benchmarks.md).
+DEQUANTIZE_ABOVE_ROWS = 32
+
+
 def fused_max_rows(device: torch.device) -> int | None:
     """Rows of x up to which the fused int8 kernel beats one dequantised copy and a float product
     (None: at any count). Where the CPU has bf16 math (AVX-512 BF16, AMX) a bf16 GEMM wins above
@@ -70,21 +75,21 @@ def fused_max_rows(device: torch.device) -> int | None:
     the faster one at every count from 1 to 512 rows (docs/benchmarks.md)."""
     if device.type == "cpu" and not cpu_has_bfloat16_math():
         return None
-    return 32
+    return DEQUANTIZE_ABOVE_ROWS
 
 
 class Int8Linear(nn.Module):
     """y = (x @ q^T) * scale + bias, with q int8 (out, in) and scale (out,)."""
 
     def __init__(self, weight: nn.Parameter, scales: nn.Parameter, bias: nn.Parameter | None, fused_kernel: bool,
-                 max_fused_rows: int | None = 32):
+                 max_fused_rows: int | None = DEQUANTIZE_ABOVE_ROWS):
         super().__init__()
         self.weight, self.scales, self.bias = weight, scales, bias
         self.fused_kernel, self.max_fused_rows = fused_kernel, max_fused_rows
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fused_kernel: bool, max_fused_rows: int | None = 32) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, fused_kernel: bool, max_fused_rows: int | None = DEQUANTIZE_ABOVE_ROWS) -> "Int8Linear":
         q, scales = quantize_rows(linear.weight.data)
         bias = linear.bias
         return cls(_int8_parameter(q), _int8_parameter(scales), bias, fused_kernel, max_fused_rows)
