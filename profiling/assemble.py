@@ -143,6 +143,34 @@ def _breakdown(parts: dict, step_s: float) -> dict:
     }
 
 
+FAST_BLOCKS_NOTE = ("per block from a torch.profiler trace of the compiled step, cut at its matrix products "
+                    "(profiling.compiled_step): a product's time is its block's, the fused kernels between two "
+                    "products are the block they sit in; other_ms is the step outside the compiled call")
+
+
+def fast_decode_section(name: str, clean: RunTimes, traced: RunTimes | None, num_layers: int,
+                        why_no_blocks: str) -> dict:
+    """The fast path's speed (its clean run) and, when its traced run could be cut into blocks, the
+    per-block figures (means over the traced steps) with what the tracing cost."""
+    step_ms = summarize(clean.step_s, 1e3)
+    section = {"decoder": name, "decode_tokens_per_s": 1e3 / step_ms["median"], "step_ms": step_ms,
+               "ttft_s": clean.prefill_s}
+    if traced is None or not traced.step_parts:
+        return {**section, "note": f"the model's {name} decode path (not hookable); no per-block figures: "
+                                   f"{why_no_blocks}"}
+    parts = _mean_parts(traced.step_parts)
+    traced_ms = summarize(traced.step_s, 1e3)["median"]
+    interval = median_ratio_interval(clean.step_s, traced.step_s) or (None, None)
+    return {**section, "note": FAST_BLOCKS_NOTE,
+            "layers": [{"index": i, **_layer_entry(parts, i)} for i in range(num_layers)],
+            "breakdown": _breakdown(parts, sum(traced.step_s) / len(traced.step_s)),
+            "instrumentation": {"profiler": "torch.profiler, CPU events",
+                                "decode_step_ms_clean": step_ms["median"], "decode_step_ms_traced": traced_ms,
+                                "overhead_fraction_decode": traced_ms / step_ms["median"] - 1.0,
+                                "overhead_fraction_decode_low": interval[0],
+                                "overhead_fraction_decode_high": interval[1]}}
+
+
 def breakdown_section(hooked: RunTimes) -> dict:
     mean_step = sum(hooked.step_s) / len(hooked.step_s) if hooked.step_s else 0.0
     return {"prefill": _breakdown(hooked.prefill_parts, hooked.prefill_s),

@@ -81,8 +81,8 @@ def build_parser(prog: str = "python -m profiling.bench") -> argparse.ArgumentPa
     p.add_argument("--quantize", default=None, choices=list(QUANT_SCHEMES), help="weight-only quantized linear layers")
     p.add_argument("--fast-decode", default="off", choices=list(FAST_DECODE_MODES),
                    help="load with qwen2's fast decode path (CUDA graphs / compiled CPU step); "
-                        "its speed is recorded as fast_decode (per-block figures always come "
-                        "from the eager path)")
+                        "its speed is recorded as fast_decode, with per-block figures for a "
+                        "compiled CPU step (its trace cut at the matrix products)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompt ids and random weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -56,6 +56,25 @@ def _layer_rows(run: dict, phase: str) -> tuple[list[int], dict[str, list[float]
     return index, comps, outside
 
 
+def layer_views(runs: list[dict]) -> tuple[list[dict], list[str], list[str]]:
+    """The per-layer chart's bar groups (views, names, hover texts): each run's eager figures (its
+    hooked run) and, beside them where the run traced its compiled decode step (fast_decode.layers,
+    profiling.compiled_step), that step's figures as a view of their own (decode only: prefill is
+    eager on both paths)."""
+    views, names, hovers = [], [], []
+    for run, name, hover in zip(runs, run_labels(runs), hover_labels(runs)):
+        fast = run.get("fast_decode") or {}
+        if not fast.get("layers"):
+            views.append(run), names.append(name), hovers.append(hover)
+            continue
+        decoder = str(fast.get("decoder") or "fast path")
+        views += [run, {"layers": fast["layers"], "breakdown": {"decode": fast.get("breakdown") or {}}}]
+        names += [f"{name} · eager", f"{name} · {decoder}"]
+        hovers += [f"{hover}<br>eager decode: forward hooks",
+                   f"{hover}<br>{decoder} decode step: its trace cut at the matrix products"]
+    return views, names, hovers
+
+
 def _add_layer_bars(fig: go.Figure, runs: list[dict], hovers: list[str], phase: str,
                     visible: bool) -> int:
     """Every run's bars for one phase: attention / MLP / norms stacked per decoder layer (top
@@ -104,19 +123,20 @@ def _run_hatching_legend(fig: go.Figure, labels: list[str]) -> int:
 def layer_latency_figure(runs: list[dict], phase: str = "decode",
                          theme: str = "light") -> go.Figure:
     """Stacked attention / MLP / norms per decoder layer, one bar group per run (hatching tells
-    runs apart), and below it what runs outside the layers (embedding, final norm, LM head, other),
-    each panel on its own scale. `phase` ("decode" or "prefill") is shown first; buttons switch."""
+    runs apart; a run that traced its compiled decode step has a second group, layer_views), and
+    below it what runs outside the layers (embedding, final norm, LM head, other), each panel on its
+    own scale. `phase` ("decode" or "prefill") is shown first; buttons switch."""
     if phase not in PHASES:
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
     if not runs:
         return empty_figure("no runs to show", theme, LAYER_TITLES[phase])
     colors = theme_colors(theme)
-    labels = run_labels(runs)
+    views, labels, hovers = layer_views(runs)
     fig, area = stacked_panels([230, 140])
     owner: list[str] = []
     for ph in PHASES:
-        owner += [ph] * _add_layer_bars(fig, runs, hover_labels(runs), ph, visible=(ph == phase))
-    if len(runs) > 1:
+        owner += [ph] * _add_layer_bars(fig, views, hovers, ph, visible=(ph == phase))
+    if len(views) > 1:
         owner += ["both"] * _run_hatching_legend(fig, labels)
     buttons = [{"label": ph.capitalize(), "method": "update",
                 "args": [{"visible": [o in (ph, "both") for o in owner]},

@@ -2,7 +2,8 @@
 
 Order: warm up (with and without hooks) -> a clean run (no hooks: the speed figures) -> the same
 run with timing hooks (per-block figures; their cost against the clean run is the
-instrumentation overhead) -> the model's fast decode path, if it has one -> optional
+instrumentation overhead) -> the model's fast decode path, if it has one (timed, then traced: a
+compiled CPU step's per-block figures, profiling.compiled_step) -> optional
 torch.profiler trace, context sweep, transformers baseline. `profiling.assemble` turns the
 measurements into the run dict.
 """
@@ -11,15 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from .assemble import Measurements, assemble
+from qwen2.cpu_compile import CompiledCpuPath
+
+from . import compiled_step
+from .assemble import Measurements, assemble, fast_decode_section
 from .device import memory_bandwidth_limit
 from .hooks import ModuleHooks
 from .memory import PeakMemory, weight_bytes
 from .progress import Plan
 from .prompts import seeded_prompt_ids
 from .settings import Settings, check_settings
-from .steps import timed_run
-from .timers import make_clock, summarize
+from .steps import EngineDecode, RunTimes, timed_run
+from .timers import make_clock
 
 
 def profile_model(model, *, prompt_tokens: int = 32, new_tokens: int = 8, warmup: int = 1,
@@ -30,7 +34,9 @@ def profile_model(model, *, prompt_tokens: int = 32, new_tokens: int = 8, warmup
     progress: optional callable(fraction: float, desc: str).
     baseline: None or "transformers". sweep: None, "128,512" or a list of context lengths.
     trace_dir: write one torch.profiler trace file (TensorBoard + Perfetto) into this directory.
-    fast_path: a fast decode path (qwen2.fast.make_fast_path) timed too, as `fast_decode`, without hooks.
+    fast_path: a fast decode path (qwen2.fast.make_fast_path), or the serving engine's decode step
+    (profiling.steps.EngineDecode), timed too, as `fast_decode`, without hooks; a compiled CPU
+    step is then traced for its per-block figures (profiling.compiled_step).
     """
     settings = check_settings(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                               warmup=warmup, seed=seed, baseline=baseline, sweep=sweep,
@@ -79,25 +85,45 @@ class _Stages:
                 hooked = self.run(self.settings.new_tokens, hooks=hooks)
         return clean, hooked, peak
 
+    def fast_run(self, fast_path) -> RunTimes:
+        """One greedy run of the timed length on `fast_path`: a FastPath (a pooled cache of its own,
+        through DecodeSession) or the serving engine's step runner (EngineDecode)."""
+        if isinstance(fast_path, EngineDecode):
+            return fast_path.timed_run(self.ids, self.settings.new_tokens, self.clock)
+        return timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, fast_path=fast_path)
+
     def fast_decode(self) -> dict | None:
-        """The fast decode path given to profile_model, timed without hooks."""
+        """The fast decode path given to profile_model, timed without hooks, then traced (per block)."""
         fast_path = self.fast_path
         if fast_path is None:
             return None
         self.plan.stage(f"timing the model's fast decode path ({fast_path.name})")
         # Warm with the timed run's own length: the same cache bucket, so its capture or compile
         # (once per bucket) is paid here, and no other bucket is compiled for nothing.
-        timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, fast_path=fast_path)
-        times = timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, fast_path=fast_path)
-        if not times.on_fast_path:  # every cache of its bucket is lent to a live session (kept chats)
-            self.plan.stage(f"the {fast_path.name} decode path is busy (its caches are lent to live "
-                            "sessions): not timed")
+        self.fast_run(fast_path)
+        times = self.fast_run(fast_path)
+        if not times.on_fast_path:  # its caches are lent to live sessions (kept chats), or not compiled yet
+            self.plan.stage(f"the {fast_path.name} decode path did not run (its caches are lent to live "
+                            "sessions, or its step is still compiling): not timed")
             return None
-        step_ms = summarize(times.step_s, 1e3)
-        return {"decoder": fast_path.name, "decode_tokens_per_s": 1e3 / step_ms["median"],
-                "step_ms": step_ms, "ttft_s": times.prefill_s,
-                "note": f"the model's {fast_path.name} decode path (not hookable); no per-block "
-                        f"figures"}
+        traced, why_not = self.traced_fast_run(fast_path)
+        return fast_decode_section(fast_path.name, times, traced, self.model.config.num_hidden_layers, why_not)
+
+    def traced_fast_run(self, fast_path) -> tuple[RunTimes | None, str]:
+        """The fast path's run again under torch.profiler, each step cut into blocks
+        (profiling.compiled_step); (None, why) where it cannot be."""
+        if fast_path.name != CompiledCpuPath.name:
+            return None, "only the compiled CPU step's trace is cut into blocks"
+        self.plan.stage(f"tracing the {fast_path.name} decode path (per block)")
+        with compiled_step.profiler() as prof:
+            traced = self.fast_run(fast_path)
+        try:
+            traced.step_parts = compiled_step.traced_step_parts(prof.events(), compiled_step.layout_of(self.model))
+        except ValueError as exc:
+            return None, str(exc)
+        if len(traced.step_parts) != len(traced.step_s) or not traced.on_fast_path:
+            return None, f"the trace holds {len(traced.step_parts)} compiled steps for {len(traced.step_s)} decode steps"
+        return traced, ""
 
     def trace(self) -> dict | None:
         if not self.settings.trace_dir:

@@ -56,12 +56,6 @@ class ModelFacts(Section):
     parameters: Count = None
 
 
-class FastDecode(Section):
-    decoder: Text = None
-    decode_tokens_per_s: Number = None
-    step_ms: StepStats | None = None
-    ttft_s: Number = None
-    note: Text = None
 
 
 class Prefill(Section):
@@ -144,6 +138,28 @@ class Instrumentation(Section):
     overhead_fraction_decode_low: Number = None     # the bootstrap interval (profiling.overhead)
     overhead_fraction_decode_high: Number = None
     decode_step_ms_hooked_list: Annotated[list[float], Field(max_length=MAX_STEPS)] | None = None
+
+
+class TraceCost(Section):
+    """What tracing the fast path cost: its traced steps against its clean ones."""
+    profiler: Text = None
+    decode_step_ms_clean: Number = None
+    decode_step_ms_traced: Number = None
+    overhead_fraction_decode: Number = None
+    overhead_fraction_decode_low: Number = None
+    overhead_fraction_decode_high: Number = None
+
+
+class FastDecode(Section):
+    decoder: Text = None
+    decode_tokens_per_s: Number = None
+    step_ms: StepStats | None = None
+    ttft_s: Number = None
+    note: Text = None
+    # per block, from a trace of the compiled step (profiling.compiled_step); absent where not cut
+    layers: Annotated[list[Layer], Field(max_length=MAX_LAYERS)] | None = None
+    breakdown: PhaseBreakdown | None = None
+    instrumentation: TraceCost | None = None
 
 
 class Memory(Section):

@@ -81,3 +81,38 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
     out.kv_length = int(session.length)
     session.close()
     return out
+
+
+class EngineDecode:
+    """The serving engine's own decode step as a profile's fast path: its step runner
+    (qwen2/steps.py) on the scratch row of its row cache, one row, as a chat reply decodes. Used
+    inside `Engine.exclusive()` (no reply is live, the background compile paused), so the scratch
+    row is free; the steps are the engine's, compiled at start-up, never compiled again here."""
+
+    def __init__(self, steps, cache):
+        self.steps, self.cache = steps, cache
+        self.name = steps.name
+
+    def timed_run(self, ids: torch.Tensor, new_tokens: int, clock) -> RunTimes:
+        """timed_run's greedy prefill + `new_tokens` steps through the engine's runner."""
+        out = RunTimes()
+        steps, cache, row = self.steps, self.cache, self.cache.scratch
+        n_prompt = ids.shape[1]
+
+        def timed(call):
+            clock.reset()
+            start = clock.mark()
+            token = int(call().argmax(dim=-1)[0])
+            end = clock.mark()
+            clock.finish()
+            return token, clock.seconds(start, end)
+
+        token, out.prefill_s = timed(lambda: steps.prefill(cache, row, ids, 0))
+        out.tokens = [token]
+        for i in range(new_tokens):
+            token, seconds = timed(lambda: steps.decode(cache, [row], [token], [n_prompt + i]))
+            out.step_s.append(seconds)
+            out.tokens.append(token)
+        out.on_fast_path = steps.compiled_for(cache, 1, n_prompt + new_tokens)
+        out.kv_length = n_prompt + new_tokens
+        return out

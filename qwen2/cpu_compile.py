@@ -99,7 +99,10 @@ class CompiledCpuPath(FastPath):
         # Inductor reads `freezing` from its global config while it compiles (torch.compile's
         # options= does not reach it: measured, the weights then stay graph inputs and the products
         # plain aten::mm), so a compile runs under a patch of the config; a compiled step needs none.
-        self.inductor_config = {"freezing": True, **COMPILE_MODES[mode]}
+        # cpp.enable_kernel_profile: each generated kernel is a named profiler range, so a trace of
+        # the step can be cut at its products (profiling/compiled_step.py); it costs nothing unless
+        # a profiler is running.
+        self.inductor_config = {"freezing": True, "cpp.enable_kernel_profile": True, **COMPILE_MODES[mode]}
         self.step_fn = torch.compile(self._forward, fullgraph=True, dynamic=False)
         self.compiled: dict[tuple, float] = {}  # (batch, bucket, padded) -> seconds its compile took
         self._compile_lock = threading.Lock()

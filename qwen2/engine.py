@@ -172,6 +172,14 @@ class Engine:
                 self._exclusive -= 1
                 self._cv.notify_all()
 
+    def decode_runner(self):
+        """(the step runner, the row cache) for measuring the engine's own decode step on the
+        cache's scratch row (profiling.steps.EngineDecode); only inside exclusive(), where no reply
+        is live and the background compile is paused."""
+        if not self._exclusive:
+            raise RuntimeError("decode_runner() is for measurements inside Engine.exclusive()")
+        return self.steps, self._pool()
+
     # -- rows ------------------------------------------------------------------------------------
     def _pool(self) -> RowCache:
         with self._cv:

@@ -74,6 +74,10 @@ class EagerSteps:
                                 torch.tensor(ids, device=device)[:, None],
                                 torch.tensor(positions, device=device)[:, None], key_slots)
 
+    def compiled_for(self, cache: RowCache, batch: int, n_keys: int) -> bool:
+        """Whether a decode of `batch` rows reading `n_keys` keys runs compiled (never, here)."""
+        return False
+
     def prepare(self, pool, progress=None):
         """Start whatever makes later steps faster (nothing here)."""
 
@@ -98,7 +102,9 @@ class CompiledCpuSteps(EagerSteps):
         self.mode, self.buckets = mode, batch_buckets(max_batch)
         # Inductor reads `freezing` (weights as constants it may pre-pack for its GEMM kernels) from its
         # global config while it compiles: set around each compile only, never per step.
-        self.inductor_config = {"freezing": True, "compile_threads": 1, **COMPILE_MODES[mode]}
+        # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
+        self.inductor_config = {"freezing": True, "compile_threads": 1, "cpp.enable_kernel_profile": True,
+                                **COMPILE_MODES[mode]}
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.ready: dict[int, float] = {}  # bucket (1, or max_batch for 2..max_batch) -> seconds its compile took
         self.failed: Exception | None = None
@@ -125,12 +131,14 @@ class CompiledCpuSteps(EagerSteps):
         return "eager"
 
     def decode(self, cache, rows, ids, positions):
-        batch = len(rows)
-        bucket = next(b for b in self.buckets if b >= batch)
         n_keys = max(positions) + 1
-        if bucket not in self.ready or n_keys > self._max_keys(cache):
+        if not self.compiled_for(cache, len(rows), n_keys):
             return super().decode(cache, rows, ids, positions)
         return self._run(cache, rows, ids, positions, n_keys)
+
+    def compiled_for(self, cache, batch, n_keys):
+        bucket = next(b for b in self.buckets if b >= batch)
+        return bucket in self.ready and n_keys <= self._max_keys(cache)
 
     @staticmethod
     def _max_keys(cache) -> int:

@@ -162,7 +162,8 @@ class Dashboard:
                         model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=1,
                         baseline="transformers" if baseline else None,
                         sweep=sweep_lengths(model, new_tokens) if sweep else None,
-                        trace_dir=str(trace_dir) if trace_dir else None, progress=report))
+                        trace_dir=str(trace_dir) if trace_dir else None, progress=report,
+                        fast_path=self.lm.served_decode(model)))  # the chat's compiled step, per block too
                 except ProfileCancelled:
                     raise
                 except Exception as exc:  # bad settings, a missing device, OOM: say so and keep serving

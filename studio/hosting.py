@@ -10,6 +10,7 @@ import threading
 import torch
 
 import qwen2
+from profiling.steps import EngineDecode
 from qwen2 import options
 from qwen2.engine import Engine, Limits
 from qwen2.errors import ConfigError, ModelNotFoundError, TokenizerError
@@ -197,6 +198,13 @@ class LoadedModel:
                                           and token_id not in tok.special_token_ids):
             return detokenizer.flush() + f"⟨{token_id}⟩"
         return detokenizer.push(token_id)
+
+    def served_decode(self, model):
+        """The engine's own decode step as a profile's fast path when `model` is the one it serves and
+        its step is compiled (profiling.steps.EngineDecode); else None. Only inside Busy.hold."""
+        if model is not self.model or self.engine.steps.name == "eager":
+            return None
+        return EngineDecode(*self.engine.decode_runner())
 
     def model_for(self, device: str, dtype: str | None):
         """The chat model when device and dtype match it, else a copy loaded for profiling (one kept)."""

@@ -664,7 +664,8 @@ def test_offline_fallback_at_the_official_shape(tmp_path):
 def test_the_page_serves_at_once_while_the_default_compiled_step_compiles_in_the_background(tmp_path,
                                                                                            tiny_model_dir):
     """No --fast-decode: on CPU the decode step compiles on a thread of its own; the page serves and
-    replies before it is ready and after, and the header says how far it is."""
+    replies before it is ready and after, and the header says how far it is. Once it is ready, a
+    profile times it and cuts it into blocks."""
     server = App(tmp_path / "app", "--model", str(tiny_model_dir), "--dtype", "float32", "--compile-mode", "default",
                  env={"QWEN2_FAST_DECODE": ""})
     try:
@@ -679,6 +680,12 @@ def test_the_page_serves_at_once_while_the_default_compiled_step_compiles_in_the
         assert "decode step compiled for 1 row and 2-4 rows" in server.log(), server.log()
         _, stats = client.predict("And again.", max_new_tokens=6, api_name="/chat")
         assert stats_numbers(stats)["new tokens"] == 6, stats
+        # a profile now times the compiled step the chat runs, per block too, beside the eager figures
+        out = views(client.predict(["cpu"], "float32", 16, 4, False, False, False, api_name="/profile"))
+        fast = out["runs"][0]["fast_decode"]
+        assert fast["decoder"] == "cpu-compile" and len(fast["layers"]) == 2, fast
+        bars = [trace.get("name") or "" for trace in json.loads(out["layers"]["plot"])["data"]]
+        assert any(name.endswith("· cpu-compile") for name in bars), bars
     finally:
         server.close()
 

@@ -290,6 +290,25 @@ def test_compiled_steps_are_used_once_ready_and_never_recompile(model, compiled_
             assert outs == [alone(model, p, 12) for p in prompts[:batch]]
 
 
+@pytest.mark.slow
+def test_a_profile_times_and_cuts_the_engines_own_compiled_step(model, compiled_engine):
+    """The dashboard's profile of the served model: the engine's compiled decode step (the one a chat
+    reply runs), on the scratch row, timed and cut into blocks; nothing recompiles, and the engine
+    serves on unchanged afterwards."""
+    import profiling
+    from profiling.steps import EngineDecode
+
+    with pytest.raises(RuntimeError, match="exclusive"):
+        compiled_engine.decode_runner()  # only while the model is held alone
+    with compiled_engine.exclusive(), torch._dynamo.config.patch(error_on_recompile=True):
+        run = profiling.profile_model(model, prompt_tokens=6, new_tokens=4, warmup=0,
+                                      fast_path=EngineDecode(*compiled_engine.decode_runner()))
+    fast = run["fast_decode"]
+    assert fast["decoder"] == "cpu-compile" and len(fast["layers"]) == model.config.num_hidden_layers, fast["note"]
+    assert fast["step_ms"]["n"] == 4 and all(layer["attention_ms"] > 0 for layer in fast["layers"])
+    assert compiled_engine.generate(ids(111, 5), settings=VARIED, max_new_tokens=4) == alone(model, ids(111, 5), 4)
+
+
 def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypatch):
     """compile_now (tests, benchmarks, `python -m qwen2`) runs the background compile's loop on this
     thread: every bucket, in order, with progress. (The compiles themselves are
