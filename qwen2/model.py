@@ -86,21 +86,31 @@ def rope_frequencies(config: Qwen2Config) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
+    """cos and sin of each position's angles, computed once for every position into two tables.
+
+    A step only looks its positions up. Computed per step instead, they cost little eagerly but a
+    lot in the compiled decode step: Inductor recomputes such cheap-looking values wherever they
+    are used, and with the query's RoPE fused into the attention scores that is once per cached
+    key (docs/benchmarks.md). gpt-fast keeps the same table (its freqs_cis).
+    """
+
     def __init__(self, config: Qwen2Config):
         super().__init__()
         self.config = config
-        inv_freq, self.attention_scaling = rope_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.reset()
 
     def reset(self):
-        """Recompute inv_freq in fp32 (after the model was built on the meta device or cast)."""
-        inv_freq, _ = rope_frequencies(self.config)
-        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        """(Re)compute the tables in fp32: at build, and after the model was built on the meta device or cast."""
+        inv_freq, self.attention_scaling = rope_frequencies(self.config)
+        device = self.cos_table.device if hasattr(self, "cos_table") else None
+        positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float)
+        freqs = positions[:, None] * inv_freq  # (P, hd/2), angles in fp32
+        emb = torch.cat((freqs, freqs), dim=-1)  # (P, hd)
+        self.register_buffer("cos_table", (emb.cos() * self.attention_scaling).to(device), persistent=False)
+        self.register_buffer("sin_table", (emb.sin() * self.attention_scaling).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, hd/2), angles in fp32
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
-        return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+        return self.cos_table[positions].to(dtype), self.sin_table[positions].to(dtype)  # (B, T, hd) each
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
