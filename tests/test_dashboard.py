@@ -36,7 +36,8 @@ def shipped() -> list[dict]:
 def untied_630m(run: dict) -> dict:
     """The case from the issue: a 630 M untied checkpoint beside the shipped 494 M runs."""
     other = copy.deepcopy(run)
-    other["model"].update(parameters=630_167_424, tie_word_embeddings=False, source="/ckpt/Qwen2.5-Untied")
+    other["model"].update(parameters=630_167_424, tie_word_embeddings=False, source="/ckpt/Qwen2.5-Untied",
+                          name="Qwen2.5-Untied")
     return other
 
 
