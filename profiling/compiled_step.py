@@ -9,13 +9,13 @@ model's order, by data dependence: layer i's q/k/v product before its attention,
 it, its MLP's products after that, then layer i + 1, then the LM head. So a step's trace cut at
 its products is the model cut at its blocks:
 
-    [embedding, layer 0's norm] qkv [RoPE, cache write, attention] o_proj [residual, norm]
+    [embedding + layer 0's norm] qkv [RoPE, cache write, attention] o_proj [residual, norm]
       gate_up [SwiGLU] down [residual, layer 1's norm] qkv ... down [residual, final norm] lm_head [cast]
 
 A product's time goes to its block (attention or MLP). The time between two products (the fused
 kernels Inductor generated there, and the generated wrapper's own Python) goes to the block it
 sits in: the stretch before a layer's first product is its input norm (with the previous layer's
-residual add, fused into it), between its q/k/v and o_proj products its attention, after o_proj
+residual add fused into it; for layer 0, with the embedding lookup), between its q/k/v and o_proj products its attention, after o_proj
 its post-attention norm, between its MLP products the MLP. What runs outside the compiled call
 (dynamo's guards, copying the token into the step's buffers, the argmax) is "other".
 
@@ -68,8 +68,8 @@ class Layout:
         if p == self.layers * self.per_layer:
             return "final_norm", None
         layer, k = divmod(p, self.per_layer)
-        if k == 0:
-            return ("embedding", None) if layer == 0 else ("input_layernorm", layer)
+        if k == 0:  # layer 0's: with the embedding lookup, which Inductor fuses into that norm
+            return "input_layernorm", layer
         if k < self.attention_products:
             return "attention", layer
         if k == self.attention_products:

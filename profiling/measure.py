@@ -97,6 +97,11 @@ class _Stages:
         fast_path = self.fast_path
         if fast_path is None:
             return None
+        if isinstance(fast_path, EngineDecode):
+            why_not = fast_path.why_not(self.ids.shape[1] + self.settings.new_tokens)
+            if why_not:
+                self.plan.stage(f"the engine's {fast_path.name} decode step is not timed: {why_not}")
+                return None
         self.plan.stage(f"timing the model's fast decode path ({fast_path.name})")
         # Warm with the timed run's own length: the same cache bucket, so its capture or compile
         # (once per bucket) is paid here, and no other bucket is compiled for nothing.
@@ -115,12 +120,14 @@ class _Stages:
         if fast_path.name != CompiledCpuPath.name:
             return None, "only the compiled CPU step's trace is cut into blocks"
         self.plan.stage(f"tracing the {fast_path.name} decode path (per block)")
-        with compiled_step.profiler() as prof:
-            traced = self.fast_run(fast_path)
         try:
+            with compiled_step.profiler() as prof:
+                traced = self.fast_run(fast_path)
             traced.step_parts = compiled_step.traced_step_parts(prof.events(), compiled_step.layout_of(self.model))
-        except ValueError as exc:
+        except ValueError as exc:  # the trace is not the model's products
             return None, str(exc)
+        except RuntimeError as exc:  # torch.profiler could not run here (one profiler at a time)
+            return None, f"torch.profiler: {exc}"
         if len(traced.step_parts) != len(traced.step_s) or not traced.on_fast_path:
             return None, f"the trace holds {len(traced.step_parts)} compiled steps for {len(traced.step_s)} decode steps"
         return traced, ""

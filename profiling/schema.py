@@ -56,8 +56,6 @@ class ModelFacts(Section):
     parameters: Count = None
 
 
-
-
 class Prefill(Section):
     time_ms: Number = None
     tokens: Count = None

@@ -93,6 +93,14 @@ class EngineDecode:
         self.steps, self.cache = steps, cache
         self.name = steps.name
 
+    def why_not(self, tokens: int) -> str | None:
+        """Why a run of `tokens` (prompt + new) would not time the compiled step, or None."""
+        if tokens > self.cache.row_len:
+            return f"the engine's rows hold {self.cache.row_len} tokens, this profile needs {tokens}"
+        if not self.steps.compiled_for(self.cache, 1, tokens):
+            return f"its step is not compiled for one row reading {tokens} keys (still compiling, or too many keys)"
+        return None
+
     def timed_run(self, ids: torch.Tensor, new_tokens: int, clock) -> RunTimes:
         """timed_run's greedy prefill + `new_tokens` steps through the engine's runner."""
         out = RunTimes()

@@ -184,8 +184,11 @@ class Engine:
     def _pool(self) -> RowCache:
         with self._cv:
             if self._cache is None:
-                self._cache = RowCache(self.model.config, self.rows, self.row_tokens, self.model.device,
-                                       self.model.dtype)
+                # inference-mode tensors, whichever thread asks first (the serving loop, or a
+                # measurement's decode_runner): the compiled step is guarded on how they were made
+                with torch.inference_mode():
+                    self._cache = RowCache(self.model.config, self.rows, self.row_tokens, self.model.device,
+                                           self.model.dtype)
             return self._cache
 
     def _release(self, conversation: Conversation):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Qwen2Config
-from .errors import ConfigError
+from .errors import ConfigError, ContextLengthError
 from .info import ModelInfo
 
 
@@ -343,6 +343,9 @@ class Qwen2ForCausalLM(nn.Module):
         call only (default: the model's, set at load).
         """
         B, T = input_ids.shape
+        if positions is None and T > self.config.max_position_embeddings:
+            raise ContextLengthError(f"{T} tokens do not fit the model's context "
+                                     f"(max_position_embeddings={self.config.max_position_embeddings})")
         if positions is None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
                 else torch.arange(T, device=input_ids.device).expand(B, T)

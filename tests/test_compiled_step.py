@@ -42,7 +42,7 @@ def test_each_stretch_of_a_step_goes_to_its_block():
     children, end = _trace(layout)
     parts = {key: round(seconds * 1e6, 6) for key, seconds in step_parts(children, 0.0, end, layout).items()}
     assert parts == {
-        ("embedding", None): 2,                  # before layer 0's q|k|v product
+        ("input_layernorm", 0): 2,               # before layer 0's q|k|v product (with the embedding)
         ("attention", 0): 10 + 2 + 11,           # q|k|v, the attention kernels, o_proj
         ("post_attention_layernorm", 0): 2,
         ("mlp", 0): 12 + 2 + 13,                 # gate|up, SwiGLU, down

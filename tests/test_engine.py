@@ -300,9 +300,11 @@ def test_a_profile_times_and_cuts_the_engines_own_compiled_step(model, compiled_
 
     with pytest.raises(RuntimeError, match="exclusive"):
         compiled_engine.decode_runner()  # only while the model is held alone
+    compiled_engine._cache = None  # as after an idle spell: the dashboard's thread makes the row cache anew
     with compiled_engine.exclusive(), torch._dynamo.config.patch(error_on_recompile=True):
-        run = profiling.profile_model(model, prompt_tokens=6, new_tokens=4, warmup=0,
-                                      fast_path=EngineDecode(*compiled_engine.decode_runner()))
+        decode = EngineDecode(*compiled_engine.decode_runner())
+        run = profiling.profile_model(model, prompt_tokens=6, new_tokens=4, warmup=0, fast_path=decode)
+    assert "rows hold" in decode.why_not(decode.cache.row_len + 1)
     fast = run["fast_decode"]
     assert fast["decoder"] == "cpu-compile" and len(fast["layers"]) == model.config.num_hidden_layers, fast["note"]
     assert fast["step_ms"]["n"] == 4 and all(layer["attention_ms"] > 0 for layer in fast["layers"])

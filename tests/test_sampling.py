@@ -429,6 +429,9 @@ def bad_generate_calls(model):
         (GenerationError, r"top_p=2", lambda: qwen2.generate_batch(model, [[1, 2]], top_p=2.0)),
         (ContextLengthError, rf"max_position_embeddings={limit}",
          lambda: qwen2.generate_batch(model, [[1] * limit], max_new_tokens=1)),
+        # a plain forward past the position table (RoPE's cos/sin are looked up per position)
+        (ContextLengthError, rf"{limit + 1} tokens do not fit .*max_position_embeddings={limit}",
+         lambda: model(torch.zeros(1, limit + 1, dtype=torch.long))),
     ]
 
 
