@@ -247,8 +247,9 @@ def trace_views(runs, paths, theme) -> list:
         if trace is None:
             continue
         try:
+            # hundredths of a ms in a total of seconds is noise, and a wide column on a phone
             ops = pd.DataFrame(profiling.trace.top_ops(trace, n=15)).round(
-                {"total_ms": 3, "mean_ms": 4, "percent": 1})
+                {"total_ms": 2, "mean_ms": 4, "percent": 1})
             return [ops, trace_timeline(trace, theme=theme), run_label(run)]
         except Exception:
             traceback.print_exc()
