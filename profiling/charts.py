@@ -56,23 +56,24 @@ def _layer_rows(run: dict, phase: str) -> tuple[list[int], dict[str, list[float]
     return index, comps, outside
 
 
-def layer_views(runs: list[dict]) -> tuple[list[dict], list[str], list[str]]:
-    """The per-layer chart's bar groups (views, names, hover texts): each run's eager figures (its
-    hooked run) and, beside them where the run traced its compiled decode step (fast_decode.layers,
-    profiling.compiled_step), that step's figures as a view of their own (decode only: prefill is
-    eager on both paths)."""
-    views, names, hovers = [], [], []
+def layer_views(runs: list[dict]) -> tuple[list[dict], list[str], list[str], list[str]]:
+    """The per-layer chart's bar groups (views, names, hover texts, the phases each has): each run's
+    eager figures (its hooked run) and, beside them where the run traced its compiled decode step
+    (fast_decode.layers, profiling.compiled_step), that step's figures as a view of their own
+    (decode only: prefill is eager on both paths)."""
+    views, names, hovers, phases = [], [], [], []
     for run, name, hover in zip(runs, run_labels(runs), hover_labels(runs)):
         fast = run.get("fast_decode") or {}
         if not fast.get("layers"):
-            views.append(run), names.append(name), hovers.append(hover)
+            views.append(run), names.append(name), hovers.append(hover), phases.append("both")
             continue
         decoder = str(fast.get("decoder") or "fast path")
         views += [run, {"layers": fast["layers"], "breakdown": {"decode": fast.get("breakdown") or {}}}]
         names += [f"{name} · eager", f"{name} · {decoder}"]
         hovers += [f"{hover}<br>eager decode: forward hooks",
                    f"{hover}<br>{decoder} decode step: its trace cut at the matrix products"]
-    return views, names, hovers
+        phases += ["both", "decode"]
+    return views, names, hovers, phases
 
 
 def _add_layer_bars(fig: go.Figure, runs: list[dict], hovers: list[str], phase: str,
@@ -110,10 +111,11 @@ def _add_layer_bars(fig: go.Figure, runs: list[dict], hovers: list[str], phase: 
     return added
 
 
-def _run_hatching_legend(fig: go.Figure, labels: list[str]) -> int:
+def _run_hatching_legend(fig: go.Figure, labels: list[str], visible: list[bool]) -> int:
     """One legend entry per run showing its hatching (an empty bar); returns how many."""
     for r, label in enumerate(labels):
         fig.add_bar(x=[None], y=[None], name=wrap(label, LEGEND_CHARS), legendgroup=f"run{r}",
+                    **({} if visible[r] else {"visible": False}),
                     marker={"color": "rgba(150,150,150,0.6)",
                             "pattern": {"shape": PATTERNS[r % len(PATTERNS)] or "",
                                         "fillmode": "overlay"}}, row=1, col=1)
@@ -131,13 +133,14 @@ def layer_latency_figure(runs: list[dict], phase: str = "decode",
     if not runs:
         return empty_figure("no runs to show", theme, LAYER_TITLES[phase])
     colors = theme_colors(theme)
-    views, labels, hovers = layer_views(runs)
+    views, labels, hovers, view_phases = layer_views(runs)
     fig, area = stacked_panels([230, 140])
     owner: list[str] = []
     for ph in PHASES:
         owner += [ph] * _add_layer_bars(fig, views, hovers, ph, visible=(ph == phase))
-    if len(views) > 1:
-        owner += ["both"] * _run_hatching_legend(fig, labels)
+    if len(views) > 1:  # a compiled step's entry only where it has bars (decode)
+        _run_hatching_legend(fig, labels, [p in (phase, "both") for p in view_phases])
+        owner += view_phases
     buttons = [{"label": ph.capitalize(), "method": "update",
                 "args": [{"visible": [o in (ph, "both") for o in owner]},
                          {"title.text": LAYER_TITLES[ph], "title.subtitle.text": LAYER_SUBTITLES[ph]}]}

@@ -112,6 +112,8 @@ def test_a_profile_gives_the_compiled_step_per_block(tiny_model_dir, quantize):
     # the per-layer chart shows both paths, side by side
     names = [trace.name for trace in layer_latency_figure([run]).data if trace.name]
     assert any(name.endswith("· eager") for name in names) and any(name.endswith("· cpu-compile") for name in names)
+    prefill = layer_latency_figure([run], phase="prefill")  # prefill is eager on both paths: no compiled entry
+    assert [trace.visible for trace in prefill.data if (trace.name or "").endswith("· cpu-compile")] == [False]
 
 
 @pytest.mark.slow
