@@ -205,8 +205,12 @@ def test_time_to_first_token_stays_flat_over_four_turns(page, artifacts):
     page.get_by_label("System prompt").fill("You are a helpful assistant who explains how language models "
                                             "work, with short answers and concrete numbers.")
     lines = []
-    for i, text in enumerate(["Hello, who are you?", "Tell me about caches.", "And about attention?",
-                              "Thanks, one more thing."], start=1):
+    # Later questions of ~50 characters (the test tokenizer spends about a token on each): the
+    # conversation then grows well past 2.5x turn 1 whatever the random model's 8-token replies
+    # re-encode to, and each turn's own new text stays well under turn 1's.
+    for i, text in enumerate(["Hello, who are you?", "Tell me about caches and why they speed things up.",
+                              "And about attention: what do the heads look at?",
+                              "Thanks, one more thing: what if the chat gets long?"], start=1):
         send(page, text)
         lines.append(stats_numbers(wait_for_reply_stats(page, i)))
     prefilled = [n["prompt tokens"] - n["reused"] for n in lines]
