@@ -36,6 +36,23 @@ class RunTimes:
     on_fast_path: bool = False  # the steps ran on a fast decode path (its pooled cache)
 
 
+def timed_greedy(clock, call, *args, hooks=None, on_step=None):
+    """One greedy step through `call(*args)` (logits (B, V)): (its argmax (B,), seconds by `clock`,
+    the step's per-block parts from `hooks` or None); `on_step()` after it."""
+    clock.reset()
+    if hooks is not None:
+        hooks.start_step()
+    start = clock.mark()
+    token = call(*args).argmax(dim=-1)
+    end = clock.mark()
+    clock.finish()
+    seconds = clock.seconds(start, end)
+    parts = hooks.collect() if hooks is not None else None
+    if on_step:
+        on_step()
+    return token, seconds, parts
+
+
 def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
               on_step=None, fast_path=None) -> RunTimes:
     """Prefill `ids` then `new_tokens` greedy decode steps; time each with `clock`.
@@ -47,27 +64,12 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
     out = RunTimes()
     session = new_session(model, ids.shape[1] + new_tokens, fast_path=None if hooks is not None else fast_path)
 
-    def timed(call, *args):
-        """One greedy step through `call`: (next token, seconds, per-block parts or None)."""
-        clock.reset()
-        if hooks is not None:
-            hooks.start_step()
-        start = clock.mark()
-        token = call(*args).argmax(dim=-1)
-        end = clock.mark()
-        clock.finish()
-        seconds = clock.seconds(start, end)
-        parts = hooks.collect() if hooks is not None else None
-        if on_step:
-            on_step()
-        return token, seconds, parts
-
-    token, out.prefill_s, parts = timed(session.prefill, ids)
+    token, out.prefill_s, parts = timed_greedy(clock, session.prefill, ids, hooks=hooks, on_step=on_step)
     if parts is not None:
         out.prefill_parts = parts
     tokens = [token]
     for _ in range(new_tokens):
-        token, seconds, parts = timed(session.step, token)
+        token, seconds, parts = timed_greedy(clock, session.step, token, hooks=hooks, on_step=on_step)
         out.step_s.append(seconds)
         if parts is not None:
             out.step_parts.append(parts)
@@ -106,21 +108,12 @@ class EngineDecode:
         out = RunTimes()
         steps, cache, row = self.steps, self.cache, self.cache.scratch
         n_prompt = ids.shape[1]
-
-        def timed(call):
-            clock.reset()
-            start = clock.mark()
-            token = int(call().argmax(dim=-1)[0])
-            end = clock.mark()
-            clock.finish()
-            return token, clock.seconds(start, end)
-
-        token, out.prefill_s = timed(lambda: steps.prefill(cache, row, ids, 0))
-        out.tokens = [token]
+        token, out.prefill_s, _ = timed_greedy(clock, steps.prefill, cache, row, ids, 0)
+        out.tokens = [int(token[0])]
         for i in range(new_tokens):
-            token, seconds = timed(lambda: steps.decode(cache, [row], [token], [n_prompt + i]))
+            token, seconds, _ = timed_greedy(clock, steps.decode, cache, [row], [out.tokens[-1]], [n_prompt + i])
             out.step_s.append(seconds)
-            out.tokens.append(token)
+            out.tokens.append(int(token[0]))
         out.on_fast_path = steps.compiled_for(cache, 1, n_prompt + new_tokens)
         out.kv_length = n_prompt + new_tokens
         return out
