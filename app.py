@@ -60,6 +60,9 @@ def parse_args(argv=None):
                    help="how decode steps run: default 'auto' = the Inductor-compiled step on CPU (compiled in "
                         "the background while replies decode eagerly; the header shows its progress), eager "
                         "elsewhere; 'compile'; 'off' (plain module calls); also QWEN2_FAST_DECODE")
+    p.add_argument("--speculate", default=env("QWEN2_STUDIO_SPECULATE", "on"), choices=("on", "off"),
+                   help="speculative decoding for a reply decoding alone: prompt-lookup guesses checked in one "
+                        "forward, only as many as pay (greedy replies keep their tokens; default: %(default)s)")
     p.add_argument("--slots", type=int, default=int(env("QWEN2_STUDIO_SLOTS", "4")),
                    help="conversations served at once, each with its own row of the KV cache (default: %(default)s)")
     p.add_argument("--slot-tokens", type=int, default=int(env("QWEN2_STUDIO_SLOT_TOKENS", "8192")),
@@ -113,7 +116,8 @@ def main(argv=None):
     try:
         lm = LoadedModel(args.model, args.device, args.dtype, args.quantize, args.fallback_config, args.fast_decode,
                          slots=args.slots, slot_tokens=args.slot_tokens, limits=limits,
-                         compile_mode=args.compile_mode, zero_gpu=spaces is not None).start()
+                         compile_mode=args.compile_mode, zero_gpu=spaces is not None,
+                         speculate=args.speculate == "on").start()
     except (Qwen2Error, OSError, ValueError) as exc:  # a broken checkpoint, a bad device: one line, like the CLI
         fail(str(exc))
     runs = RunStore(Path(args.runs_dir).resolve(), args.runs_max_files, args.runs_max_mb * 2**20)

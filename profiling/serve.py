@@ -90,9 +90,11 @@ def engine_streams(args):
     tokenizer = qwen2.Tokenizer.from_pretrained(args.model)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in CHAT_PROMPTS]
-    engine = Engine(model, rows=max(args.users), row_tokens=1024, fast_decode=args.fast_decode)
+    engine = Engine(model, rows=max(args.users), row_tokens=1024, fast_decode=args.fast_decode,
+                    speculate=args.speculate == "on")
     if hasattr(engine.steps, "compile_now"):
-        print(f"compiling the decode step for batch sizes {engine.steps.buckets}...", file=sys.stderr, flush=True)
+        print(f"compiling {engine.steps.jobs} (decode step per batch bucket; 'verify': speculative decoding's)...",
+              file=sys.stderr, flush=True)
         engine.steps.compile_now(engine._pool)
     engine.start(compile_in_background=False)
 
@@ -108,7 +110,7 @@ def engine_streams(args):
     for users in args.users:
         run_concurrently(users, one)
     info = {"path": "engine", "decode": engine.state, "model": str(args.model), "dtype": args.dtype,
-            "quantize": args.quantize}
+            "quantize": args.quantize, "speculate": args.speculate}
     return one, info, engine.close
 
 
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", default=None)
     p.add_argument("--fast-decode", default="auto", choices=("auto", "compile", "off"))
+    p.add_argument("--speculate", default="on", choices=("on", "off"),
+                   help="engine mode: speculative decoding for a reply decoding alone, as the app does (default: on)")
     p.add_argument("--users", default="1,2,4,8", help="comma list of concurrent visitors (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--out", help="write the rows as JSON here")

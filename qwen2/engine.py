@@ -11,7 +11,8 @@ Continuous batching, as llama.cpp's server slots and vLLM's scheduler do it. Eac
   2. newcomers' prompts are prefilled, up to `prefill_chunk` tokens in all (so a long prompt
      delays the others by about one chunk, not by its whole length, and many short ones start
      together),
-  3. every request past its prefill decodes one token, all of them in one batched forward.
+  3. every request past its prefill decodes one token, all of them in one batched forward; a
+     request decoding alone speculates instead (below).
 A request joins at the next step and leaves when it stops (a stop token, its token budget, cancel,
 its time limit, an error) without disturbing the others. Each row keeps its own sampling settings,
 seed, stop tokens and length; a greedy row gets the tokens it would get alone (tests/test_engine.py).
@@ -20,6 +21,14 @@ Every row of the cache (qwen2/cache.py: RowCache) is one conversation, kept afte
 next turn prefills only what is new; an idle conversation gives its row up when a newcomer needs one.
 How a step is launched (eager, or Inductor-compiled per batch size) is the step runner's business
 (qwen2/steps.py); the model stays math.
+
+Speculative decoding (qwen2/speculative.py): a reply decoding alone guesses its next tokens by
+prompt lookup (code edits and quotes repeat the conversation) and the step runner checks them in
+one forward; the reply keeps what the model agrees with (greedy: the same tokens as without; sampled:
+the same distribution), and its row is simply read no further than what was kept. A DraftGate per
+reply verifies only the guesses that are expected to pay, so open chat, where lookup rarely guesses
+right, decodes at plain speed. With two or more replies decoding, the batched step already shares
+each weight read among them, and nobody speculates.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from .generate import _check_ids, check_budget
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings, check_seed
 from .session import Conversation, Limits, Reply, common_prefix
+from .speculative import DraftGate, PromptLookupDrafter, Speculation
 from .stats import ReplyStats
 from .steps import make_steps
 
@@ -48,12 +58,13 @@ class Engine:
 
     rows: conversations held at once (llama.cpp's -np); row_tokens: each one's context (prompt +
     reply); prefill_chunk: prompt tokens fed per loop turn; fast_decode: "auto" (compiled on CPU),
-    "compile" or "off" (qwen2/steps.py); limits: per-request bounds.
+    "compile" or "off" (qwen2/steps.py); limits: per-request bounds; speculate: whether a reply
+    decoding alone may speculate (prompt lookup, gated), unless its request says otherwise.
     """
 
     def __init__(self, model, rows: int = 4, row_tokens: int | None = None, prefill_chunk: int = 128,
                  fast_decode: str = "auto", limits: Limits | None = None, idle_release_s: float = 600.0,
-                 compile_mode: str | None = None):
+                 compile_mode: str | None = None, speculate: bool = True):
         if rows < 1 or prefill_chunk < 1:
             raise GenerationError(f"rows={rows} and prefill_chunk={prefill_chunk} must be >= 1")
         self.model = model
@@ -62,7 +73,8 @@ class Engine:
         self.rows, self.prefill_chunk = rows, prefill_chunk
         self.limits = limits or Limits()
         self.idle_release_s = idle_release_s
-        self.steps = make_steps(model, fast_decode, max_batch=rows, mode=compile_mode)
+        self.speculate = bool(speculate)
+        self.steps = make_steps(model, fast_decode, max_batch=rows, mode=compile_mode, verify=self.speculate)
         self._cache: RowCache | None = None  # allocated at the first request, freed when idle
         self._owners: list[Conversation | None] = [None] * rows
         self._waiting: deque[Reply] = deque()
@@ -123,9 +135,10 @@ class Engine:
 
     def submit(self, prompt_ids, settings: SamplingSettings | None = None, max_new_tokens: int = 64,
                stop_ids=(), seed: int | None = None, conversation: Conversation | None = None,
-               wall_s: float | None = None) -> Reply:
+               wall_s: float | None = None, speculate: bool | None = None) -> Reply:
         """Queue a reply to `prompt_ids` (the whole conversation so far, templated). Every argument is
-        checked here, so a bad one raises now and nothing is queued."""
+        checked here, so a bad one raises now and nothing is queued. speculate: None follows the
+        engine's setting; False never speculates for this reply (True cannot override an engine's off)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise GenerationError("the prompt is empty; expected at least one token id")
@@ -141,6 +154,10 @@ class Engine:
         conversation = conversation or self.conversation()
         reply = Reply(prompt, settings or SamplingSettings(), max_new_tokens, {int(t) for t in stop_ids}, seed,
                       conversation, stats, wall_s, own_conversation=own)
+        # A seeded sampled reply must be the same whoever decodes beside it: speculation draws its
+        # random numbers otherwise, and it runs only while a reply decodes alone, so such a reply never speculates.
+        if self.speculate and speculate is not False and (reply.settings.greedy or seed is None):
+            reply.speculation = Speculation(PromptLookupDrafter(), DraftGate(self.steps.verify_cost))
         with self._cv:
             if self._closing:
                 raise GenerationError("the engine is closed")
@@ -237,7 +254,9 @@ class Engine:
                     decoding = [r for r in self._live if r.decoding]
                 try:
                     self._prefill(prefilling)
-                    if decoding:
+                    if len(decoding) == 1 and decoding[0].speculation is not None:
+                        self._speculate(decoding[0])
+                    elif decoding:
                         self._decode(decoding)
                 except Exception as exc:  # noqa: BLE001 - the step's replies end with the error; the engine goes on
                     for reply in prefilling + decoding:
@@ -295,6 +314,9 @@ class Engine:
         reply.stats.reused_tokens = reused
         prompt = torch.tensor([reply.prompt], device=self.model.device)
         reply.sampler = Sampler(reply.settings, prompt, self.model.config.vocab_size, reply.seed)
+        if reply.speculation is not None:
+            reply.speculation.start(reply.prompt, len(reply.prompt) + reply.max_new_tokens, reply.sampler,
+                                    self.model.config.vocab_size)
         self._live.append(reply)
 
     def _retire(self):
@@ -362,7 +384,34 @@ class Engine:
             reply.conversation.cached.append(reply.next_id)
             reply.position += 1
             reply.stats.batch_size = max(reply.stats.batch_size, len(batch))
+            reply.stats.decode_forwards += 1
             self._sampled(reply, int(reply.sampler(logits[i:i + 1])))
+
+    def _speculate(self, reply: Reply):
+        """One speculative round for a reply decoding alone: feed its pending token and the guesses
+        worth checking in one forward; emit the guesses the model agrees with and its own next token.
+        The row's slots past what was kept hold rejected guesses' keys, which no later query reads
+        before its own token overwrites them (a query sees slots up to its position only)."""
+        cache, speculation = self._pool(), reply.speculation
+        room = min(reply.max_new_tokens - len(reply.tokens) - 1, self.steps.max_guesses(cache, reply.position))
+        guess = speculation.plan(reply.prompt + reply.tokens, room)  # the context ends with the pending token
+        fed = [reply.next_id] + guess
+        if guess:
+            logits = self.steps.verify(cache, reply.row, fed, reply.position)  # (k + 1, V)
+        else:
+            logits = self.steps.decode(cache, [reply.row], fed, [reply.position])  # (1, V)
+        kept, token = speculation.settle(logits, guess)
+        reply.conversation.cached.extend(fed[:kept + 1])
+        reply.position += kept + 1
+        stats = reply.stats
+        stats.batch_size = max(stats.batch_size, 1)
+        stats.drafted, stats.accepted = speculation.stats.drafted, speculation.stats.accepted
+        stats.decode_forwards += 1
+        for t in guess[:kept] + [token]:
+            reply.sampler.mark(torch.tensor([t], device=self.model.device))
+            self._sampled(reply, t)
+            if reply.done:
+                return
 
     def _sampled(self, reply: Reply, token: int):
         """A row's new token: the end of its reply, or streamed and fed to the next step."""

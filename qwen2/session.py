@@ -101,6 +101,7 @@ class Reply:
         self.position = 0  # the next slot of the row to write (= the next token's position)
         self.next_id: int | None = None  # the token the next decode step feeds
         self.sampler: Sampler | None = None
+        self.speculation = None  # a qwen2.speculative.Speculation where this reply may speculate
 
     # -- the consumer's side -------------------------------------------------------------------
     def __iter__(self) -> Iterator[int]:

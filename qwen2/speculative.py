@@ -284,19 +284,69 @@ def speculative_generate(model, input_ids, drafter: Drafter | None = None, max_n
     check_budget(model, prompt.shape[1], max_new_tokens)
     stop = _stop_set(model, stop_token_ids)
     check_seed(seed)
-    drafter = PromptLookupDrafter() if drafter is None else drafter
-    gate = (gate or DraftGate()) if gated else None
-    stats = SpeculativeStats()
-    stream = _speculate(model, prompt, drafter, gate, max_new_tokens, settings, stop, seed, stats)
-    return SpeculativeStream(stream, stats)
+    speculation = Speculation(drafter, gate, gated)
+    stream = _speculate(model, prompt, speculation, max_new_tokens, settings, stop, seed)
+    return SpeculativeStream(stream, speculation.stats)
 
 
-def _speculate(model, prompt, drafter, gate, max_new_tokens, settings, stop, seed, stats):
-    vocab = model.config.vocab_size
+class Speculation:
+    """One reply's drafting and checking, apart from how its forwards run: `plan` says which guesses
+    to feed after the pending token, `settle` reads the target's logits at those positions and says
+    how many guesses to keep and which token comes after them. DecodeSession.extend runs the
+    forwards for speculative_generate; the serving engine's verification steps for a chat reply
+    (qwen2/engine.py). Either way the caller rolls its cache back to what was kept."""
+
+    def __init__(self, drafter: Drafter | None = None, gate: DraftGate | None = None, gated: bool = True):
+        self.drafter = PromptLookupDrafter() if drafter is None else drafter
+        self.gate = (gate or DraftGate()) if gated else None
+        self.stats = SpeculativeStats()
+        self._draft = Draft([])
+        self._unverified: int | None = None
+
+    def start(self, prompt: list[int], max_len: int, sampler: Sampler, vocab_size: int):
+        self.sampler = sampler
+        self.drafter.start(prompt, max_len, sampler.settings, sampler.generator, vocab_size)
+
+    def close(self):
+        self.drafter.close()
+
+    def plan(self, context: list[int], room: int) -> list[int]:
+        """The guesses to verify after context[-1] (the pending token, not yet fed): at most `room`,
+        as many as the gate expects to pay; [] means a plain one-token step."""
+        draft = self.drafter.propose(context, room) if room > 0 else Draft([])
+        guess = draft.tokens[:room]
+        if self.gate is not None and guess:
+            guess = guess[:self.gate.length(draft.kind, len(guess), 0 if self.drafter.free_guesses else 1)]
+        self._draft = draft
+        self._unverified = draft.tokens[0] if draft.tokens and not guess and room > 0 else None
+        return guess
+
+    def settle(self, logits: torch.Tensor, guess: list[int]) -> tuple[int, int]:
+        """logits (k + 1, V): the target after the pending token and each guess. Returns (kept, the
+        token after the kept guesses); marks nothing as seen (the caller marks what it emits)."""
+        stats, gate, draft = self.stats, self.gate, self._draft
+        stats.forwards += 1
+        stats.drafted += len(guess)
+        processed = _processed_rows(logits, guess, self.sampler.settings, self.sampler.seen)
+        if self.sampler.settings.greedy:
+            kept, token = verify_greedy(processed, guess)
+        else:
+            q = None if draft.probs is None else draft.probs[:len(guess)]
+            kept, token = verify_sampled(processed.softmax(dim=-1), guess, q, self.sampler.generator)
+        stats.accepted += kept
+        if gate is not None and guess:
+            gate.observe(draft.kind, kept, kept < len(guess))
+        elif gate is not None and self._unverified is not None:
+            gate.observe(draft.kind, int(self._unverified == token), self._unverified != token)
+        return kept, token
+
+
+def _speculate(model, prompt, speculation: Speculation, max_new_tokens, settings, stop, seed):
+    vocab, stats = model.config.vocab_size, speculation.stats
     max_len = prompt.shape[1] + max_new_tokens
     with DecodeSession(model, 1, max_len) as session:
         sampler = Sampler(settings, prompt, vocab, seed)
-        drafter.start(prompt[0].tolist(), max_len, settings, sampler.generator, vocab)
+        speculation.start(prompt[0].tolist(), max_len, sampler, vocab)
         try:
             pending = int(sampler(session.prefill(prompt)))  # the first token exactly as generate draws it
             stats.forwards += 1
@@ -306,29 +356,10 @@ def _speculate(model, prompt, drafter, gate, max_new_tokens, settings, stop, see
             stats.tokens += 1
             yield pending
             while stats.tokens < max_new_tokens:
-                # the cache holds context but `pending`; a round yields at most len(draft) + 1 tokens
-                room = max_new_tokens - stats.tokens - 1
-                draft = drafter.propose(context, room) if room > 0 else Draft([])
-                guess = draft.tokens[:room]
-                if gate is not None and guess:
-                    at_least = 0 if drafter.free_guesses else 1
-                    guess = guess[:gate.length(draft.kind, len(guess), at_least)]
-                unverified = draft.tokens[0] if draft.tokens and not guess and room > 0 else None
+                # the cache holds context but `pending`; a round yields at most len(guess) + 1 tokens
+                guess = speculation.plan(context, max_new_tokens - stats.tokens - 1)
                 fed = torch.tensor([[pending] + guess], device=model.device)
-                logits = session.extend(fed)[0]  # (k + 1, V): the target after pending and each guess
-                stats.forwards += 1
-                stats.drafted += len(guess)
-                processed = _processed_rows(logits, guess, settings, sampler.seen)
-                if settings.greedy:
-                    kept, token = verify_greedy(processed, guess)
-                else:
-                    q = None if draft.probs is None else draft.probs[:len(guess)]
-                    kept, token = verify_sampled(processed.softmax(dim=-1), guess, q, sampler.generator)
-                stats.accepted += kept
-                if gate is not None and guess:
-                    gate.observe(draft.kind, kept, kept < len(guess))
-                elif gate is not None and unverified is not None:
-                    gate.observe(draft.kind, int(unverified == token), unverified != token)
+                kept, token = speculation.settle(session.extend(fed)[0], guess)  # (k + 1, V) logits
                 session.rewind(session.length - (len(guess) - kept))  # keep pending and the kept guesses
                 for t in guess[:kept] + [token]:
                     if t in stop:
@@ -339,7 +370,7 @@ def _speculate(model, prompt, drafter, gate, max_new_tokens, settings, stop, see
                     yield t
                 pending = token
         finally:
-            drafter.close()
+            speculation.close()
 
 
 def _processed_rows(logits, guess, settings: SamplingSettings, seen):

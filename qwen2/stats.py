@@ -22,6 +22,9 @@ class ReplyStats:
     context_used: int = 0
     context_limit: int = 0
     batch_size: int = 0  # the most replies that decoded beside this one in a step (itself included)
+    drafted: int = 0  # speculative decoding: guessed tokens the model checked
+    accepted: int = 0  # of which it kept (each one a token without a step of its own)
+    decode_forwards: int = 0  # forwards after the prefill's: one per token, fewer with speculation
 
     @property
     def prefilled_tokens(self) -> int:
@@ -56,6 +59,11 @@ class ReplyStats:
         parts += [f"first token {self.ttft_s * 1000:.0f} ms",
                   f"{rate:.1f} tok/s" if rate is not None else "decode n/a (1 token)",
                   f"{self.device} ({self.dtype})"]
+        if self.drafted:
+            kept = f"{self.accepted}/{self.drafted} guessed tokens kept ({self.accepted / self.drafted:.0%})"
+            if self.decode_forwards:
+                kept += f", {(self.new_tokens - 1) / self.decode_forwards:.2f} tokens per decode forward"
+            parts.append(kept)
         if self.batch_size > 1:
             parts.append(f"batched with up to {self.batch_size - 1} other repl{'y' if self.batch_size == 2 else 'ies'}")
         if self.context_limit:

@@ -1,20 +1,29 @@
 """Step runners: how the serving engine's forwards are launched. The math is the model's own.
 
-Two kinds of forward run on the engine's RowCache (qwen2/cache.py):
+Three kinds of forward run on the engine's RowCache (qwen2/cache.py):
   prefill(cache, row, ids, start)          one conversation's next prompt chunk (1, T) at `start`
   decode(cache, rows, ids, positions)      one new token for each of B conversations, one batched forward
+  verify(cache, row, ids, position)        one conversation's pending token and its drafted guesses
+                                           (speculative decoding): the logits after each of them
 
 EagerSteps calls the modules as they are. CompiledCpuSteps compiles the decode step with Inductor
 twice: for one row, and for 2 to `max_batch` rows with the batch size left symbolic (a batch of
 3 is 3 rows, no padding), and the number of keys read symbolic in both, so a joining or leaving
-conversation or one growing longer never recompiles. The two compiles run on a thread of their own
-while the engine serves eagerly; each is used from the first step after it is ready. Prefill stays
-eager: its shapes change with every prompt, and its products are matrix-matrix, already near peak.
+conversation or one growing longer never recompiles. It compiles the verification too, for a fixed
+width of VERIFY_WIDTH tokens (shorter drafts are padded: their extra keys land past the row's
+length, where nothing reads them before they are written again). The compiles run on a thread of
+their own while the engine serves eagerly; each is used from the first step after it is ready.
+Prefill stays eager: its shapes change with every prompt, and its products are matrix-matrix,
+already near peak.
+
+What verifying T tokens costs, in one-token steps, is the step runner's to say (`verify_cost`): the
+engine's DraftGate (qwen2/speculative.py) verifies only the guesses expected to pay for it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import threading
 import time
 
@@ -24,21 +33,31 @@ from .cache import RowBatch, RowCache
 from .errors import ConfigError
 from .generate import eager_attention_kernels
 from .model import attention_mask_for, visibility_mask
+from .speculative import CPU_VERIFY_COST
 
 
-def rows_forward(model, cache: RowCache, rows, ids, positions, key_slots, attention=None):
-    """Logits (B, V) after the last of `ids` (B, T), each entry written at `positions` (B, T) of its
-    row of `cache` and reading that row's slots [0, S) (key_slots = arange(S)) up to its own position."""
+def rows_forward(model, cache: RowCache, rows, ids, positions, key_slots, attention=None, last_only=True):
+    """Logits (B, V) after the last of `ids` (B, T) (last_only=False: (B, T, V), after each), each
+    entry written at `positions` (B, T) of its row of `cache` and reading that row's slots [0, S)
+    (key_slots = arange(S)) up to its own position."""
     if ids.shape[0] == 1:  # one row: the masks that let SDPA pick its fastest kernels
         masks = {kind: attention_mask_for(positions[0], key_slots, None, window, reads_exact_past=True)
                  for kind, window in model.layer_windows()}
     else:
         masks = {kind: visibility_mask(positions, key_slots, None, window) for kind, window in model.layer_windows()}
     batch = RowBatch(cache, rows, positions, key_slots)
-    return model.run(ids, positions, masks, batch, last_only=True, attention=attention)[:, -1]
+    logits = model.run(ids, positions, masks, batch, last_only=last_only, attention=attention)
+    return logits[:, -1] if last_only else logits
 
 
 MAX_COMPILED_KEYS = 4096
+
+# The compiled verification's width: the pending token and up to 3 guesses. On a 2-vCPU AMD EPYC
+# (AVX2), Qwen2.5-Coder-0.5B, max-autotune (docs/benchmarks.md, "compiled verification"), a
+# verification cost, in one-token steps: int8 1.73 (2 tokens), 1.80 (4), 3.43 (8); bfloat16 1.27
+# (3), 2.23 (5), 3.05 (9). Four tokens get the most guesses for the price of about two steps; what
+# it costs on the machine at hand is timed as it runs (`verify_cost`).
+VERIFY_WIDTH = 4
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -74,6 +93,24 @@ class EagerSteps:
                                 torch.tensor(ids, device=device)[:, None],
                                 torch.tensor(positions, device=device)[:, None], key_slots)
 
+    def verify(self, cache: RowCache, row: int, ids: list[int], position: int) -> torch.Tensor:
+        """Logits (T, V) after each of `ids` (T tokens fed at positions position, position + 1, ...)."""
+        device = self.model.device
+        positions = torch.arange(position, position + len(ids), device=device)[None]  # (1, T)
+        key_slots = torch.arange(position + len(ids), device=device)
+        with eager_attention_kernels(device):
+            return rows_forward(self.model, cache, torch.tensor([row], device=device),
+                                torch.tensor([ids], device=device), positions, key_slots, last_only=False)[0]
+
+    @property
+    def verify_cost(self) -> tuple[float, ...]:
+        """What verifying T = 1, 2, ... tokens costs, in one-token steps (the last figure beyond)."""
+        return CPU_VERIFY_COST
+
+    def max_guesses(self, cache: RowCache, position: int) -> int:
+        """The most guesses one verification at `position` may carry (the row must hold them)."""
+        return max(0, min(len(self.verify_cost) - 1, cache.row_len - position - 1))
+
     def compiled_for(self, cache: RowCache, batch: int, n_keys: int) -> bool:
         """Whether a decode of `batch` rows reading `n_keys` keys runs compiled (never, here)."""
         return False
@@ -90,31 +127,39 @@ class EagerSteps:
 
 
 class CompiledCpuSteps(EagerSteps):
-    """Decode steps compiled by Inductor (one row; 2 to max_batch rows), in the background by `prepare`."""
+    """Decode steps compiled by Inductor (one row; 2 to max_batch rows) and the verification of
+    `verify_width` tokens (0: none), in the background by `prepare`."""
 
     name = "cpu-compile"
 
-    def __init__(self, model, max_batch: int, mode: str | None = None):
+    def __init__(self, model, max_batch: int, mode: str | None = None, verify_width: int = VERIFY_WIDTH):
         from .cpu_compile import COMPILE_MODES, checked_mode
 
         mode = checked_mode(model, mode)
         super().__init__(model)
-        self.mode, self.buckets = mode, batch_buckets(max_batch)
+        self.mode, self.buckets, self.verify_width = mode, batch_buckets(max_batch), verify_width
+        # what to compile, in order: the decode step per batch bucket, then the verification
+        self.jobs: tuple = self.buckets + (("verify",) if verify_width >= 2 else ())
         # Inductor reads `freezing` (weights as constants it may pre-pack for its GEMM kernels) from its
         # global config while it compiles: set around each compile only, never per step.
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
         self.inductor_config = {"freezing": True, "compile_threads": 1, "cpp.enable_kernel_profile": True,
                                 **COMPILE_MODES[mode]}
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
-        self.ready: dict[int, float] = {}  # bucket (1, or max_batch for 2..max_batch) -> seconds its compile took
+        self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
+        self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
+        self.ready: dict = {}  # job (1, max_batch standing for 2..max_batch, "verify") -> seconds its compile took
         self.failed: Exception | None = None
         self._hold = 0  # paused() holders: no new compile starts
-        self._compile_lock = threading.Lock()  # held while one bucket compiles
+        self._compile_lock = threading.Lock()  # held while one job compiles
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     def _step(self, cache, rows, ids, positions, key_slots):
         return rows_forward(self.model, cache, rows, ids, positions, key_slots, attention="single_query")
+
+    def _verify(self, cache, rows, ids, positions, key_slots):
+        return rows_forward(self.model, cache, rows, ids, positions, key_slots, last_only=False)[0]
 
     @property
     def compiling(self) -> bool:
@@ -124,17 +169,22 @@ class CompiledCpuSteps(EagerSteps):
     def state(self) -> str:
         if self.failed is not None:
             return f"eager (compile failed: {type(self.failed).__name__})"
-        if len(self.ready) == len(self.buckets):
+        if len(self.ready) == len(self.jobs):
             return "compiled"
         if self.compiling:
-            return f"compiling {len(self.ready) + 1}/{len(self.buckets)}"
+            return f"compiling {len(self.ready) + 1}/{len(self.jobs)}"
         return "eager"
 
     def decode(self, cache, rows, ids, positions):
         n_keys = max(positions) + 1
         if not self.compiled_for(cache, len(rows), n_keys):
             return super().decode(cache, rows, ids, positions)
-        return self._run(cache, rows, ids, positions, n_keys)
+        if len(rows) > 1:
+            return self._run(cache, rows, ids, positions, n_keys)
+        start = time.perf_counter()
+        logits = self._run(cache, rows, ids, positions, n_keys)
+        self._step_s = _running_mean(self._step_s, time.perf_counter() - start)
+        return logits
 
     def compiled_for(self, cache, batch, n_keys):
         bucket = next(b for b in self.buckets if b >= batch)
@@ -156,28 +206,78 @@ class CompiledCpuSteps(EagerSteps):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
         return self.step_fn(cache, rows, ids, positions, key_slots)
 
+    # -- verification ------------------------------------------------------------------------------
+    def _verify_compiled(self, cache, position: int) -> bool:
+        return "verify" in self.ready and position + self.verify_width <= self._max_keys(cache)
+
+    @property
+    def verify_cost(self):
+        """One price for 2..W tokens (padded), in compiled one-row steps: timed after the compile, then
+        kept up to date by every compiled one-row step and verification the engine runs (so it
+        follows this machine's load and the context lengths its chats reach)."""
+        if "verify" not in self.ready or not self._step_s or not self._verify_s:
+            return super().verify_cost
+        return (1.0,) + (max(1.0, self._verify_s / self._step_s),) * (self.verify_width - 1)
+
+    def _time_verify(self, cache, pairs: int = 5):
+        """First figures for verify_cost: the medians of `pairs` alternating compiled one-row steps and
+        verifications on the scratch row."""
+        steps, verifies = [], []
+        row, position = cache.scratch, min(64, self._max_keys(cache) - self.verify_width)
+        for _ in range(pairs):
+            start = time.perf_counter()
+            self._run(cache, [row], [0], [position], position + 1)
+            steps.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            self._run_verify(cache, row, [0], position)
+            verifies.append(time.perf_counter() - start)
+        self._step_s, self._verify_s = statistics.median(steps), statistics.median(verifies)
+
+    def max_guesses(self, cache, position):
+        if "verify" in self.ready:
+            return self.verify_width - 1 if self._verify_compiled(cache, position) else 0
+        return super().max_guesses(cache, position)
+
+    def verify(self, cache, row, ids, position):
+        if len(ids) > self.verify_width or not self._verify_compiled(cache, position):
+            return super().verify(cache, row, ids, position)
+        start = time.perf_counter()
+        logits = self._run_verify(cache, row, ids, position)[:len(ids)]
+        self._verify_s = _running_mean(self._verify_s, time.perf_counter() - start)
+        return logits
+
+    def _run_verify(self, cache, row, ids, position):
+        """The compiled verification: `ids` padded to verify_width with copies of its last id, whose
+        keys go to slots past the row's length (nothing reads a slot before its own token rewrites it)."""
+        width = self.verify_width
+        ids = torch.tensor([ids + ids[-1:] * (width - len(ids))])  # (1, W)
+        positions = torch.arange(position, position + width)[None]
+        key_slots = torch.arange(position + width)
+        torch._dynamo.mark_dynamic(key_slots, 0, min=width + 1, max=self._max_keys(cache))
+        return self.verify_fn(cache, torch.tensor([row]), ids, positions, key_slots)
+
     # -- background compile --------------------------------------------------------------------
     def prepare(self, pool, progress=None):
-        """Compile each bucket on a thread of its own; progress(fraction, message) hears of each."""
+        """Compile each job on a thread of its own; progress(fraction, message) hears of each."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._compile_all, args=(pool, progress),
                                             name="qwen2-compile", daemon=True)
             self._thread.start()
 
     def compile_now(self, pool, progress=None):
-        """Compile every bucket on this thread (tests, benchmarks, `python -m qwen2`)."""
+        """Compile every job on this thread (tests, benchmarks, `python -m qwen2`)."""
         self._compile_all(pool, progress)
 
     def _compile_all(self, pool, progress):
         say = progress or (lambda fraction, message: None)
         with torch.inference_mode():
-            for i, bucket in enumerate(self.buckets):
-                if bucket in self.ready:
+            for i, job in enumerate(self.jobs):
+                if job in self.ready:
                     continue
-                say(i / len(self.buckets), f"compiling the decode step for {self._rows_text(bucket)} "
-                                           f"({i + 1}/{len(self.buckets)}, Inductor {self.mode})")
+                say(i / len(self.jobs), f"compiling the {self._job_text(job)} "
+                                        f"({i + 1}/{len(self.jobs)}, Inductor {self.mode})")
                 try:
-                    while not self._compile_unless_held(pool, bucket):
+                    while not self._compile_unless_held(pool, job):
                         if self._stopping:
                             return
                         time.sleep(0.1)
@@ -185,29 +285,40 @@ class CompiledCpuSteps(EagerSteps):
                     self.failed = exc
                     say(1.0, f"compile failed ({type(exc).__name__}: {exc}); decoding eagerly")
                     return
-            say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))} in "
+            verify = f", and the {self._job_text('verify')}," if "verify" in self.jobs else ""
+            say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))}{verify} in "
                      f"{sum(self.ready.values()):.0f} s")
+
+    def _job_text(self, job) -> str:
+        if job == "verify":
+            return f"{self.verify_width}-token verification (speculative decoding)"
+        return f"decode step for {self._rows_text(job)}"
 
     @staticmethod
     def _rows_text(bucket: int) -> str:
         return "1 row" if bucket == 1 else "2 rows" if bucket == 2 else f"2-{bucket} rows"
 
-    def _compile_unless_held(self, pool, bucket: int) -> bool:
-        """Compile `bucket` unless paused() is held (then False: try again later)."""
+    def _compile_unless_held(self, pool, job) -> bool:
+        """Compile `job` unless paused() is held (then False: try again later)."""
         with self._compile_lock:
             if self._hold or self._stopping:
                 return False
-            self._compile(pool(), bucket)
+            self._compile(pool(), job)
             return True
 
-    def _compile(self, cache: RowCache, bucket: int):
+    def _compile(self, cache: RowCache, job):
         from .cpu_compile import recompile_limit_raised
 
         start = time.perf_counter()
         with torch._inductor.config.patch(self.inductor_config), recompile_limit_raised():
-            batch = min(bucket, 2)
-            self._run(cache, [cache.scratch] * batch, [0] * batch, [1] * batch, 16)
-        self.ready[bucket] = time.perf_counter() - start
+            if job == "verify":
+                self._run_verify(cache, cache.scratch, [0], 1)
+            else:
+                batch = min(job, 2)
+                self._run(cache, [cache.scratch] * batch, [0] * batch, [1] * batch, 16)
+        self.ready[job] = time.perf_counter() - start
+        if job == "verify" and 1 in self.ready:  # against the compiled one-row step (compiled first)
+            self._time_verify(cache)
 
     def stop(self):
         self._stopping = True
@@ -226,9 +337,15 @@ class CompiledCpuSteps(EagerSteps):
             self._hold -= 1
 
 
-def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str | None = None) -> EagerSteps:
+def _running_mean(mean: float | None, seconds: float, memory: float = 0.9) -> float:
+    return seconds if mean is None else memory * mean + (1 - memory) * seconds
+
+
+def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str | None = None,
+               verify: bool = True) -> EagerSteps:
     """The step runner for fast_decode `mode`: "auto" compiles on CPU and runs eagerly elsewhere
-    (batched CUDA graphs are not in the engine yet), "compile" (CPU), "off"."""
+    (batched CUDA graphs are not in the engine yet), "compile" (CPU), "off". verify=False: no
+    speculative decoding to serve, so no verification to compile."""
     from .options import check_fast_decode
 
     fast_decode = check_fast_decode(fast_decode)
@@ -238,6 +355,6 @@ def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str |
     if fast_decode == "off":
         return EagerSteps(model)
     if fast_decode == "compile":
-        return CompiledCpuSteps(model, max_batch, mode)
+        return CompiledCpuSteps(model, max_batch, mode, verify_width=VERIFY_WIDTH if verify else 0)
     raise ConfigError(f"fast_decode={fast_decode!r}: the serving engine runs 'compile' (CPU) or 'off'; "
                       "CUDA graphs serve single-stream decoding (qwen2.generate) only")

@@ -83,7 +83,7 @@ class LoadedModel:
     def __init__(self, source: str, device: str | None, dtype: str | None, quantize: str | None,
                  fallback_config: str | None = None, fast_decode: str | None = None, slots: int = 4,
                  slot_tokens: int = 8192, limits: Limits | None = None, compile_mode: str | None = None,
-                 zero_gpu: bool = False):
+                 zero_gpu: bool = False, speculate: bool = True):
         self.source, self.quantize = source, options.check_quantize(quantize)
         device = options.resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.shape_source = self._load(device, dtype, fallback_config)
@@ -103,7 +103,7 @@ class LoadedModel:
         limits = limits or Limits()
         self.engine = Engine(self.model, rows=slots, row_tokens=slot_tokens, fast_decode=fast_decode,
                              limits=dataclasses.replace(limits, prompt_tokens=min(limits.prompt_tokens, slot_tokens)),
-                             compile_mode=compile_mode)
+                             compile_mode=compile_mode, speculate=speculate)
 
     def start(self) -> LoadedModel:
         """Start serving; the decode step compiles beside the replies, its progress printed."""

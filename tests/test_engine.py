@@ -52,8 +52,9 @@ class RecordingSteps(EagerSteps):
         return super().decode(cache, rows, ids, positions)
 
 
-def engine_with(model, steps=None, **kwargs):
-    engine = Engine(model, fast_decode="off", **kwargs)
+def engine_with(model, steps=None, speculate=False, **kwargs):
+    """An eager engine; without speculation unless asked (these tests count and compare plain steps)."""
+    engine = Engine(model, fast_decode="off", speculate=speculate, **kwargs)
     if steps is not None:
         engine.steps = steps
     return engine.start()
@@ -281,7 +282,7 @@ def test_the_engine_serves_while_its_steps_compile_in_the_background(model, comp
 @pytest.mark.slow
 def test_compiled_steps_are_used_once_ready_and_never_recompile(model, compiled_engine):
     engine = compiled_engine
-    assert sorted(engine.steps.ready) == [1, 4] and engine.state == "compiled"  # one row; 2-4 rows
+    assert list(engine.steps.ready) == [1, 4, "verify"] and engine.state == "compiled"  # one row; 2-4 rows
     prompts = [ids(100 + i, 4 + 11 * i) for i in range(4)]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in (1, 3, 4, 2):  # one row, then 3, 4, 2 rows through one step; keys read from 5 to 50
@@ -311,9 +312,31 @@ def test_a_profile_times_and_cuts_the_engines_own_compiled_step(model, compiled_
     assert compiled_engine.generate(ids(111, 5), settings=VARIED, max_new_tokens=4) == alone(model, ids(111, 5), 4)
 
 
+@pytest.mark.slow
+def test_the_compiled_verification_equals_the_eager_one_and_serves_speculation(model, compiled_engine):
+    """The compiled 4-token verification (shorter drafts padded) gives the eager forward's logits;
+    a speculating reply through it gets the plain tokens, with nothing recompiled."""
+    steps, cache = compiled_engine.steps, compiled_engine._pool()
+    prompt = echoing_prompt(64)
+    with torch.inference_mode():
+        steps.prefill(cache, cache.scratch, torch.tensor([prompt]), 0)
+        for fed in (prompt[3:5], prompt[3:7]):  # padded, and the full width
+            eager = EagerSteps.verify(steps, cache, cache.scratch, fed, len(prompt))
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = steps.verify(cache, cache.scratch, fed, len(prompt))
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    cost = steps.verify_cost  # timed as the compiled steps run: one price for 2 to 4 tokens
+    assert steps.max_guesses(cache, len(prompt)) == 3 and len(cost) == 4 and cost[0] == 1.0
+    assert cost[1] == cost[2] == cost[3] == max(1.0, steps._verify_s / steps._step_s)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        reply = compiled_engine.submit(prompt, SamplingSettings(), 30)
+        out = list(reply)
+    assert out == alone(model, prompt, 30, SamplingSettings()) and reply.stats.accepted > 0, reply.stats
+
+
 def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypatch):
     """compile_now (tests, benchmarks, `python -m qwen2`) runs the background compile's loop on this
-    thread: every bucket, in order, with progress. (The compiles themselves are
+    thread: every bucket and the verification, in order, with progress. (The compiles themselves are
     compiled_engine's; here each is recorded, not run.)"""
     engine = Engine(model, rows=2, fast_decode="compile", compile_mode="default")
     threads = []
@@ -322,8 +345,8 @@ def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypa
                                                engine.steps.ready.__setitem__(bucket, 0.0)))
     messages = []
     engine.steps.compile_now(engine._pool, progress=lambda fraction, message: messages.append(message))
-    assert sorted(engine.steps.ready) == [1, 2] and threads == [threading.current_thread()] * 2
-    assert engine.state == "compiled" and "compiled for 1 row and 2 rows" in messages[-1]
+    assert list(engine.steps.ready) == [1, 2, "verify"] and threads == [threading.current_thread()] * 3
+    assert engine.state == "compiled" and "compiled for 1 row and 2 rows, and the 4-token verification" in messages[-1]
     engine.close()
 
 
@@ -355,3 +378,65 @@ def test_closing_an_engine_that_never_started_ends_its_queued_replies(model):
     reply = engine.submit([1, 2, 3], VARIED, 3)
     engine.close()
     assert reply.done and list(reply) == [] and reply.reason == "cancelled"
+
+
+# -- speculative decoding in the engine ----------------------------------------------------------------
+
+def echoing_prompt(seed=60):
+    """A prompt that repeats itself, as a code edit repeats the code: prompt lookup finds drafts."""
+    chunk = ids(seed, 10)
+    return chunk + ids(seed + 1, 4) + chunk + chunk[:5]
+
+
+@pytest.mark.parametrize("settings", [SamplingSettings(), VARIED], ids=["greedy", "penalty"])
+def test_a_reply_decoding_alone_speculates_and_gets_the_tokens_it_would_get_without(model, settings):
+    prompt = echoing_prompt()
+    with engine_with(model, speculate=True) as engine:
+        with engine.conversation() as conversation:
+            reply = engine.submit(prompt, settings, 40, conversation=conversation)
+            out = list(reply)
+            # the kept chat cache: the next turn reuses the row, whatever the rejected guesses left in it
+            follow = prompt + out + ids(61, 3)
+            second = engine.submit(follow, settings, 12, conversation=conversation)
+            out2 = list(second)
+    assert out == alone(model, prompt, 40, settings) and out2 == alone(model, follow, 12, settings)
+    assert reply.stats.drafted > 0 and reply.stats.accepted > 0, reply.stats
+    assert second.stats.reused_tokens == len(prompt) + len(out) - 1
+    assert f"{reply.stats.accepted}/{reply.stats.drafted} guessed tokens kept" in reply.stats.line()
+    assert reply.stats.decode_forwards == 39 - reply.stats.accepted  # 39 tokens after the prefill's
+
+
+def test_rejected_guesses_are_rolled_back(model):
+    """Guesses that are always wrong: each round keeps none, the model's own token is emitted, and the
+    reply equals the plain one (the rejected keys in the row never reach a later token)."""
+    from qwen2.speculative import Draft, Drafter, DraftGate, Speculation
+
+    class WrongDrafter(Drafter):
+        def propose(self, context, max_tokens):
+            return Draft([(context[-1] + 1 + i) % 512 for i in range(max_tokens)])
+
+    prompt = ids(62, 9)
+    with engine_with(model, speculate=True) as engine:
+        reply = engine.submit(prompt, VARIED, 16)
+        reply.speculation = Speculation(WrongDrafter(), gated=False)  # before it starts: it is queued
+        out = list(reply)
+    expected = alone(model, prompt, 16)
+    assert out == expected and reply.stats.drafted > 0
+    assert reply.stats.accepted == sum(1 for a, b in zip(out, out[1:]) if b == (a + 1) % 512)
+
+
+def test_who_speculates(model):
+    """A reply decoding beside others takes the batched step; a seeded sampled reply never
+    speculates (its seed must give the same reply whoever decodes beside it); a request may opt out."""
+    seeded = SamplingSettings(temperature=1.0, top_k=50)
+    with engine_with(model, speculate=True, rows=2) as engine:
+        assert engine.submit(ids(63, 5), seeded, 2, seed=7).speculation is None
+        assert engine.submit(ids(63, 5), seeded, 2).speculation is not None
+        assert engine.submit(ids(63, 5), VARIED, 2, speculate=False).speculation is None
+        out = engine.generate(echoing_prompt(), settings=seeded, max_new_tokens=12, seed=7)
+    assert out == alone(model, echoing_prompt(), 12, seeded, seed=7)
+    with engine_with(model, speculate=False) as engine:
+        assert engine.submit(ids(63, 5), VARIED, 2).speculation is None
+    # an engine that never speculates compiles no verification
+    assert Engine(model, fast_decode="compile", compile_mode="default", speculate=False).steps.jobs == (1, 4)
+    assert Engine(model, fast_decode="compile", compile_mode="default").steps.jobs == (1, 4, "verify")
