@@ -46,7 +46,7 @@ from .generate import _check_ids, check_budget
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings, check_seed
 from .session import Conversation, Limits, Reply, common_prefix
-from .speculative import DraftGate, PromptLookupDrafter, Speculation
+from .speculative import PromptLookupDrafter, Speculation
 from .stats import ReplyStats
 from .steps import make_steps
 
@@ -157,7 +157,7 @@ class Engine:
         # A seeded sampled reply must be the same whoever decodes beside it: speculation draws its
         # random numbers otherwise, and it runs only while a reply decodes alone, so such a reply never speculates.
         if self.speculate and speculate is not False and (reply.settings.greedy or seed is None):
-            reply.speculation = Speculation(PromptLookupDrafter(), DraftGate(self.steps.verify_cost))
+            reply.speculation = Speculation(PromptLookupDrafter())  # gated; priced each round
         with self._cv:
             if self._closing:
                 raise GenerationError("the engine is closed")
@@ -394,7 +394,8 @@ class Engine:
         before its own token overwrites them (a query sees slots up to its position only)."""
         cache, speculation = self._pool(), reply.speculation
         room = min(reply.max_new_tokens - len(reply.tokens) - 1, self.steps.max_guesses(cache, reply.position))
-        guess = speculation.plan(reply.prompt + reply.tokens, room)  # the context ends with the pending token
+        # the context ends with the pending token; the gate prices guesses at the runner's latest timings
+        guess = speculation.plan(reply.prompt + reply.tokens, room, self.steps.verify_cost)
         fed = [reply.next_id] + guess
         if guess:
             logits = self.steps.verify(cache, reply.row, fed, reply.position)  # (k + 1, V)

@@ -161,7 +161,9 @@ class DraftGate:
     drafts that keep failing (prompt lookup in open chat) stop costing verifications, and drafts
     that keep coming true (code copied from the prompt) run long. Drafters whose guesses cost a
     forward of their own are always asked for one guess at least, or their rate would never move.
-    The choice depends only on tokens, never on timings: a seeded reply stays repeatable."""
+    Given its cost table, the choice depends only on tokens: with a fixed table (speculative_generate)
+    a seeded reply stays repeatable. The serving engine reprices the gate every round from timings
+    (qwen2/steps.py: verify_cost), which is why its seeded sampled replies never speculate."""
 
     def __init__(self, verify_cost=CPU_VERIFY_COST, prior: float = 0.5, memory: float = 0.8):
         costs = tuple(float(c) for c in verify_cost)
@@ -170,6 +172,13 @@ class DraftGate:
                                   "invalid; expected positive costs, a prior in [0, 1] and a memory in [0, 1)")
         self.costs, self.prior, self.memory = costs, prior, memory
         self.rates: dict[int, float] = {}
+
+    def reprice(self, verify_cost):
+        """Take a new cost table (the step runner's latest timings, or its compiled table once ready)."""
+        costs = tuple(float(c) for c in verify_cost)
+        if not costs or any(c <= 0 for c in costs):
+            raise GenerationError(f"verify_cost={verify_cost!r} is invalid; expected positive costs")
+        self.costs = costs
 
     def cost(self, tokens: int) -> float:
         """Verification of `tokens` tokens (the pending one and the guesses), in steps."""
@@ -310,9 +319,12 @@ class Speculation:
     def close(self):
         self.drafter.close()
 
-    def plan(self, context: list[int], room: int) -> list[int]:
+    def plan(self, context: list[int], room: int, verify_cost=None) -> list[int]:
         """The guesses to verify after context[-1] (the pending token, not yet fed): at most `room`,
-        as many as the gate expects to pay; [] means a plain one-token step."""
+        as many as the gate expects to pay (at `verify_cost`, when given: the gate's new prices);
+        [] means a plain one-token step."""
+        if verify_cost is not None and self.gate is not None:
+            self.gate.reprice(verify_cost)
         draft = self.drafter.propose(context, room) if room > 0 else Draft([])
         guess = draft.tokens[:room]
         if self.gate is not None and guess:

@@ -213,8 +213,9 @@ class CompiledCpuSteps(EagerSteps):
     @property
     def verify_cost(self):
         """One price for 2..W tokens (padded), in compiled one-row steps: timed after the compile, then
-        kept up to date by every compiled one-row step and verification the engine runs (so it
-        follows this machine's load and the context lengths its chats reach)."""
+        kept up to date by every compiled one-row step and verification (so it follows this machine's
+        load and the context lengths its chats reach; a profile's traced steps count too, ~6 % slower,
+        and the mean forgets them within a few dozen steps)."""
         if "verify" not in self.ready or not self._step_s or not self._verify_s:
             return super().verify_cost
         return (1.0,) + (max(1.0, self._verify_s / self._step_s),) * (self.verify_width - 1)

@@ -409,16 +409,17 @@ def test_a_reply_decoding_alone_speculates_and_gets_the_tokens_it_would_get_with
 def test_rejected_guesses_are_rolled_back(model):
     """Guesses that are always wrong: each round keeps none, the model's own token is emitted, and the
     reply equals the plain one (the rejected keys in the row never reach a later token)."""
-    from qwen2.speculative import Draft, Drafter, DraftGate, Speculation
+    from qwen2.speculative import Draft, Drafter, Speculation
 
     class WrongDrafter(Drafter):
         def propose(self, context, max_tokens):
             return Draft([(context[-1] + 1 + i) % 512 for i in range(max_tokens)])
 
     prompt = ids(62, 9)
-    with engine_with(model, speculate=True) as engine:
-        reply = engine.submit(prompt, VARIED, 16)
-        reply.speculation = Speculation(WrongDrafter(), gated=False)  # before it starts: it is queued
+    engine = Engine(model, fast_decode="off")  # not started: the reply waits while its drafter is swapped
+    reply = engine.submit(prompt, VARIED, 16)
+    reply.speculation = Speculation(WrongDrafter(), gated=False)
+    with engine:
         out = list(reply)
     expected = alone(model, prompt, 16)
     assert out == expected and reply.stats.drafted > 0

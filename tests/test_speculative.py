@@ -489,3 +489,15 @@ def test_cli_speculate_lookup_gives_the_same_reply_and_counts(tiny_model_dir, ca
     reply = lambda out: out.rsplit("\n[", 1)[0]  # noqa: E731  the text before the stats line
     assert reply(fast) == reply(plain)
     assert " new token" in fast.rsplit("\n[", 1)[1]
+
+
+def test_the_gate_takes_new_prices_and_refuses_bad_ones():
+    """The engine reprices its replies' gates every round from the step runner's timings: a cheap
+    verification lets a doubtful guess through that a dear one keeps out."""
+    gate = DraftGate(verify_cost=(1.0, 1.8, 1.8, 1.8))
+    gate.rates[1] = 0.3
+    assert gate.length(1, 3) == 0  # 1.0 + 0.3 + ... tokens for 1.8 steps: a loss
+    gate.reprice((1.0, 1.1, 1.1, 1.1))
+    assert gate.length(1, 3) == 3
+    with pytest.raises(GenerationError, match="verify_cost"):
+        gate.reprice((1.0, 0.0))
