@@ -166,18 +166,18 @@ class DraftGate:
     (qwen2/steps.py: verify_cost), which is why its seeded sampled replies never speculate."""
 
     def __init__(self, verify_cost=CPU_VERIFY_COST, prior: float = 0.5, memory: float = 0.8):
-        costs = tuple(float(c) for c in verify_cost)
-        if not costs or any(c <= 0 for c in costs) or not 0 <= prior <= 1 or not 0 <= memory < 1:
-            raise GenerationError(f"DraftGate(verify_cost={verify_cost!r}, prior={prior!r}, memory={memory!r}) is "
-                                  "invalid; expected positive costs, a prior in [0, 1] and a memory in [0, 1)")
-        self.costs, self.prior, self.memory = costs, prior, memory
+        if not 0 <= prior <= 1 or not 0 <= memory < 1:
+            raise GenerationError(f"DraftGate(prior={prior!r}, memory={memory!r}) is invalid; expected a prior "
+                                  "in [0, 1] and a memory in [0, 1)")
+        self.reprice(verify_cost)
+        self.prior, self.memory = prior, memory
         self.rates: dict[int, float] = {}
 
     def reprice(self, verify_cost):
         """Take a new cost table (the step runner's latest timings, or its compiled table once ready)."""
         costs = tuple(float(c) for c in verify_cost)
         if not costs or any(c <= 0 for c in costs):
-            raise GenerationError(f"verify_cost={verify_cost!r} is invalid; expected positive costs")
+            raise GenerationError(f"DraftGate verify_cost={verify_cost!r} is invalid; expected positive costs")
         self.costs = costs
 
     def cost(self, tokens: int) -> float:
