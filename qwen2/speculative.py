@@ -115,6 +115,7 @@ class PromptLookupDrafter(Drafter):
         if min_ngram > max_ngram:
             raise GenerationError(f"min_ngram={min_ngram} exceeds max_ngram={max_ngram}")
         self.max_ngram, self.min_ngram, self.max_draft = max_ngram, min_ngram, max_draft
+        self._index = NgramIndex(range(min_ngram, max_ngram + 1))
 
     def propose(self, context: list[int], max_tokens: int) -> Draft:
         ngram, tokens = self.match(context, min(max_tokens, self.max_draft))
@@ -129,18 +130,58 @@ class PromptLookupDrafter(Drafter):
         length = len(tokens)
         if limit <= 0:
             return 0, []
+        self._index.update(tokens)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
-            tail = tokens[length - n:]
-            last = tail[-1]
-            # the most recent earlier occurrence: it must start before the tail itself does
-            for start in range(length - n - 1, -1, -1):
-                if tokens[start + n - 1] == last and tokens[start:start + n] == tail:
-                    out: list[int] = []
-                    for i in range(limit):
-                        pos = start + n + i
-                        out.append(tokens[pos] if pos < length else out[pos - length])
-                    return n, out
+            start = self._index.last_start.get(NgramIndex.key(tokens[length - n:]))
+            if start is not None:
+                out: list[int] = []
+                for i in range(limit):
+                    pos = start + n + i
+                    out.append(tokens[pos] if pos < length else out[pos - length])
+                return n, out
         return 0, []
+
+    def close(self):
+        self._index = NgramIndex(self._index.sizes)
+
+
+class NgramIndex:
+    """Where each n-gram of a token list last started, kept up to date as the list grows, so that
+    finding the latest earlier occurrence of the last n tokens is a dict lookup rather than a scan
+    of the context (up to 2 ms per round at 8 000 tokens in Python; 0.05 ms with the index, which
+    takes 10-20 ms to build once per reply at that length). It indexes the n-grams
+    lying inside tokens[:-1]: an occurrence must start before the tail itself does. A list that is
+    not the indexed one plus new tokens (another reply) is indexed afresh.
+
+    An n-gram's key is one int, its ids + 1 as digits base 2^32 (distinct for each n; ids are below
+    2^32). Tuples as keys made building the index up to 10x slower: unlike ints, the garbage
+    collector tracks them."""
+
+    def __init__(self, sizes: range):
+        self.sizes = sizes
+        self.indexed: list[int] = []
+        self.last_start: dict[int, int] = {}
+
+    @staticmethod
+    def key(ngram: list[int]) -> int:
+        key = 0
+        for token in ngram:
+            key = (key << 32) | (token + 1)
+        return key
+
+    def update(self, tokens: list[int]):
+        known, body = len(self.indexed), len(tokens) - 1
+        if body < known or tokens[:known] != self.indexed:
+            self.indexed, self.last_start, known = [], {}, 0
+        smallest, largest = self.sizes.start, self.sizes.stop - 1
+        last_start = self.last_start
+        for end in range(known, body):  # each n-gram ending at `end`, the later occurrence winning
+            key = 0
+            for n in range(1, min(largest, end + 1) + 1):  # grow the n-gram leftwards
+                key |= (tokens[end + 1 - n] + 1) << (32 * (n - 1))
+                if n >= smallest:
+                    last_start[key] = end + 1 - n
+        self.indexed.extend(tokens[known:body])
 
 
 # What verifying T tokens in one forward costs, in one-token steps, T = 1, 2, ...: measured on a

@@ -177,6 +177,45 @@ def test_lookup_copies_through_a_periodic_tail():
     assert PromptLookupDrafter(max_draft=4).lookup([3, 3]) == [3, 3, 3, 3]
 
 
+def scan_for_match(tokens, max_ngram, min_ngram, limit):
+    """The lookup's definition, as a plain backwards scan: the longest tail n-gram with an earlier
+    occurrence, its most recent one, and what followed it (copying on into the draft)."""
+    length = len(tokens)
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        for start in range(length - n - 1, -1, -1):
+            if tokens[start:start + n] == tokens[length - n:]:
+                out = []
+                for i in range(limit):
+                    pos = start + n + i
+                    out.append(tokens[pos] if pos < length else out[pos - length])
+                return n, out
+    return 0, []
+
+
+@pytest.mark.parametrize("max_ngram, min_ngram", [(3, 1), (4, 2), (1, 1)])
+def test_lookup_index_finds_what_a_scan_of_the_context_finds(max_ngram, min_ngram):
+    # One drafter through growing replies, a rewritten history, a shorter context and a new reply:
+    # its index must never answer from tokens that are no longer there.
+    gen = torch.Generator().manual_seed(max_ngram * 10 + min_ngram)
+    drafter = PromptLookupDrafter(max_ngram=max_ngram, min_ngram=min_ngram, max_draft=6)
+    tokens, checked, found = [], 0, 0
+    for round_ in range(600):
+        action = torch.randint(0, 20, (1,), generator=gen).item()
+        if action == 0:
+            tokens = torch.randint(0, 6, (int(torch.randint(0, 30, (1,), generator=gen)),), generator=gen).tolist()
+        elif action == 1 and tokens:
+            tokens = tokens[:int(torch.randint(0, len(tokens), (1,), generator=gen))]
+        elif action == 2 and len(tokens) > 3:
+            tokens = tokens[:-3] + [(tokens[-3] + 1) % 6] + tokens[-2:]  # same length, a token changed
+        else:
+            tokens = tokens + torch.randint(0, 6, (int(torch.randint(1, 4, (1,), generator=gen)),), generator=gen).tolist()
+        limit = int(torch.randint(0, 7, (1,), generator=gen))
+        expected = scan_for_match(tokens, max_ngram, min_ngram, limit) if limit > 0 else (0, [])
+        assert drafter.match(list(tokens), limit) == expected, (round_, tokens, limit)
+        checked, found = checked + 1, found + bool(expected[1])
+    assert found > 100 and checked - found > 20  # both outcomes were exercised
+
+
 def test_drafter_arguments_are_checked(other):
     for kwargs in ({"max_ngram": 0}, {"min_ngram": 3, "max_ngram": 2}, {"max_draft": 0}, {"max_draft": True}):
         with pytest.raises(GenerationError):
