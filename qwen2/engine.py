@@ -74,7 +74,8 @@ class Engine:
         self.limits = limits or Limits()
         self.idle_release_s = idle_release_s
         self.speculate = bool(speculate)
-        self.steps = make_steps(model, fast_decode, max_batch=rows, mode=compile_mode, verify=self.speculate)
+        self.steps = make_steps(model, fast_decode, max_batch=rows, mode=compile_mode, verify=self.speculate,
+                                row_tokens=self.row_tokens)
         self._cache: RowCache | None = None  # allocated at the first request, freed when idle
         self._owners: list[Conversation | None] = [None] * rows
         self._waiting: deque[Reply] = deque()

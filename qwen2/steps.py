@@ -11,7 +11,10 @@ twice: for one row, and for 2 to `max_batch` rows with the batch size left symbo
 3 is 3 rows, no padding), and the number of keys read symbolic in both, so a joining or leaving
 conversation or one growing longer never recompiles. It compiles the verification too, for a fixed
 width of VERIFY_WIDTH tokens (shorter drafts are padded: their extra keys land past the row's
-length, where nothing reads them before they are written again). The compiles run on a thread of
+length, where nothing reads them before they are written again). Inductor sums a softmax over
+more than 4096 keys in chunks, and guards the compiled step to the side of that line its example
+fell on, so where rows are longer, the one-row step is compiled a second time for the keys beyond
+(MAX_COMPILED_KEYS): a long conversation keeps its compiled step. The compiles run on a thread of
 their own while the engine serves eagerly; each is used from the first step after it is ready.
 Prefill stays eager: its shapes change with every prompt, and its products are matrix-matrix,
 already near peak.
@@ -50,6 +53,9 @@ def rows_forward(model, cache: RowCache, rows, ids, positions, key_slots, attent
     return logits[:, -1] if last_only else logits
 
 
+# Inductor's CPU sums of float32 switch to chunked (cascade) summation above 4096 terms, and the
+# compiled step is guarded to its example's side of that line (torch 2.13, codegen/cpp.py
+# need_use_acc_helper): one compile serves 2..4096 keys, a second one ("long") the rest of the row.
 MAX_COMPILED_KEYS = 4096
 
 # The compiled verification's width: the pending token and up to 3 guesses. On a 2-vCPU AMD EPYC
@@ -132,14 +138,17 @@ class CompiledCpuSteps(EagerSteps):
 
     name = "cpu-compile"
 
-    def __init__(self, model, max_batch: int, mode: str | None = None, verify_width: int = VERIFY_WIDTH):
+    def __init__(self, model, max_batch: int, mode: str | None = None, verify_width: int = VERIFY_WIDTH,
+                 row_tokens: int = MAX_COMPILED_KEYS):
         from .cpu_compile import COMPILE_MODES, checked_mode
 
         mode = checked_mode(model, mode)
         super().__init__(model)
         self.mode, self.buckets, self.verify_width = mode, batch_buckets(max_batch), verify_width
-        # what to compile, in order: the decode step per batch bucket, then the verification
-        self.jobs: tuple = self.buckets + (("verify",) if verify_width >= 2 else ())
+        # what to compile, in order: the decode step per batch bucket, the verification, then the
+        # one-row step for keys past MAX_COMPILED_KEYS (rows longer than that only)
+        self.jobs: tuple = (self.buckets + (("verify",) if verify_width >= 2 else ())
+                            + (("long",) if row_tokens - 1 > MAX_COMPILED_KEYS + 1 else ()))
         # Inductor reads `freezing` (weights as constants it may pre-pack for its GEMM kernels) from its
         # global config while it compiles: set around each compile only, never per step.
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
@@ -148,7 +157,7 @@ class CompiledCpuSteps(EagerSteps):
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
         self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
-        self.ready: dict = {}  # job (1, max_batch standing for 2..max_batch, "verify") -> seconds its compile took
+        self.ready: dict = {}  # job (1, max_batch standing for 2..max_batch, "verify", "long") -> compile seconds
         self.failed: Exception | None = None
         self._hold = 0  # paused() holders: no new compile starts
         self._compile_lock = threading.Lock()  # held while one job compiles
@@ -183,24 +192,33 @@ class CompiledCpuSteps(EagerSteps):
             return self._run(cache, rows, ids, positions, n_keys)
         start = time.perf_counter()
         logits = self._run(cache, rows, ids, positions, n_keys)
-        self._step_s = _running_mean(self._step_s, time.perf_counter() - start)
+        if n_keys <= self._max_keys(cache):  # the price of a verification is against these steps
+            self._step_s = _running_mean(self._step_s, time.perf_counter() - start)
         return logits
 
     def compiled_for(self, cache, batch, n_keys):
+        if n_keys > self._max_keys(cache):
+            return batch == 1 and "long" in self.ready and n_keys <= cache.row_len - 1
         bucket = next(b for b in self.buckets if b >= batch)
-        return bucket in self.ready and n_keys <= self._max_keys(cache)
+        return bucket in self.ready
 
     @staticmethod
     def _max_keys(cache) -> int:
-        """The most keys the compiled step reads; longer rows decode eagerly. Inductor specialises
-        the step to key counts unlike the row's whole length and, on the real 0.5B model, to at
-        most 4096 (guards it adds while compiling): the symbolic range is kept inside both."""
+        """The most keys the compiled steps read, but for the one-row step's "long" compile. Inductor
+        specialises a step to key counts unlike the row's whole length, and to one side of 4096
+        (MAX_COMPILED_KEYS): the symbolic range is kept inside both."""
         return min(cache.row_len - 1, MAX_COMPILED_KEYS)
+
+    def _key_range(self, cache, n_keys: int) -> tuple[int, int]:
+        """The symbolic range of key counts the compiled step serving `n_keys` was compiled for."""
+        short = self._max_keys(cache)
+        return (2, short) if n_keys <= short else (short + 1, cache.row_len - 1)
 
     def _run(self, cache, rows, ids, positions, n_keys):
         rows, ids, positions = torch.tensor(rows), torch.tensor(ids)[:, None], torch.tensor(positions)[:, None]
         key_slots = torch.arange(n_keys)
-        torch._dynamo.mark_dynamic(key_slots, 0, min=2, max=self._max_keys(cache))
+        low, high = self._key_range(cache, n_keys)
+        torch._dynamo.mark_dynamic(key_slots, 0, min=low, max=high)
         if self.buckets[-1] > 2 and len(rows) > 1:  # one compiled step for every batch of 2 or more rows
             for tensor in (rows, ids, positions):
                 torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.buckets[-1])
@@ -287,12 +305,15 @@ class CompiledCpuSteps(EagerSteps):
                     say(1.0, f"compile failed ({type(exc).__name__}: {exc}); decoding eagerly")
                     return
             verify = f", and the {self._job_text('verify')}," if "verify" in self.jobs else ""
-            say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))}{verify} in "
-                     f"{sum(self.ready.values()):.0f} s")
+            long = f" (1 row also past {MAX_COMPILED_KEYS} tokens)" if "long" in self.jobs else ""
+            say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))}{long}{verify} "
+                     f"in {sum(self.ready.values()):.0f} s")
 
     def _job_text(self, job) -> str:
         if job == "verify":
             return f"{self.verify_width}-token verification (speculative decoding)"
+        if job == "long":
+            return f"decode step for 1 row past {MAX_COMPILED_KEYS} tokens of context"
         return f"decode step for {self._rows_text(job)}"
 
     @staticmethod
@@ -314,6 +335,9 @@ class CompiledCpuSteps(EagerSteps):
         with torch._inductor.config.patch(self.inductor_config), recompile_limit_raised():
             if job == "verify":
                 self._run_verify(cache, cache.scratch, [0], 1)
+            elif job == "long":
+                n_keys = self._max_keys(cache) + 2
+                self._run(cache, [cache.scratch], [0], [n_keys - 1], n_keys)
             else:
                 batch = min(job, 2)
                 self._run(cache, [cache.scratch] * batch, [0] * batch, [1] * batch, 16)
@@ -343,10 +367,11 @@ def _running_mean(mean: float | None, seconds: float, memory: float = 0.9) -> fl
 
 
 def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str | None = None,
-               verify: bool = True) -> EagerSteps:
+               verify: bool = True, row_tokens: int = MAX_COMPILED_KEYS) -> EagerSteps:
     """The step runner for fast_decode `mode`: "auto" compiles on CPU and runs eagerly elsewhere
     (batched CUDA graphs are not in the engine yet), "compile" (CPU), "off". verify=False: no
-    speculative decoding to serve, so no verification to compile."""
+    speculative decoding to serve, so no verification to compile. row_tokens: the cache's row
+    length (past MAX_COMPILED_KEYS, the one-row step is compiled a second time for the rest)."""
     from .options import check_fast_decode
 
     fast_decode = check_fast_decode(fast_decode)
@@ -356,6 +381,7 @@ def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str |
     if fast_decode == "off":
         return EagerSteps(model)
     if fast_decode == "compile":
-        return CompiledCpuSteps(model, max_batch, mode, verify_width=VERIFY_WIDTH if verify else 0)
+        return CompiledCpuSteps(model, max_batch, mode, verify_width=VERIFY_WIDTH if verify else 0,
+                                row_tokens=row_tokens)
     raise ConfigError(f"fast_decode={fast_decode!r}: the serving engine runs 'compile' (CPU) or 'off'; "
                       "CUDA graphs serve single-stream decoding (qwen2.generate) only")

@@ -334,6 +334,58 @@ def test_the_compiled_verification_equals_the_eager_one_and_serves_speculation(m
     assert out == alone(model, prompt, 30, SamplingSettings()) and reply.stats.accepted > 0, reply.stats
 
 
+@pytest.fixture(scope="module")
+def long_model(model, tmp_path_factory):
+    """The tiny model's shape with a context past 4096 (random weights)."""
+    import json
+    from dataclasses import asdict
+
+    directory = tmp_path_factory.mktemp("tiny-long")
+    config = {k: v for k, v in asdict(model.config).items() if not k.startswith("_")}
+    config.update(max_position_embeddings=4400, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    (directory / "config.json").write_text(json.dumps(config))
+    return qwen2.load_model(directory, dtype="float32", random_weights=True)
+
+
+def test_rows_longer_than_the_compiled_key_range_get_a_second_one_row_compile(model, long_model):
+    """Inductor guards a compiled step to one side of 4096 keys (qwen2.steps.MAX_COMPILED_KEYS): rows
+    longer than that get the one-row step compiled again for the rest ("long"), last; a batch past
+    the line, and rows that never reach it, keep what they had."""
+    assert Engine(model, fast_decode="compile", compile_mode="default").steps.jobs == (1, 4, "verify")
+    assert Engine(long_model, fast_decode="compile", row_tokens=4098).steps.jobs == (1, 4, "verify")
+    engine = Engine(long_model, rows=2, fast_decode="compile", compile_mode="default", row_tokens=4400)
+    steps, cache = engine.steps, engine._pool()
+    assert steps.jobs == (1, 2, "verify", "long")
+    steps.ready.update({1: 0.0, 2: 0.0, "verify": 0.0})
+    assert steps.compiled_for(cache, 1, 4096) and not steps.compiled_for(cache, 1, 4097)
+    steps.ready["long"] = 0.0
+    assert steps.compiled_for(cache, 1, 4097) and steps.compiled_for(cache, 1, 4399)
+    assert not steps.compiled_for(cache, 2, 4097) and not steps.compiled_for(cache, 1, 4400)
+    assert steps._key_range(cache, 4096) == (2, 4096) and steps._key_range(cache, 4097) == (4097, 4399)
+    assert steps.max_guesses(cache, 4095) == 0  # no verification compiled past the line: no guesses
+    engine.close()
+
+
+@pytest.mark.slow
+def test_a_reply_crossing_4096_keys_stays_compiled_and_equals_the_eager_one(long_model):
+    engine = Engine(long_model, rows=1, fast_decode="compile", compile_mode="default", row_tokens=4400,
+                    speculate=False)
+    engine.steps.compile_now(engine._pool)
+    assert list(engine.steps.ready) == [1, "long"]
+    keys = []
+    compiled = engine.steps.step_fn
+    engine.steps.step_fn = lambda *args: (keys.append(args[-1].shape[0]), compiled(*args))[1]
+    prompt = ids(120, 4090)
+    with engine.start(), torch._dynamo.config.patch(error_on_recompile=True):
+        out = engine.generate(prompt, settings=VARIED, max_new_tokens=12)
+        steps, cache = engine.steps, engine._pool()
+        with torch.inference_mode():
+            eager = EagerSteps.decode(steps, cache, [0], [7], [4101])
+            torch.testing.assert_close(steps.decode(cache, [0], [7], [4101]), eager, rtol=1e-4, atol=1e-4)
+    assert out == alone(long_model, prompt, 12)
+    assert keys[:11] == list(range(4091, 4102)) and keys[-1] == 4102  # every step compiled, both sides of 4096
+
+
 def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypatch):
     """compile_now (tests, benchmarks, `python -m qwen2`) runs the background compile's loop on this
     thread: every bucket and the verification, in order, with progress. (The compiles themselves are
