@@ -19,6 +19,7 @@ from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
 from .options import check_quantize, default_dtype, parse_dtype, resolve_device
 from .quant import quantize_model
+from .upcast import upcast_prompt_products, wants_upcast
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -165,6 +166,8 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     model.info.generation_config = _read_generation_config(directory)
     if quantize:
         quantize_model(model, quantize)
+    elif wants_upcast(model):
+        upcast_prompt_products(model)  # bf16 weights, float32 products for prompts (qwen2/upcast.py)
     return model
 
 

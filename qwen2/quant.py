@@ -261,7 +261,7 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
 
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
-            for name in [n for n, m in block.named_children() if type(m) is nn.Linear]:  # fused or not
+            for name in [n for n, m in block.named_children() if isinstance(m, nn.Linear)]:  # fused or not
                 setattr(block, name, quantized(getattr(block, name), scheme))  # frees the float weight
 
     embed_q, embed_scales = quantize_rows(model.model.embed_tokens.weight.data)

@@ -1,0 +1,80 @@
+"""bf16 weights, float32 products for prompts, on CPUs without bf16 math.
+
+Without AVX-512 BF16 or AMX, torch multiplies bf16 matrices by converting them as it goes, several
+times slower than a float32 GEMM of the same shape: a 47-token prompt's products took 82 ms per
+layer of the 0.5B model in bf16 against 28 ms in float32 (docs/benchmarks.md). So above
+UPCAST_ABOVE_ROWS rows a linear layer with bf16 weights copies them into a float32 scratch buffer
+and multiplies in float32, then rounds the output back to bf16. The copy costs ~2 ms per layer
+because the buffer is reused (one for the process): a fresh 35 MB tensor costs ten times that in
+page faults alone. A decode step (a few rows) keeps the bf16 product, which reads half the bytes;
+so does anything compiled (the compiled decode steps and the verification). The math is unchanged:
+the same weights, float32 accumulation either way.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .options import cpu_has_bfloat16_math
+
+# Rows of x above which the float32 product wins, copy included (the 0.5B model's four products per
+# layer, 2 threads, AMD EPYC AVX2: bf16 ahead at 8 rows; float32 1.3x faster at 16, 2.6x at 47;
+# docs/benchmarks.md)
+UPCAST_ABOVE_ROWS = 16
+
+
+class _Scratch:
+    """One float32 buffer for the process, as large as the largest weight seen (35 MB for the 0.5B
+    model's gate|up), and a lock: a thread per buffer would keep one alive per web worker thread that
+    ever ran a prompt, and prompts are compute-bound on a CPU anyway, so they take turns."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.buffer = torch.empty(0, dtype=torch.float32)
+
+    def float32_copy(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` in float32, in the buffer (valid while the lock is held)."""
+        if self.buffer.numel() < weight.numel():
+            self.buffer = torch.empty(weight.numel(), dtype=torch.float32)
+        return self.buffer[:weight.numel()].view(weight.shape).copy_(weight)
+
+
+_scratch = _Scratch()
+
+
+class UpcastLinear(nn.Linear):
+    """nn.Linear whose products of more than UPCAST_ABOVE_ROWS rows run in float32 (module docstring)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "UpcastLinear":
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= UPCAST_ABOVE_ROWS or torch.compiler.is_compiling():
+            return F.linear(x, self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.float()
+        with _scratch.lock:
+            return F.linear(x.float(), _scratch.float32_copy(self.weight), bias).to(x.dtype)
+
+
+def wants_upcast(model) -> bool:
+    """A bf16 model on a CPU that converts bf16 products as it goes."""
+    return model.device.type == "cpu" and model.dtype == torch.bfloat16 and not cpu_has_bfloat16_math()
+
+
+def upcast_prompt_products(model):
+    """Swap the decoder layers' linear layers for UpcastLinear, in place (the LM head is left as it
+    is: a prompt needs its last row only, and a float32 copy of it would be 545 MB)."""
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name, module in list(block.named_children()):
+                if type(module) is nn.Linear:
+                    setattr(block, name, UpcastLinear.from_linear(module))
+    return model

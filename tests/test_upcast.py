@@ -1,0 +1,85 @@
+"""qwen2.upcast: a bf16 model on a CPU without bf16 math multiplies prompts in float32 (the same
+weights, the output rounded back to bf16), and keeps bf16 products for decode and compiled steps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen2
+from qwen2 import upcast
+from qwen2.quant import Int8Linear
+from qwen2.upcast import UPCAST_ABOVE_ROWS, UpcastLinear
+from tests.helpers import rand_ids
+
+
+@pytest.mark.parametrize("rows", [1, UPCAST_ABOVE_ROWS, UPCAST_ABOVE_ROWS + 1, 60])
+def test_upcast_linear_multiplies_in_float32_above_the_threshold_only(rows):
+    linear = torch.nn.Linear(96, 40, bias=True).to(torch.bfloat16)
+    up = UpcastLinear.from_linear(linear)
+    assert up.weight is linear.weight and up.bias is linear.bias  # shared, not copied
+    x = torch.randn(rows, 1, 96).to(torch.bfloat16)
+    if rows > UPCAST_ABOVE_ROWS:
+        expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    else:
+        expected = F.linear(x, linear.weight, linear.bias)
+    assert torch.equal(up(x), expected)
+    bigger = UpcastLinear.from_linear(torch.nn.Linear(96, 200).to(torch.bfloat16))
+    bigger(x), up(x)  # the scratch buffer grows and is reused by smaller layers
+    assert torch.equal(up(x), expected)
+
+
+def test_prompts_on_several_threads_take_turns_with_the_one_buffer():
+    layers = [UpcastLinear.from_linear(torch.nn.Linear(64, 48 + 16 * i).to(torch.bfloat16)) for i in range(4)]
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    expected = [F.linear(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16) for layer in layers]
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = all(torch.equal(layers[i](x), expected[i]) for _ in range(50))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == {i: True for i in range(4)}
+
+
+def test_compiled_code_keeps_the_bf16_product():
+    linear = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    up = UpcastLinear.from_linear(linear)
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    compiled = torch.compile(up, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x), F.linear(x, linear.weight))
+
+
+@pytest.mark.parametrize("bf16_math", [False, True])
+def test_a_bf16_model_upcasts_its_prompts_where_the_cpu_has_no_bf16_math(tiny_model_dir, monkeypatch, bf16_math):
+    monkeypatch.setattr(upcast, "cpu_has_bfloat16_math", lambda: bf16_math)
+    model = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
+    kinds = {type(m).__name__ for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())}
+    assert kinds == ({"Linear"} if bf16_math else {"UpcastLinear"}) and type(model.lm_head) is torch.nn.Linear
+    assert all(type(m) is torch.nn.Linear for m in qwen2.load_model(tiny_model_dir, dtype="float32").modules()
+               if isinstance(m, torch.nn.Linear))
+    # a prompt through the upcast products is close to the float32 model, its greedy reply the same
+    reference = qwen2.load_model(tiny_model_dir, dtype="float32")
+    ids = rand_ids(3, (1, 40))
+    torch.testing.assert_close(model(ids).float(), reference(ids), atol=0.1, rtol=0.05)
+    assert list(qwen2.generate(model, ids, max_new_tokens=8, stop_token_ids=[])) == \
+        list(qwen2.generate(reference, ids, max_new_tokens=8, stop_token_ids=[]))
+
+
+def test_quantizing_an_upcast_model_replaces_every_layer(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(upcast, "cpu_has_bfloat16_math", lambda: False)
+    model = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
+    qwen2.quant.quantize_model(model, "int8")
+    products = [m for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())
+                if not isinstance(m, torch.nn.modules.activation.SiLU)]
+    assert products and all(isinstance(m, Int8Linear) for m in products), {type(m).__name__ for m in products}
