@@ -134,15 +134,21 @@ class PromptLookupDrafter(Drafter):
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             start = self._index.last_start.get(NgramIndex.key(tokens[length - n:]))
             if start is not None:
-                out: list[int] = []
-                for i in range(limit):
-                    pos = start + n + i
-                    out.append(tokens[pos] if pos < length else out[pos - length])
-                return n, out
+                return n, copy_from(tokens, start + n, limit)
         return 0, []
 
     def close(self):
         self._index = NgramIndex(self._index.sizes)
+
+
+def copy_from(tokens: list[int], start: int, limit: int) -> list[int]:
+    """`limit` tokens from tokens[start:], running on into the copy itself past the end (as LZ77
+    does): a periodic tail gets a full-length draft."""
+    out: list[int] = []
+    for i in range(limit):
+        pos = start + i
+        out.append(tokens[pos] if pos < len(tokens) else out[pos - len(tokens)])
+    return out
 
 
 class NgramIndex:

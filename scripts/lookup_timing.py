@@ -20,22 +20,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen2.speculative import PromptLookupDrafter  # noqa: E402
+from qwen2.speculative import PromptLookupDrafter, copy_from  # noqa: E402
 
 
 def scan(tokens: list[int], max_ngram: int = 3, min_ngram: int = 1, limit: int = 8) -> tuple[int, list[int]]:
-    """PromptLookupDrafter.match before the index (commit 9003751): the same answer, by scanning."""
+    """PromptLookupDrafter.match before the index (commit 9003751): the same answer, by scanning
+    (the copy after the match is the drafter's own, copy_from)."""
     length = len(tokens)
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
         tail = tokens[length - n:]
         last = tail[-1]
         for start in range(length - n - 1, -1, -1):
             if tokens[start + n - 1] == last and tokens[start:start + n] == tail:
-                out: list[int] = []
-                for i in range(limit):
-                    pos = start + n + i
-                    out.append(tokens[pos] if pos < length else out[pos - length])
-                return n, out
+                return n, copy_from(tokens, start + n, limit)
     return 0, []
 
 
