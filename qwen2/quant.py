@@ -47,7 +47,8 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     within half a step of every weight. (Rounding a bf16 scale afterwards would scale a whole row by
     up to 1 +- 2^-9: 8-19 % of int8's KL on two real replies of the 0.5B model, docs/benchmarks.md.)"""
     w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127.0).to(weight.dtype).clamp(min=torch.finfo(weight.dtype).tiny)
+    scales = (w.abs().amax(dim=1) / 127.0).to(weight.dtype)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: any scale will do
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 

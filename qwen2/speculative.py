@@ -160,7 +160,7 @@ class NgramIndex:
     not the indexed one plus new tokens (another reply) is indexed afresh.
 
     An n-gram's key is one int, its ids + 1 as digits base 2^32 (distinct for each n; ids are below
-    2^32). Tuples as keys made building the index up to 10x slower: unlike ints, the garbage
+    2^32 - 1). Tuples as keys made building the index up to 10x slower: unlike ints, the garbage
     collector tracks them."""
 
     def __init__(self, sizes: range):

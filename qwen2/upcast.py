@@ -5,8 +5,8 @@ times slower than a float32 GEMM of the same shape: a 47-token prompt's products
 layer of the 0.5B model in bf16 against 28 ms in float32 (docs/benchmarks.md). So above
 UPCAST_ABOVE_ROWS rows a linear layer with bf16 weights copies them into a float32 scratch buffer
 and multiplies in float32, then rounds the output back to bf16. The copy costs ~2 ms per layer
-because the buffer is reused (one for the process): a fresh 35 MB tensor costs ten times that in
-page faults alone. A decode step (a few rows) keeps the bf16 product, which reads half the bytes;
+because the buffer is reused (one for the process, 16 MB; larger layers go in slices): a fresh
+35 MB tensor costs ten times that in page faults alone. A decode step (a few rows) keeps the bf16 product, which reads half the bytes;
 so does anything compiled (the compiled decode steps and the verification). The math is unchanged:
 the same weights, float32 accumulation either way.
 """
@@ -27,19 +27,23 @@ from .options import cpu_has_bfloat16_math
 UPCAST_ABOVE_ROWS = 16
 
 
+# Weights copied to float32 at a time: products of larger layers run in slices of output channels,
+# so the buffer stays 16 MB whatever the model (7B's gate|up would need 543 MB in one piece).
+COPY_WEIGHTS = 1 << 22
+
+
 class _Scratch:
-    """One float32 buffer for the process, as large as the largest weight seen (35 MB for the 0.5B
-    model's gate|up), and a lock: a thread per buffer would keep one alive per web worker thread that
-    ever ran a prompt, and prompts are compute-bound on a CPU anyway, so they take turns."""
+    """One float32 buffer for the process and a lock: a buffer per thread would keep one alive per
+    web worker thread that ever ran a prompt, and prompts are compute-bound on a CPU anyway, so they
+    take turns. Made outside inference mode, so that it can be written in it and out of it."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.buffer = torch.empty(0, dtype=torch.float32)
+        with torch.inference_mode(False):
+            self.buffer = torch.empty(COPY_WEIGHTS, dtype=torch.float32)
 
     def float32_copy(self, weight: torch.Tensor) -> torch.Tensor:
-        """`weight` in float32, in the buffer (valid while the lock is held)."""
-        if self.buffer.numel() < weight.numel():
-            self.buffer = torch.empty(weight.numel(), dtype=torch.float32)
+        """`weight` (at most COPY_WEIGHTS values) in float32, in the buffer (valid while the lock is held)."""
         return self.buffer[:weight.numel()].view(weight.shape).copy_(weight)
 
 
@@ -56,12 +60,19 @@ class UpcastLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows <= UPCAST_ABOVE_ROWS or torch.compiler.is_compiling():
+        # Dynamo reads is_dynamo_compiling() as True while it traces (and only then, on any thread):
+        # compiled code keeps the bf16 product, and the row test below never guards a symbolic batch.
+        if torch.compiler.is_dynamo_compiling() or x.numel() // x.shape[-1] <= UPCAST_ABOVE_ROWS:
             return F.linear(x, self.weight, self.bias)
-        bias = None if self.bias is None else self.bias.float()
+        x32 = x.float()
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        step = max(1, COPY_WEIGHTS // self.in_features)  # output channels per slice
         with _scratch.lock:
-            return F.linear(x.float(), _scratch.float32_copy(self.weight), bias).to(x.dtype)
+            for start in range(0, self.out_features, step):
+                weight = _scratch.float32_copy(self.weight[start:start + step])
+                bias = None if self.bias is None else self.bias[start:start + step].float()
+                y[..., start:start + step] = F.linear(x32, weight, bias)
+        return y
 
 
 def wants_upcast(model) -> bool:
@@ -71,7 +82,7 @@ def wants_upcast(model) -> bool:
 
 def upcast_prompt_products(model):
     """Swap the decoder layers' linear layers for UpcastLinear, in place (the LM head is left as it
-    is: a prompt needs its last row only, and a float32 copy of it would be 545 MB)."""
+    is: a prompt needs its last row only)."""
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name, module in list(block.named_children()):

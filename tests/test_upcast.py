@@ -52,12 +52,37 @@ def test_prompts_on_several_threads_take_turns_with_the_one_buffer():
     assert not errors and results == {i: True for i in range(4)}
 
 
-def test_compiled_code_keeps_the_bf16_product():
+def test_large_layers_go_in_slices_of_output_channels(monkeypatch):
+    monkeypatch.setattr(upcast, "COPY_WEIGHTS", 96 * 7)  # 7 channels per slice: 40 = 5 x 7 + 5
+    linear = torch.nn.Linear(96, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 30, 96).to(torch.bfloat16)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
+    assert torch.equal(UpcastLinear.from_linear(linear)(x), expected)
+
+
+def test_the_buffer_serves_inside_and_outside_inference_mode():
+    up = UpcastLinear.from_linear(torch.nn.Linear(64, 32).to(torch.bfloat16))
+    x = torch.randn(40, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        inside = up(x)
+        assert not upcast._Scratch().buffer.is_inference()
+    assert torch.equal(up(x), inside)
+
+
+def test_compiled_code_keeps_the_bf16_product_and_eager_code_beside_a_compile_does_not():
     linear = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
     up = UpcastLinear.from_linear(linear)
     x = torch.randn(40, 64).to(torch.bfloat16)
-    compiled = torch.compile(up, fullgraph=True, backend="eager")
-    assert torch.equal(compiled(x), F.linear(x, linear.weight))
+    compiled = torch.compile(up, fullgraph=True, backend="eager", dynamic=True)  # rows symbolic
+    few = x[:8].clone()
+    assert torch.equal(compiled(few), F.linear(few, linear.weight))
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the row test put no guard on the rows
+        assert torch.equal(compiled(x), F.linear(x, linear.weight))
+    # torch.compiler.is_compiling() is one flag for the process, true while any thread compiles (the
+    # engine's background compile): an eager prompt meanwhile must still take the float32 product
+    with torch.compiler._compile_session_context():
+        assert torch.compiler.is_compiling()
+        assert torch.equal(up(x), F.linear(x.float(), linear.weight.float()).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("bf16_math", [False, True])
