@@ -56,8 +56,11 @@ def test_large_layers_go_in_slices_of_output_channels(monkeypatch):
     monkeypatch.setattr(upcast, "COPY_WEIGHTS", 96 * 7)  # 7 channels per slice: 40 = 5 x 7 + 5
     linear = torch.nn.Linear(96, 40, bias=True).to(torch.bfloat16)
     x = torch.randn(2, 30, 96).to(torch.bfloat16)
-    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float()).to(torch.bfloat16)
-    assert torch.equal(UpcastLinear.from_linear(linear)(x), expected)
+    expected = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    got = UpcastLinear.from_linear(linear)(x)
+    assert got.dtype == torch.bfloat16
+    # a GEMM over a slice may sum in another order than over the whole: one bf16 rounding apart at most
+    torch.testing.assert_close(got.float(), expected, rtol=2 ** -8, atol=1e-6)
 
 
 def test_the_buffer_serves_inside_and_outside_inference_mode():
