@@ -155,9 +155,9 @@ class NgramIndex:
     """Where each n-gram of a token list last started, kept up to date as the list grows, so that
     finding the latest earlier occurrence of the last n tokens is a dict lookup rather than a scan
     of the context (up to 2 ms per round at 8 000 tokens in Python; 0.05 ms with the index, which
-    takes 10-20 ms to build once per reply at that length). It indexes the n-grams
-    lying inside tokens[:-1]: an occurrence must start before the tail itself does. A list that is
-    not the indexed one plus new tokens (another reply) is indexed afresh.
+    takes 10-24 ms to build once per reply at that length, scripts/lookup_timing.py). It indexes
+    the n-grams lying inside tokens[:-1]: an occurrence must start before the tail itself does. A
+    list that is not the indexed one plus new tokens (another reply) is indexed afresh.
 
     An n-gram's key is one int, its ids + 1 as digits base 2^32 (distinct for each n; ids are below
     2^32 - 1). Tuples as keys made building the index up to 10x slower: unlike ints, the garbage

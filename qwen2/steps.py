@@ -198,7 +198,7 @@ class CompiledCpuSteps(EagerSteps):
 
     def compiled_for(self, cache, batch, n_keys):
         if n_keys > self._max_keys(cache):
-            return batch == 1 and "long" in self.ready and n_keys <= cache.row_len - 1
+            return batch == 1 and "long" in self.ready and n_keys <= self._key_range(cache, n_keys)[1]
         bucket = next(b for b in self.buckets if b >= batch)
         return bucket in self.ready
 

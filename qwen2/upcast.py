@@ -6,9 +6,9 @@ layer of the 0.5B model in bf16 against 28 ms in float32 (docs/benchmarks.md). S
 UPCAST_ABOVE_ROWS rows a linear layer with bf16 weights copies them into a float32 scratch buffer
 and multiplies in float32, then rounds the output back to bf16. The copy costs ~2 ms per layer
 because the buffer is reused (one for the process, 16 MB; larger layers go in slices): a fresh
-35 MB tensor costs ten times that in page faults alone. A decode step (a few rows) keeps the bf16 product, which reads half the bytes;
-so does anything compiled (the compiled decode steps and the verification). The math is unchanged:
-the same weights, float32 accumulation either way.
+35 MB tensor costs ten times that in page faults alone. A decode step (a few rows) keeps the bf16
+product, which reads half the bytes; so does anything compiled (the compiled decode steps and the
+verification). The math is unchanged: the same weights, float32 accumulation either way.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from .options import cpu_has_bfloat16_math
 # layer, 2 threads, AMD EPYC AVX2: bf16 ahead at 8 rows; float32 1.3x faster at 16, 2.6x at 47;
 # docs/benchmarks.md)
 UPCAST_ABOVE_ROWS = 16
-
 
 # Weights copied to float32 at a time: products of larger layers run in slices of output channels,
 # so the buffer stays 16 MB whatever the model (7B's gate|up would need 543 MB in one piece).
