@@ -25,8 +25,9 @@ ENV PYTHONUNBUFFERED=1 \
     GRADIO_ANALYTICS_ENABLED=False \
     QWEN2_STUDIO_MODEL=${BAKE_MODEL:-Qwen/Qwen2-0.5B-Instruct}
 
-# Inductor compiles the CPU decode step to C++ at start-up (the default fast path on CPU): it needs
-# a compiler. Without one the app still serves, decoding eagerly.
+# Inductor compiles the CPU decode step to C++ at start-up (the default fast path on CPU), and int8
+# builds our block kernel (qwen2/csrc/): both need a compiler. Without one the app still serves,
+# decoding eagerly, int8 with per-channel scales.
 # hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 user

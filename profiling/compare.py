@@ -38,7 +38,7 @@ import torch
 import qwen2
 from qwen2.cache import kv_bytes_per_token
 from qwen2.generate import check_budget
-from qwen2.options import FAST_DECODE_MODES, parse_dtype, resolve_device
+from qwen2.options import FAST_DECODE_MODES, default_dtype, parse_dtype, resolve_device
 
 from . import agreement
 from .baseline import first_divergence, greedy_generate, load_reference
@@ -50,7 +50,7 @@ MODES = {  # name -> (our dtype, our quantization, reference dtype)
     "float32": (parse_dtype("float32"), None, parse_dtype("float32")),
     "bfloat16": (parse_dtype("bfloat16"), None, parse_dtype("bfloat16")),
     "float16": (parse_dtype("float16"), None, parse_dtype("float16")),
-    "int8": (parse_dtype("bfloat16"), "int8", parse_dtype("bfloat16")),
+    "int8": (None, "int8", parse_dtype("bfloat16")),  # None: load_model's default (float32 with int8 blocks)
     "int4": (parse_dtype("bfloat16"), "int4", parse_dtype("bfloat16")),
 }
 AGAINST = ("transformers", "llama.cpp")
@@ -96,12 +96,17 @@ def quant_agreement(ours_q, ours_ref, ids) -> dict:
         return agreement.agreement(ours_q(ids)[0], ours_ref(ids)[0])
 
 
+def our_dtype(mode: str, device) -> torch.dtype:
+    dtype, quantize, _ = MODES[mode]
+    return dtype or default_dtype(device, None, quantize)
+
+
 def load_ours(args, mode, device):
     """Our model for `mode` and its fast decode path (None: eager)."""
     from qwen2.fast import make_fast_path
 
-    dtype, quantize, _ = MODES[mode]
-    model = qwen2.load_model(args.model, device=device, dtype=dtype, quantize=quantize,
+    quantize = MODES[mode][1]
+    model = qwen2.load_model(args.model, device=device, dtype=our_dtype(mode, device), quantize=quantize,
                              random_weights=args.random_weights)
     return model, make_fast_path(model, args.fast_decode)
 
@@ -463,7 +468,7 @@ def main(argv=None) -> int:
     except (qwen2.Qwen2Error, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    env = environment(device, MODES[modes[0]][0])
+    env = environment(device, our_dtype(modes[0], device))
     print(f"{env.get('device_name', device)} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
           f"commit {(env.get('git') or {}).get('commit', '?')} | prompt {ids.shape[1]} tokens, "
           f"{args.new_tokens} new, median of {args.rounds} alternating rounds")

@@ -17,3 +17,4 @@ class ModelInfo:
     random_weights: bool = False  # built with random weights of the right shape (no checkpoint)
     generation_config: dict = field(default_factory=dict)  # generation_config.json ({} when absent)
     quantization: str | None = None  # a scheme of qwen2.options.QUANT_SCHEMES, or None
+    int8_layout: str | None = None  # int8 weights' scales: "blocks of 32" or "per channel" (qwen2/quant.py)

@@ -10,6 +10,7 @@ import re
 
 import torch
 
+from . import cpu_kernels
 from .errors import ConfigError
 
 DTYPES = {
@@ -106,8 +107,14 @@ def cpu_has_bfloat16_math() -> bool:
 
 def default_dtype(device: torch.device, config_dtype: str | None = None,
                   quantize: str | None = None) -> torch.dtype:
-    """bf16 on CPUs with bf16 math, and always with weight-only quantization (its kernels take bf16
-    activations; fp32 would silently run the slow path); else fp32. On GPU the checkpoint's dtype."""
+    """On CPU: bf16 where the CPU has bf16 math; else fp32, except with torch's quantized kernels
+    (int4, and int8 without our block kernel), which are fast with bf16 activations only. int8 in
+    blocks sums in float32 whatever its input, so it keeps fp32 and its quality (qwen2/quant.py).
+    On GPU the checkpoint's dtype."""
     if device.type == "cpu":
-        return torch.bfloat16 if quantize or cpu_has_bfloat16_math() else torch.float32
+        if cpu_has_bfloat16_math():
+            return torch.bfloat16
+        if quantize == "int8":
+            return torch.float32 if cpu_kernels.int8_block_kernel_ready() else torch.bfloat16  # builds it once
+        return torch.bfloat16 if quantize else torch.float32
     return parse_dtype(config_dtype) or torch.bfloat16

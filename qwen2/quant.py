@@ -1,13 +1,24 @@
 """Weight-only int8 and int4: linear weights stored in fewer bits, activations in the model's dtype.
 
-int8: each weight row stored as int8 with one scale per output channel.
-
 Decode reads every weight once per token, so its speed is bytes / bandwidth: halving the bytes of
-bf16 nearly halves the time, as long as the kernel dequantises on the fly. On CPU that kernel is
-`torch._weight_int8pack_mm` (int8 weights, bf16/fp32 activations, per-channel scales). The
-activations stay in the model's dtype; only storage changes:
+bf16 nearly halves the time, as long as the kernel dequantises on the fly.
 
-    W[o, i] ~= scale[o] * q[o, i],   q in [-127, 127],   scale[o] = max_i |W[o, i]| / 127
+int8 on CPU, in blocks: each run of 32 weights along the input of a row shares one float16 scale
+(llama.cpp's Q8_0 layout: 8.5 bits a weight), and products sum in float32 whatever the activations'
+dtype. Our kernel does it (qwen2/cpu_kernels.py, `torch.ops.qwen2.int8_block_mm`), for decode and
+prompts alike: per layer of the 0.5B model it beat dequantising into float32 and a GEMM up to 128
+rows and was level with it at 512 (scripts/int8_kernel_rows.py, docs/benchmarks.md).
+
+    W[o, i] ~= scale[o, g] * q[o, i],   q in [-127, 127],   scale[o, g] = max_{i in g} |W[o, i]| / 127
+
+int8 per channel, where that kernel is not built (no compiler, QWEN2_NO_KERNELS, a GPU): one scale
+per output channel, `torch._weight_int8pack_mm` (int8 weights, bf16/fp32 activations):
+
+    W[o, i] ~= scale[o] * q[o, i],   scale[o] = max_i |W[o, i]| / 127
+
+Blocks cost 1/16 more bytes than per-channel int8 and bring int8 level with bf16 (on the real 0.5B
+model KL from the float32 reference: blocks in a float32 model 6e-5 nats/token, llama.cpp's Q8_0
+2.8e-4, per channel 7e-4; docs/benchmarks.md).
 
 The tied embedding / LM head (27 % of Qwen2-0.5B) is quantized too: an embedding row and an LM-head
 output channel are the same row, so both share one int8 tensor and one set of scales.
@@ -32,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+from .cpu_kernels import BLOCK
 from .errors import ConfigError
 from .options import QUANT_SCHEMES as SCHEMES  # the one list of schemes
 from .options import cpu_has_bfloat16_math
@@ -51,6 +64,26 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: any scale will do
     q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
+
+
+def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 (out, in) and float16 scales (out, in / BLOCK), one per block of
+    BLOCK weights along the input. Each scale is rounded to float16 before the weights are rounded
+    against it (as in quantize_rows); an all-zero block gets scale 1."""
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // BLOCK, BLOCK)
+    scales = (w.abs().amax(-1) / 127.0).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(w / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(out_features, in_features), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 rows (..., in) and their scales, per row (...) or per block (..., in / BLOCK), in `dtype`."""
+    if scales.dim() == q.dim():  # blocks: float16 scales, multiplied in float32 and rounded once
+        blocks = q.view(*q.shape[:-1], -1, BLOCK).float() * scales.float()[..., None]
+        return blocks.view(q.shape).to(dtype)
+    return q.to(dtype) * scales.to(dtype)[..., None]
 
 
 def _int8_parameter(t):
@@ -117,15 +150,37 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8, bias={self.bias is not None}"
 
 
+class Int8BlockLinear(nn.Module):
+    """y = x @ W^T + bias, W int8 with a float16 scale per block of BLOCK inputs, summed in float32."""
+
+    def __init__(self, weight: nn.Parameter, scales: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.scales, self.bias = weight, scales, bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8BlockLinear":
+        q, scales = quantize_blocks(linear.weight.data)
+        return cls(_int8_parameter(q), _int8_parameter(scales), linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.qwen2.int8_block_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 blocks of {BLOCK}, bias={self.bias is not None}"
+
+
 class Int8Embedding(nn.Module):
-    """Row lookup of an int8 table, scaled back by the row's scale."""
+    """Row lookup of an int8 table, scaled back by the row's scales (one per row, or per block)."""
 
     def __init__(self, weight: nn.Parameter, scales: nn.Parameter, dtype: torch.dtype):
         super().__init__()
         self.weight, self.scales, self.dtype = weight, scales, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[ids].to(self.dtype) * self.scales[ids, None].to(self.dtype)
+        return dequantize(self.weight[ids], self.scales[ids], self.dtype)
 
 
 # ----------------------------------------------------------------------------- int4
@@ -236,11 +291,14 @@ class Int4Linear(nn.Module):
 
 
 @torch.no_grad()
-def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZE, head: str | None = None):
+def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZE, head: str | None = None,
+                   int8_blocks: bool | None = None):
     """Replace every linear layer (and the embedding / LM head) of `model` by its quantized version, in place.
 
     scheme "int8" or "int4" (group-wise, `group_size` weights per scale). `head` is how the LM head is
     stored: "int8" (the default for both schemes) or "int4"; the embedding is int8 either way.
+    int8_blocks: int8 in blocks of 32 (True; CPU, needs our kernel) or per channel (False); None picks
+    blocks wherever the kernel is built.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"quantize={scheme!r} is not supported; expected one of {SCHEMES} or None")
@@ -252,27 +310,43 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
             raise ConfigError(f"int4 weights need the CPU kernel; this model is on {model.device}")
         if group_size not in (32, 64, 128):
             raise ConfigError(f"int4 group_size must be 32, 64 or 128; got {group_size}")
+    blocks = int8_blocks_available(model.device) if int8_blocks is None else int8_blocks
+    if blocks and not int8_blocks_available(model.device):
+        why = f"this model is on {model.device}" if model.device.type != "cpu" else cpu_kernels.kernel_error()
+        raise ConfigError(f"int8_blocks=True needs our CPU kernel (qwen2/cpu_kernels.py): {why}")
     fused, rows = _has_int8_kernel(model.device), fused_max_rows(model.device)
     dtype = model.dtype
 
-    def quantized(linear: nn.Linear, kind: str) -> nn.Module:
-        if kind == "int4":
-            return Int4Linear.from_linear(linear, group_size)
+    def int8(linear: nn.Linear) -> nn.Module:
+        if blocks and linear.in_features % BLOCK == 0:
+            return Int8BlockLinear.from_linear(linear)
         return Int8Linear.from_linear(linear, fused, rows)
+
+    def quantized(linear: nn.Linear, kind: str) -> nn.Module:
+        return Int4Linear.from_linear(linear, group_size) if kind == "int4" else int8(linear)
 
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name in [n for n, m in block.named_children() if isinstance(m, nn.Linear)]:  # fused or not
                 setattr(block, name, quantized(getattr(block, name), scheme))  # frees the float weight
 
-    embed_q, embed_scales = quantize_rows(model.model.embed_tokens.weight.data)
+    embedding = model.model.embed_tokens.weight.data
+    embed_blocks = blocks and embedding.shape[1] % BLOCK == 0
+    embed_q, embed_scales = (quantize_blocks if embed_blocks else quantize_rows)(embedding)
     embed_q, embed_scales = _int8_parameter(embed_q), _int8_parameter(embed_scales)
     if head == "int4":
         model.lm_head = Int4Linear.from_weight(model.lm_head.weight.data, None, group_size)
-    elif model.config.tie_word_embeddings:
-        model.lm_head = Int8Linear(embed_q, embed_scales, None, fused, rows)  # the same int8 rows serve both
+    elif model.config.tie_word_embeddings:  # the same int8 rows serve both
+        model.lm_head = (Int8BlockLinear(embed_q, embed_scales, None) if embed_blocks
+                         else Int8Linear(embed_q, embed_scales, None, fused, rows))
     else:
-        model.lm_head = Int8Linear.from_linear(model.lm_head, fused, rows)
+        model.lm_head = int8(model.lm_head)
     model.model.embed_tokens = Int8Embedding(embed_q, embed_scales, dtype)
     model.info.quantization = scheme
+    model.info.int8_layout = f"blocks of {BLOCK}" if embed_blocks else "per channel"
     return model
+
+
+def int8_blocks_available(device: torch.device) -> bool:
+    """Whether int8 can be stored in blocks on `device`: a CPU, with our kernel built (qwen2/cpu_kernels.py)."""
+    return device.type == "cpu" and cpu_kernels.int8_block_kernel_ready()

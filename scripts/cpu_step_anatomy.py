@@ -45,7 +45,7 @@ CONTAINERS = ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph byt
               "## Call CompiledFxGraph", "CompiledFunction")
 # (kind, pattern on the kernel name), first match wins
 KINDS = [
-    ("products", re.compile(r"^(mkl|mkldnn|onednn)::|^aten::(mm|addmm|bmm|_weight_int8pack_mm|_weight_int4pack_mm\w*)$|"
+    ("products", re.compile(r"^(mkl|mkldnn|onednn|quantized|qwen2)::|^aten::(mm|addmm|bmm|_weight_int8pack_mm|_weight_int4pack_mm\w*)$|"
                             r"Gemm|_template|(^|_)gemm_|^graph_\d+_kernel$")),  # Inductor's GEMM templates; its
     # int8 weight-only template comes out named plainly `graph_0_kernel`
     ("attention", re.compile(r"softmax|_safe_softmax|scaled_dot")),

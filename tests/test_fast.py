@@ -10,7 +10,7 @@ import qwen2
 from qwen2.generate import DecodeSession
 from qwen2.fast_path import FastPath
 from qwen2.fast import make_fast_path
-from qwen2.quant import Int8Linear, quantize_rows
+from qwen2.quant import Int8Linear, quantize_model, quantize_rows
 from tests.helpers import make_checkpoint, quantized_agreement, rand_ids
 
 
@@ -66,7 +66,7 @@ def test_int8_prefill_is_fused_on_cpus_without_bf16_math(monkeypatch):
 def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, tied):
     directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
     ref = qwen2.load_model(directory, dtype="float32", fuse=False)
-    q8 = qwen2.load_model(directory, dtype="float32", quantize="int8")
+    q8 = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", int8_blocks=False)  # per channel
     # Put the int8-rounded weights back into the float model: the same math, so the same logits.
     with torch.no_grad():
         for name, module in ref.named_modules():
@@ -84,7 +84,7 @@ def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, 
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
     bf16 = qwen2.load_model(directory, dtype="bfloat16")
-    ratio = nbytes(qwen2.load_model(directory, dtype="bfloat16", quantize="int8")) / nbytes(bf16)
+    ratio = nbytes(quantize_model(qwen2.load_model(directory, dtype="bfloat16"), "int8", int8_blocks=False)) / nbytes(bf16)
     assert 0.45 < ratio < 0.6, ratio  # int8 + a bf16 scale per row + float norms/biases
 
 

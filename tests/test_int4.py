@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import qwen2
-from qwen2.quant import Int4Linear, Int8Linear, quantize_groups, quantize_model, unpack_int4
+from qwen2.quant import (Int4Linear, Int8BlockLinear, Int8Linear, dequantize, quantize_groups, quantize_model,
+                         unpack_int4)
 from tests.helpers import quantized_agreement, rand_ids
 
 
@@ -61,7 +62,7 @@ def _float_copy_with_dequantized_weights(directory, q4, head):
                 assert isinstance(qmod, Int4Linear), name
                 module.weight.copy_(qmod.dequantize())
         emb = q4.model.embed_tokens
-        ref.model.embed_tokens.weight.copy_(emb.weight.float() * emb.scales.float()[:, None])
+        ref.model.embed_tokens.weight.copy_(dequantize(emb.weight, emb.scales, torch.float32))
         if head == "int4":
             ref.lm_head = torch.nn.Linear(64, ref.config.vocab_size, bias=False)
             ref.lm_head.weight.copy_(q4.lm_head.dequantize())
@@ -73,7 +74,7 @@ def test_int4_model_matches_its_dequantized_weights(tiny_model_dir, head):
     q4 = qwen2.load_model(tiny_model_dir, dtype="float32")
     quantize_model(q4, "int4", group_size=32, head=head)
     assert q4.info.quantization == "int4"
-    assert isinstance(q4.lm_head, Int4Linear if head == "int4" else Int8Linear)
+    assert isinstance(q4.lm_head, Int4Linear if head == "int4" else (Int8Linear, Int8BlockLinear))
     ref = _float_copy_with_dequantized_weights(tiny_model_dir, q4, head)
     ids = rand_ids(1, (2, 12))
     torch.testing.assert_close(q4(ids), ref(ids), atol=1e-4, rtol=0)

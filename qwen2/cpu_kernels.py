@@ -1,0 +1,99 @@
+"""Our own CPU kernels (qwen2/csrc/), compiled on first use by the machine's C++ compiler (the one
+Inductor needs for the compiled decode step) and kept compiled in a cache directory.
+
+`int8_block_mm`: x @ W^T with W int8 in blocks of 32 along the input, one float16 scale per block
+(llama.cpp's Q8_0 layout), summed in float32. torch 2.13 has no CPU kernel for it: its int8 kernel
+takes one scale per output channel, and sums in float32 at decode speed only for bf16 inputs
+(docs/benchmarks.md). Registered as the operator torch.ops.qwen2.int8_block_mm, so that compiled
+steps call it like any aten kernel.
+
+The build takes ~15 s once per machine; `QWEN2_KERNEL_CACHE` moves the cache (default
+~/.cache/qwen2-studio/kernels), `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails,
+int8 falls back to torch's per-channel kernel and `kernel_error()` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "int8_blocks.cpp"
+BLOCK = 32  # weights per scale, fixed by the kernel
+# -march=native: the kernel is built on the machine that runs it (its cache key holds the CPU's flags)
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP for at::parallel_for, resolved to torch's own runtime
+
+_lock = threading.Lock()
+_error: list[str | None] = []  # [] before the first try; then [None] or [why not]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QWEN2_KERNEL_CACHE") or Path.home() / ".cache" / "qwen2-studio" / "kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def _build_key() -> str:
+    text = "\n".join([SOURCE.read_text(), torch.__version__, " ".join(CFLAGS), _cpu_flags()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _build_and_load() -> None:
+    from torch.utils import cpp_extension
+
+    key = _build_key()
+    name = f"qwen2_int8_blocks_{key}"
+    library = cache_dir() / key / f"{name}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+    else:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        # A fresh directory per build: cpp_extension's lock file, left behind by a killed build,
+        # would make every later start wait on it forever.
+        build = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
+        try:
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build),
+                               is_python_module=False, verbose=False)
+            os.replace(build / f"{name}.so", library)  # whole or absent: another process may be reading it
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+
+    @torch.library.register_fake("qwen2::int8_block_mm")
+    def _(x, q, scales):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+
+def kernel_error() -> str | None:
+    """None when torch.ops.qwen2.int8_block_mm is ready in this process, else why it is not.
+    The first call builds (or loads) it; a failure is warned about once."""
+    with _lock:
+        if not _error:
+            if os.environ.get("QWEN2_NO_KERNELS", "").strip() not in ("", "0"):
+                _error.append("turned off by QWEN2_NO_KERNELS")
+            else:
+                try:
+                    _build_and_load()
+                    _error.append(None)
+                except Exception as exc:  # noqa: BLE001 - any failure to build means: use torch's kernels
+                    _error.append(f"building {SOURCE.name} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}")
+                    warnings.warn(f"int8 falls back to per-channel scales: {_error[0]}", stacklevel=2)
+        return _error[0]
+
+
+def int8_block_kernel_ready() -> bool:
+    return kernel_error() is None

@@ -1,0 +1,147 @@
+"""int8 in blocks of 32 (qwen2/quant.py, the kernel in qwen2/csrc/int8_blocks.cpp): the rounding,
+the kernel against the float product it stands for, the prompt path, whole models, and the fallback
+to per-channel int8 where the kernel cannot be built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qwen2
+from qwen2 import cpu_kernels
+from qwen2.errors import ConfigError
+from qwen2.quant import BLOCK, Int8BlockLinear, Int8Linear, dequantize, quantize_blocks, quantize_model
+from tests.helpers import ROOT, make_checkpoint, rand_ids
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.int8_block_kernel_ready(),
+                                  reason=f"the int8 block kernel is not built here: {cpu_kernels.kernel_error()}")
+
+
+def test_quantize_blocks_error_is_within_half_a_step_of_each_blocks_stored_scale():
+    w = torch.randn(48, 128) * torch.rand(48, 4).repeat_interleave(BLOCK, 1) * 3
+    w[5, 32:64] = 0  # an all-zero block
+    q, scales = quantize_blocks(w)
+    assert q.dtype == torch.int8 and scales.dtype == torch.float16 and scales.shape == (48, 4)
+    blocks = q.view(48, 4, BLOCK)
+    assert blocks.abs().amax(-1)[scales != 1].eq(127).all()  # each block's largest weight takes the full range
+    assert blocks[5, 1].eq(0).all() and scales[5, 1] == 1
+    err = (dequantize(q, scales, torch.float32) - w).abs().view(48, 4, BLOCK)
+    assert (err <= scales.float()[..., None] / 2 * (1 + 1e-6)).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 13, 32])  # tiles of 8, 4, 2 and 1
+@pytest.mark.parametrize("shape", [(37, 96), (19, 1600)], ids=["narrow", "wide-in-slices"])  # 1600 = 3 x 512 + 64
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_the_float32_product_of_the_dequantized_weight(rows, shape, dtype):
+    q, scales = quantize_blocks(torch.randn(*shape))  # 37 or 19 output channels: not a multiple of any run
+    x = torch.randn(rows, shape[1]).to(dtype)
+    y = torch.ops.qwen2.int8_block_mm(x, q, scales)
+    assert y.dtype == dtype and y.shape == (rows, shape[0])
+    w = dequantize(q, scales, torch.float64)
+    expected = x.double() @ w.t()
+    # Summed in float32 whatever x is, in its own order: within float32 rounding of the sum of the
+    # terms' sizes (a block left out or counted twice is far outside), then one rounding to x's dtype.
+    bound = 1e-6 * (x.double().abs() @ w.abs().t()) + (2 ** -8 if dtype == torch.bfloat16 else 0) * expected.abs()
+    assert ((y.double() - expected).abs() <= bound).all()
+
+
+@needs_kernel
+def test_kernel_refuses_wrong_shapes_and_dtypes_with_what_it_expected():
+    q, scales = quantize_blocks(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match=r"q must be \(N, 96\)"):
+        torch.ops.qwen2.int8_block_mm(torch.randn(1, 96), q, scales)
+    with pytest.raises(RuntimeError, match=r"scales must be \(8, 2\)"):
+        torch.ops.qwen2.int8_block_mm(torch.randn(1, 64), q, scales[:, :1])
+    with pytest.raises(RuntimeError, match="int8 and scales float16"):
+        torch.ops.qwen2.int8_block_mm(torch.randn(1, 64), q, scales.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 9, 70], ids=["decode", "draft", "prompt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_linear_equals_its_dequantized_float_linear(rows, dtype):
+    linear = torch.nn.Linear(96, 40, bias=True).to(dtype)
+    layer = Int8BlockLinear.from_linear(linear)
+    x = torch.randn(2, rows, 96).to(dtype)
+    expected = F.linear(x.float(), dequantize(layer.weight, layer.scales, torch.float32), linear.bias.float())
+    got = layer(x)
+    assert got.dtype == dtype and got.shape == (2, rows, 40)
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: the product's rounding, then the bias sum's
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
+
+
+def _float_model_holding_block_rounded_weights(directory):
+    ref = qwen2.load_model(directory, dtype="float32")
+    with torch.no_grad():
+        for name, module in ref.named_modules():
+            if isinstance(module, torch.nn.Linear) and (name != "lm_head" or not ref.config.tie_word_embeddings):
+                module.weight.copy_(dequantize(*quantize_blocks(module.weight), torch.float32))
+        emb = ref.model.embed_tokens.weight
+        emb.copy_(dequantize(*quantize_blocks(emb), torch.float32))
+    return ref
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied", [True, False])
+def test_block_int8_model_matches_its_dequantized_weights(tmp_path, tied):
+    directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
+    q8 = qwen2.load_model(directory, dtype="float32", quantize="int8")
+    assert q8.info.int8_layout == "blocks of 32"
+    assert isinstance(q8.lm_head, Int8BlockLinear) and isinstance(q8.model.layers[0].mlp.down_proj, Int8BlockLinear)
+    ref = _float_model_holding_block_rounded_weights(directory)
+    for ids in (rand_ids(1, (2, 12)), rand_ids(2, (1, 40))):
+        torch.testing.assert_close(q8(ids), ref(ids), atol=1e-4, rtol=0)
+    assert list(qwen2.generate(q8, ids, max_new_tokens=10, stop_token_ids=[])) == \
+        list(qwen2.generate(ref, ids, max_new_tokens=10, stop_token_ids=[]))
+
+    def nbytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    per_channel = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", int8_blocks=False)
+    assert per_channel.info.int8_layout == "per channel" and isinstance(per_channel.lm_head, Int8Linear)
+    extra = nbytes(q8) - nbytes(per_channel)  # a float16 scale per 32 weights instead of a float32 one per row
+    int8_weights = sum(p.numel() for p in q8.parameters() if p.dtype == torch.int8)
+    assert 0 < extra <= int8_weights * 2 / BLOCK
+
+
+@needs_kernel
+def test_compiled_step_calls_the_kernel_and_matches_eager(tiny_model_dir):
+    model = qwen2.load_model(tiny_model_dir, dtype="float32", quantize="int8")
+    ids = rand_ids(3, (1, 9))
+    step = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        torch.testing.assert_close(step(ids), model(ids), atol=1e-5, rtol=0)
+
+
+def test_asking_for_blocks_where_the_kernel_is_missing_names_why(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "int8_block_kernel_ready", lambda: False)
+    monkeypatch.setattr(cpu_kernels, "kernel_error", lambda: "building int8_blocks.cpp failed: no compiler")
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    with pytest.raises(ConfigError, match="int8_blocks=True needs our CPU kernel.*no compiler"):
+        quantize_model(model, "int8", int8_blocks=True)
+    assert quantize_model(model, "int8").info.int8_layout == "per channel"  # the default falls back
+
+
+@pytest.mark.parametrize("env, why", [({"QWEN2_NO_KERNELS": "1"}, "turned off by QWEN2_NO_KERNELS"),
+                                      ({"CXX": "/bin/false"}, "building int8_blocks.cpp failed")],
+                         ids=["turned-off", "no-compiler"])
+def test_without_the_kernel_int8_falls_back_to_per_channel_and_says_why(tiny_model_dir, tmp_path, env, why):
+    code = ("import warnings, qwen2\n"
+            "from qwen2 import cpu_kernels\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            f"    m = qwen2.load_model({str(tiny_model_dir)!r}, dtype='bfloat16', quantize='int8')\n"
+            "print(m.info.int8_layout, '|', cpu_kernels.kernel_error(), '|', [str(w.message) for w in caught])\n")
+    env = {**os.environ, "QWEN2_KERNEL_CACHE": str(tmp_path / "kernels"), **env}  # an empty cache: it must build
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    layout, error, warned = done.stdout.strip().splitlines()[-1].split(" | ")
+    assert layout == "per channel" and error.startswith(why)
+    if "CXX" in env:  # a build that fails is warned about
+        assert "int8 falls back to per-channel scales" in warned
