@@ -7,9 +7,11 @@ takes one scale per output channel, and sums in float32 at decode speed only for
 (docs/benchmarks.md). Registered as the operator torch.ops.qwen2.int8_block_mm, so that compiled
 steps call it like any aten kernel.
 
-The build takes ~15 s once per machine; `QWEN2_KERNEL_CACHE` moves the cache (default
-~/.cache/qwen2-studio/kernels), `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails,
-int8 falls back to torch's per-channel kernel and `kernel_error()` says why.
+The build takes ~15 s once per machine (torch's extension builder, with the `ninja` of
+requirements.txt, found beside the interpreter where a virtual environment is not activated);
+`QWEN2_KERNEL_CACHE` moves the cache (default ~/.cache/qwen2-studio/kernels), a damaged library in
+it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails, int8 falls
+back to torch's per-channel kernel and `kernel_error()` says why.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import warnings
@@ -53,6 +56,18 @@ def _build_key() -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _ninja_dir() -> str | None:
+    """Where the `ninja` that requirements.txt installs lives, when it is not on PATH (a virtual
+    environment used without activating it): torch's extension builder runs plain `ninja`."""
+    if shutil.which("ninja"):
+        return None
+    try:
+        import ninja
+        return ninja.BIN_DIR
+    except ImportError:
+        return str(Path(sys.executable).parent)
+
+
 def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
@@ -60,17 +75,24 @@ def _build_and_load() -> None:
     name = f"qwen2_int8_blocks_{key}"
     library = cache_dir() / key / f"{name}.so"
     if library.is_file():
-        torch.ops.load_library(str(library))
-    else:
+        try:
+            torch.ops.load_library(str(library))
+        except OSError:  # a damaged file in the cache: build it anew
+            library.unlink(missing_ok=True)
+    if not library.is_file():
         library.parent.mkdir(parents=True, exist_ok=True)
         # A fresh directory per build: cpp_extension's lock file, left behind by a killed build,
         # would make every later start wait on it forever.
         build = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
+        path = os.environ.get("PATH", "")
         try:
+            if _ninja_dir():
+                os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])
             cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build),
                                is_python_module=False, verbose=False)
             os.replace(build / f"{name}.so", library)  # whole or absent: another process may be reading it
         finally:
+            os.environ["PATH"] = path
             shutil.rmtree(build, ignore_errors=True)
 
     @torch.library.register_fake("qwen2::int8_block_mm")

@@ -5,6 +5,7 @@ to per-channel int8 where the kernel cannot be built."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -145,3 +146,30 @@ def test_without_the_kernel_int8_falls_back_to_per_channel_and_says_why(tiny_mod
     assert layout == "per channel" and error.startswith(why)
     if "CXX" in env:  # a build that fails is warned about
         assert "int8 falls back to per-channel scales" in warned
+
+
+def test_the_build_finds_the_pip_installed_ninja_when_it_is_not_on_path(monkeypatch):
+    # torch's extension builder runs plain `ninja`; a virtual environment used without activating
+    # it has requirements.txt's ninja beside its python, not on PATH
+    monkeypatch.setattr(cpu_kernels.shutil, "which", lambda name: None)
+    try:
+        import ninja
+        expected = ninja.BIN_DIR
+    except ImportError:
+        expected = os.path.dirname(sys.executable)
+    assert cpu_kernels._ninja_dir() == expected
+    monkeypatch.undo()
+    assert (cpu_kernels._ninja_dir() is None) == (shutil.which("ninja") is not None)  # on PATH: nothing to add
+
+
+@needs_kernel
+def test_a_damaged_library_in_the_cache_is_built_anew(tmp_path):
+    key = cpu_kernels._build_key()
+    library = tmp_path / key / f"qwen2_int8_blocks_{key}.so"
+    library.parent.mkdir()
+    library.write_bytes(b"not a shared library")
+    code = "from qwen2 import cpu_kernels; print(cpu_kernels.kernel_error())"
+    env = {**os.environ, "QWEN2_KERNEL_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "None", done.stderr[-2000:]
+    assert library.stat().st_size > 10_000
