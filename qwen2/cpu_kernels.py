@@ -117,5 +117,6 @@ def kernel_error() -> str | None:
         return _error[0]
 
 
-def int8_block_kernel_ready() -> bool:
-    return kernel_error() is None
+def int8_blocks_available(device: torch.device) -> bool:
+    """Whether int8 can be stored in blocks on `device`: a CPU, with the kernel built (or buildable)."""
+    return device.type == "cpu" and kernel_error() is None

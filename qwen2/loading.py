@@ -17,8 +17,8 @@ from . import hub
 from .config import Qwen2Config, official_config
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
-from .options import check_quantize, default_dtype, parse_dtype, resolve_device
-from .quant import int8_blocks_available, quantize_model
+from .options import check_quantize, default_dtype, parse_dtype, quantized_wants_bfloat16, resolve_device
+from .quant import quantize_model
 from .upcast import upcast_prompt_products, wants_upcast
 
 
@@ -150,8 +150,7 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
         raise ConfigError(f"attn_backend {attn_backend!r} is unknown; expected one of {sorted(ATTENTION_BACKENDS)}")
     directory, config, files = _locate(source, random_weights)
     dtype = dtype or default_dtype(dev, config.torch_dtype, quantize)
-    sums_in_float32 = quantize == "int8" and int8_blocks_available(dev)  # int8 in blocks: our kernel
-    if quantize and dtype == torch.float32 and dev.type == "cpu" and not sums_in_float32:
+    if dtype == torch.float32 and quantized_wants_bfloat16(dev, quantize):
         warnings.warn(f"quantize={quantize!r} with float32 activations: on CPU the quantized kernels are "
                       "much slower in float32 than in bfloat16 (dtype=None picks bfloat16)", stacklevel=2)
 

@@ -53,28 +53,29 @@ from .options import cpu_has_bfloat16_math
 INT4_GROUP_SIZE = 32
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) float weight -> int8 (out, in) and per-row scales (out,) in the weight's dtype.
+def _round_to_int8(groups: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 groups (..., n) -> int8 (..., n) and one scale per group (...) in `scale_dtype`.
 
-    The scale is rounded to that dtype before the weights are rounded against it, so q * scale is
+    The scale is rounded to its dtype before the weights are rounded against it, so q * scale is
     within half a step of every weight. (Rounding a bf16 scale afterwards would scale a whole row by
-    up to 1 +- 2^-9: 8-19 % of int8's KL on two real replies of the 0.5B model, docs/benchmarks.md.)"""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127.0).to(weight.dtype)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero row: any scale will do
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    up to 1 +- 2^-9: 8-19 % of int8's KL on two real replies of the 0.5B model, docs/benchmarks.md.)
+    An all-zero group gets scale 1 (any scale will do)."""
+    scales = (groups.abs().amax(-1) / 127.0).to(scale_dtype)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(groups / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scales
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> int8 (out, in) and per-row scales (out,) in the weight's dtype."""
+    return _round_to_int8(weight.float(), weight.dtype)
 
 
 def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> int8 (out, in) and float16 scales (out, in / BLOCK), one per block of
-    BLOCK weights along the input. Each scale is rounded to float16 before the weights are rounded
-    against it (as in quantize_rows); an all-zero block gets scale 1."""
+    BLOCK weights along the input."""
     out_features, in_features = weight.shape
-    w = weight.float().view(out_features, in_features // BLOCK, BLOCK)
-    scales = (w.abs().amax(-1) / 127.0).to(torch.float16)
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(w / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    q, scales = _round_to_int8(weight.float().view(out_features, in_features // BLOCK, BLOCK), torch.float16)
     return q.view(out_features, in_features), scales
 
 
@@ -310,8 +311,9 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
             raise ConfigError(f"int4 weights need the CPU kernel; this model is on {model.device}")
         if group_size not in (32, 64, 128):
             raise ConfigError(f"int4 group_size must be 32, 64 or 128; got {group_size}")
-    blocks = int8_blocks_available(model.device) if int8_blocks is None else int8_blocks
-    if blocks and not int8_blocks_available(model.device):
+    available = cpu_kernels.int8_blocks_available(model.device)
+    blocks = available if int8_blocks is None else int8_blocks
+    if blocks and not available:
         why = f"this model is on {model.device}" if model.device.type != "cpu" else cpu_kernels.kernel_error()
         raise ConfigError(f"int8_blocks=True needs our CPU kernel (qwen2/cpu_kernels.py): {why}")
     fused, rows = _has_int8_kernel(model.device), fused_max_rows(model.device)
@@ -345,8 +347,3 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     model.info.quantization = scheme
     model.info.int8_layout = f"blocks of {BLOCK}" if embed_blocks else "per channel"
     return model
-
-
-def int8_blocks_available(device: torch.device) -> bool:
-    """Whether int8 can be stored in blocks on `device`: a CPU, with our kernel built (qwen2/cpu_kernels.py)."""
-    return device.type == "cpu" and cpu_kernels.int8_block_kernel_ready()

@@ -126,6 +126,24 @@ def agreement_and_kl(reference: torch.Tensor, other: torch.Tensor) -> tuple[floa
     return agreement, kl
 
 
+def float_model_holding_rounded_weights(directory: Path, quantize, **load_kwargs):
+    """The float32 model of `directory` with every linear weight and the embedding (so a tied LM head
+    too) put through int8 and back by `quantize` (qwen2.quant.quantize_rows or quantize_blocks):
+    the quantized model's math in float32, so its logits."""
+    import qwen2
+    from qwen2.quant import dequantize
+
+    model = qwen2.load_model(directory, dtype="float32", **load_kwargs)
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not (tied and name == "lm_head"):
+                module.weight.copy_(dequantize(*quantize(module.weight), torch.float32))
+        embedding = model.model.embed_tokens.weight
+        embedding.copy_(dequantize(*quantize(embedding), torch.float32))
+    return model
+
+
 def quantized_agreement(trained, scheme: str, **kwargs) -> tuple[float, float]:
     """(top-1 agreement, KL(bf16 || quantized) in nats per token) of `trained` in bf16 against a
     copy quantized with quantize_model(..., scheme, **kwargs), on its held-out batch."""

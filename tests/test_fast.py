@@ -11,7 +11,7 @@ from qwen2.generate import DecodeSession
 from qwen2.fast_path import FastPath
 from qwen2.fast import make_fast_path
 from qwen2.quant import Int8Linear, quantize_model, quantize_rows
-from tests.helpers import make_checkpoint, quantized_agreement, rand_ids
+from tests.helpers import float_model_holding_rounded_weights, make_checkpoint, quantized_agreement, rand_ids
 
 
 def test_fused_equals_unfused(tiny_model_dir):
@@ -65,18 +65,9 @@ def test_int8_prefill_is_fused_on_cpus_without_bf16_math(monkeypatch):
 @pytest.mark.parametrize("tied", [True, False])
 def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, tied):
     directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
-    ref = qwen2.load_model(directory, dtype="float32", fuse=False)
     q8 = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", int8_blocks=False)  # per channel
-    # Put the int8-rounded weights back into the float model: the same math, so the same logits.
-    with torch.no_grad():
-        for name, module in ref.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                module.weight.copy_(quantize_rows(module.weight)[0].float() * quantize_rows(module.weight)[1][:, None])
-        emb = ref.model.embed_tokens.weight
-        emb.copy_(quantize_rows(emb)[0].float() * quantize_rows(emb)[1][:, None])
-        if not tied:
-            head = ref.lm_head.weight
-            head.copy_(quantize_rows(head)[0].float() * quantize_rows(head)[1][:, None])
+    # The int8-rounded weights back in the float model: the same math, so the same logits.
+    ref = float_model_holding_rounded_weights(directory, quantize_rows, fuse=False)
     ids = rand_ids(1, (2, 12))
     torch.testing.assert_close(q8(ids), ref(ids), atol=1e-4, rtol=0)
 

@@ -17,9 +17,9 @@ import qwen2
 from qwen2 import cpu_kernels
 from qwen2.errors import ConfigError
 from qwen2.quant import BLOCK, Int8BlockLinear, Int8Linear, dequantize, quantize_blocks, quantize_model
-from tests.helpers import ROOT, make_checkpoint, rand_ids
+from tests.helpers import ROOT, float_model_holding_rounded_weights, make_checkpoint, rand_ids
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.int8_block_kernel_ready(),
+needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
                                   reason=f"the int8 block kernel is not built here: {cpu_kernels.kernel_error()}")
 
 
@@ -77,17 +77,6 @@ def test_block_linear_equals_its_dequantized_float_linear(rows, dtype):
     torch.testing.assert_close(got.float(), expected, atol=tol, rtol=tol)
 
 
-def _float_model_holding_block_rounded_weights(directory):
-    ref = qwen2.load_model(directory, dtype="float32")
-    with torch.no_grad():
-        for name, module in ref.named_modules():
-            if isinstance(module, torch.nn.Linear) and (name != "lm_head" or not ref.config.tie_word_embeddings):
-                module.weight.copy_(dequantize(*quantize_blocks(module.weight), torch.float32))
-        emb = ref.model.embed_tokens.weight
-        emb.copy_(dequantize(*quantize_blocks(emb), torch.float32))
-    return ref
-
-
 @needs_kernel
 @pytest.mark.parametrize("tied", [True, False])
 def test_block_int8_model_matches_its_dequantized_weights(tmp_path, tied):
@@ -95,7 +84,7 @@ def test_block_int8_model_matches_its_dequantized_weights(tmp_path, tied):
     q8 = qwen2.load_model(directory, dtype="float32", quantize="int8")
     assert q8.info.int8_layout == "blocks of 32"
     assert isinstance(q8.lm_head, Int8BlockLinear) and isinstance(q8.model.layers[0].mlp.down_proj, Int8BlockLinear)
-    ref = _float_model_holding_block_rounded_weights(directory)
+    ref = float_model_holding_rounded_weights(directory, quantize_blocks)
     for ids in (rand_ids(1, (2, 12)), rand_ids(2, (1, 40))):
         torch.testing.assert_close(q8(ids), ref(ids), atol=1e-4, rtol=0)
     assert list(qwen2.generate(q8, ids, max_new_tokens=10, stop_token_ids=[])) == \
@@ -121,7 +110,6 @@ def test_compiled_step_calls_the_kernel_and_matches_eager(tiny_model_dir):
 
 
 def test_asking_for_blocks_where_the_kernel_is_missing_names_why(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "int8_block_kernel_ready", lambda: False)
     monkeypatch.setattr(cpu_kernels, "kernel_error", lambda: "building int8_blocks.cpp failed: no compiler")
     model = qwen2.load_model(tiny_model_dir, dtype="float32")
     with pytest.raises(ConfigError, match="int8_blocks=True needs our CPU kernel.*no compiler"):

@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 import qwen2
 from qwen2 import hub
 from qwen2.config import Qwen2Config, official_config
+from qwen2.cpu_kernels import int8_blocks_available
 from qwen2.errors import CheckpointError, ConfigError, ModelNotFoundError, Qwen2Error
 from qwen2.options import cpu_has_bfloat16_math
-from qwen2.quant import int8_blocks_available
 from qwen2.tokenizer import Tokenizer
 from tests.helpers import make_checkpoint
 from tests.tokenizer_factory import make_hub_cache
