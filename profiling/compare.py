@@ -50,8 +50,8 @@ MODES = {  # name -> (our dtype, our quantization, reference dtype)
     "float32": (parse_dtype("float32"), None, parse_dtype("float32")),
     "bfloat16": (parse_dtype("bfloat16"), None, parse_dtype("bfloat16")),
     "float16": (parse_dtype("float16"), None, parse_dtype("float16")),
-    "int8": (None, "int8", parse_dtype("bfloat16")),  # None: load_model's default (float32 with int8 blocks)
-    "int4": (parse_dtype("bfloat16"), "int4", parse_dtype("bfloat16")),
+    "int8": (None, "int8", parse_dtype("bfloat16")),  # None: load_model's default (float32 with our blocks)
+    "int4": (None, "int4", parse_dtype("bfloat16")),
 }
 AGAINST = ("transformers", "llama.cpp")
 

@@ -1,17 +1,23 @@
 """Our own CPU kernels (qwen2/csrc/), compiled on first use by the machine's C++ compiler (the one
 Inductor needs for the compiled decode step) and kept compiled in a cache directory.
 
-`int8_block_mm`: x @ W^T with W int8 in blocks of 32 along the input, one float16 scale per block
-(llama.cpp's Q8_0 layout), summed in float32. torch 2.13 has no CPU kernel for it: its int8 kernel
-takes one scale per output channel, and sums in float32 at decode speed only for bf16 inputs
-(docs/benchmarks.md). Registered as the operator torch.ops.qwen2.int8_block_mm, so that compiled
-steps call it like any aten kernel.
+`int8_block_mm` (csrc/int8_blocks.cpp): x @ W^T with W int8 in blocks of 32 along the input, one
+float16 scale per block (llama.cpp's Q8_0 layout), summed in float32. torch 2.13 has no CPU kernel
+for it: its int8 kernel takes one scale per output channel, and sums in float32 at decode speed only
+for bf16 inputs (docs/benchmarks.md).
+
+`int4_block_mm` (csrc/int4_blocks.cpp): W int4 in blocks of 32 with a float16 scale and minimum
+(llama.cpp's Q4_1 layout), x rounded to int8 per block and each block's products summed as integers,
+as llama.cpp does; torch's int4 kernel converts every level to float and was slower (docs/benchmarks.md).
+
+Both are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
+them like any aten kernel.
 
 The build takes ~15 s once per machine (torch's extension builder, with the `ninja` of
 requirements.txt, found beside the interpreter where a virtual environment is not activated);
 `QWEN2_KERNEL_CACHE` moves the cache (default ~/.cache/qwen2-studio/kernels), a damaged library in
 it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails, int8 falls
-back to torch's per-channel kernel and `kernel_error()` says why.
+back to torch's per-channel kernel, int4 to torch's int4 kernel, and `kernel_error()` says why.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "int8_blocks.cpp"
-BLOCK = 32  # weights per scale, fixed by the kernel
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp")]
+BLOCK = 32  # weights per scale, fixed by the kernels
 # -march=native: the kernel is built on the machine that runs it (its cache key holds the CPU's flags)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP for at::parallel_for, resolved to torch's own runtime
 
@@ -52,7 +58,7 @@ def _cpu_flags() -> str:
 
 
 def _build_key() -> str:
-    text = "\n".join([SOURCE.read_text(), torch.__version__, " ".join(CFLAGS), _cpu_flags()])
+    text = "\n".join([*(source.read_text() for source in SOURCES), torch.__version__, " ".join(CFLAGS), _cpu_flags()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -72,7 +78,7 @@ def _build_and_load() -> None:
     from torch.utils import cpp_extension
 
     key = _build_key()
-    name = f"qwen2_int8_blocks_{key}"
+    name = f"qwen2_kernels_{key}"
     library = cache_dir() / key / f"{name}.so"
     if library.is_file():
         try:
@@ -88,7 +94,7 @@ def _build_and_load() -> None:
         try:
             if _ninja_dir():
                 os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])
-            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, build_directory=str(build),
+            cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, build_directory=str(build),
                                is_python_module=False, verbose=False)
             os.replace(build / f"{name}.so", library)  # whole or absent: another process may be reading it
         finally:
@@ -97,6 +103,10 @@ def _build_and_load() -> None:
 
     @torch.library.register_fake("qwen2::int8_block_mm")
     def _(x, q, scales):
+        return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("qwen2::int4_block_mm")
+    def _(x, q, scales, mins):
         return x.new_empty(x.shape[0], q.shape[0])
 
 
@@ -112,11 +122,12 @@ def kernel_error() -> str | None:
                     _build_and_load()
                     _error.append(None)
                 except Exception as exc:  # noqa: BLE001 - any failure to build means: use torch's kernels
-                    _error.append(f"building {SOURCE.name} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}")
-                    warnings.warn(f"int8 falls back to per-channel scales: {_error[0]}", stacklevel=2)
+                    _error.append(f"building {' and '.join(source.name for source in SOURCES)} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}")
+                    warnings.warn(f"int8 falls back to per-channel scales, int4 to torch's kernel: {_error[0]}",
+                                  stacklevel=2)
         return _error[0]
 
 
-def int8_blocks_available(device: torch.device) -> bool:
-    """Whether int8 can be stored in blocks on `device`: a CPU, with the kernel built (or buildable)."""
+def blocks_available(device: torch.device) -> bool:
+    """Whether weights can be stored in blocks on `device`: a CPU, with the kernels built (or buildable)."""
     return device.type == "cpu" and kernel_error() is None

@@ -17,4 +17,6 @@ class ModelInfo:
     random_weights: bool = False  # built with random weights of the right shape (no checkpoint)
     generation_config: dict = field(default_factory=dict)  # generation_config.json ({} when absent)
     quantization: str | None = None  # a scheme of qwen2.options.QUANT_SCHEMES, or None
-    int8_layout: str | None = None  # int8 weights' scales: "blocks of 32" or "per channel" (qwen2/quant.py)
+    # how quantized weights are laid out (qwen2/quant.py): int8 "blocks of 32" or "per channel",
+    # int4 "blocks of 32, x in int8" (our kernel) or "groups of N" (torch's)
+    quant_layout: str | None = None

@@ -106,18 +106,18 @@ def cpu_has_bfloat16_math() -> bool:
 
 
 def quantized_wants_bfloat16(device: torch.device, quantize: str | None) -> bool:
-    """Whether `quantize`'s CPU kernels are fast with bf16 activations only: torch's (int4, and int8
-    where our block kernel is not built). int8 in blocks sums in float32 whatever its input
-    (qwen2/quant.py). Builds that kernel on first use."""
+    """Whether `quantize`'s CPU kernels are fast with bf16 activations only: torch's int8 and int4
+    kernels, used where ours are not built. Ours (blocks) sum in float32 whatever their input
+    (qwen2/quant.py). Builds them on first use."""
     if device.type != "cpu" or not quantize:
         return False
-    return quantize != "int8" or not cpu_kernels.int8_blocks_available(device)
+    return not cpu_kernels.blocks_available(device)
 
 
 def default_dtype(device: torch.device, config_dtype: str | None = None,
                   quantize: str | None = None) -> torch.dtype:
     """On CPU: bf16 where the CPU has bf16 math or the quantized kernels want it (above); else fp32,
-    which int8 in blocks keeps, and with it its quality. On GPU the checkpoint's dtype."""
+    which int8 and int4 in blocks keep, and with it their quality. On GPU the checkpoint's dtype."""
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_bfloat16_math() or quantized_wants_bfloat16(device, quantize) else torch.float32
     return parse_dtype(config_dtype) or torch.bfloat16

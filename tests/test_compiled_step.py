@@ -75,7 +75,7 @@ def test_a_trace_without_the_models_products_is_refused():
 
 
 @pytest.mark.parametrize("kernel", ["aten::addmm", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu",
-                                    "qwen2::int8_block_mm",
+                                    "qwen2::int8_block_mm", "qwen2::int4_block_mm",
                                     "quantized::int4mm_packed_weight_cpu",
                                     "mkldnn::_linear_pointwise", "graph_0_kernel",
                                     "graph_0_cpp_CppMicroGemmAMX_template_3"])

@@ -10,7 +10,7 @@ import qwen2
 from qwen2.generate import DecodeSession
 from qwen2.fast_path import FastPath
 from qwen2.fast import make_fast_path
-from qwen2.quant import Int8Linear, quantize_model, quantize_rows
+from qwen2.quant import INT4_BLOCKS_LAYOUT, Int8Linear, quantize_model, quantize_rows
 from tests.helpers import float_model_holding_rounded_weights, make_checkpoint, quantized_agreement, rand_ids
 
 
@@ -65,7 +65,7 @@ def test_int8_prefill_is_fused_on_cpus_without_bf16_math(monkeypatch):
 @pytest.mark.parametrize("tied", [True, False])
 def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, tied):
     directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
-    q8 = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", int8_blocks=False)  # per channel
+    q8 = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", blocks=False)  # per channel
     # The int8-rounded weights back in the float model: the same math, so the same logits.
     ref = float_model_holding_rounded_weights(directory, quantize_rows, fuse=False)
     ids = rand_ids(1, (2, 12))
@@ -75,7 +75,7 @@ def test_int8_model_matches_its_dequantized_weights_and_halves_memory(tmp_path, 
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
     bf16 = qwen2.load_model(directory, dtype="bfloat16")
-    ratio = nbytes(quantize_model(qwen2.load_model(directory, dtype="bfloat16"), "int8", int8_blocks=False)) / nbytes(bf16)
+    ratio = nbytes(quantize_model(qwen2.load_model(directory, dtype="bfloat16"), "int8", blocks=False)) / nbytes(bf16)
     assert 0.45 < ratio < 0.6, ratio  # int8 + a bf16 scale per row + float norms/biases
 
 
@@ -86,9 +86,14 @@ def test_quantized_cached_decode_equals_full_forward(tiny_model_dir, scheme):
     ids = rand_ids(2, (1, 14))
     full = model(ids)
     session = DecodeSession(model, 1, 14)
-    torch.testing.assert_close(session.prefill(ids[:, :6]), full[:, 5], atol=1e-5, rtol=0)
-    for t in range(6, 14):
-        torch.testing.assert_close(session.step(ids[:, t]), full[:, t], atol=1e-5, rtol=0)
+    cached = torch.stack([session.prefill(ids[:, :6])] + [session.step(ids[:, t]) for t in range(6, 14)], 1)
+    if model.info.quant_layout == INT4_BLOCKS_LAYOUT:
+        # x rounded to int8 grows last-bit differences between the prompt's and a step's attention
+        # kernels (tests/test_int4_blocks.py): within what rounding x costs, where a cache gone
+        # wrong moves logits by their whole spread
+        assert (cached - full[:, 5:]).pow(2).mean().sqrt() < 0.02 * full.std()
+    else:
+        torch.testing.assert_close(cached, full[:, 5:], atol=1e-5, rtol=0)
 
 
 def test_int8_top1_agreement_on_a_trained_model(trained_model):

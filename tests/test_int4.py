@@ -1,5 +1,7 @@
-"""Weight-only int4 (qwen2/quant.py): each layer against the float math of its own dequantized weights,
-the whole model against a float model carrying those weights, and top-1 agreement with bf16."""
+"""Weight-only int4 in torch's layout (qwen2/quant.py, `blocks=False`, and wherever our kernels are
+not built): each layer against the float math of its own dequantized weights, the whole model against
+a float model carrying those weights; top-1 agreement with bf16 in the default layout. Our block
+kernel (x rounded to int8) has its own tests in test_int4_blocks.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import qwen2
-from qwen2.quant import (Int4Linear, Int8BlockLinear, Int8Linear, dequantize, quantize_groups, quantize_model,
+from qwen2.cpu_kernels import blocks_available
+from qwen2.quant import (Int4BlockLinear, Int4Linear, Int8BlockLinear, Int8Linear, dequantize, quantize_groups, quantize_model,
                          unpack_int4)
 from tests.helpers import quantized_agreement, rand_ids
 
@@ -72,8 +75,8 @@ def _float_copy_with_dequantized_weights(directory, q4, head):
 @pytest.mark.parametrize("head", ["int8", "int4"])
 def test_int4_model_matches_its_dequantized_weights(tiny_model_dir, head):
     q4 = qwen2.load_model(tiny_model_dir, dtype="float32")
-    quantize_model(q4, "int4", group_size=32, head=head)
-    assert q4.info.quantization == "int4"
+    quantize_model(q4, "int4", group_size=32, head=head, blocks=False)
+    assert q4.info.quantization == "int4" and q4.info.quant_layout == "groups of 32"
     assert isinstance(q4.lm_head, Int4Linear if head == "int4" else (Int8Linear, Int8BlockLinear))
     ref = _float_copy_with_dequantized_weights(tiny_model_dir, q4, head)
     ids = rand_ids(1, (2, 12))
@@ -86,10 +89,11 @@ def test_int4_through_load_model_and_memory(tiny_model_dir):
 
     bf16 = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
     q4 = qwen2.load_model(tiny_model_dir, dtype="bfloat16", quantize="int4")
-    assert isinstance(q4.model.layers[0].mlp.down_proj, Int4Linear)
+    int4 = Int4BlockLinear if blocks_available(torch.device("cpu")) else Int4Linear
+    assert isinstance(q4.model.layers[0].mlp.down_proj, int4)
     layer_bytes = sum(p.numel() * p.element_size() for p in q4.model.layers.parameters())
     float_layer_bytes = sum(p.numel() * p.element_size() for p in bf16.model.layers.parameters())
-    assert layer_bytes / float_layer_bytes < 0.45  # 4 bits + a bf16 scale and zero per 32 weights + norms
+    assert layer_bytes / float_layer_bytes < 0.45  # 4 bits + a 16-bit scale and minimum per 32 weights + norms
     assert nbytes(q4) < nbytes(bf16)
 
 

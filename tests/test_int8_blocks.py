@@ -82,7 +82,7 @@ def test_block_linear_equals_its_dequantized_float_linear(rows, dtype):
 def test_block_int8_model_matches_its_dequantized_weights(tmp_path, tied):
     directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
     q8 = qwen2.load_model(directory, dtype="float32", quantize="int8")
-    assert q8.info.int8_layout == "blocks of 32"
+    assert q8.info.quant_layout == "blocks of 32"
     assert isinstance(q8.lm_head, Int8BlockLinear) and isinstance(q8.model.layers[0].mlp.down_proj, Int8BlockLinear)
     ref = float_model_holding_rounded_weights(directory, quantize_blocks)
     for ids in (rand_ids(1, (2, 12)), rand_ids(2, (1, 40))):
@@ -93,8 +93,8 @@ def test_block_int8_model_matches_its_dequantized_weights(tmp_path, tied):
     def nbytes(model):
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
-    per_channel = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", int8_blocks=False)
-    assert per_channel.info.int8_layout == "per channel" and isinstance(per_channel.lm_head, Int8Linear)
+    per_channel = quantize_model(qwen2.load_model(directory, dtype="float32"), "int8", blocks=False)
+    assert per_channel.info.quant_layout == "per channel" and isinstance(per_channel.lm_head, Int8Linear)
     extra = nbytes(q8) - nbytes(per_channel)  # a float16 scale per 32 weights instead of a float32 one per row
     int8_weights = sum(p.numel() for p in q8.parameters() if p.dtype == torch.int8)
     assert 0 < extra <= int8_weights * 2 / BLOCK
@@ -112,28 +112,30 @@ def test_compiled_step_calls_the_kernel_and_matches_eager(tiny_model_dir):
 def test_asking_for_blocks_where_the_kernel_is_missing_names_why(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "kernel_error", lambda: "building int8_blocks.cpp failed: no compiler")
     model = qwen2.load_model(tiny_model_dir, dtype="float32")
-    with pytest.raises(ConfigError, match="int8_blocks=True needs our CPU kernel.*no compiler"):
-        quantize_model(model, "int8", int8_blocks=True)
-    assert quantize_model(model, "int8").info.int8_layout == "per channel"  # the default falls back
+    with pytest.raises(ConfigError, match="blocks=True needs our CPU kernels.*no compiler"):
+        quantize_model(model, "int8", blocks=True)
+    assert quantize_model(model, "int8").info.quant_layout == "per channel"  # the default falls back
 
 
 @pytest.mark.parametrize("env, why", [({"QWEN2_NO_KERNELS": "1"}, "turned off by QWEN2_NO_KERNELS"),
-                                      ({"CXX": "/bin/false"}, "building int8_blocks.cpp failed")],
+                                      ({"CXX": "/bin/false"}, "building int8_blocks.cpp and int4_blocks.cpp failed")],
                          ids=["turned-off", "no-compiler"])
-def test_without_the_kernel_int8_falls_back_to_per_channel_and_says_why(tiny_model_dir, tmp_path, env, why):
+def test_without_the_kernels_int8_and_int4_fall_back_to_torchs_and_say_why(tiny_model_dir, tmp_path, env, why):
     code = ("import warnings, qwen2\n"
             "from qwen2 import cpu_kernels\n"
             "with warnings.catch_warnings(record=True) as caught:\n"
             "    warnings.simplefilter('always')\n"
             f"    m = qwen2.load_model({str(tiny_model_dir)!r}, dtype='bfloat16', quantize='int8')\n"
-            "print(m.info.int8_layout, '|', cpu_kernels.kernel_error(), '|', [str(w.message) for w in caught])\n")
+            f"    m4 = qwen2.load_model({str(tiny_model_dir)!r}, dtype='bfloat16', quantize='int4')\n"
+            "print(m.info.quant_layout, '|', m4.info.quant_layout, '|', cpu_kernels.kernel_error(), '|',"
+            " [str(w.message) for w in caught])\n")
     env = {**os.environ, "QWEN2_KERNEL_CACHE": str(tmp_path / "kernels"), **env}  # an empty cache: it must build
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    layout, error, warned = done.stdout.strip().splitlines()[-1].split(" | ")
-    assert layout == "per channel" and error.startswith(why)
+    layout, layout4, error, warned = done.stdout.strip().splitlines()[-1].split(" | ")
+    assert layout == "per channel" and layout4 == "groups of 32" and error.startswith(why)
     if "CXX" in env:  # a build that fails is warned about
-        assert "int8 falls back to per-channel scales" in warned
+        assert "int8 falls back to per-channel scales, int4 to torch's kernel" in warned
 
 
 def test_the_build_finds_the_pip_installed_ninja_when_it_is_not_on_path(monkeypatch):
@@ -153,7 +155,7 @@ def test_the_build_finds_the_pip_installed_ninja_when_it_is_not_on_path(monkeypa
 @needs_kernel
 def test_a_damaged_library_in_the_cache_is_built_anew(tmp_path):
     key = cpu_kernels._build_key()
-    library = tmp_path / key / f"qwen2_int8_blocks_{key}.so"
+    library = tmp_path / key / f"qwen2_kernels_{key}.so"
     library.parent.mkdir()
     library.write_bytes(b"not a shared library")
     code = "from qwen2 import cpu_kernels; print(cpu_kernels.kernel_error())"

@@ -133,7 +133,7 @@ at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
 
 }  // namespace
 
-TORCH_LIBRARY(qwen2, m) {
+TORCH_LIBRARY_FRAGMENT(qwen2, m) {
   m.def("int8_block_mm(Tensor x, Tensor q, Tensor scales) -> Tensor");
 }
 

@@ -1,0 +1,290 @@
+// y = x @ W^T with W stored as int4 in blocks of 32 along the input, each block with a float16
+// scale and a float16 minimum (llama.cpp's Q4_1 layout: 5 bits a weight):
+//
+//     W[n, k] = scales[n, k / 32] * q[n, k] + mins[n, k / 32],   q in [0, 15]
+//
+// Block b of a row is 16 bytes: weight j (< 16) in the low nibble of byte j, weight 16 + j in its
+// high nibble.
+//
+// Converting nibbles to float32 costs more than reading them (measured: a float32 version of this
+// kernel was only 5-10 % faster than torch's int4 kernel), so, as llama.cpp does, x is rounded too:
+// each block of 32 values of a row of x to int8 against its own float32 scale,
+//
+//     x[m, k] ~= dx[m, k / 32] * qx[m, k],   dx = max |x over the block| / 127,
+//
+// and a block's products are summed as integers, 32 at a time by _mm256_maddubs_epi16 (unsigned
+// levels times signed x, pairs summed into int16: at most 2 * 15 * 127, no saturation):
+//
+//     sum_k W[n, k] x[m, k] ~= sum_b scales[n, b] dx[m, b] sum_{k in b} q[n, k] qx[m, k]
+//                              + sum_b mins[n, b] xsum[m, b]
+//
+// where xsum is the exact float32 sum of x over the block (llama.cpp uses dx * sum qx).
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define QWEN2_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// x (M, K) float32 -> qx (M, K) int8, dx and xsum (M, K / 32) float32. The scale is 127 / max
+// (rounded once, in float32) and levels round half to even, so torch reproduces qx exactly
+// (tests/test_int4_blocks.py).
+void quantize_x(const float* x, int8_t* qx, float* dx, float* xsum, int64_t M, int64_t K) {
+  const int64_t G = K / kBlock;
+  at::parallel_for(0, M * G, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xb = x + i * kBlock;
+      int8_t* qb = qx + i * kBlock;
+      float amax = 0.f, sum = 0.f;
+      for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      for (int k = 0; k < kBlock; ++k) sum += xb[k];
+      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
+      for (int k = 0; k < kBlock; ++k) qb[k] = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
+      dx[i] = amax / 127.f;
+      xsum[i] = sum;
+    }
+  });
+}
+
+#ifdef QWEN2_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// sum_b a[b] * b16[b] for b < n, a float32, b16 float16
+inline float dot_half(const float* a, const c10::Half* b16, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8) {
+    const __m256 h = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b16 + b)));
+    acc = _mm256_fmadd_ps(h, _mm256_loadu_ps(a + b), acc);
+  }
+  float total = hsum(acc);
+  for (; b < n; ++b) total += a[b] * static_cast<float>(b16[b]);
+  return total;
+}
+#endif
+
+// T rows of quantized x against output channel n, blocks [b0, b1); written to or added into
+// y[r * y_stride]. 4 / T accumulators per row (at least one) keep four FMA chains in flight.
+template <int T>
+inline void dot_rows(const uint8_t* q, const c10::Half* scales, const c10::Half* mins, const int8_t* qx,
+                     const float* dx, const float* xsum, int64_t K, int64_t b0, int64_t b1, float* y,
+                     int64_t y_stride, bool add) {
+  const int64_t G = K / kBlock;
+  float total[T];
+#ifdef QWEN2_AVX2
+  constexpr int A = T >= 4 ? 1 : 4 / T;
+  __m256 acc[T][A];
+  for (int r = 0; r < T; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  const __m128i low4 = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* qb = q + b * (kBlock / 2);
+    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(qb + 4096), _MM_HINT_T0);  // see int8_blocks.cpp
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
+    const __m256i levels = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
+    const float scale = _cvtsh_ss(scales[b].x);
+    for (int r = 0; r < T; ++r) {
+      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + b * kBlock));
+      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(levels, xb), ones);  // 8 x int32
+      acc[r][b % A] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale * dx[r * G + b]), acc[r][b % A]);
+    }
+  }
+  for (int r = 0; r < T; ++r) {
+    __m256 sum = acc[r][0];
+    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+    total[r] = hsum(sum) + dot_half(xsum + r * G + b0, mins + b0, b1 - b0);
+  }
+#else
+  for (int r = 0; r < T; ++r) {
+    total[r] = 0.f;
+    for (int64_t b = b0; b < b1; ++b) {
+      int32_t sum = 0;
+      for (int j = 0; j < kBlock / 2; ++j) {
+        const uint8_t byte = q[b * (kBlock / 2) + j];
+        sum += (byte & 15) * qx[r * K + b * kBlock + j] + (byte >> 4) * qx[r * K + b * kBlock + kBlock / 2 + j];
+      }
+      total[r] += static_cast<float>(sum) * static_cast<float>(scales[b]) * dx[r * G + b]
+                  + static_cast<float>(mins[b]) * xsum[r * G + b];
+    }
+  }
+#endif
+  for (int r = 0; r < T; ++r) y[r * y_stride] = add ? y[r * y_stride] + total[r] : total[r];
+}
+
+// Weights (N, K) float32 -> levels packed two a byte (N, K / 2), float16 scales and minimums
+// (N, K / 32). Per block, the scale and minimum that minimise the squared error: min..max in 15
+// steps, and 21 candidate scales around it, each with the least-squares scale and minimum for its
+// levels (llama.cpp's search for Q4_K, make_qkx2_quants). On the real 0.5B model this halves the
+// KL of plain min..max (docs/benchmarks.md); it costs ~2 s at load, where torch ops took minutes.
+// The chosen scale and minimum are rounded to float16 before the levels are set against them.
+void quantize_block(const float* w, uint8_t* packed, c10::Half* scale_out, c10::Half* min_out) {
+  float lo = w[0], hi = w[0];
+  for (int k = 1; k < kBlock; ++k) lo = std::min(lo, w[k]), hi = std::max(hi, w[k]);
+  float best_scale = (hi - lo) / 15.f, best_min = lo, best_error = INFINITY;
+  auto error_of = [&](float scale, float minimum) {
+    float error = 0.f;
+    for (int k = 0; k < kBlock; ++k) {
+      const float level = scale > 0.f ? std::min(15.f, std::max(0.f, std::nearbyint((w[k] - minimum) / scale))) : 0.f;
+      const float d = level * scale + minimum - w[k];
+      error += d * d;
+    }
+    return error;
+  };
+  if (hi > lo) {
+    best_error = error_of(best_scale, best_min);
+    float sw = 0.f;
+    for (int k = 0; k < kBlock; ++k) sw += w[k];
+#ifdef QWEN2_AVX2
+    __m256 wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + 8 * j);
+    const __m256 low = _mm256_set1_ps(lo), zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
+#endif
+    for (int i = 0; i <= 20; ++i) {
+      const float inverse = (14.f + 0.1f * i) / (hi - lo);
+      float sq = 0.f, sqq = 0.f, sqw = 0.f, scale, minimum, error = 0.f;
+#ifdef QWEN2_AVX2
+      __m256 q[4], vq = zero, vqq = zero, vqw = zero;
+      for (int j = 0; j < 4; ++j) {
+        const __m256 t = _mm256_mul_ps(_mm256_sub_ps(wv[j], low), _mm256_set1_ps(inverse));
+        q[j] = _mm256_min_ps(fifteen, _mm256_max_ps(zero, _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        vq = _mm256_add_ps(vq, q[j]), vqq = _mm256_fmadd_ps(q[j], q[j], vqq), vqw = _mm256_fmadd_ps(q[j], wv[j], vqw);
+      }
+      sq = hsum(vq), sqq = hsum(vqq), sqw = hsum(vqw);
+#else
+      float q[kBlock];
+      for (int k = 0; k < kBlock; ++k) {
+        q[k] = std::min(15.f, std::max(0.f, std::nearbyint((w[k] - lo) * inverse)));
+        sq += q[k], sqq += q[k] * q[k], sqw += q[k] * w[k];
+      }
+#endif
+      const float det = kBlock * sqq - sq * sq;
+      if (det <= 0.f) continue;
+      scale = (kBlock * sqw - sq * sw) / det, minimum = (sw - scale * sq) / kBlock;
+      if (!(scale > 0.f)) continue;
+#ifdef QWEN2_AVX2
+      __m256 ve = zero;
+      for (int j = 0; j < 4; ++j) {
+        const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(q[j], _mm256_set1_ps(scale), _mm256_set1_ps(minimum)), wv[j]);
+        ve = _mm256_fmadd_ps(d, d, ve);
+      }
+      error = hsum(ve);
+#else
+      for (int k = 0; k < kBlock; ++k) {
+        const float d = q[k] * scale + minimum - w[k];
+        error += d * d;
+      }
+#endif
+      if (error < best_error) best_error = error, best_scale = scale, best_min = minimum;
+    }
+  }
+  const c10::Half scale16(best_scale), min16(best_min);
+  const float scale = static_cast<float>(scale16) > 0.f ? static_cast<float>(scale16) : 1.f;
+  const float minimum = static_cast<float>(min16);
+  *scale_out = c10::Half(scale);
+  *min_out = min16;
+  uint8_t levels[kBlock];
+  for (int k = 0; k < kBlock; ++k)
+    levels[k] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint((w[k] - minimum) / scale))));
+  for (int j = 0; j < kBlock / 2; ++j) packed[j] = levels[j] | (levels[kBlock / 2 + j] << 4);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_blocks(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) % kBlock == 0 && weight.device().is_cpu(),
+              "quantize_int4_blocks: weight must be a 2-D CPU tensor with inputs divisible by ", kBlock, "; got ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1), G = K / kBlock;
+  const at::Tensor w = weight.to(at::kFloat).contiguous();
+  at::Tensor packed = at::empty({N, K / 2}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, G}, w.options().dtype(at::kHalf)), mins = at::empty({N, G}, scales.options());
+  const float* wp = w.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  c10::Half *sp = scales.data_ptr<c10::Half>(), *mp = mins.data_ptr<c10::Half>();
+  at::parallel_for(0, N * G, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) quantize_block(wp + i * kBlock, pp + i * (kBlock / 2), sp + i, mp + i);
+  });
+  return {packed, scales, mins};
+}
+
+at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& mins) {
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2 && mins.dim() == 2,
+              "int4_block_mm: x, q, scales and mins must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / kBlock;
+  TORCH_CHECK(K % kBlock == 0 && q.size(1) * 2 == K, "int4_block_mm: q must be (N, ", K / 2, "), two levels a byte, with ",
+              K, " divisible by ", kBlock, "; got ", q.sizes());
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && mins.sizes() == scales.sizes(),
+              "int4_block_mm: scales and mins must be (", N, ", ", G, "); got ", scales.sizes(), " and ", mins.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf,
+              "int4_block_mm: q must be uint8, scales and mins float16");
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scales.device().is_cpu() && mins.device().is_cpu(),
+              "int4_block_mm: CPU only");
+  const at::Tensor x32 = x.to(at::kFloat).contiguous();
+  const at::Tensor qc = q.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
+  at::Tensor qx = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor dx = at::empty({M, G}, x32.options()), xsum = at::empty({M, G}, x32.options());
+  quantize_x(x32.data_ptr<float>(), qx.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(), M, K);
+  at::Tensor y = at::empty({M, N}, x32.options());
+  const uint8_t* qp = qc.data_ptr<uint8_t>();
+  const c10::Half *sp = sc.data_ptr<c10::Half>(), *mp = mc.data_ptr<c10::Half>();
+  const int8_t* qxp = qx.data_ptr<int8_t>();
+  const float *dxp = dx.data_ptr<float>(), *xsp = xsum.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // As in int8_blocks.cpp: runs of 32 channels per thread, tiles of up to 8 rows, wide inputs in slices.
+  constexpr int64_t kChannels = 32, kSlice = 1024;
+  at::parallel_for(0, (N + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = begin * kChannels; n0 < std::min(end * kChannels, N); n0 += kChannels) {
+      const int64_t n1 = std::min(n0 + kChannels, N);
+      for (int64_t m = 0; m < M;) {
+        const int64_t tile = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
+        const int64_t slice = tile == 8 && K > 2 * kSlice ? kSlice / kBlock : G;
+        for (int64_t b0 = 0; b0 < G; b0 += slice) {
+          const int64_t b1 = std::min(b0 + slice, G);
+          for (int64_t n = n0; n < n1; ++n) {
+            const uint8_t* qn = qp + n * (K / 2);
+            const c10::Half *sn = sp + n * G, *mn = mp + n * G;
+            const int8_t* xm = qxp + m * K;
+            const float *dm = dxp + m * G, *sm = xsp + m * G;
+            float* yn = yp + m * N + n;
+            switch (tile) {
+              case 8: dot_rows<8>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0); break;
+              case 4: dot_rows<4>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0); break;
+              case 2: dot_rows<2>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0); break;
+              default: dot_rows<1>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0);
+            }
+          }
+        }
+        m += tile;
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwen2, m) {
+  m.def("int4_block_mm(Tensor x, Tensor q, Tensor scales, Tensor mins) -> Tensor");
+  m.def("quantize_int4_blocks(Tensor weight) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(qwen2, CPU, m) {
+  m.impl("int4_block_mm", &int4_block_mm);
+  m.impl("quantize_int4_blocks", &quantize_int4_blocks);
+}
