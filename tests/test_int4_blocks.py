@@ -28,13 +28,20 @@ def round_x_to_int8(x: torch.Tensor):
     return torch.round(blocks * inverse[..., None]), amax / 127.0, blocks.sum(-1)
 
 
+def by_channel(t: torch.Tensor) -> torch.Tensor:
+    """Scales or minimums from the kernel's panel order to [output channel, block]."""
+    n, blocks = t.shape
+    return t.view(n // 8, blocks, 8).transpose(1, 2).reshape(n, blocks)
+
+
 def reference_product(x: torch.Tensor, packed, scales, mins) -> torch.Tensor:
     """float64 sum_b scale * dx * (levels . qx) + min * sum x: what int4_block_mm computes in float32."""
     qx, dx, xsum = round_x_to_int8(x)
     levels = dequantize_int4_blocks(packed, torch.ones_like(scales), torch.zeros_like(mins))  # the levels as floats
     levels = levels.double().view(packed.shape[0], -1, BLOCK)
     dots = torch.einsum("ngk,mgk->mng", levels, qx.double())  # (M, N, blocks), exact integers
-    return (dots * scales.double()[None] * dx.double()[:, None]).sum(-1) + xsum.double() @ mins.double().t()
+    scales, mins = by_channel(scales).double(), by_channel(mins).double()
+    return (dots * scales[None] * dx.double()[:, None]).sum(-1) + xsum.double() @ mins.t()
 
 
 class ReferenceInt4BlockLinear(torch.nn.Module):
@@ -61,30 +68,41 @@ def min_max_blocks(w: torch.Tensor):
 
 
 @needs_kernel
-def test_quantize_int4_blocks_beats_min_max_in_every_block_and_packs_low_then_high_nibbles():
+def test_quantize_int4_blocks_beats_min_max_in_every_block():
     w = torch.randn(24, 128) * torch.rand(24, 4).repeat_interleave(BLOCK, 1) * 3 + 0.5
     w[3, 64:96] = 0.25  # a constant block
     packed, scales, mins = quantize_int4_blocks(w)
     assert packed.dtype == torch.uint8 and packed.shape == (24, 64)
     assert scales.dtype == mins.dtype == torch.float16 and scales.shape == mins.shape == (24, 4)
-    assert scales[3, 2] == 1 and packed[3, 32:48].eq(0).all() and mins[3, 2] == 0.25
+    assert by_channel(scales)[3, 2] == 1 and by_channel(mins)[3, 2] == 0.25
     rebuilt = dequantize_int4_blocks(packed, scales, mins).view(24, 4, BLOCK)
+    assert rebuilt[3, 2].eq(0.25).all()
     error = (rebuilt - w.view(24, 4, BLOCK)).pow(2).sum(-1)
     plain = (min_max_blocks(w) - w.view(24, 4, BLOCK)).pow(2).sum(-1)
     # no worse than min..max in any block (but for the float16 rounding of the chosen pair), better overall
     assert (error <= plain * 1.01 + 1e-9).all() and error.sum() < 0.9 * plain.sum()
-    # the layout: weight j < 16 in the low nibble of byte j of its block, weight 16 + j in the high one
-    levels = torch.arange(BLOCK, dtype=torch.float32) % 16  # levels 0..15, 0..15: exactly representable
-    one = quantize_int4_blocks(levels[None])[0]
-    assert one[0].tolist() == [j | (j << 4) for j in range(16)]
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 13, 32])  # tiles of 8, 4, 2 and 1
-@pytest.mark.parametrize("shape", [(37, 96), (19, 2080)], ids=["narrow", "wide-in-slices"])  # 2080 = 2 x 1024 + 32
+def test_packed_layout_is_the_documented_panel_order():
+    # channel c, input k holds level (k + c) % 16: every block spans 0..15, so scale 1 and minimum 0 exactly
+    levels = (torch.arange(64)[None, :] + torch.arange(16)[:, None]) % 16
+    packed, scales, mins = quantize_int4_blocks(levels.float())
+    assert scales.eq(1).all() and mins.eq(0).all()
+    runs = packed.view(2, 2, 4, 8, 4)  # [panel, block, run, channel in panel, j]
+    for panel, block, run, c, j in [(0, 0, 0, 0, 0), (0, 1, 3, 7, 3), (1, 0, 2, 5, 1), (1, 1, 1, 2, 2)]:
+        k = block * BLOCK + 8 * run + j
+        expected = levels[8 * panel + c, k] | (levels[8 * panel + c, k + 4] << 4)
+        assert runs[panel, block, run, c, j] == expected
+    assert torch.equal(dequantize_int4_blocks(packed, scales, mins), levels.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 13, 32])  # tiles of 4, 3, 2 and 1
+@pytest.mark.parametrize("shape", [(40, 96), (24, 2080)], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_the_float64_sum_over_int8_rounded_x(rows, shape, dtype):
-    packed, scales, mins = quantize_int4_blocks(torch.randn(*shape))  # 37 or 19 channels: not a multiple of a run
+    packed, scales, mins = quantize_int4_blocks(torch.randn(*shape))  # 40 or 24 channels: 5 and 3 panels
     x = torch.randn(rows, shape[1]).to(dtype)
     if rows > 1:
         x[1, :BLOCK] = 0  # an all-zero block of x

@@ -3,8 +3,12 @@
 //
 //     W[n, k] = scales[n, k / 32] * q[n, k] + mins[n, k / 32],   q in [0, 15]
 //
-// Block b of a row is 16 bytes: weight j (< 16) in the low nibble of byte j, weight 16 + j in its
-// high nibble.
+// Output channels go in panels of 8, so that one 256-bit register holds four levels of each of 8
+// channels and a broadcast of four values of x meets all eight in one instruction (the layout of
+// llama.cpp's repacked Q4_0 GEMM). Panel p (channels 8p..8p+7), block b is 128 bytes: four runs of
+// 32 bytes, run s holding in byte 4c + j (channel 8p + c, j < 4) the level of input 32b + 8s + j in
+// its low nibble and of input 32b + 8s + 4 + j in its high nibble. Scales and minimums are (N, K/32)
+// float16 in the same order: panel p, block b's eight at [8 (p G + b), 8 (p G + b) + 8).
 //
 // Converting nibbles to float32 costs more than reading them (measured: a float32 version of this
 // kernel was only 5-10 % faster than torch's int4 kernel), so, as llama.cpp does, x is rounded too:
@@ -12,8 +16,9 @@
 //
 //     x[m, k] ~= dx[m, k / 32] * qx[m, k],   dx = max |x over the block| / 127,
 //
-// and a block's products are summed as integers, 32 at a time by _mm256_maddubs_epi16 (unsigned
-// levels times signed x, pairs summed into int16: at most 2 * 15 * 127, no saturation):
+// and a block's products are summed as integers: _mm256_maddubs_epi16 multiplies the four levels of
+// each of a panel's 8 channels by four values of x (unsigned levels times signed x, pairs summed
+// into int16: at most 2 * 15 * 127, no saturation), 32 products an instruction:
 //
 //     sum_k W[n, k] x[m, k] ~= sum_b scales[n, b] dx[m, b] sum_{k in b} q[n, k] qx[m, k]
 //                              + sum_b mins[n, b] xsum[m, b]
@@ -27,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -66,67 +72,66 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// sum_b a[b] * b16[b] for b < n, a float32, b16 float16
-inline float dot_half(const float* a, const c10::Half* b16, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= n; b += 8) {
-    const __m256 h = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b16 + b)));
-    acc = _mm256_fmadd_ps(h, _mm256_loadu_ps(a + b), acc);
-  }
-  float total = hsum(acc);
-  for (; b < n; ++b) total += a[b] * static_cast<float>(b16[b]);
-  return total;
-}
 #endif
 
-// T rows of quantized x against output channel n, blocks [b0, b1); written to or added into
-// y[r * y_stride]. 4 / T accumulators per row (at least one) keep four FMA chains in flight.
+// T rows of quantized x against panel `panel` (8 output channels), all blocks, written to
+// y[r * y_stride + 0..7]. Within a block, products of levels (<= 15) and x (|qx| <= 127) are
+// summed as int16 over its 32 inputs (at most 8 * 2 * 15 * 127 = 30480: no overflow), then to
+// int32 and float once per block.
 template <int T>
-inline void dot_rows(const uint8_t* q, const c10::Half* scales, const c10::Half* mins, const int8_t* qx,
-                     const float* dx, const float* xsum, int64_t K, int64_t b0, int64_t b1, float* y,
-                     int64_t y_stride, bool add) {
+inline void panel_rows(const uint8_t* panel, const c10::Half* scales, const c10::Half* mins, const int8_t* qx,
+                       const float* dx, const float* xsum, int64_t K, float* y, int64_t y_stride) {
   const int64_t G = K / kBlock;
-  float total[T];
 #ifdef QWEN2_AVX2
-  constexpr int A = T >= 4 ? 1 : 4 / T;
-  __m256 acc[T][A];
-  for (int r = 0; r < T; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-  const __m128i low4 = _mm_set1_epi8(15);
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* qb = q + b * (kBlock / 2);
-    if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(qb + 4096), _MM_HINT_T0);  // see int8_blocks.cpp
-    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb));
-    const __m256i levels = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4), _mm_and_si128(bytes, low4));
-    const float scale = _cvtsh_ss(scales[b].x);
+  __m256 acc[T];
+  for (int r = 0; r < T; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < G; ++b) {
+    const uint8_t* pb = panel + b * 128;
+    _mm_prefetch(reinterpret_cast<const char*>(pb + 4096), _MM_HINT_T0);  // see int8_blocks.cpp
+    _mm_prefetch(reinterpret_cast<const char*>(pb + 4096 + 64), _MM_HINT_T0);
+    __m256i sums[T];
+    for (int r = 0; r < T; ++r) sums[r] = _mm256_setzero_si256();
+    for (int s = 0; s < 4; ++s) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 32 * s));
+      const __m256i first = _mm256_and_si256(bytes, low4), second = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+      for (int r = 0; r < T; ++r) {
+        const int8_t* xs = qx + r * K + b * kBlock + 8 * s;
+        int32_t x0, x1;
+        std::memcpy(&x0, xs, 4), std::memcpy(&x1, xs + 4, 4);
+        sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(first, _mm256_set1_epi32(x0)));
+        sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(second, _mm256_set1_epi32(x1)));
+      }
+    }
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8)));
+    const __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + b * 8)));
     for (int r = 0; r < T; ++r) {
-      const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + r * K + b * kBlock));
-      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(levels, xb), ones);  // 8 x int32
-      acc[r][b % A] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(scale * dx[r * G + b]), acc[r][b % A]);
+      const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+      acc[r] = _mm256_fmadd_ps(dots, _mm256_mul_ps(scale, _mm256_set1_ps(dx[r * G + b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(xsum[r * G + b]), acc[r]);
     }
   }
-  for (int r = 0; r < T; ++r) {
-    __m256 sum = acc[r][0];
-    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
-    total[r] = hsum(sum) + dot_half(xsum + r * G + b0, mins + b0, b1 - b0);
-  }
+  for (int r = 0; r < T; ++r) _mm256_storeu_ps(y + r * y_stride, acc[r]);
 #else
   for (int r = 0; r < T; ++r) {
-    total[r] = 0.f;
-    for (int64_t b = b0; b < b1; ++b) {
-      int32_t sum = 0;
-      for (int j = 0; j < kBlock / 2; ++j) {
-        const uint8_t byte = q[b * (kBlock / 2) + j];
-        sum += (byte & 15) * qx[r * K + b * kBlock + j] + (byte >> 4) * qx[r * K + b * kBlock + kBlock / 2 + j];
+    float total[8] = {};
+    for (int64_t b = 0; b < G; ++b) {
+      const uint8_t* pb = panel + b * 128;
+      const int8_t* xb = qx + r * K + b * kBlock;
+      for (int c = 0; c < 8; ++c) {
+        int32_t sum = 0;
+        for (int s = 0; s < 4; ++s)
+          for (int j = 0; j < 4; ++j) {
+            const uint8_t byte = pb[32 * s + 4 * c + j];
+            sum += (byte & 15) * xb[8 * s + j] + (byte >> 4) * xb[8 * s + 4 + j];
+          }
+        total[c] += static_cast<float>(sum) * static_cast<float>(scales[b * 8 + c]) * dx[r * G + b]
+                    + static_cast<float>(mins[b * 8 + c]) * xsum[r * G + b];
       }
-      total[r] += static_cast<float>(sum) * static_cast<float>(scales[b]) * dx[r * G + b]
-                  + static_cast<float>(mins[b]) * xsum[r * G + b];
     }
+    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = total[c];
   }
 #endif
-  for (int r = 0; r < T; ++r) y[r * y_stride] = add ? y[r * y_stride] + total[r] : total[r];
 }
 
 // Weights (N, K) float32 -> levels packed two a byte (N, K / 2), float16 scales and minimums
@@ -135,7 +140,7 @@ inline void dot_rows(const uint8_t* q, const c10::Half* scales, const c10::Half*
 // levels (llama.cpp's search for Q4_K, make_qkx2_quants). On the real 0.5B model this halves the
 // KL of plain min..max (docs/benchmarks.md); it costs ~2 s at load, where torch ops took minutes.
 // The chosen scale and minimum are rounded to float16 before the levels are set against them.
-void quantize_block(const float* w, uint8_t* packed, c10::Half* scale_out, c10::Half* min_out) {
+void quantize_block(const float* w, uint8_t* levels, c10::Half* scale_out, c10::Half* min_out) {
   float lo = w[0], hi = w[0];
   for (int k = 1; k < kBlock; ++k) lo = std::min(lo, w[k]), hi = std::max(hi, w[k]);
   float best_scale = (hi - lo) / 15.f, best_min = lo, best_error = INFINITY;
@@ -200,16 +205,15 @@ void quantize_block(const float* w, uint8_t* packed, c10::Half* scale_out, c10::
   const float minimum = static_cast<float>(min16);
   *scale_out = c10::Half(scale);
   *min_out = min16;
-  uint8_t levels[kBlock];
   for (int k = 0; k < kBlock; ++k)
     levels[k] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint((w[k] - minimum) / scale))));
-  for (int j = 0; j < kBlock / 2; ++j) packed[j] = levels[j] | (levels[kBlock / 2 + j] << 4);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_blocks(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) % kBlock == 0 && weight.device().is_cpu(),
               "quantize_int4_blocks: weight must be a 2-D CPU tensor with inputs divisible by ", kBlock, "; got ",
               weight.sizes());
+  TORCH_CHECK(weight.size(0) % 8 == 0, "quantize_int4_blocks: outputs must be a multiple of 8; got ", weight.size(0));
   const int64_t N = weight.size(0), K = weight.size(1), G = K / kBlock;
   const at::Tensor w = weight.to(at::kFloat).contiguous();
   at::Tensor packed = at::empty({N, K / 2}, w.options().dtype(at::kByte));
@@ -218,7 +222,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_blocks(const at::Te
   uint8_t* pp = packed.data_ptr<uint8_t>();
   c10::Half *sp = scales.data_ptr<c10::Half>(), *mp = mins.data_ptr<c10::Half>();
   at::parallel_for(0, N * G, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) quantize_block(wp + i * kBlock, pp + i * (kBlock / 2), sp + i, mp + i);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / G, b = i % G, panel = n / 8, c = n % 8, at = (panel * G + b) * 8 + c;
+      uint8_t levels[kBlock];
+      quantize_block(wp + i * kBlock, levels, sp + at, mp + at);
+      uint8_t* pb = pp + (panel * G + b) * 128;  // see the layout at the top
+      for (int s = 0; s < 4; ++s)
+        for (int j = 0; j < 4; ++j) pb[32 * s + 4 * c + j] = levels[8 * s + j] | (levels[8 * s + 4 + j] << 4);
+    }
   });
   return {packed, scales, mins};
 }
@@ -227,8 +238,8 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2 && mins.dim() == 2,
               "int4_block_mm: x, q, scales and mins must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / kBlock;
-  TORCH_CHECK(K % kBlock == 0 && q.size(1) * 2 == K, "int4_block_mm: q must be (N, ", K / 2, "), two levels a byte, with ",
-              K, " divisible by ", kBlock, "; got ", q.sizes());
+  TORCH_CHECK(K % kBlock == 0 && q.size(1) * 2 == K && N % 8 == 0, "int4_block_mm: q must be (N, ", K / 2,
+              "), two levels a byte, with ", K, " divisible by ", kBlock, " and N by 8; got ", q.sizes());
   TORCH_CHECK(scales.size(0) == N && scales.size(1) == G && mins.sizes() == scales.sizes(),
               "int4_block_mm: scales and mins must be (", N, ", ", G, "); got ", scales.sizes(), " and ", mins.sizes());
   TORCH_CHECK(q.scalar_type() == at::kByte && scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf,
@@ -246,29 +257,22 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   const int8_t* qxp = qx.data_ptr<int8_t>();
   const float *dxp = dx.data_ptr<float>(), *xsp = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // As in int8_blocks.cpp: runs of 32 channels per thread, tiles of up to 8 rows, wide inputs in slices.
-  constexpr int64_t kChannels = 32, kSlice = 1024;
-  at::parallel_for(0, (N + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin * kChannels; n0 < std::min(end * kChannels, N); n0 += kChannels) {
-      const int64_t n1 = std::min(n0 + kChannels, N);
+  // Each thread takes runs of four panels (32 channels), and each panel meets x four rows at a time:
+  // the block's levels are unpacked once per four rows, and the 4 x 2 accumulators stay in registers.
+  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* panel = qp + p * 8 * (K / 2);
+      const c10::Half *sn = sp + p * 8 * G, *mn = mp + p * 8 * G;
       for (int64_t m = 0; m < M;) {
-        const int64_t tile = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-        const int64_t slice = tile == 8 && K > 2 * kSlice ? kSlice / kBlock : G;
-        for (int64_t b0 = 0; b0 < G; b0 += slice) {
-          const int64_t b1 = std::min(b0 + slice, G);
-          for (int64_t n = n0; n < n1; ++n) {
-            const uint8_t* qn = qp + n * (K / 2);
-            const c10::Half *sn = sp + n * G, *mn = mp + n * G;
-            const int8_t* xm = qxp + m * K;
-            const float *dm = dxp + m * G, *sm = xsp + m * G;
-            float* yn = yp + m * N + n;
-            switch (tile) {
-              case 8: dot_rows<8>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0); break;
-              case 4: dot_rows<4>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0); break;
-              case 2: dot_rows<2>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0); break;
-              default: dot_rows<1>(qn, sn, mn, xm, dm, sm, K, b0, b1, yn, N, b0 > 0);
-            }
-          }
+        const int64_t tile = std::min<int64_t>(M - m, 4);
+        const int8_t* xm = qxp + m * K;
+        const float *dm = dxp + m * G, *sm = xsp + m * G;
+        float* ym = yp + m * N + 8 * p;
+        switch (tile) {
+          case 4: panel_rows<4>(panel, sn, mn, xm, dm, sm, K, ym, N); break;
+          case 3: panel_rows<3>(panel, sn, mn, xm, dm, sm, K, ym, N); break;
+          case 2: panel_rows<2>(panel, sn, mn, xm, dm, sm, K, ym, N); break;
+          default: panel_rows<1>(panel, sn, mn, xm, dm, sm, K, ym, N);
         }
         m += tile;
       }
