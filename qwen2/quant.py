@@ -4,10 +4,12 @@ Decode reads every weight once per token, so its speed is bytes / bandwidth: hal
 bf16 nearly halves the time, as long as the kernel dequantises on the fly.
 
 int8 on CPU, in blocks: each run of 32 weights along the input of a row shares one float16 scale
-(llama.cpp's Q8_0 layout: 8.5 bits a weight), and products sum in float32 whatever the activations'
-dtype. Our kernel does it (qwen2/cpu_kernels.py, `torch.ops.qwen2.int8_block_mm`), for decode and
-prompts alike: per layer of the 0.5B model it beat dequantising into float32 and a GEMM up to 128
-rows and was level with it at 512 (scripts/int8_kernel_rows.py, docs/benchmarks.md).
+(llama.cpp's Q8_0 layout: 8.5 bits a weight). Our kernel (qwen2/cpu_kernels.py,
+`torch.ops.qwen2.int8_block_mm`) rounds each block of 32 values of x to int16 against its own
+scale (1 part in 65534 of the block's largest value) and sums each block's products as integers,
+8 output channels at a time, for decode and prompts alike; the weights are stored in its panel
+order (`to_panels`). Converting the weights to float32 instead was half as fast at decode
+(docs/benchmarks.md).
 
     W[o, i] ~= scale[o, g] * q[o, i],   q in [-127, 127],   scale[o, g] = max_{i in g} |W[o, i]| / 127
 
@@ -88,6 +90,29 @@ def quantize_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(out_features, in_features), scales
 
 
+def to_panels(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of int8 blocks (out, in) and their scales (out, in / BLOCK), out a multiple of 8 -> the
+    int8 kernel's panel order (qwen2/csrc/int8_blocks.cpp): panel p, block b holds 16 runs of the
+    8 channels' weights for two inputs each, and the 8 channels' scales side by side."""
+    out_features, in_features = q.shape
+    panels, blocks = out_features // 8, in_features // BLOCK
+    q = q.view(panels, 8, blocks, BLOCK // 2, 2).permute(0, 2, 3, 1, 4)  # [panel, block, run, channel, 2]
+    scales = scales.view(panels, 8, blocks).transpose(1, 2)  # [panel, block, channel]
+    return q.reshape(out_features, in_features), scales.reshape(out_features, blocks)
+
+
+def panel_rows(q: torch.Tensor, scales: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `rows` (any shape of indices) of a table in panel order, as plain int8 rows (..., in) and
+    their scales (..., in / BLOCK): the embedding lookup of a tied table."""
+    out_features, in_features = q.shape
+    panels, blocks = out_features // 8, in_features // BLOCK
+    flat = rows.reshape(-1)
+    panel, channel = flat // 8, flat % 8
+    picked = q.view(panels, blocks, BLOCK // 2, 8, 2)[panel, :, :, channel, :]  # (n, block, run, 2)
+    picked_scales = scales.view(panels, blocks, 8)[panel, :, channel]  # (n, block)
+    return picked.reshape(*rows.shape, in_features), picked_scales.reshape(*rows.shape, blocks)
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 rows (..., in) and their scales, per row (...) or per block (..., in / BLOCK), in `dtype`."""
     if scales.dim() == q.dim():  # blocks: float16 scales, multiplied in float32 and rounded once
@@ -161,7 +186,8 @@ class Int8Linear(nn.Module):
 
 
 class Int8BlockLinear(nn.Module):
-    """y = x @ W^T + bias, W int8 with a float16 scale per block of BLOCK inputs, summed in float32."""
+    """y = x @ W^T + bias, W int8 with a float16 scale per block of BLOCK inputs, in the kernel's
+    panel order (`to_panels`); x rounded to int16 per block, sums exact per block, then float32."""
 
     def __init__(self, weight: nn.Parameter, scales: nn.Parameter, bias: nn.Parameter | None):
         super().__init__()
@@ -170,8 +196,12 @@ class Int8BlockLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8BlockLinear":
-        q, scales = quantize_blocks(linear.weight.data)
+        q, scales = to_panels(*quantize_blocks(linear.weight.data))
         return cls(_int8_parameter(q), _int8_parameter(scales), linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 (out, in) weight this layer computes with."""
+        return dequantize(*panel_rows(self.weight, self.scales, torch.arange(self.out_features)), torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.qwen2.int8_block_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
@@ -183,13 +213,16 @@ class Int8BlockLinear(nn.Module):
 
 
 class Int8Embedding(nn.Module):
-    """Row lookup of an int8 table, scaled back by the row's scales (one per row, or per block)."""
+    """Row lookup of an int8 table, scaled back by the row's scales (one per row, or per block; a
+    table in blocks is in the kernel's panel order, shared with a tied LM head)."""
 
     def __init__(self, weight: nn.Parameter, scales: nn.Parameter, dtype: torch.dtype):
         super().__init__()
         self.weight, self.scales, self.dtype = weight, scales, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.scales.dim() == 2:  # blocks, in panels
+            return dequantize(*panel_rows(self.weight, self.scales, ids), self.dtype)
         return dequantize(self.weight[ids], self.scales[ids], self.dtype)
 
 
@@ -380,7 +413,7 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     dtype = model.dtype
 
     def int8(linear: nn.Linear) -> nn.Module:
-        if blocks and linear.in_features % BLOCK == 0:
+        if blocks and linear.in_features % BLOCK == 0 and linear.out_features % 8 == 0:  # the kernel's panels
             return Int8BlockLinear.from_linear(linear)
         return Int8Linear.from_linear(linear, fused, rows)
 
@@ -396,8 +429,8 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
                 setattr(block, name, int4(linear.weight.data, linear.bias) if scheme == "int4" else int8(linear))
 
     embedding = model.model.embed_tokens.weight.data
-    embed_blocks = blocks and embedding.shape[1] % BLOCK == 0
-    embed_q, embed_scales = (quantize_blocks if embed_blocks else quantize_rows)(embedding)
+    embed_blocks = blocks and embedding.shape[1] % BLOCK == 0 and embedding.shape[0] % 8 == 0
+    embed_q, embed_scales = to_panels(*quantize_blocks(embedding)) if embed_blocks else quantize_rows(embedding)
     embed_q, embed_scales = _int8_parameter(embed_q), _int8_parameter(embed_scales)
     if head == "int4":
         model.lm_head = int4(model.lm_head.weight.data, None)
@@ -411,5 +444,5 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     if scheme == "int4":
         model.info.quant_layout = INT4_BLOCKS_LAYOUT if int4_blocks else f"groups of {group_size}"
     else:
-        model.info.quant_layout = f"blocks of {BLOCK}" if embed_blocks else "per channel"
+        model.info.quant_layout = f"blocks of {BLOCK}" if blocks else "per channel"
     return model

@@ -92,8 +92,8 @@ def test_quantized_cached_decode_equals_full_forward(tiny_model_dir, scheme):
         # kernels (tests/test_int4_blocks.py): within what rounding x costs, where a cache gone
         # wrong moves logits by their whole spread
         assert (cached - full[:, 5:]).pow(2).mean().sqrt() < 0.02 * full.std()
-    else:
-        torch.testing.assert_close(cached, full[:, 5:], atol=1e-5, rtol=0)
+    else:  # the house's 1e-4 for fp32 logits (int8 in blocks rounds x to int16: ~1e-5 apart)
+        torch.testing.assert_close(cached, full[:, 5:], atol=1e-4, rtol=0)
 
 
 def test_int8_top1_agreement_on_a_trained_model(trained_model):

@@ -1,6 +1,6 @@
 """int8 in blocks of 32 (qwen2/quant.py, the kernel in qwen2/csrc/int8_blocks.cpp): the rounding,
-the kernel against the float product it stands for, the prompt path, whole models, and the fallback
-to per-channel int8 where the kernel cannot be built."""
+the panel order, the kernel against the float64 sum it stands for (x rounded to int16 per block),
+the prompt path, whole models, and the fallback to per-channel int8 where the kernel cannot be built."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch.nn.functional as F
 import qwen2
 from qwen2 import cpu_kernels
 from qwen2.errors import ConfigError
-from qwen2.quant import BLOCK, Int8BlockLinear, Int8Linear, dequantize, quantize_blocks, quantize_model
+from qwen2.quant import (BLOCK, Int8BlockLinear, Int8Linear, dequantize, panel_rows, quantize_blocks, quantize_model,
+                         to_panels)
 from tests.helpers import ROOT, float_model_holding_rounded_weights, make_checkpoint, rand_ids
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
@@ -35,26 +36,55 @@ def test_quantize_blocks_error_is_within_half_a_step_of_each_blocks_stored_scale
     assert (err <= scales.float()[..., None] / 2 * (1 + 1e-6)).all()
 
 
+def round_x_to_int16(x: torch.Tensor) -> torch.Tensor:
+    """The kernel's rounding of x (M, K), back in float64: per block of 32, scale 32767 / max |x| in
+    float32 (a division: torch's scalar / tensor multiplies by a reciprocal), levels half to even."""
+    blocks = x.float().view(x.shape[0], x.shape[1] // BLOCK, BLOCK)
+    amax = blocks.abs().amax(-1)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 32767.0) / amax, torch.zeros_like(amax))
+    levels = torch.round(blocks * inverse[..., None])
+    return (levels.double() * (amax / 32767.0).double()[..., None]).view(x.shape)
+
+
+def test_panel_order_round_trips_and_is_the_documented_one():
+    q, scales = quantize_blocks(torch.randn(16, 64))
+    panels, panel_scales = to_panels(q, scales)
+    runs = panels.view(2, 2, 16, 8, 2)  # [panel, block, run, channel in panel, input of the pair]
+    for panel, block, run, c, j in [(0, 0, 0, 0, 0), (1, 1, 15, 7, 1), (0, 1, 3, 5, 0), (1, 0, 9, 2, 1)]:
+        assert runs[panel, block, run, c, j] == q[8 * panel + c, BLOCK * block + 2 * run + j]
+        assert panel_scales.view(2, 2, 8)[panel, block, c] == scales[8 * panel + c, block]
+    ids = torch.tensor([[3, 15], [8, 0]])
+    rows, row_scales = panel_rows(panels, panel_scales, ids)
+    assert torch.equal(rows, q[ids]) and torch.equal(row_scales, scales[ids])
+
+
 @needs_kernel
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 13, 32])  # tiles of 8, 4, 2 and 1
-@pytest.mark.parametrize("shape", [(37, 96), (19, 1600)], ids=["narrow", "wide-in-slices"])  # 1600 = 3 x 512 + 64
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 7, 13, 32])  # tiles of 4, 3, 2 and 1
+@pytest.mark.parametrize("shape", [(40, 96), (24, 1600)], ids=["narrow", "wide"])  # 5 and 3 panels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_the_float32_product_of_the_dequantized_weight(rows, shape, dtype):
-    q, scales = quantize_blocks(torch.randn(*shape))  # 37 or 19 output channels: not a multiple of any run
+def test_kernel_equals_the_float64_product_over_int16_rounded_x(rows, shape, dtype):
+    q, scales = quantize_blocks(torch.randn(*shape))
     x = torch.randn(rows, shape[1]).to(dtype)
-    y = torch.ops.qwen2.int8_block_mm(x, q, scales)
+    if rows > 1:
+        x[1, :BLOCK] = 0  # an all-zero block of x
+    y = torch.ops.qwen2.int8_block_mm(x, *to_panels(q, scales))
     assert y.dtype == dtype and y.shape == (rows, shape[0])
     w = dequantize(q, scales, torch.float64)
-    expected = x.double() @ w.t()
-    # Summed in float32 whatever x is, in its own order: within float32 rounding of the sum of the
-    # terms' sizes (a block left out or counted twice is far outside), then one rounding to x's dtype.
-    bound = 1e-6 * (x.double().abs() @ w.abs().t()) + (2 ** -8 if dtype == torch.bfloat16 else 0) * expected.abs()
+    rounded = round_x_to_int16(x)
+    expected = rounded @ w.t()
+    # Exact integer sums per block, then float32 across blocks: within float32 rounding of the sum of
+    # the terms' sizes (a block left out or counted twice is far outside), then one rounding to x's dtype.
+    bound = 1e-6 * (rounded.abs() @ w.abs().t()) + (2 ** -8 if dtype == torch.bfloat16 else 0) * expected.abs()
     assert ((y.double() - expected).abs() <= bound).all()
+    # and x's rounding is within half a level, 1 / 65534 of each block's largest value (and float32's
+    # rounding of x times the scale: up to 32767 * 2^-24 of a level)
+    amax = x.float().abs().view(rows, shape[1] // BLOCK, BLOCK).amax(-1).double().repeat_interleave(BLOCK, 1)
+    assert ((rounded - x.double()).abs() <= amax / 65534 * 1.005).all()
 
 
 @needs_kernel
 def test_kernel_refuses_wrong_shapes_and_dtypes_with_what_it_expected():
-    q, scales = quantize_blocks(torch.randn(8, 64))
+    q, scales = to_panels(*quantize_blocks(torch.randn(8, 64)))
     with pytest.raises(RuntimeError, match=r"q must be \(N, 96\)"):
         torch.ops.qwen2.int8_block_mm(torch.randn(1, 96), q, scales)
     with pytest.raises(RuntimeError, match=r"scales must be \(8, 2\)"):
@@ -70,7 +100,9 @@ def test_block_linear_equals_its_dequantized_float_linear(rows, dtype):
     linear = torch.nn.Linear(96, 40, bias=True).to(dtype)
     layer = Int8BlockLinear.from_linear(linear)
     x = torch.randn(2, rows, 96).to(dtype)
-    expected = F.linear(x.float(), dequantize(layer.weight, layer.scales, torch.float32), linear.bias.float())
+    assert torch.equal(layer.dequantize(), dequantize(*quantize_blocks(linear.weight.data), torch.float32))
+    rounded = round_x_to_int16(x.reshape(-1, 96)).float().view(x.shape)
+    expected = F.linear(rounded, layer.dequantize(), linear.bias.float())
     got = layer(x)
     assert got.dtype == dtype and got.shape == (2, rows, 40)
     tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # bf16: the product's rounding, then the bias sum's

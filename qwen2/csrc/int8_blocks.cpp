@@ -1,14 +1,26 @@
 // y = x @ W^T with W stored as int8 in blocks of 32 along the input, one float16 scale per block
-// (llama.cpp's Q8_0 layout), summed in float32 whatever x's dtype:
+// (llama.cpp's Q8_0 layout: 8.5 bits a weight):
 //
 //     W[n, k] = scales[n, k / 32] * q[n, k]
 //
-// Decode multiplies one row (or a few: a batch, a speculative draft) by every weight, so the time is
-// the weight bytes over the memory bandwidth as long as the int8 -> float32 conversion keeps up;
-// several float32 accumulators keep the FMA chains short enough for that. A prompt is compute-bound:
-// each block of weights is converted once per tile of up to eight rows of x, and wide inputs are
-// walked in slices so that the tile's inputs stay in L1. Measured against dequantising to float32
-// and a GEMM, and against torch's per-channel int8 kernel, in docs/benchmarks.md.
+// Converting int8 weights to float32 for FMAs kept decode at ~12.6 GB/s, half this machine's
+// bandwidth (docs/benchmarks.md), so products are summed as integers instead: each block of 32
+// values of a row of x is rounded to int16 against its own float32 scale,
+//
+//     x[m, k] ~= dx[m, k / 32] * qx[m, k],   dx = max |x over the block| / 32767,
+//
+// which keeps x to 1 part in 65534 of its block's largest value (llama.cpp rounds x to int8 for
+// Q8_0: most of Q8_0's KL, docs/benchmarks.md), and _mm256_madd_epi16 multiplies pairs of int16
+// into int32 sums, exact over a block (at most 32 * 127 * 32767 < 2^31):
+//
+//     sum_k W[n, k] x[m, k] ~= sum_b scales[n, b] dx[m, b] sum_{k in b} q[n, k] qx[m, k]
+//
+// Output channels go in panels of 8, so that one 256-bit register holds two weights of each of 8
+// channels and a broadcast of two values of x meets all eight in one instruction. Panel p (channels
+// 8p..8p+7), block b is 256 bytes: sixteen runs of 16 bytes, run t holding in bytes 2c and 2c + 1
+// the weights of channel 8p + c for inputs 32b + 2t and 32b + 2t + 1. Scales are (N, K/32) float16
+// in the same order: panel p, block b's eight at [8 (p G + b), 8 (p G + b) + 8). qwen2/quant.py
+// (to_panels) makes this layout from plain rows.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -16,6 +28,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -25,104 +39,107 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
+constexpr float kLevels = 32767.f;
 
+// x (M, K) float32 -> qx (M, K) int16 and dx (M, K / 32) float32. The scale is 32767 / max
+// (rounded once, in float32) and levels round half to even, so torch reproduces qx exactly
+// (tests/test_int8_blocks.py).
+void quantize_x(const float* x, int16_t* qx, float* dx, int64_t M, int64_t K) {
+  at::parallel_for(0, M * (K / kBlock), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xb = x + i * kBlock;
+      int16_t* qb = qx + i * kBlock;
+      float amax = 0.f;
+      for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float inverse = amax > 0.f ? kLevels / amax : 0.f;
+      for (int k = 0; k < kBlock; ++k) qb[k] = static_cast<int16_t>(std::nearbyint(xb[k] * inverse));
+      dx[i] = amax / kLevels;
+    }
+  });
+}
+
+// T rows of rounded x against one panel (8 output channels), all blocks, written to
+// y[r * y_stride + 0..7].
+template <int T>
+inline void panel_rows(const int8_t* panel, const c10::Half* scales, const int16_t* qx, const float* dx, int64_t K,
+                       float* y, int64_t y_stride) {
+  const int64_t G = K / kBlock;
 #ifdef QWEN2_AVX2
-inline __m256 load8(const int8_t* q) {  // 8 int8 weights -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// T rows of x (row stride K) against one output channel; 4 / T accumulators per row (at least
-// one), so that at least four FMA chains run side by side.
-template <int T>
-inline void dot_rows(const float* x, int64_t K, int64_t blocks, const int8_t* q, const c10::Half* s, float* y,
-                     int64_t y_stride, bool add) {
-  constexpr int A = T >= 4 ? 1 : 4 / T;
-  __m256 acc[T][A];
-  for (int r = 0; r < T; ++r)
-    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int8_t* qb = q + b * kBlock;
-    // A cache line ahead of the hardware prefetcher's pace: 10-13 % faster over a whole step's weights
-    if ((b & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(qb + 4096), _MM_HINT_T0);
-    const __m256 scale = _mm256_set1_ps(static_cast<float>(s[b]));
-    __m256 w[4];
-    for (int j = 0; j < 4; ++j) w[j] = _mm256_mul_ps(load8(qb + 8 * j), scale);
-    for (int r = 0; r < T; ++r) {
-      const float* xb = x + r * K + b * kBlock;
-      for (int j = 0; j < 4; ++j) acc[r][j % A] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xb + 8 * j), acc[r][j % A]);
+  __m256 acc[T];
+  for (int r = 0; r < T; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    const int8_t* pb = panel + b * 256;
+    // Ahead of the hardware prefetcher's pace (measured on the float32 version: 10-13 % a step)
+    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(pb + 8192 + 64 * line), _MM_HINT_T0);
+    __m256i sums[T];
+    for (int r = 0; r < T; ++r) sums[r] = _mm256_setzero_si256();
+    for (int t = 0; t < 16; ++t) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pb + 16 * t)));
+      for (int r = 0; r < T; ++r) {
+        int32_t pair;  // inputs 2t and 2t + 1 of row r
+        std::memcpy(&pair, qx + r * K + b * kBlock + 2 * t, 4);
+        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
+      }
     }
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8)));
+    for (int r = 0; r < T; ++r)
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(scale, _mm256_set1_ps(dx[r * G + b])), acc[r]);
   }
-  for (int r = 0; r < T; ++r) {
-    __m256 total = acc[r][0];
-    for (int a = 1; a < A; ++a) total = _mm256_add_ps(total, acc[r][a]);
-    y[r * y_stride] = add ? y[r * y_stride] + hsum(total) : hsum(total);
-  }
-}
+  for (int r = 0; r < T; ++r) _mm256_storeu_ps(y + r * y_stride, acc[r]);
 #else
-template <int T>
-inline void dot_rows(const float* x, int64_t K, int64_t blocks, const int8_t* q, const c10::Half* s, float* y,
-                     int64_t y_stride, bool add) {
   for (int r = 0; r < T; ++r) {
-    float total = 0.f;
-    for (int64_t b = 0; b < blocks; ++b) {
-      float block = 0.f;
-      for (int64_t k = b * kBlock; k < (b + 1) * kBlock; ++k) block += x[r * K + k] * static_cast<float>(q[k]);
-      total += block * static_cast<float>(s[b]);
+    float total[8] = {};
+    for (int64_t b = 0; b < G; ++b) {
+      const int8_t* pb = panel + b * 256;
+      const int16_t* xb = qx + r * K + b * kBlock;
+      for (int c = 0; c < 8; ++c) {
+        int32_t sum = 0;
+        for (int t = 0; t < 16; ++t) sum += pb[16 * t + 2 * c] * xb[2 * t] + pb[16 * t + 2 * c + 1] * xb[2 * t + 1];
+        total[c] += static_cast<float>(sum) * (static_cast<float>(scales[b * 8 + c]) * dx[r * G + b]);
+      }
     }
-    y[r * y_stride] = add ? y[r * y_stride] + total : total;
+    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = total[c];
   }
-}
 #endif
+}
 
 at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_block_mm: x, q and scales must be 2-D");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(q.size(1) == K && K % kBlock == 0, "int8_block_mm: q must be (N, ", K, ") with ", K,
-              " divisible by ", kBlock, "; got ", q.sizes());
-  TORCH_CHECK(scales.size(0) == N && scales.size(1) == K / kBlock, "int8_block_mm: scales must be (", N, ", ",
-              K / kBlock, "); got ", scales.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / kBlock;
+  TORCH_CHECK(q.size(1) == K && K % kBlock == 0 && N % 8 == 0, "int8_block_mm: q must be (N, ", K, ") with ", K,
+              " divisible by ", kBlock, " and N by 8; got ", q.sizes());
+  TORCH_CHECK(scales.size(0) == N && scales.size(1) == G, "int8_block_mm: scales must be (", N, ", ", G, "); got ",
+              scales.sizes());
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
               "int8_block_mm: q must be int8 and scales float16");
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scales.device().is_cpu(), "int8_block_mm: CPU only");
   const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const at::Tensor qc = q.contiguous(), sc = scales.contiguous();
+  at::Tensor qx = at::empty({M, K}, x.options().dtype(at::kShort));
+  at::Tensor dx = at::empty({M, G}, x32.options());
+  quantize_x(x32.data_ptr<float>(), qx.data_ptr<int16_t>(), dx.data_ptr<float>(), M, K);
   at::Tensor y = at::empty({M, N}, x32.options());
-  const float* xp = x32.data_ptr<float>();
   const int8_t* qp = qc.data_ptr<int8_t>();
   const c10::Half* sp = sc.data_ptr<c10::Half>();
+  const int16_t* qxp = qx.data_ptr<int16_t>();
+  const float* dxp = dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Each thread takes runs of kChannels output channels. Within a run, a tile of up to eight rows of
-  // x meets every channel of the run one slice of kSlice inputs at a time, so that the tile's slice
-  // and the run's weights for it stay in the nearest caches (x from L2 would starve the FMAs).
-  constexpr int64_t kChannels = 32, kSlice = 512;
-  at::parallel_for(0, (N + kChannels - 1) / kChannels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n0 = begin * kChannels; n0 < std::min(end * kChannels, N); n0 += kChannels) {
-      const int64_t n1 = std::min(n0 + kChannels, N);
+  // Each thread takes runs of four panels (32 channels); each panel meets x four rows at a time, so
+  // that a block's weights are widened once per four rows and the accumulators stay in registers.
+  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int8_t* panel = qp + p * 8 * K;
+      const c10::Half* sn = sp + p * 8 * G;
       for (int64_t m = 0; m < M;) {
-        const int64_t tile = M - m >= 8 ? 8 : M - m >= 4 ? 4 : M - m >= 2 ? 2 : 1;
-        const int64_t slice = tile == 8 && K > 2 * kSlice ? kSlice : K;  // smaller tiles fit in L1 whole
-        for (int64_t k0 = 0; k0 < K; k0 += slice) {
-          const int64_t blocks = (std::min(k0 + slice, K) - k0) / kBlock;
-          const bool add = k0 > 0;
-          for (int64_t n = n0; n < n1; ++n) {
-            const float* xs = xp + m * K + k0;
-            const int8_t* qs = qp + n * K + k0;
-            const c10::Half* ss = sp + n * (K / kBlock) + k0 / kBlock;
-            float* yn = yp + m * N + n;
-            switch (tile) {
-              case 8: dot_rows<8>(xs, K, blocks, qs, ss, yn, N, add); break;
-              case 4: dot_rows<4>(xs, K, blocks, qs, ss, yn, N, add); break;
-              case 2: dot_rows<2>(xs, K, blocks, qs, ss, yn, N, add); break;
-              default: dot_rows<1>(xs, K, blocks, qs, ss, yn, N, add);
-            }
-          }
+        const int64_t tile = std::min<int64_t>(M - m, 4);
+        const int16_t* xm = qxp + m * K;
+        const float* dm = dxp + m * G;
+        float* ym = yp + m * N + 8 * p;
+        switch (tile) {
+          case 4: panel_rows<4>(panel, sn, xm, dm, K, ym, N); break;
+          case 3: panel_rows<3>(panel, sn, xm, dm, K, ym, N); break;
+          case 2: panel_rows<2>(panel, sn, xm, dm, K, ym, N); break;
+          default: panel_rows<1>(panel, sn, xm, dm, K, ym, N);
         }
         m += tile;
       }
