@@ -10,7 +10,10 @@ for bf16 inputs (docs/benchmarks.md).
 (llama.cpp's Q4_1 layout), x rounded to int8 per block and each block's products summed as integers,
 as llama.cpp does; torch's int4 kernel converts every level to float and was slower (docs/benchmarks.md).
 
-Both are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
+`bf16_panel_mm` (csrc/bf16_panels.cpp): bf16 W widened to float32 in registers, float32 sums, for
+CPUs without bf16 math, where torch converts bf16 products as it goes (qwen2/upcast.py).
+
+All are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
 them like any aten kernel.
 
 The build takes ~15 s once per machine (torch's extension builder, with the `ninja` of
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp", "bf16_panels.cpp")]
 BLOCK = 32  # weights per scale, fixed by the kernels
 # -march=native: the kernel is built on the machine that runs it (its cache key holds the CPU's flags)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP for at::parallel_for, resolved to torch's own runtime
@@ -109,6 +112,10 @@ def _build_and_load() -> None:
     def _(x, q, scales, mins):
         return x.new_empty(x.shape[0], q.shape[0])
 
+    @torch.library.register_fake("qwen2::bf16_panel_mm")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
 
 def kernel_error() -> str | None:
     """None when torch.ops.qwen2.int8_block_mm is ready in this process, else why it is not.
@@ -122,8 +129,9 @@ def kernel_error() -> str | None:
                     _build_and_load()
                     _error.append(None)
                 except Exception as exc:  # noqa: BLE001 - any failure to build means: use torch's kernels
-                    _error.append(f"building {' and '.join(source.name for source in SOURCES)} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}")
-                    warnings.warn(f"int8 falls back to per-channel scales, int4 to torch's kernel: {_error[0]}",
+                    _error.append(f"building {', '.join(source.name for source in SOURCES)} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}")
+                    warnings.warn(f"int8 falls back to per-channel scales, int4 to torch's kernel, bf16 prompts to "
+                                  f"float32 copies: {_error[0]}",
                                   stacklevel=2)
         return _error[0]
 

@@ -19,7 +19,7 @@ from .errors import CheckpointError, ConfigError, ModelNotFoundError
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
 from .options import check_quantize, default_dtype, parse_dtype, quantized_wants_bfloat16, resolve_device
 from .quant import quantize_model
-from .upcast import upcast_prompt_products, wants_upcast
+from .upcast import float32_products, wants_upcast
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -167,7 +167,7 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     if quantize:
         quantize_model(model, quantize)
     elif wants_upcast(model):
-        upcast_prompt_products(model)  # bf16 weights, float32 products for prompts (qwen2/upcast.py)
+        float32_products(model)  # bf16 weights, float32 products (qwen2/upcast.py)
     return model
 
 

@@ -1,10 +1,15 @@
-"""bf16 weights, float32 products for prompts, on CPUs without bf16 math.
+"""bf16 weights, float32 products, on CPUs without bf16 math.
 
 Without AVX-512 BF16 or AMX, torch multiplies bf16 matrices by converting them as it goes, several
 times slower than a float32 GEMM of the same shape: a 47-token prompt's products took 82 ms per
-layer of the 0.5B model in bf16 against 28 ms in float32 (docs/benchmarks.md). So above
-UPCAST_ABOVE_ROWS rows a linear layer with bf16 weights copies them into a float32 scratch buffer
-and multiplies in float32, then rounds the output back to bf16. The copy costs ~2 ms per layer
+layer of the 0.5B model in bf16 against 28 ms in float32 (docs/benchmarks.md).
+
+Where our CPU kernels build (qwen2/cpu_kernels.py), the decoder layers' linear layers become
+Bf16PanelLinear: bf16 weights in the kernel's panel order, widened to float32 in registers and
+summed in float32 for any number of rows (qwen2/csrc/bf16_panels.cpp): decode reads the bf16
+bytes, and prompts need no float32 copy (docs/benchmarks.md). Elsewhere they become UpcastLinear:
+above UPCAST_ABOVE_ROWS rows a linear layer with bf16 weights copies them into a float32 scratch
+buffer and multiplies in float32, then rounds the output back to bf16. The copy costs ~2 ms per layer
 because the buffer is reused (one for the process, 16 MB; larger layers go in slices): a fresh
 35 MB tensor costs ten times that in page faults alone. A decode step (a few rows) keeps the bf16
 product, which reads half the bytes; so does anything compiled (the compiled decode steps and the
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .options import cpu_has_bfloat16_math
 
 # Rows of x above which the float32 product wins, copy included (the 0.5B model's four products per
@@ -74,17 +80,59 @@ class UpcastLinear(nn.Linear):
         return y
 
 
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in) weight, out a multiple of 8 -> the bf16 kernel's panel order: panel p is `in` runs of
+    the 8 channels' weights for one input each."""
+    out_features, in_features = weight.shape
+    return weight.view(out_features // 8, 8, in_features).transpose(1, 2).reshape(out_features, in_features)
+
+
+class Bf16PanelLinear(nn.Module):
+    """y = x @ W^T + bias, W bf16 in the kernel's panel order (`to_panels`), summed in float32 for any
+    number of rows (module docstring); the output is rounded to x's dtype, then the bias added."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Bf16PanelLinear":
+        return cls(nn.Parameter(to_panels(linear.weight.data), requires_grad=False), linear.bias)
+
+    def plain_weight(self) -> torch.Tensor:
+        """The (out, in) weight, as nn.Linear holds it."""
+        panels = self.weight.view(self.out_features // 8, self.in_features, 8)
+        return panels.transpose(1, 2).reshape(self.out_features, self.in_features)
+
+    def as_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = nn.Parameter(self.plain_weight(), requires_grad=False), self.bias
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.qwen2.bf16_panel_mm(x.reshape(-1, self.in_features), self.weight)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bf16 in panels, bias={self.bias is not None}"
+
+
 def wants_upcast(model) -> bool:
     """A bf16 model on a CPU that converts bf16 products as it goes."""
     return model.device.type == "cpu" and model.dtype == torch.bfloat16 and not cpu_has_bfloat16_math()
 
 
-def upcast_prompt_products(model):
-    """Swap the decoder layers' linear layers for UpcastLinear, in place (the LM head is left as it
-    is: a prompt needs its last row only)."""
+def float32_products(model):
+    """Swap the decoder layers' linear layers for Bf16PanelLinear where our kernels build and the
+    shapes fit their panels, else for UpcastLinear, in place (the LM head is left as it is: it
+    shares the embedding's table, and a prompt needs its last row only)."""
+    panels = cpu_kernels.blocks_available(model.device)
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name, module in list(block.named_children()):
                 if type(module) is nn.Linear:
-                    setattr(block, name, UpcastLinear.from_linear(module))
+                    fits = panels and module.out_features % 8 == 0 and module.in_features % 8 == 0
+                    setattr(block, name, (Bf16PanelLinear if fits else UpcastLinear).from_linear(module))
     return model

@@ -1,5 +1,7 @@
-"""qwen2.upcast: a bf16 model on a CPU without bf16 math multiplies prompts in float32 (the same
-weights, the output rounded back to bf16), and keeps bf16 products for decode and compiled steps."""
+"""qwen2.upcast: a bf16 model on a CPU without bf16 math multiplies in float32: through our bf16
+kernel where it builds (Bf16PanelLinear, tests/test_bf16_panels.py), else prompts through a float32
+copy of the weights (UpcastLinear: the output rounded back to bf16; bf16 products for decode and
+compiled steps)."""
 
 from __future__ import annotations
 
@@ -88,12 +90,18 @@ def test_compiled_code_keeps_the_bf16_product_and_eager_code_beside_a_compile_do
         assert torch.equal(up(x), F.linear(x.float(), linear.weight.float()).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("bf16_math", [False, True])
-def test_a_bf16_model_upcasts_its_prompts_where_the_cpu_has_no_bf16_math(tiny_model_dir, monkeypatch, bf16_math):
+@pytest.mark.parametrize("bf16_math, kernels", [(False, True), (False, False), (True, True)])
+def test_a_bf16_model_multiplies_in_float32_where_the_cpu_has_no_bf16_math(tiny_model_dir, monkeypatch, bf16_math,
+                                                                           kernels):
     monkeypatch.setattr(upcast, "cpu_has_bfloat16_math", lambda: bf16_math)
+    if not kernels:
+        monkeypatch.setattr(upcast.cpu_kernels, "blocks_available", lambda device: False)
+    elif not upcast.cpu_kernels.blocks_available(torch.device("cpu")):
+        pytest.skip(f"our CPU kernels are not built here: {upcast.cpu_kernels.kernel_error()}")
     model = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
     kinds = {type(m).__name__ for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())}
-    assert kinds == ({"Linear"} if bf16_math else {"UpcastLinear"}) and type(model.lm_head) is torch.nn.Linear
+    expected = "Linear" if bf16_math else "Bf16PanelLinear" if kernels else "UpcastLinear"
+    assert kinds == {expected} and type(model.lm_head) is torch.nn.Linear
     assert all(type(m) is torch.nn.Linear for m in qwen2.load_model(tiny_model_dir, dtype="float32").modules()
                if isinstance(m, torch.nn.Linear))
     # a prompt through the upcast products is close to the float32 model, its greedy reply the same

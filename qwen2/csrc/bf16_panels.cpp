@@ -1,0 +1,98 @@
+// y = x @ W^T with W bf16, summed in float32, for CPUs without bf16 math (no AVX-512 BF16, no AMX),
+// where torch converts bf16 products as it goes, several times slower than float32
+// (docs/benchmarks.md), and where a prompt's float32 copy of the weights cost more than its product.
+//
+// Output channels go in panels of 8: panel p (channels 8p..8p+7) is K runs of 8 bf16 weights, run k
+// holding input k of each of the 8 channels, so that one load, widened to float32 by a shift,
+// meets a broadcast of x[k] in one FMA for all eight. qwen2/upcast.py (to_panels) makes this layout.
+// Rows of x go four at a time per panel (the panel's weights are widened once per four rows), each
+// with two FMA chains side by side; a lone row (decode) gets eight.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QWEN2_AVX2 1
+#endif
+
+namespace {
+
+constexpr int64_t kChains = 8;  // K must be a multiple: the most FMA chains a row gets
+
+template <int T>
+inline void panel_rows(const c10::BFloat16* panel, const float* x, int64_t K, float* y, int64_t y_stride) {
+#ifdef QWEN2_AVX2
+  constexpr int A = T >= 4 ? 2 : T == 1 ? 8 : 4;
+  __m256 acc[T][A];
+  for (int r = 0; r < T; ++r)
+    for (int a = 0; a < A; ++a) acc[r][a] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += A) {
+    const c10::BFloat16* run = panel + k * 8;
+    for (int line = 0; line < A / 4 + 1; ++line)  // 4 KB ahead (see int8_blocks.cpp)
+      _mm_prefetch(reinterpret_cast<const char*>(run + 2048 + 32 * line), _MM_HINT_T0);
+    for (int a = 0; a < A; ++a) {
+      const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(run + 8 * a));
+      const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+      for (int r = 0; r < T; ++r) acc[r][a] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + r * K + k + a), acc[r][a]);
+    }
+  }
+  for (int r = 0; r < T; ++r) {
+    __m256 sum = acc[r][0];
+    for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
+    _mm256_storeu_ps(y + r * y_stride, sum);
+  }
+#else
+  for (int r = 0; r < T; ++r) {
+    float total[8] = {};
+    for (int64_t k = 0; k < K; ++k)
+      for (int c = 0; c < 8; ++c) total[c] += static_cast<float>(panel[k * 8 + c]) * x[r * K + k];
+    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = total[c];
+  }
+#endif
+}
+
+at::Tensor bf16_panel_mm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "bf16_panel_mm: x and w must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && K % kChains == 0 && N % 8 == 0, "bf16_panel_mm: w must be (N, ", K, ") with ", K,
+              " divisible by ", kChains, " and N by 8; got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_panel_mm: w must be bfloat16");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_panel_mm: CPU only");
+  const at::Tensor x32 = x.to(at::kFloat).contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty({M, N}, x32.options());
+  const c10::BFloat16* wp = wc.data_ptr<c10::BFloat16>();
+  const float* xp = x32.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {  // runs of four panels per thread
+    for (int64_t p = begin; p < end; ++p) {
+      const c10::BFloat16* panel = wp + p * 8 * K;
+      for (int64_t m = 0; m < M;) {
+        const int64_t tile = std::min<int64_t>(M - m, 4);
+        float* ym = yp + m * N + 8 * p;
+        switch (tile) {
+          case 4: panel_rows<4>(panel, xp + m * K, K, ym, N); break;
+          case 3: panel_rows<3>(panel, xp + m * K, K, ym, N); break;
+          case 2: panel_rows<2>(panel, xp + m * K, K, ym, N); break;
+          default: panel_rows<1>(panel, xp + m * K, K, ym, N);
+        }
+        m += tile;
+      }
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwen2, m) {
+  m.def("bf16_panel_mm(Tensor x, Tensor w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(qwen2, CPU, m) {
+  m.impl("bf16_panel_mm", &bf16_panel_mm);
+}
