@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp", "bf16_panels.cpp")]
+HEADERS = [Path(__file__).with_name("csrc") / "panels.h"]
 BLOCK = 32  # weights per scale, fixed by the kernels
 # -march=native: the kernel is built on the machine that runs it (its cache key holds the CPU's flags)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP for at::parallel_for, resolved to torch's own runtime
@@ -61,7 +62,7 @@ def _cpu_flags() -> str:
 
 
 def _build_key() -> str:
-    text = "\n".join([*(source.read_text() for source in SOURCES), torch.__version__, " ".join(CFLAGS), _cpu_flags()])
+    text = "\n".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__, " ".join(CFLAGS), _cpu_flags()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

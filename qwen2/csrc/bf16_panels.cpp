@@ -13,6 +13,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "panels.h"
+
 #include <algorithm>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -68,21 +70,8 @@ at::Tensor bf16_panel_mm(const at::Tensor& x, const at::Tensor& w) {
   const c10::BFloat16* wp = wc.data_ptr<c10::BFloat16>();
   const float* xp = x32.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {  // runs of four panels per thread
-    for (int64_t p = begin; p < end; ++p) {
-      const c10::BFloat16* panel = wp + p * 8 * K;
-      for (int64_t m = 0; m < M;) {
-        const int64_t tile = std::min<int64_t>(M - m, 4);
-        float* ym = yp + m * N + 8 * p;
-        switch (tile) {
-          case 4: panel_rows<4>(panel, xp + m * K, K, ym, N); break;
-          case 3: panel_rows<3>(panel, xp + m * K, K, ym, N); break;
-          case 2: panel_rows<2>(panel, xp + m * K, K, ym, N); break;
-          default: panel_rows<1>(panel, xp + m * K, K, ym, N);
-        }
-        m += tile;
-      }
-    }
+  qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+    panel_rows<decltype(tile)::value>(wp + p * 8 * K, xp + m * K, K, yp + m * N + 8 * p, N);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -30,6 +30,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "panels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -257,26 +259,9 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   const int8_t* qxp = qx.data_ptr<int8_t>();
   const float *dxp = dx.data_ptr<float>(), *xsp = xsum.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Each thread takes runs of four panels (32 channels), and each panel meets x four rows at a time:
-  // the block's levels are unpacked once per four rows, and the 4 x 2 accumulators stay in registers.
-  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const uint8_t* panel = qp + p * 8 * (K / 2);
-      const c10::Half *sn = sp + p * 8 * G, *mn = mp + p * 8 * G;
-      for (int64_t m = 0; m < M;) {
-        const int64_t tile = std::min<int64_t>(M - m, 4);
-        const int8_t* xm = qxp + m * K;
-        const float *dm = dxp + m * G, *sm = xsp + m * G;
-        float* ym = yp + m * N + 8 * p;
-        switch (tile) {
-          case 4: panel_rows<4>(panel, sn, mn, xm, dm, sm, K, ym, N); break;
-          case 3: panel_rows<3>(panel, sn, mn, xm, dm, sm, K, ym, N); break;
-          case 2: panel_rows<2>(panel, sn, mn, xm, dm, sm, K, ym, N); break;
-          default: panel_rows<1>(panel, sn, mn, xm, dm, sm, K, ym, N);
-        }
-        m += tile;
-      }
-    }
+  qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+    panel_rows<decltype(tile)::value>(qp + p * 8 * (K / 2), sp + p * 8 * G, mp + p * 8 * G, qxp + m * K, dxp + m * G,
+                                      xsp + m * G, K, yp + m * N + 8 * p, N);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -27,6 +27,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "panels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -124,26 +126,8 @@ at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   const int16_t* qxp = qx.data_ptr<int16_t>();
   const float* dxp = dx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // Each thread takes runs of four panels (32 channels); each panel meets x four rows at a time, so
-  // that a block's weights are widened once per four rows and the accumulators stay in registers.
-  at::parallel_for(0, N / 8, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int8_t* panel = qp + p * 8 * K;
-      const c10::Half* sn = sp + p * 8 * G;
-      for (int64_t m = 0; m < M;) {
-        const int64_t tile = std::min<int64_t>(M - m, 4);
-        const int16_t* xm = qxp + m * K;
-        const float* dm = dxp + m * G;
-        float* ym = yp + m * N + 8 * p;
-        switch (tile) {
-          case 4: panel_rows<4>(panel, sn, xm, dm, K, ym, N); break;
-          case 3: panel_rows<3>(panel, sn, xm, dm, K, ym, N); break;
-          case 2: panel_rows<2>(panel, sn, xm, dm, K, ym, N); break;
-          default: panel_rows<1>(panel, sn, xm, dm, K, ym, N);
-        }
-        m += tile;
-      }
-    }
+  qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+    panel_rows<decltype(tile)::value>(qp + p * 8 * K, sp + p * 8 * G, qxp + m * K, dxp + m * G, K, yp + m * N + 8 * p, N);
   });
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }

@@ -1,0 +1,38 @@
+// What our CPU kernels share: output channels in panels of 8 (one 256-bit register of float32
+// results), and the walk over them.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+namespace qwen2 {
+
+constexpr int64_t kPanel = 8;  // output channels a panel
+constexpr int64_t kTile = 4;   // rows of x that meet a panel's weights at once
+
+// Calls rows(std::integral_constant<int, T>, p, m) for every panel p of the N / 8 and every tile of
+// T <= 4 rows of x starting at row m: each thread takes runs of four panels (32 channels), and a
+// panel meets x four rows at a time, so that its weights are widened once per four rows and the
+// accumulators stay in registers. T is a compile-time constant for the kernel's unrolled loops.
+template <class Rows>
+void for_each_panel_tile(int64_t N, int64_t M, const Rows& rows) {
+  at::parallel_for(0, N / kPanel, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t m = 0; m < M;) {
+        const int64_t tile = std::min<int64_t>(M - m, kTile);
+        switch (tile) {
+          case 4: rows(std::integral_constant<int, 4>{}, p, m); break;
+          case 3: rows(std::integral_constant<int, 3>{}, p, m); break;
+          case 2: rows(std::integral_constant<int, 2>{}, p, m); break;
+          default: rows(std::integral_constant<int, 1>{}, p, m);
+        }
+        m += tile;
+      }
+    }
+  });
+}
+
+}  // namespace qwen2
