@@ -20,7 +20,8 @@ The build takes ~15 s once per machine (torch's extension builder, with the `nin
 requirements.txt, found beside the interpreter where a virtual environment is not activated);
 `QWEN2_KERNEL_CACHE` moves the cache (default ~/.cache/qwen2-studio/kernels), a damaged library in
 it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails, int8 falls
-back to torch's per-channel kernel, int4 to torch's int4 kernel, and `kernel_error()` says why.
+back to torch's per-channel kernel, int4 to torch's int4 kernel, bf16 prompts to float32 copies
+(qwen2/upcast.py), and `kernel_error()` says why.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp", "bf16_panels.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "panels.h"]
 BLOCK = 32  # weights per scale, fixed by the kernels
+PANEL = 8  # output channels the kernels take at once (csrc/panels.h): weights' outputs come in multiples
 # -march=native: the kernel is built on the machine that runs it (its cache key holds the CPU's flags)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]  # OpenMP for at::parallel_for, resolved to torch's own runtime
 
@@ -119,8 +121,8 @@ def _build_and_load() -> None:
 
 
 def kernel_error() -> str | None:
-    """None when torch.ops.qwen2.int8_block_mm is ready in this process, else why it is not.
-    The first call builds (or loads) it; a failure is warned about once."""
+    """None when our kernels (torch.ops.qwen2.*) are ready in this process, else why they are not.
+    The first call builds (or loads) them; a failure is warned about once."""
     with _lock:
         if not _error:
             if os.environ.get("QWEN2_NO_KERNELS", "").strip() not in ("", "0"):

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .cpu_kernels import BLOCK
+from .cpu_kernels import BLOCK, PANEL
 from .errors import ConfigError
 from .options import QUANT_SCHEMES as SCHEMES  # the one list of schemes
 from .options import cpu_has_bfloat16_math
@@ -120,6 +120,12 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> tor
         blocks = q.view(*q.shape[:-1], -1, BLOCK).float() * scales.float()[..., None]
         return blocks.view(q.shape).to(dtype)
     return q.to(dtype) * scales.to(dtype)[..., None]
+
+
+def _fits_blocks(out_features: int, in_features: int) -> bool:
+    """Whether our block kernels take an (out, in) weight: whole blocks along the input, whole panels
+    of output channels."""
+    return in_features % BLOCK == 0 and out_features % PANEL == 0
 
 
 def _int8_parameter(t):
@@ -414,12 +420,12 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     dtype = model.dtype
 
     def int8(linear: nn.Linear) -> nn.Module:
-        if blocks and linear.in_features % BLOCK == 0 and linear.out_features % 8 == 0:  # the kernel's panels
+        if blocks and _fits_blocks(linear.out_features, linear.in_features):
             return Int8BlockLinear.from_linear(linear)
         return Int8Linear.from_linear(linear, fused, rows)
 
     def int4(weight: torch.Tensor, bias) -> nn.Module:
-        if int4_blocks and weight.shape[1] % BLOCK == 0 and weight.shape[0] % 8 == 0:  # the kernel's panels
+        if int4_blocks and _fits_blocks(*weight.shape):
             return Int4BlockLinear.from_weight(weight, bias)
         return Int4Linear.from_weight(weight, bias, group_size)
 
@@ -432,7 +438,7 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
                 setattr(block, name, int4(linear.weight.data, linear.bias) if scheme == "int4" else int8(linear))
 
     embedding = model.model.embed_tokens.weight.data
-    embed_blocks = blocks and embedding.shape[1] % BLOCK == 0 and embedding.shape[0] % 8 == 0
+    embed_blocks = blocks and _fits_blocks(*embedding.shape)
     embed_q, embed_scales = to_panels(*quantize_blocks(embedding)) if embed_blocks else quantize_rows(embedding)
     embed_q, embed_scales = _int8_parameter(embed_q), _int8_parameter(embed_scales)
     if head == "int4":

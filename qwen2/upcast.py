@@ -133,6 +133,7 @@ def float32_products(model):
         for block in (layer.self_attn, layer.mlp):
             for name, module in list(block.named_children()):
                 if type(module) is nn.Linear:
-                    fits = panels and module.out_features % 8 == 0 and module.in_features % 8 == 0
+                    fits = (panels and module.out_features % cpu_kernels.PANEL == 0
+                            and module.in_features % 8 == 0)  # the kernel's 8 FMA chains
                     setattr(block, name, (Bf16PanelLinear if fits else UpcastLinear).from_linear(module))
     return model

@@ -246,3 +246,16 @@ def stats_numbers(stats: str) -> dict:
     reused = re.search(r"prompt tokens \((\d+) reused\)", stats)
     numbers["reused"] = int(reused.group(1)) if reused else 0
     return numbers
+
+
+def round_x_in_blocks(x: torch.Tensor, top: int):
+    """Our kernels' rounding of x (M, K) to integers (top 127: int8, 32767: int16; qwen2/csrc/panels.h):
+    per block of 32, scale top / max |x| in float32 (a division: torch's scalar / tensor multiplies by
+    a reciprocal), levels half to even. Returns the levels (M, K / 32, 32) as floats, dx = max / top
+    and the float32 sums of x (M, K / 32)."""
+    from qwen2.quant import BLOCK
+
+    blocks = x.float().view(x.shape[0], x.shape[1] // BLOCK, BLOCK)
+    amax = blocks.abs().amax(-1)
+    inverse = torch.where(amax > 0, torch.full_like(amax, float(top)) / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inverse[..., None]), amax / float(top), blocks.sum(-1)

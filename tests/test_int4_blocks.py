@@ -12,20 +12,10 @@ import qwen2
 from qwen2 import cpu_kernels
 from qwen2.quant import (BLOCK, INT4_BLOCKS_LAYOUT, Int4BlockLinear, Int4Linear, Int8BlockLinear, dequantize_int4_blocks,
                          quantize_int4_blocks, quantize_model)
-from tests.helpers import make_checkpoint, rand_ids
+from tests.helpers import make_checkpoint, rand_ids, round_x_in_blocks
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
                                   reason=f"our block kernels are not built here: {cpu_kernels.kernel_error()}")
-
-
-def round_x_to_int8(x: torch.Tensor):
-    """The kernel's rounding of x (M, K): per block of 32, scale 127 / max |x| in float32 (a division,
-    not torch's reciprocal-then-multiply for scalar / tensor), levels half to even.
-    Returns levels (M, K / 32, 32), dx = max / 127 and the float32 sums of x (M, K / 32)."""
-    blocks = x.float().view(x.shape[0], x.shape[1] // BLOCK, BLOCK)
-    amax = blocks.abs().amax(-1)
-    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
-    return torch.round(blocks * inverse[..., None]), amax / 127.0, blocks.sum(-1)
 
 
 def by_channel(t: torch.Tensor) -> torch.Tensor:
@@ -36,7 +26,7 @@ def by_channel(t: torch.Tensor) -> torch.Tensor:
 
 def reference_product(x: torch.Tensor, packed, scales, mins) -> torch.Tensor:
     """float64 sum_b scale * dx * (levels . qx) + min * sum x: what int4_block_mm computes in float32."""
-    qx, dx, xsum = round_x_to_int8(x)
+    qx, dx, xsum = round_x_in_blocks(x, 127)
     levels = dequantize_int4_blocks(packed, torch.ones_like(scales), torch.zeros_like(mins))  # the levels as floats
     levels = levels.double().view(packed.shape[0], -1, BLOCK)
     dots = torch.einsum("ngk,mgk->mng", levels, qx.double())  # (M, N, blocks), exact integers
@@ -111,7 +101,7 @@ def test_kernel_equals_the_float64_sum_over_int8_rounded_x(rows, shape, dtype):
     expected = reference_product(x, packed, scales, mins)
     # float32 sums in the kernel's own order: within float32 rounding of the terms' sizes (a block
     # missed, counted twice or rounded differently is far outside), then one rounding to x's dtype
-    qx, dx, xsum = round_x_to_int8(x)
+    qx, dx, xsum = round_x_in_blocks(x, 127)
     w = dequantize_int4_blocks(packed, scales, mins).double()
     size = (qx.abs().view(rows, shape[1]).double() * dx.double().repeat_interleave(BLOCK, 1)) @ w.abs().t()
     bound = 1e-6 * size + (2 ** -8 if dtype == torch.bfloat16 else 0) * expected.abs()

@@ -18,7 +18,7 @@ from qwen2 import cpu_kernels
 from qwen2.errors import ConfigError
 from qwen2.quant import (BLOCK, Int8BlockLinear, Int8Linear, dequantize, panel_rows, quantize_blocks, quantize_model,
                          to_panels)
-from tests.helpers import ROOT, float_model_holding_rounded_weights, make_checkpoint, rand_ids
+from tests.helpers import ROOT, float_model_holding_rounded_weights, make_checkpoint, rand_ids, round_x_in_blocks
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
                                   reason=f"the int8 block kernel is not built here: {cpu_kernels.kernel_error()}")
@@ -37,13 +37,9 @@ def test_quantize_blocks_error_is_within_half_a_step_of_each_blocks_stored_scale
 
 
 def round_x_to_int16(x: torch.Tensor) -> torch.Tensor:
-    """The kernel's rounding of x (M, K), back in float64: per block of 32, scale 32767 / max |x| in
-    float32 (a division: torch's scalar / tensor multiplies by a reciprocal), levels half to even."""
-    blocks = x.float().view(x.shape[0], x.shape[1] // BLOCK, BLOCK)
-    amax = blocks.abs().amax(-1)
-    inverse = torch.where(amax > 0, torch.full_like(amax, 32767.0) / amax, torch.zeros_like(amax))
-    levels = torch.round(blocks * inverse[..., None])
-    return (levels.double() * (amax / 32767.0).double()[..., None]).view(x.shape)
+    """The kernel's rounding of x (M, K) to int16 per block, back in float64."""
+    levels, dx, _ = round_x_in_blocks(x, 32767)
+    return (levels.double() * dx.double()[..., None]).view(x.shape)
 
 
 def test_panel_order_round_trips_and_is_the_documented_one():

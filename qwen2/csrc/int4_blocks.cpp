@@ -44,27 +44,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;
-
-// x (M, K) float32 -> qx (M, K) int8, dx and xsum (M, K / 32) float32. The scale is 127 / max
-// (rounded once, in float32) and levels round half to even, so torch reproduces qx exactly
-// (tests/test_int4_blocks.py).
-void quantize_x(const float* x, int8_t* qx, float* dx, float* xsum, int64_t M, int64_t K) {
-  const int64_t G = K / kBlock;
-  at::parallel_for(0, M * G, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* xb = x + i * kBlock;
-      int8_t* qb = qx + i * kBlock;
-      float amax = 0.f, sum = 0.f;
-      for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      for (int k = 0; k < kBlock; ++k) sum += xb[k];
-      const float inverse = amax > 0.f ? 127.f / amax : 0.f;
-      for (int k = 0; k < kBlock; ++k) qb[k] = static_cast<int8_t>(std::nearbyint(xb[k] * inverse));
-      dx[i] = amax / 127.f;
-      xsum[i] = sum;
-    }
-  });
-}
+using qwen2::kBlock;
 
 #ifdef QWEN2_AVX2
 inline float hsum(__m256 v) {
@@ -252,7 +232,8 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   const at::Tensor qc = q.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
   at::Tensor qx = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({M, G}, x32.options()), xsum = at::empty({M, G}, x32.options());
-  quantize_x(x32.data_ptr<float>(), qx.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(), M, K);
+  qwen2::round_x_in_blocks(x32.data_ptr<float>(), qx.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(),
+                           M, K);
   at::Tensor y = at::empty({M, N}, x32.options());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const c10::Half *sp = sc.data_ptr<c10::Half>(), *mp = mc.data_ptr<c10::Half>();

@@ -40,25 +40,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;
-constexpr float kLevels = 32767.f;
-
-// x (M, K) float32 -> qx (M, K) int16 and dx (M, K / 32) float32. The scale is 32767 / max
-// (rounded once, in float32) and levels round half to even, so torch reproduces qx exactly
-// (tests/test_int8_blocks.py).
-void quantize_x(const float* x, int16_t* qx, float* dx, int64_t M, int64_t K) {
-  at::parallel_for(0, M * (K / kBlock), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* xb = x + i * kBlock;
-      int16_t* qb = qx + i * kBlock;
-      float amax = 0.f;
-      for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
-      const float inverse = amax > 0.f ? kLevels / amax : 0.f;
-      for (int k = 0; k < kBlock; ++k) qb[k] = static_cast<int16_t>(std::nearbyint(xb[k] * inverse));
-      dx[i] = amax / kLevels;
-    }
-  });
-}
+using qwen2::kBlock;
 
 // T rows of rounded x against one panel (8 output channels), all blocks, written to
 // y[r * y_stride + 0..7].
@@ -119,7 +101,7 @@ at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   const at::Tensor qc = q.contiguous(), sc = scales.contiguous();
   at::Tensor qx = at::empty({M, K}, x.options().dtype(at::kShort));
   at::Tensor dx = at::empty({M, G}, x32.options());
-  quantize_x(x32.data_ptr<float>(), qx.data_ptr<int16_t>(), dx.data_ptr<float>(), M, K);
+  qwen2::round_x_in_blocks(x32.data_ptr<float>(), qx.data_ptr<int16_t>(), dx.data_ptr<float>(), nullptr, M, K);
   at::Tensor y = at::empty({M, N}, x32.options());
   const int8_t* qp = qc.data_ptr<int8_t>();
   const c10::Half* sp = sc.data_ptr<c10::Half>();

@@ -5,13 +5,41 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace qwen2 {
 
-constexpr int64_t kPanel = 8;  // output channels a panel
-constexpr int64_t kTile = 4;   // rows of x that meet a panel's weights at once
+constexpr int64_t kBlock = 32;  // inputs per scale of the quantized kernels
+constexpr int64_t kPanel = 8;   // output channels a panel
+constexpr int64_t kTile = 4;    // rows of x that meet a panel's weights at once
+
+// x (M, K) float32 -> qx (M, K) of Level (int8 or int16), with dx (M, K / 32) float32 the scale of
+// each block of 32, and, where xsum is given, each block's float32 sum of x. The scale is
+// max(Level) / max |x| (rounded once, in float32) and levels round half to even, so torch
+// reproduces qx exactly (tests/helpers.py, round_x_in_blocks).
+template <class Level>
+void round_x_in_blocks(const float* x, Level* qx, float* dx, float* xsum, int64_t M, int64_t K) {
+  constexpr float kLevels = static_cast<float>(std::numeric_limits<Level>::max());
+  at::parallel_for(0, M * (K / kBlock), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xb = x + i * kBlock;
+      Level* qb = qx + i * kBlock;
+      float amax = 0.f;
+      for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      if (xsum) {
+        float sum = 0.f;
+        for (int k = 0; k < kBlock; ++k) sum += xb[k];
+        xsum[i] = sum;
+      }
+      const float inverse = amax > 0.f ? kLevels / amax : 0.f;
+      for (int k = 0; k < kBlock; ++k) qb[k] = static_cast<Level>(std::nearbyint(xb[k] * inverse));
+      dx[i] = amax / kLevels;
+    }
+  });
+}
 
 // Calls rows(std::integral_constant<int, T>, p, m) for every panel p of the N / 8 and every tile of
 // T <= 4 rows of x starting at row m: each thread takes runs of four panels (32 channels), and a
