@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from .cpu_attention import decode_backend
 from .fast_path import CacheLease, FastPath, cache_bucket
 
 # Inductor options per compile mode. "max-autotune" times Inductor's own C++ GEMM templates against
@@ -89,13 +90,13 @@ class CompiledCpuPath(FastPath):
     # keeps (four) decodes through it, each in a cache of its own.
     leases_per_bucket = 4
 
-    def __init__(self, model, mode: str | None = None, attention: str = "single_query"):
+    def __init__(self, model, mode: str | None = None, attention: str | None = None):
         mode = checked_mode(model, mode)
         super().__init__(model)
         self.mode = mode
-        # single_query: one query row as products and sums that Inductor fuses, chosen for the
-        # compiled step's calls only (prefill, T > 1, goes to SDPA anyway).
-        self.attention = attention or None
+        # for the compiled step's calls only (prefill, T > 1, goes to SDPA anyway): our kernel for one
+        # query row where it builds, else the model's math for it, which Inductor fuses
+        self.attention = attention or decode_backend(model.device)
         # Inductor reads `freezing` from its global config while it compiles (torch.compile's
         # options= does not reach it: measured, the weights then stay graph inputs and the products
         # plain aten::mm), so a compile runs under a patch of the config; a compiled step needs none.

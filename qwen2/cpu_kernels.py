@@ -13,6 +13,9 @@ as llama.cpp does; torch's int4 kernel converts every level to float and was slo
 `bf16_panel_mm` (csrc/bf16_panels.cpp): bf16 W widened to float32 in registers, float32 sums, for
 CPUs without bf16 math, where torch converts bf16 products as it goes (qwen2/upcast.py).
 
+`decode_attention` (csrc/decode_attention.cpp): one query row's attention over a fixed-size cache,
+its masked keys skipped, for the compiled CPU decode steps (qwen2/cpu_attention.py).
+
 All are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
 them like any aten kernel.
 
@@ -21,7 +24,7 @@ requirements.txt, found beside the interpreter where a virtual environment is no
 `QWEN2_KERNEL_CACHE` moves the cache (default ~/.cache/qwen2-studio/kernels), a damaged library in
 it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails, int8 falls
 back to torch's per-channel kernel, int4 to torch's int4 kernel, bf16 prompts to float32 copies
-(qwen2/upcast.py), and `kernel_error()` says why.
+(qwen2/upcast.py), decode attention to Inductor's fusion of the model's math, and `kernel_error()` says why.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp", "bf16_panels.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp", "bf16_panels.cpp",
+                                                                      "decode_attention.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "panels.h"]
 BLOCK = 32  # weights per scale, fixed by the kernels
 PANEL = 8  # output channels the kernels take at once (csrc/panels.h): weights' outputs come in multiples
@@ -119,6 +123,10 @@ def _build_and_load() -> None:
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("qwen2::decode_attention")
+    def _(q, k, v, valid, scale):
+        return q.new_empty(q.shape, dtype=v.dtype)
+
 
 def kernel_error() -> str | None:
     """None when our kernels (torch.ops.qwen2.*) are ready in this process, else why they are not.
@@ -134,7 +142,7 @@ def kernel_error() -> str | None:
                 except Exception as exc:  # noqa: BLE001 - any failure to build means: use torch's kernels
                     _error.append(f"building {', '.join(source.name for source in SOURCES)} failed: {type(exc).__name__}: {str(exc).strip()[-400:]}")
                     warnings.warn(f"int8 falls back to per-channel scales, int4 to torch's kernel, bf16 prompts to "
-                                  f"float32 copies: {_error[0]}",
+                                  f"float32 copies, decode attention to the model's math: {_error[0]}",
                                   stacklevel=2)
         return _error[0]
 

@@ -58,7 +58,7 @@ from .cpu_kernels import BLOCK, PANEL
 from .errors import ConfigError
 from .options import QUANT_SCHEMES as SCHEMES  # the one list of schemes
 from .options import cpu_has_bfloat16_math
-from .upcast import Bf16PanelLinear
+from .upcast import plain_layers
 
 # Group size of int4 (weights per scale/min pair along the input dimension): 32, 64 or 128.
 INT4_GROUP_SIZE = 32
@@ -429,12 +429,11 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
             return Int4BlockLinear.from_weight(weight, bias)
         return Int4Linear.from_weight(weight, bias, group_size)
 
+    plain_layers(model)  # a bf16 model's panel layers (qwen2/upcast.py) back to nn.Linear first
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
-            for name in [n for n, m in block.named_children() if isinstance(m, (nn.Linear, Bf16PanelLinear))]:
+            for name in [n for n, m in block.named_children() if isinstance(m, nn.Linear)]:
                 linear = getattr(block, name)  # fused or not
-                if isinstance(linear, Bf16PanelLinear):
-                    linear = linear.as_linear()
                 setattr(block, name, int4(linear.weight.data, linear.bias) if scheme == "int4" else int8(linear))
 
     embedding = model.model.embed_tokens.weight.data

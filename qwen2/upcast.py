@@ -119,21 +119,72 @@ class Bf16PanelLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bf16 in panels, bias={self.bias is not None}"
 
 
+class Bf16PanelEmbedding(nn.Module):
+    """Row lookup of a bf16 table held in the kernel's panel order: the embedding of a model whose
+    tied LM head is a Bf16PanelLinear, so that both read the one copy of the table."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return panel_rows(self.weight, ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, bf16 in panels"
+
+
+def panel_rows(panels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (indices, any shape) of an (out, in) weight held in panel order: (..., in)."""
+    out_features, in_features = panels.shape
+    flat = rows.reshape(-1)
+    picked = panels.view(out_features // 8, in_features, 8)[flat // 8, :, flat % 8]  # (n, in)
+    return picked.reshape(*rows.shape, in_features)
+
+
 def wants_upcast(model) -> bool:
     """A bf16 model on a CPU that converts bf16 products as it goes."""
     return model.device.type == "cpu" and model.dtype == torch.bfloat16 and not cpu_has_bfloat16_math()
 
 
+def _fits_panels(linear: nn.Linear) -> bool:
+    return linear.out_features % cpu_kernels.PANEL == 0 and linear.in_features % 8 == 0  # the kernel's 8 FMA chains
+
+
 def float32_products(model):
     """Swap the decoder layers' linear layers for Bf16PanelLinear where our kernels build and the
-    shapes fit their panels, else for UpcastLinear, in place (the LM head is left as it is: it
-    shares the embedding's table, and a prompt needs its last row only)."""
+    shapes fit their panels, else for UpcastLinear, in place. The LM head becomes a Bf16PanelLinear
+    too where the kernels build (a decode step reads all of it: a quarter of the 0.5B model's bytes);
+    a tied embedding then reads its rows out of the head's panels (Bf16PanelEmbedding). Without the
+    kernels the head stays as it is: a prompt needs its last row only."""
     panels = cpu_kernels.blocks_available(model.device)
     for layer in model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name, module in list(block.named_children()):
                 if type(module) is nn.Linear:
-                    fits = (panels and module.out_features % cpu_kernels.PANEL == 0
-                            and module.in_features % 8 == 0)  # the kernel's 8 FMA chains
-                    setattr(block, name, (Bf16PanelLinear if fits else UpcastLinear).from_linear(module))
+                    setattr(block, name, (Bf16PanelLinear if panels and _fits_panels(module) else UpcastLinear)
+                            .from_linear(module))
+    head = model.lm_head
+    if panels and type(head) is nn.Linear and _fits_panels(head):
+        tied = head.weight is model.model.embed_tokens.weight
+        model.lm_head = Bf16PanelLinear.from_linear(head)
+        if tied:
+            model.model.embed_tokens = Bf16PanelEmbedding(model.lm_head.weight)
+    return model
+
+
+def plain_layers(model):
+    """Undo float32_products' panels, in place: nn.Linear layers and head, nn.Embedding (quantize_model
+    starts from these)."""
+    for layer in model.model.layers:
+        for block in (layer.self_attn, layer.mlp):
+            for name, module in list(block.named_children()):
+                if isinstance(module, Bf16PanelLinear):
+                    setattr(block, name, module.as_linear())
+    if isinstance(model.lm_head, Bf16PanelLinear):
+        model.lm_head = model.lm_head.as_linear()
+        if isinstance(model.model.embed_tokens, Bf16PanelEmbedding):
+            embedding = nn.Embedding(*model.lm_head.weight.shape, device="meta")
+            embedding.weight = model.lm_head.weight
+            model.model.embed_tokens = embedding
     return model

@@ -2,6 +2,7 @@
 
     python scripts/cpu_step_anatomy.py [--model .models/Qwen2.5-Coder-0.5B-Instruct] [--quantize int8]
                                        [--dtype bfloat16] [--bucket 256] [--steps 32] [--threads 2]
+                                       [--attention cpu_kernel|single_query]
 
 Compiles the step the way `python -m qwen2` does (CompiledCpuPath, Inductor with frozen weights,
 max-autotune unless $QWEN2_COMPILE_MODE says otherwise), with Inductor's per-kernel profiling on
@@ -35,6 +36,7 @@ import torch._inductor.config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qwen2  # noqa: E402
+from profiling.compiled_step import PRODUCT  # noqa: E402
 from profiling.memory import weight_bytes  # noqa: E402
 from qwen2.cpu_compile import CompiledCpuPath  # noqa: E402
 from qwen2.generate import DecodeSession  # noqa: E402
@@ -45,10 +47,8 @@ CONTAINERS = ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph byt
               "## Call CompiledFxGraph", "CompiledFunction")
 # (kind, pattern on the kernel name), first match wins
 KINDS = [
-    ("products", re.compile(r"^(mkl|mkldnn|onednn|quantized|qwen2)::|^aten::(mm|addmm|bmm|_weight_int8pack_mm|_weight_int4pack_mm\w*)$|"
-                            r"Gemm|_template|(^|_)gemm_|^graph_\d+_kernel$")),  # Inductor's GEMM templates; its
-    # int8 weight-only template comes out named plainly `graph_0_kernel`
-    ("attention", re.compile(r"softmax|_safe_softmax|scaled_dot")),
+    ("products", PRODUCT),  # library products, ours, Inductor's GEMM templates (profiling/compiled_step.py)
+    ("attention", re.compile(r"softmax|_safe_softmax|scaled_dot|decode_attention")),
     ("norms", re.compile(r"rsqrt|mean|pow")),
     ("MLP activation", re.compile(r"silu|sigmoid")),
     ("RoPE", re.compile(r"cos|sin|cat|neg")),
@@ -70,14 +70,17 @@ def main(argv=None) -> int:
     p.add_argument("--bucket", type=int, default=256, help="the cache length the step is compiled for")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", default=None, choices=(None, "cpu_kernel", "single_query"),
+                   help="the step's attention backend (default: our kernel where it builds)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = qwen2.load_model(args.model, dtype=args.dtype, quantize=args.quantize)
-    path = CompiledCpuPath(model)  # compiled with cpp.enable_kernel_profile, as every compiled step is
+    path = CompiledCpuPath(model, attention=args.attention)  # with cpp.enable_kernel_profile, as every compiled step
     start = time.perf_counter()
     path.warm_up(buckets=[args.bucket])
     print(f"{args.model} {args.dtype} {args.quantize or ''} | compile ({path.mode}) {time.perf_counter() - start:.0f} s | "
-          f"torch {torch.__version__} | {torch.get_num_threads()} threads | bucket {args.bucket}")
+          f"torch {torch.__version__} | {torch.get_num_threads()} threads | bucket {args.bucket} | "
+          f"attention {path.attention}")
 
     with DecodeSession(model, 1, args.bucket, fast_path=path) as session:
         logits = session.prefill(torch.zeros(1, 16, dtype=torch.long))

@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2 import cpu_kernels
-from qwen2.upcast import Bf16PanelLinear, to_panels
+import qwen2
+from profiling.memory import weight_bytes
+from qwen2 import cpu_kernels, upcast
+from qwen2.upcast import Bf16PanelEmbedding, Bf16PanelLinear, panel_rows, to_panels
+from tests.helpers import make_checkpoint, rand_ids
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
                                   reason=f"our CPU kernels are not built here: {cpu_kernels.kernel_error()}")
@@ -64,3 +67,33 @@ def test_layer_equals_the_float32_product_rounded_to_bf16(rows):
     torch.testing.assert_close(got, expected, atol=2 ** -7, rtol=2 ** -7)
     with torch.inference_mode():  # compiled: Inductor calls the same kernel, so the same bits
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_rows_read_out_of_panels_are_the_plain_rows():
+    w = torch.randn(24, 16).bfloat16()
+    ids = torch.tensor([[0, 23, 7], [8, 8, 15]])
+    assert torch.equal(panel_rows(to_panels(w), ids), w[ids])
+    assert torch.equal(Bf16PanelEmbedding(to_panels(w))(ids), F.embedding(ids, w))
+
+
+@needs_kernel
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_bf16_model_reads_its_head_from_panels_and_keeps_one_table(tmp_path, monkeypatch, tied):
+    monkeypatch.setattr(upcast, "cpu_has_bfloat16_math", lambda: False)
+    directory = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
+    model = qwen2.load_model(directory, dtype="bfloat16")
+    reference = qwen2.load_model(directory, dtype="float32")
+    assert isinstance(model.lm_head, Bf16PanelLinear)
+    assert isinstance(model.model.embed_tokens, Bf16PanelEmbedding if tied else torch.nn.Embedding)
+    assert (model.model.embed_tokens.weight is model.lm_head.weight) == tied
+    assert weight_bytes(model)["weights_bytes"] * 2 == weight_bytes(reference)["weights_bytes"]  # no second copy
+    # the embedding's rows and the head's product are those of the checkpoint's table
+    ids = rand_ids(5, (2, 11))
+    torch.testing.assert_close(model.model.embed_tokens(ids).float(), reference.model.embed_tokens(ids),
+                               atol=0, rtol=2 ** -8)
+    h = torch.randn(3, model.config.hidden_size).bfloat16()
+    torch.testing.assert_close(model.lm_head(h).double(), h.double() @ reference.lm_head.weight.bfloat16().double().t(),
+                               atol=1e-3, rtol=2 ** -7)
+    with torch.inference_mode():
+        assert list(qwen2.generate(model, ids[:1], max_new_tokens=8, stop_token_ids=[])) == \
+            list(qwen2.generate(reference, ids[:1], max_new_tokens=8, stop_token_ids=[]))

@@ -101,7 +101,12 @@ def test_a_bf16_model_multiplies_in_float32_where_the_cpu_has_no_bf16_math(tiny_
     model = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
     kinds = {type(m).__name__ for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())}
     expected = "Linear" if bf16_math else "Bf16PanelLinear" if kernels else "UpcastLinear"
-    assert kinds == {expected} and type(model.lm_head) is torch.nn.Linear
+    assert kinds == {expected}
+    # the head in panels too where the kernels build, a tied embedding reading its rows from them
+    panels = kernels and not bf16_math
+    assert type(model.lm_head) is (upcast.Bf16PanelLinear if panels else torch.nn.Linear)
+    assert type(model.model.embed_tokens) is (upcast.Bf16PanelEmbedding if panels else torch.nn.Embedding)
+    assert model.model.embed_tokens.weight is model.lm_head.weight  # one table, tied as in the checkpoint
     assert all(type(m) is torch.nn.Linear for m in qwen2.load_model(tiny_model_dir, dtype="float32").modules()
                if isinstance(m, torch.nn.Linear))
     # a prompt through the upcast products is close to the float32 model, its greedy reply the same
@@ -120,3 +125,9 @@ def test_quantizing_an_upcast_model_replaces_every_layer(tiny_model_dir, monkeyp
                 if not isinstance(m, torch.nn.modules.activation.SiLU)]
     kinds = {type(m).__name__ for m in products}
     assert products and all(isinstance(m, (Int8Linear, Int8BlockLinear)) for m in products), kinds
+    # the same int8 model as quantizing the plain bf16 one: the panels (head and embedding too) were
+    # taken back to plain weights first
+    monkeypatch.setattr(upcast, "cpu_has_bfloat16_math", lambda: True)
+    plain = qwen2.quant.quantize_model(qwen2.load_model(tiny_model_dir, dtype="bfloat16"), "int8")
+    ids = rand_ids(4, (1, 12))
+    assert torch.equal(model(ids), plain(ids))

@@ -1,0 +1,37 @@
+"""One new token's attention in the compiled CPU decode steps, through our kernel.
+
+The compiled steps read their whole cache bucket under a mask (fixed shapes). Inductor's fusion of
+`single_query_attention` (qwen2/model.py) recomputed the query's bias and rotation for every key and
+scored the masked keys too: ~2 ms of a 0.5B decode step at a 256-token bucket. The kernel
+(qwen2/csrc/decode_attention.cpp) computes the same math, float32 sums, skipping masked keys, so
+its cost follows the conversation's length rather than the bucket's (docs/benchmarks.md).
+
+It is one more entry of the model's attention registry, "cpu_kernel"; `decode_backend(device)`
+names it where our kernels build, else "single_query".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import cpu_kernels
+from .model import ATTENTION_BACKENDS, CAUSAL, single_query_attention
+
+
+def kernel_attention(q, k, v, mask, scale):
+    """single_query_attention's math in one call of the kernel.  q (B, H, 1, hd), k/v (B, Hkv, S, hd);
+    mask None, CAUSAL or (B or 1, 1, 1, S) bool. Anything else (several query rows) goes to
+    single_query_attention."""
+    B, H, T, hd = q.shape
+    if T != 1 or (mask is not None and mask is not CAUSAL and mask.shape[-2] != 1):
+        return single_query_attention(q, k, v, mask, scale)
+    valid = None if mask is None or mask is CAUSAL else mask[:, 0, 0, :]  # (B or 1, S)
+    return torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k, v, valid, scale).view(B, H, 1, hd)
+
+
+ATTENTION_BACKENDS["cpu_kernel"] = kernel_attention
+
+
+def decode_backend(device: torch.device) -> str:
+    """The attention backend for compiled decode steps on `device`."""
+    return "cpu_kernel" if cpu_kernels.blocks_available(device) else "single_query"

@@ -1,0 +1,123 @@
+"""Our one-query-row attention kernel (qwen2/csrc/decode_attention.cpp, qwen2/cpu_attention.py): the
+kernel against float64 attention, its masks and dtypes, its errors, and its place in the compiled
+CPU decode steps. The compiled steps' parity with eager (which now runs through it) is in
+tests/test_cpu_compile.py and tests/test_engine*.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwen2
+from qwen2 import cpu_attention, cpu_kernels
+from qwen2.cpu_compile import CompiledCpuPath
+from qwen2.generate import DecodeSession
+from qwen2.model import CAUSAL, single_query_attention
+from tests.helpers import rand_ids
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
+                                  reason=f"our CPU kernels are not built here: {cpu_kernels.kernel_error()}")
+
+
+def _reference(q, k, v, mask, scale):
+    """The model's math in float64."""
+    return single_query_attention(q.double(), k.double(), v.double(), mask, scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(14, 2, 64), (12, 2, 128), (4, 4, 8), (18, 2, 16), (6, 2, 12)],
+                         ids=["0.5B", "1.5B", "no-groups", "9-groups", "odd-head-dim"])
+@pytest.mark.parametrize("keys", [1, 9, 300])
+@pytest.mark.parametrize("masking", ["none", "per-row", "shared"])
+def test_kernel_equals_float64_attention(heads, kv_heads, head_dim, keys, masking):
+    torch.manual_seed(keys + heads)
+    B = 3
+    q = torch.randn(B, heads, 1, head_dim)
+    k, v = torch.randn(B, kv_heads, keys, head_dim) * 3, torch.randn(B, kv_heads, keys, head_dim)
+    mask = torch.rand(B, 1, 1, keys) > 0.4
+    mask[..., -1] = True  # a row's own key
+    mask = {"none": None, "per-row": mask, "shared": mask[:1]}[masking]
+    out = cpu_attention.kernel_attention(q, k, v, mask, head_dim ** -0.5)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask, head_dim ** -0.5), atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_masked_keys_do_not_count_whatever_they_hold():
+    q, k, v = torch.randn(1, 14, 1, 64), torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    mask = torch.zeros(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :25] = True
+    before = cpu_attention.kernel_attention(q, k, v, mask, 0.125)
+    k[:, :, 25:], v[:, :, 25:] = 1e30, float("nan")  # a fixed-size cache's unused slots hold anything
+    assert torch.equal(cpu_attention.kernel_attention(q, k, v, mask, 0.125), before)
+    torch.testing.assert_close(before, single_query_attention(q, k[:, :, :25], v[:, :, :25], None, 0.125),
+                               atol=1e-6, rtol=0)
+
+
+@needs_kernel
+def test_a_bfloat16_cache_is_summed_in_float32():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 14, 1, 64).bfloat16(), torch.randn(2, 2, 70, 64).bfloat16(),
+               torch.randn(2, 2, 70, 64).bfloat16())
+    out = cpu_attention.kernel_attention(q, k, v, None, 0.125)
+    assert out.dtype == torch.bfloat16
+    # the float64 result of the same bf16 values, rounded once to bf16
+    torch.testing.assert_close(out.double(), _reference(q, k, v, None, 0.125), atol=0, rtol=2 ** -8)
+
+
+@needs_kernel
+def test_strided_cache_views_and_the_causal_marker():
+    cache_k, cache_v = torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64)
+    k, v = cache_k[:, :, :21], cache_v[:, :, :21]  # the first 21 slots of a larger cache: not contiguous
+    q = torch.randn(1, 14, 1, 64)
+    out = cpu_attention.kernel_attention(q, k, v, CAUSAL, 0.125)  # one query row: CAUSAL hides nothing
+    torch.testing.assert_close(out.double(), _reference(q, k, v, None, 0.125), atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_several_query_rows_go_to_the_models_math():
+    q, k, v = torch.randn(1, 14, 3, 64), torch.randn(1, 2, 12, 64), torch.randn(1, 2, 12, 64)
+    mask = torch.ones(1, 1, 3, 12, dtype=torch.bool).tril(9)
+    torch.testing.assert_close(cpu_attention.kernel_attention(q, k, v, mask, 0.125),
+                               single_query_attention(q, k, v, mask, 0.125))
+
+
+@needs_kernel
+def test_kernel_refuses_wrong_shapes_and_dtypes_with_what_it_expected():
+    k = v = torch.randn(1, 2, 8, 64)
+    with pytest.raises(RuntimeError, match=r"q must be \(1, a multiple of 2, 64\)"):
+        torch.ops.qwen2.decode_attention(torch.randn(1, 3, 64), k, v, None, 0.125)
+    with pytest.raises(RuntimeError, match="k and v must both be float32 or both bfloat16"):
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v.bfloat16(), None, 0.125)
+    with pytest.raises(RuntimeError, match=r"valid must be a bool \(1 or 1, 8\)"):
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v, torch.ones(1, 9, dtype=torch.bool), 0.125)
+    with pytest.raises(RuntimeError, match="contiguous in head_dim"):
+        columns = torch.randn(1, 2, 64, 8).transpose(2, 3)  # (1, 2, 8, 64), head_dim strided
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), columns, columns, None, 0.125)
+
+
+@needs_kernel
+@pytest.mark.slow
+def test_compiled_decode_step_calls_the_kernel_and_matches_the_models_math(tiny_model_dir):
+    model = qwen2.load_model(tiny_model_dir, dtype="float32")
+    ids = rand_ids(7, (1, 14))
+    logits = {}
+    for attention in ("cpu_kernel", "single_query"):
+        path = CompiledCpuPath(model, mode="default", attention=attention)
+        torch._dynamo.reset()  # each backend its own compile of the step
+        with torch.inference_mode(), DecodeSession(model, 1, 256, fast_path=path) as session:
+            out = [session.prefill(ids[:, :6])]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for t in range(6, 14):
+                    out.append(session.step(ids[:, t]))
+        called = any(event.key == "qwen2::decode_attention" for event in prof.key_averages())
+        assert called == (attention == "cpu_kernel")
+        logits[attention] = torch.stack(out, 1)
+    torch.testing.assert_close(logits["cpu_kernel"], logits["single_query"], atol=1e-5, rtol=0)
+    assert CompiledCpuPath(model, mode="default").attention == "cpu_kernel"  # the default where the kernels build
+
+
+def test_without_the_kernels_the_compiled_steps_keep_the_models_math(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "kernel_error", lambda: "turned off by QWEN2_NO_KERNELS")
+    assert cpu_attention.decode_backend(torch.device("cpu")) == "single_query"
+    assert cpu_attention.decode_backend(torch.device("meta")) == "single_query"
