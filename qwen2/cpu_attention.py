@@ -7,7 +7,8 @@ scored the masked keys too: ~2 ms of a 0.5B decode step at a 256-token bucket. T
 its cost follows the conversation's length rather than the bucket's (docs/benchmarks.md).
 
 It is one more entry of the model's attention registry, "cpu_kernel"; `decode_backend(device)`
-names it where our kernels build, else "single_query".
+names it where our kernels build, else "single_query". CompiledCpuPath (qwen2/cpu_compile.py) uses
+it; the serving engine's compiled steps (qwen2/steps.py) keep "single_query" for now.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ as llama.cpp does; torch's int4 kernel converts every level to float and was slo
 CPUs without bf16 math, where torch converts bf16 products as it goes (qwen2/upcast.py).
 
 `decode_attention` (csrc/decode_attention.cpp): one query row's attention over a fixed-size cache,
-its masked keys skipped, for the compiled CPU decode steps (qwen2/cpu_attention.py).
+its masked keys skipped, for the compiled CPU decode step (qwen2/cpu_attention.py).
 
 All are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
 them like any aten kernel.

@@ -33,7 +33,6 @@ import time
 import torch
 
 from .cache import RowBatch, RowCache
-from .cpu_attention import decode_backend
 from .errors import ConfigError
 from .generate import eager_attention_kernels
 from .model import attention_mask_for, visibility_mask
@@ -155,7 +154,6 @@ class CompiledCpuSteps(EagerSteps):
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
         self.inductor_config = {"freezing": True, "compile_threads": 1, "cpp.enable_kernel_profile": True,
                                 **COMPILE_MODES[mode]}
-        self.attention = decode_backend(model.device)  # one query row: our kernel where it builds
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
         self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
@@ -167,7 +165,7 @@ class CompiledCpuSteps(EagerSteps):
         self._thread: threading.Thread | None = None
 
     def _step(self, cache, rows, ids, positions, key_slots):
-        return rows_forward(self.model, cache, rows, ids, positions, key_slots, attention=self.attention)
+        return rows_forward(self.model, cache, rows, ids, positions, key_slots, attention="single_query")
 
     def _verify(self, cache, rows, ids, positions, key_slots):
         return rows_forward(self.model, cache, rows, ids, positions, key_slots, last_only=False)[0]

@@ -1,7 +1,7 @@
 """Our one-query-row attention kernel (qwen2/csrc/decode_attention.cpp, qwen2/cpu_attention.py): the
 kernel against float64 attention, its masks and dtypes, its errors, and its place in the compiled
-CPU decode steps. The compiled steps' parity with eager (which now runs through it) is in
-tests/test_cpu_compile.py and tests/test_engine*.py."""
+CPU decode step. The compiled step's parity with eager (which now runs through it) is in
+tests/test_cpu_compile.py."""
 
 from __future__ import annotations
 
