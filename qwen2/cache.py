@@ -137,5 +137,8 @@ class RowBatch:
         keys, values = self.cache.k[layer_idx], self.cache.v[layer_idx]
         keys[self.rows[:, None], :, self.slots] = k.transpose(1, 2)  # (B, T, Hkv, hd) into (row, slot)
         values[self.rows[:, None], :, self.slots] = v.transpose(1, 2)
-        n = self.key_slots.shape[0]
-        return keys[self.rows, :, :n], values[self.rows, :, :n]
+        return self.read(keys), self.read(values)
+
+    def read(self, pool: torch.Tensor):
+        """(B, Hkv, S, hd): each entry's row of `pool` (R, Hkv, L, hd), slots [0, S)."""
+        return pool[self.rows, :, :self.key_slots.shape[0]]

@@ -7,27 +7,59 @@ scored the masked keys too: ~2 ms of a 0.5B decode step at a 256-token bucket. T
 its cost follows the conversation's length rather than the bucket's (docs/benchmarks.md).
 
 It is one more entry of the model's attention registry, "cpu_kernel"; `decode_backend(device)`
-names it where our kernels build, else "single_query". CompiledCpuPath (qwen2/cpu_compile.py) uses
-it; the serving engine's compiled steps (qwen2/steps.py) keep "single_query" for now.
+names it where our kernels build, else "single_query". CompiledCpuPath (qwen2/cpu_compile.py) and
+the serving engine's compiled steps (qwen2/steps.py) use it. The engine's rows are read in place in
+its cache pool (PooledRowBatch): a gather, which Inductor fused into its own attention loop, is a
+copy of every key and value of the batch in front of an opaque kernel.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import cpu_kernels
+from .cache import RowBatch
 from .model import ATTENTION_BACKENDS, CAUSAL, single_query_attention
 
 
+class PooledRows(NamedTuple):
+    """A batch's keys or values left where they are in the serving engine's cache pool: slots
+    [0, n) of `rows` of `pool` (R, Hkv, L, hd). The kernel reads them in place; gathering them into
+    (B, Hkv, n, hd), as RowBatch does for the model's math, copies the whole context twice a layer."""
+
+    pool: torch.Tensor
+    rows: torch.Tensor  # (B,) int64
+    n: int
+
+    def gathered(self) -> torch.Tensor:
+        return self.pool[self.rows, :, :self.n]
+
+
+class PooledRowBatch(RowBatch):
+    """RowBatch whose reads stay in the pool (PooledRows): for the "cpu_kernel" backend only."""
+
+    def read(self, pool: torch.Tensor) -> PooledRows:
+        return PooledRows(pool, self.rows, self.key_slots.shape[0])
+
+
 def kernel_attention(q, k, v, mask, scale):
-    """single_query_attention's math in one call of the kernel.  q (B, H, 1, hd), k/v (B, Hkv, S, hd);
-    mask None, CAUSAL or (B or 1, 1, 1, S) bool. Anything else (several query rows) goes to
-    single_query_attention."""
+    """single_query_attention's math in one call of the kernel.  q (B, H, 1, hd); k/v (B, Hkv, S, hd)
+    or PooledRows; mask None, CAUSAL or (B or 1, 1, 1, S) bool. Anything else (several query rows)
+    goes to single_query_attention."""
     B, H, T, hd = q.shape
+    pooled = isinstance(k, PooledRows)
     if T != 1 or (mask is not None and mask is not CAUSAL and mask.shape[-2] != 1):
+        if pooled:
+            k, v = k.gathered(), v.gathered()
         return single_query_attention(q, k, v, mask, scale)
     valid = None if mask is None or mask is CAUSAL else mask[:, 0, 0, :]  # (B or 1, S)
-    return torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k, v, valid, scale).view(B, H, 1, hd)
+    if pooled:
+        out = torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k.pool, v.pool, k.rows, k.n, valid, scale)
+    else:
+        out = torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k, v, None, k.shape[2], valid, scale)
+    return out.view(B, H, 1, hd)
 
 
 ATTENTION_BACKENDS["cpu_kernel"] = kernel_attention

@@ -13,8 +13,9 @@ as llama.cpp does; torch's int4 kernel converts every level to float and was slo
 `bf16_panel_mm` (csrc/bf16_panels.cpp): bf16 W widened to float32 in registers, float32 sums, for
 CPUs without bf16 math, where torch converts bf16 products as it goes (qwen2/upcast.py).
 
-`decode_attention` (csrc/decode_attention.cpp): one query row's attention over a fixed-size cache,
-its masked keys skipped, for the compiled CPU decode step (qwen2/cpu_attention.py).
+`decode_attention` (csrc/decode_attention.cpp): one query row's attention over a fixed-size cache
+or rows of the engine's pool, its masked keys skipped, for the compiled CPU decode steps
+(qwen2/cpu_attention.py).
 
 All are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
 them like any aten kernel.
@@ -124,7 +125,7 @@ def _build_and_load() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("qwen2::decode_attention")
-    def _(q, k, v, valid, scale):
+    def _(q, k, v, rows, keys, valid, scale):
         return q.new_empty(q.shape, dtype=v.dtype)
 
 

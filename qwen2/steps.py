@@ -33,6 +33,7 @@ import time
 import torch
 
 from .cache import RowBatch, RowCache
+from .cpu_attention import PooledRowBatch, decode_backend
 from .errors import ConfigError
 from .generate import eager_attention_kernels
 from .model import attention_mask_for, visibility_mask
@@ -48,7 +49,8 @@ def rows_forward(model, cache: RowCache, rows, ids, positions, key_slots, attent
                  for kind, window in model.layer_windows()}
     else:
         masks = {kind: visibility_mask(positions, key_slots, None, window) for kind, window in model.layer_windows()}
-    batch = RowBatch(cache, rows, positions, key_slots)
+    # our kernel reads the rows in place (cpu_attention.PooledRows); the model's math gathers them
+    batch = (PooledRowBatch if attention == "cpu_kernel" else RowBatch)(cache, rows, positions, key_slots)
     logits = model.run(ids, positions, masks, batch, last_only=last_only, attention=attention)
     return logits[:, -1] if last_only else logits
 
@@ -154,6 +156,7 @@ class CompiledCpuSteps(EagerSteps):
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
         self.inductor_config = {"freezing": True, "compile_threads": 1, "cpp.enable_kernel_profile": True,
                                 **COMPILE_MODES[mode]}
+        self.attention = decode_backend(model.device)  # one query row: our kernel where it builds
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
         self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
@@ -165,7 +168,7 @@ class CompiledCpuSteps(EagerSteps):
         self._thread: threading.Thread | None = None
 
     def _step(self, cache, rows, ids, positions, key_slots):
-        return rows_forward(self.model, cache, rows, ids, positions, key_slots, attention="single_query")
+        return rows_forward(self.model, cache, rows, ids, positions, key_slots, attention=self.attention)
 
     def _verify(self, cache, rows, ids, positions, key_slots):
         return rows_forward(self.model, cache, rows, ids, positions, key_slots, last_only=False)[0]

@@ -2,6 +2,7 @@
 (qwen2.steps.MAX_COMPILED_KEYS: below it the first compile serves, above it the "long" one).
 
     python scripts/long_context_steps.py [--dtype float32] [--quantize int8] [--compile-mode max-autotune]
+                                         [--attention cpu_kernel|single_query]
 
 Compiles the step runner as the engine does for one row of 8192 tokens (verification left out),
 then at each key count alternates 5 compiled and 5 eager steps on the same row and prints their
@@ -34,6 +35,8 @@ def main():
     p.add_argument("--quantize", default=None)
     p.add_argument("--compile-mode", default="max-autotune")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", choices=("cpu_kernel", "single_query"), default=None,
+                   help="the compiled step's attention (default: the engine's, cpu_attention.decode_backend)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     from torch._dynamo.utils import counters
@@ -41,8 +44,9 @@ def main():
     model = qwen2.load_model(args.model, dtype=args.dtype, quantize=args.quantize)
     cache = RowCache(model.config, 1, 8192, model.device, model.dtype)
     steps = CompiledCpuSteps(model, 1, args.compile_mode, verify_width=0, row_tokens=cache.row_len)
+    steps.attention = args.attention or steps.attention
     steps.compile_now(lambda: cache, lambda fraction, message: print(f"  {message}", flush=True))
-    print(f"{model.dtype}, quantize={args.quantize}, {args.compile_mode}: compile s per job "
+    print(f"{model.dtype}, quantize={args.quantize}, {args.compile_mode}, attention {steps.attention}: compile s per job "
           f"{ {job: round(s) for job, s in steps.ready.items()} }")
     with torch.inference_mode():
         for keys in KEYS:

@@ -1,7 +1,7 @@
 """Our one-query-row attention kernel (qwen2/csrc/decode_attention.cpp, qwen2/cpu_attention.py): the
-kernel against float64 attention, its masks and dtypes, its errors, and its place in the compiled
-CPU decode step. The compiled step's parity with eager (which now runs through it) is in
-tests/test_cpu_compile.py."""
+kernel against float64 attention, its masks and dtypes, rows read in place from the serving engine's
+pool, its errors, and its place in the compiled CPU decode steps. The compiled steps' parity with
+eager (which now runs through it) is in tests/test_cpu_compile.py and tests/test_engine.py."""
 
 from __future__ import annotations
 
@@ -75,6 +75,38 @@ def test_strided_cache_views_and_the_causal_marker():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masking", ["none", "per-row"])
+def test_rows_read_in_place_from_the_pool_equal_the_gathered_rows(dtype, masking):
+    """The serving engine's pool (rows, Hkv, slots, hd): the kernel reads each entry's row where it
+    is (PooledRows), the same result as gathering the rows first; nothing past `keys` slots counts."""
+    torch.manual_seed(3)
+    pool_k, pool_v = torch.randn(5, 2, 96, 64).to(dtype), torch.randn(5, 2, 96, 64).to(dtype)
+    rows, n = torch.tensor([4, 0, 2]), 70
+    q = torch.randn(3, 14, 1, 64).to(dtype)
+    mask = None
+    if masking == "per-row":
+        mask = torch.rand(3, 1, 1, n) > 0.3
+        mask[..., -1] = True
+    k, v = cpu_attention.PooledRows(pool_k, rows, n), cpu_attention.PooledRows(pool_v, rows, n)
+    out = cpu_attention.kernel_attention(q, k, v, mask, 0.125)
+    gathered = cpu_attention.kernel_attention(q, k.gathered(), v.gathered(), mask, 0.125)
+    assert torch.equal(out, gathered)
+    pool_k[:, :, n:], pool_v[:, :, n:] = 1e30, float("nan")  # slots past the keys read: never touched
+    assert torch.equal(cpu_attention.kernel_attention(q, k, v, mask, 0.125), out)
+
+
+@needs_kernel
+def test_pooled_rows_with_several_query_rows_are_gathered_for_the_models_math():
+    pool_k, pool_v = torch.randn(3, 2, 32, 64), torch.randn(3, 2, 32, 64)
+    rows = torch.tensor([1])
+    k, v = cpu_attention.PooledRows(pool_k, rows, 12), cpu_attention.PooledRows(pool_v, rows, 12)
+    q, mask = torch.randn(1, 14, 3, 64), torch.ones(1, 1, 3, 12, dtype=torch.bool).tril(9)
+    torch.testing.assert_close(cpu_attention.kernel_attention(q, k, v, mask, 0.125),
+                               single_query_attention(q, pool_k[1:2, :, :12], pool_v[1:2, :, :12], mask, 0.125))
+
+
+@needs_kernel
 def test_several_query_rows_go_to_the_models_math():
     q, k, v = torch.randn(1, 14, 3, 64), torch.randn(1, 2, 12, 64), torch.randn(1, 2, 12, 64)
     mask = torch.ones(1, 1, 3, 12, dtype=torch.bool).tril(9)
@@ -86,14 +118,23 @@ def test_several_query_rows_go_to_the_models_math():
 def test_kernel_refuses_wrong_shapes_and_dtypes_with_what_it_expected():
     k = v = torch.randn(1, 2, 8, 64)
     with pytest.raises(RuntimeError, match=r"q must be \(1, a multiple of 2, 64\)"):
-        torch.ops.qwen2.decode_attention(torch.randn(1, 3, 64), k, v, None, 0.125)
+        torch.ops.qwen2.decode_attention(torch.randn(1, 3, 64), k, v, None, 8, None, 0.125)
     with pytest.raises(RuntimeError, match="k and v must both be float32 or both bfloat16"):
-        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v.bfloat16(), None, 0.125)
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v.bfloat16(), None, 8, None, 0.125)
     with pytest.raises(RuntimeError, match=r"valid must be a bool \(1 or 1, 8\)"):
-        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v, torch.ones(1, 9, dtype=torch.bool), 0.125)
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v, None, 8, torch.ones(1, 9, dtype=torch.bool), 0.125)
+    with pytest.raises(RuntimeError, match=r"keys must be 1 to 8 \(the slots of k and v\); got 9"):
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), k, v, None, 9, None, 0.125)
+    with pytest.raises(RuntimeError, match=r"rows\[1\] = 3 is not a row of k and v \(0 to 0\)"):
+        torch.ops.qwen2.decode_attention(torch.randn(2, 14, 64), k, v, torch.tensor([0, 3]), 8, None, 0.125)
+    with pytest.raises(RuntimeError, match=r"rows must be an int64 \(2,\) tensor"):
+        torch.ops.qwen2.decode_attention(torch.randn(2, 14, 64), k, v, torch.tensor([0, 0], dtype=torch.int32), 8,
+                                         None, 0.125)
+    with pytest.raises(RuntimeError, match="without rows, k and v must have q's 2 rows; got 1"):
+        torch.ops.qwen2.decode_attention(torch.randn(2, 14, 64), k, v, None, 8, None, 0.125)
     with pytest.raises(RuntimeError, match="contiguous in head_dim"):
         columns = torch.randn(1, 2, 64, 8).transpose(2, 3)  # (1, 2, 8, 64), head_dim strided
-        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), columns, columns, None, 0.125)
+        torch.ops.qwen2.decode_attention(torch.randn(1, 14, 64), columns, columns, None, 8, None, 0.125)
 
 
 @needs_kernel

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qwen2
+from qwen2 import cpu_attention
 from qwen2.engine import Engine, Limits
 from qwen2.errors import ContextLengthError, GenerationError, LimitError
 from qwen2.sampling import SamplingSettings
@@ -281,14 +282,38 @@ def test_the_engine_serves_while_its_steps_compile_in_the_background(model, comp
 
 @pytest.mark.slow
 def test_compiled_steps_are_used_once_ready_and_never_recompile(model, compiled_engine):
+    """Where our kernels build, the steps' attention is our kernel reading the rows in place in the
+    pool (qwen2/cpu_attention.py); their replies equal the eager model's, alone or batched."""
     engine = compiled_engine
     assert list(engine.steps.ready) == [1, 4, "verify"] and engine.state == "compiled"  # one row; 2-4 rows
+    assert engine.steps.attention == cpu_attention.decode_backend(model.device)
     prompts = [ids(100 + i, 4 + 11 * i) for i in range(4)]
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in (1, 3, 4, 2):  # one row, then 3, 4, 2 rows through one step; keys read from 5 to 50
             replies = [engine.submit(p, VARIED, 12) for p in prompts[:batch]]
             outs = [list(r) for r in replies]
             assert outs == [alone(model, p, 12) for p in prompts[:batch]]
+
+
+@pytest.mark.slow
+def test_compiled_steps_read_the_pool_through_our_kernel_and_equal_eager_logits(model, compiled_engine):
+    """One row and three rows at different lengths, in rows 3, 0 and 2 of the pool: the compiled
+    step's logits equal the eager step's, and it calls our attention kernel where the kernels build."""
+    engine = compiled_engine
+    with engine.exclusive(), torch.inference_mode():
+        steps, cache = engine.steps, engine._pool()
+        rows, lengths = [3, 0, 2], [9, 30, 17]
+        for row, n in zip(rows, lengths):
+            steps.prefill(cache, row, torch.tensor([ids(200 + row, n)]), 0)
+        for batch in (1, 3):
+            args = rows[:batch], [7, 8, 9][:batch], lengths[:batch]
+            with torch._dynamo.config.patch(error_on_recompile=True), \
+                    torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                compiled = steps.decode(cache, *args)
+            eager = EagerSteps.decode(steps, cache, *args)
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+            called = {event.key for event in prof.key_averages()}
+            assert ("qwen2::decode_attention" in called) == (steps.attention == "cpu_kernel"), batch
 
 
 @pytest.mark.slow

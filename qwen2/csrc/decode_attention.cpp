@@ -2,7 +2,10 @@
 //
 //     out[b, h] = sum_j softmax_j(scale * q[b, h] . k[b, h / G, j]) v[b, h / G, j]   over keys j with valid[b, j]
 //
-// with G = H / Hkv query heads per KV head. The compiled decode steps read the whole cache bucket
+// with G = H / Hkv query heads per KV head; key j of batch entry b lies in row rows[b] of k and v
+// (the serving engine's cache pool, read in place: a gather of the rows would copy every key and
+// value of the batch each layer and step) or in row b without rows, among its first `keys` slots.
+// The compiled decode steps read the whole cache bucket
 // under a mask (their shapes are fixed), and Inductor's fusion of the same math recomputed q's bias
 // and rotation for every key and kept the masked ones: ~90 us a layer on the 0.5B model at a bucket
 // of 256 (docs/benchmarks.md). Here each task is one (row, KV head): its keys and values are read
@@ -126,16 +129,16 @@ inline void softmax(float* p, int64_t n) {
   for (int64_t j = 0; j < n; ++j) p[j] *= inverse;
 }
 
-// out (hd) = sum_i p[i] * value(keys[i]).
+// out (hd) += sum_i p[i] * value(keys[i]).
 template <class T>
-inline void weighted_sum(const float* p, const int64_t* keys, int64_t n, const T* v, int64_t v_stride, int64_t hd,
-                         float* out) {
+inline void add_weighted_sum(const float* p, const int64_t* keys, int64_t n, const T* v, int64_t v_stride,
+                             int64_t hd, float* out) {
 #ifdef QWEN2_AVX2
   if (hd % 8 == 0) {
     int64_t c0 = 0;
     for (; c0 + 64 <= hd; c0 += 64) {  // 64 values at a time: eight accumulators in registers
       __m256 acc[8];
-      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(out + c0 + 8 * c);
       for (int64_t i = 0; i < n; ++i) {
         const __m256 weight = _mm256_set1_ps(p[i]);
         const T* row = v + keys[i] * v_stride + c0;
@@ -144,7 +147,7 @@ inline void weighted_sum(const float* p, const int64_t* keys, int64_t n, const T
       for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + c0 + 8 * c, acc[c]);
     }
     for (; c0 < hd; c0 += 8) {
-      __m256 acc = _mm256_setzero_ps();
+      __m256 acc = _mm256_loadu_ps(out + c0);
       for (int64_t i = 0; i < n; ++i)
         acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(v + keys[i] * v_stride + c0), acc);
       _mm256_storeu_ps(out + c0, acc);
@@ -152,19 +155,32 @@ inline void weighted_sum(const float* p, const int64_t* keys, int64_t n, const T
     return;
   }
 #endif
-  std::fill(out, out + hd, 0.f);
   for (int64_t i = 0; i < n; ++i) {
     const T* row = v + keys[i] * v_stride;
     for (int64_t c = 0; c < hd; ++c) out[c] += p[i] * static_cast<float>(row[c]);
   }
 }
 
+// out (G, hd) = p (G, n) times the values of keys: a chunk of keys at a time, every head's sums
+// over it while its values are in L1 (head after head over the whole context would read each value
+// G times from farther away: at thousands of keys, most of the kernel's time).
+template <class T>
+void weighted_sums(const float* p, const int64_t* keys, int64_t n, int64_t G, const T* v, int64_t v_stride,
+                   int64_t hd, float* out) {
+  constexpr int64_t kChunk = 64;  // 64 values of 64 floats: 16 KB
+  std::fill(out, out + G * hd, 0.f);
+  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+    const int64_t m = std::min(kChunk, n - i0);
+    for (int64_t g = 0; g < G; ++g) add_weighted_sum(p + g * n + i0, keys + i0, m, v, v_stride, hd, out + g * hd);
+  }
+}
+
 // One (row, KV head) per task: the row's valid keys listed once, the scores of its G query heads,
 // their softmax and the weighted sums of values. A row's own key is always valid, so n >= 1.
 template <class T>
-void attend(const float* q, const at::Tensor& k, const at::Tensor& v, const bool* valid, int64_t valid_rows,
-            int64_t G, float scale, float* out) {
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), hd = k.size(3);
+void attend(const float* q, const at::Tensor& k, const at::Tensor& v, const int64_t* rows, int64_t B, int64_t S,
+            const bool* valid, int64_t valid_rows, int64_t G, float scale, float* out) {
+  const int64_t Hkv = k.size(1), hd = k.size(3);
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   // At short contexts the tasks are small: below ~64K multiply-adds in all, threads cost more than
@@ -185,32 +201,48 @@ void attend(const float* q, const at::Tensor& k, const at::Tensor& v, const bool
         std::fill(out + task * G * hd, out + (task + 1) * G * hd, 0.f);
         continue;
       }
-      const T* kh = kp + b * k.stride(0) + h * k.stride(1);
-      const T* vh = vp + b * v.stride(0) + h * v.stride(1);
+      const int64_t row = rows ? rows[b] : b;
+      const T* kh = kp + row * k.stride(0) + h * k.stride(1);
+      const T* vh = vp + row * v.stride(0) + h * v.stride(1);
       const float* qh = q + task * G * hd;  // q and out are (B, H, hd), H = Hkv * G
       scores_of(qh, G, kh, k.stride(2), keys.data(), n, hd, scale, scores.data());
-      for (int64_t g = 0; g < G; ++g) {
-        softmax(scores.data() + g * n, n);
-        weighted_sum(scores.data() + g * n, keys.data(), n, vh, v.stride(2), hd, out + (task * G + g) * hd);
-      }
+      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * n, n);
+      weighted_sums(scores.data(), keys.data(), n, G, vh, v.stride(2), hd, out + task * G * hd);
     }
   });
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& rows, int64_t keys,
                             const std::optional<at::Tensor>& valid, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes(),
-              "decode_attention: q must be (B, H, hd) and k, v (B, Hkv, S, hd) alike; got ", q.sizes(), ", ",
+              "decode_attention: q must be (B, H, hd) and k, v (rows, Hkv, slots, hd) alike; got ", q.sizes(), ", ",
               k.sizes(), " and ", v.sizes());
-  const int64_t B = k.size(0), Hkv = k.size(1), S = k.size(2), hd = k.size(3), H = q.size(1);
-  TORCH_CHECK(q.size(0) == B && q.size(2) == hd && Hkv > 0 && H % Hkv == 0,
+  const int64_t B = q.size(0), Hkv = k.size(1), hd = k.size(3), H = q.size(1), S = keys;
+  TORCH_CHECK(q.size(2) == hd && Hkv > 0 && H % Hkv == 0,
               "decode_attention: q must be (", B, ", a multiple of ", Hkv, ", ", hd, "); got ", q.sizes());
   TORCH_CHECK(hd <= kMaxHeadDim, "decode_attention: head_dim ", hd, " is above ", kMaxHeadDim);
+  TORCH_CHECK(keys >= 1 && keys <= k.size(2), "decode_attention: keys must be 1 to ", k.size(2),
+              " (the slots of k and v); got ", keys);
   TORCH_CHECK(k.scalar_type() == v.scalar_type() &&
                   (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
               "decode_attention: k and v must both be float32 or both bfloat16");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v must be contiguous in head_dim");
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU only");
+  at::Tensor row_index;
+  if (rows.has_value()) {
+    row_index = rows->contiguous();
+    TORCH_CHECK(row_index.scalar_type() == at::kLong && row_index.dim() == 1 && row_index.size(0) == B,
+                "decode_attention: rows must be an int64 (", B, ",) tensor; got ", row_index.scalar_type(), " ",
+                row_index.sizes());
+    const int64_t* r = row_index.data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b)
+      TORCH_CHECK(r[b] >= 0 && r[b] < k.size(0), "decode_attention: rows[", b, "] = ", r[b],
+                  " is not a row of k and v (0 to ", k.size(0) - 1, ")");
+  } else {
+    TORCH_CHECK(k.size(0) == B, "decode_attention: without rows, k and v must have q's ", B, " rows; got ",
+                k.size(0));
+  }
   at::Tensor mask;
   if (valid.has_value()) {
     mask = valid->contiguous();
@@ -220,20 +252,22 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   }
   const at::Tensor q32 = q.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({B, H, hd}, q32.options());
+  const int64_t* rp = row_index.defined() ? row_index.data_ptr<int64_t>() : nullptr;
   const bool* vp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  const int64_t rows = mask.defined() ? mask.size(0) : 0;
+  const int64_t valid_rows = mask.defined() ? mask.size(0) : 0;
   if (k.scalar_type() == at::kFloat)
-    attend<float>(q32.data_ptr<float>(), k, v, vp, rows, H / Hkv, static_cast<float>(scale), out.data_ptr<float>());
+    attend<float>(q32.data_ptr<float>(), k, v, rp, B, S, vp, valid_rows, H / Hkv, static_cast<float>(scale),
+                  out.data_ptr<float>());
   else
-    attend<c10::BFloat16>(q32.data_ptr<float>(), k, v, vp, rows, H / Hkv, static_cast<float>(scale),
-                          out.data_ptr<float>());
+    attend<c10::BFloat16>(q32.data_ptr<float>(), k, v, rp, B, S, vp, valid_rows, H / Hkv,
+                          static_cast<float>(scale), out.data_ptr<float>());
   return v.scalar_type() == at::kFloat ? out : out.to(v.scalar_type());
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(qwen2, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? valid, float scale) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? rows, SymInt keys, Tensor? valid, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(qwen2, CPU, m) {
