@@ -14,7 +14,7 @@ from . import runfile
 from .environment import environment
 from .hooks import LAYER_BLOCKS
 from .memory import PeakMemory, parameter_count
-from .overhead import median_ratio_interval
+from .overhead import median_ratio_interval, paired_median_ratio
 from .settings import Settings
 from .steps import RunTimes
 from .timers import summarize
@@ -179,14 +179,18 @@ def breakdown_section(hooked: RunTimes) -> dict:
 
 
 def instrumentation_section(clean: RunTimes, hooked: RunTimes, timer: str) -> dict:
-    """The hooks' cost: the hooked run's times against the clean run's, with the decode figure's
-    bootstrap interval from both runs' steps (profiling.overhead: noise can make it negative)."""
+    """The hooks' cost: the hooked calls' times against the clean ones' (made in pairs, call by call:
+    profiling.steps.paired_runs), the decode figure the median of the per-step ratios with its
+    bootstrap interval (profiling.overhead: noise can still make it negative)."""
     clean_step, hooked_step = summarize(clean.step_s, 1e3), summarize(hooked.step_s, 1e3)
     clean_ms = clean_step["median"] if clean_step else None
     hooked_ms = hooked_step["median"] if hooked_step else None
     overhead_prefill = _ratio(hooked.prefill_s, clean.prefill_s)
-    overhead_decode = _ratio(hooked_ms, clean_ms)
-    interval = median_ratio_interval(clean.step_s, hooked.step_s) or (None, None)
+    paired = paired_median_ratio(clean.step_s, hooked.step_s)
+    if paired is None:  # one step: its ratio, no spread to size
+        ratio = _ratio(hooked_ms, clean_ms)
+        paired = (None if ratio is None else ratio - 1.0, None, None)
+    overhead_decode, *interval = paired
     return {
         "timer": timer,
         "sync": "one synchronize per step" if timer != "perf_counter" else "none needed",
@@ -195,7 +199,8 @@ def instrumentation_section(clean: RunTimes, hooked: RunTimes, timer: str) -> di
         "decode_step_ms_clean": clean_ms,
         "decode_step_ms_hooked": hooked_ms,
         "overhead_fraction_prefill": None if overhead_prefill is None else overhead_prefill - 1.0,
-        "overhead_fraction_decode": None if overhead_decode is None else overhead_decode - 1.0,
+        "overhead_fraction_decode": overhead_decode,
+        "overhead_pairs": "each decode step timed without and with hooks at the same position",
         "overhead_fraction_decode_low": interval[0],
         "overhead_fraction_decode_high": interval[1],
         "decode_step_ms_hooked_list": [s * 1e3 for s in hooked.step_s],

@@ -1,8 +1,8 @@
 """`profile_model`: one profiling run of a loaded qwen2 model, returned as a JSON-ready dict.
 
-Order: warm up (with and without hooks) -> a clean run (no hooks: the speed figures) -> the same
-run with timing hooks (per-block figures; their cost against the clean run is the
-instrumentation overhead) -> the model's fast decode path, if it has one (timed, then traced: a
+Order: warm up (with and without hooks) -> the clean run (no hooks: the speed figures) and the
+same run with timing hooks (per-block figures; their cost against the clean run is the
+instrumentation overhead), made together call by call (steps.paired_runs) -> the model's fast decode path, if it has one (timed, then traced: a
 compiled CPU step's per-block figures, profiling.compiled_step) -> optional
 torch.profiler trace, context sweep, transformers baseline. `profiling.assemble` turns the
 measurements into the run dict.
@@ -22,7 +22,7 @@ from .memory import PeakMemory, weight_bytes
 from .progress import Plan
 from .prompts import seeded_prompt_ids
 from .settings import Settings, check_settings
-from .steps import EngineDecode, RunTimes, timed_run
+from .steps import EngineDecode, RunTimes, paired_runs, timed_run
 from .timers import make_clock
 
 
@@ -78,11 +78,9 @@ class _Stages:
     def clean_and_hooked(self):
         """(clean run, hooked run, the peak memory over both)."""
         with PeakMemory(self.model.device) as peak:
-            self.plan.stage("timing prefill + decode (no hooks)")
-            clean = self.run(self.settings.new_tokens)
-            self.plan.stage("timing per block (hooks)")
-            with ModuleHooks(self.model, self.clock) as hooks:
-                hooked = self.run(self.settings.new_tokens, hooks=hooks)
+            self.plan.stage("timing prefill + decode, each call without and with hooks")
+            clean, hooked = paired_runs(self.model, self.ids, self.settings.new_tokens, self.clock,
+                                        on_step=self.tick)
         return clean, hooked, peak
 
     def fast_run(self, fast_path) -> RunTimes:

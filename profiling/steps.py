@@ -85,6 +85,49 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
     return out
 
 
+def paired_runs(model, ids: torch.Tensor, new_tokens: int, clock, on_step=None) -> tuple[RunTimes, RunTimes]:
+    """A clean run and a hooked one (profiling.hooks.ModuleHooks), made call by call on one
+    session: the prefill and each decode step run twice at the same position, once without hooks
+    and once with them (the cache rewound between: the second writes the same slots again), which
+    first alternating. The two samples of a pair are a step apart on the same cache, so their ratio
+    is what the hooks cost, not the machine's drift between two runs: a clean run followed by a
+    hooked run read 11-18 % on eager CPU steps that the hooks slow by ~2 % (docs/benchmarks.md).
+    Returns (clean, hooked); the tokens are the clean calls' (the hooked ones give the same)."""
+    from .hooks import ModuleHooks
+
+    clean, hooked = RunTimes(), RunTimes()
+    session = new_session(model, ids.shape[1] + new_tokens)
+    hooks = ModuleHooks(model, clock)
+
+    def twice(call, arg, index: int):
+        """(clean seconds, hooked seconds, hooked parts, the clean call's token) of call(arg)."""
+        start, out = session.length, {}
+        for with_hooks in ((True, False) if index % 2 else (False, True)):
+            session.rewind(start)
+            if with_hooks:
+                with hooks:
+                    out[True] = timed_greedy(clock, call, arg, hooks=hooks, on_step=on_step)
+            else:
+                out[False] = timed_greedy(clock, call, arg, on_step=on_step)
+        return out[False][1], out[True][1], out[True][2], out[False][0]
+
+    clean.prefill_s, hooked.prefill_s, hooked.prefill_parts, token = twice(session.prefill, ids, 0)
+    tokens = [token]
+    for i in range(new_tokens):
+        clean_s, hooked_s, parts, token = twice(session.step, token, i + 1)
+        clean.step_s.append(clean_s)
+        hooked.step_s.append(hooked_s)
+        hooked.step_parts.append(parts)
+        tokens.append(token)
+    cache = session.cache
+    for out in (clean, hooked):
+        out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
+        out.kv_allocated_bytes, out.kv_used_bytes = int(cache.allocated_bytes), int(cache.used_bytes)
+        out.kv_length = int(session.length)
+    session.close()
+    return clean, hooked
+
+
 class EngineDecode:
     """The serving engine's own decode step as a profile's fast path: its step runner
     (qwen2/steps.py) on the scratch row of its row cache, one row, as a chat reply decodes. Used

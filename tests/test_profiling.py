@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import gzip
 import json
+import statistics
 from pathlib import Path
 
 import plotly.io as pio
@@ -24,7 +25,7 @@ from profiling.hooks import ModuleHooks
 from profiling.prompts import seeded_prompt_ids
 from profiling.report import write_report
 from profiling.runfile import model_size, run_label, shipped_runs
-from profiling.steps import timed_run
+from profiling.steps import paired_runs, timed_run
 from profiling.trace import top_ops
 from profiling.trace_chart import trace_timeline
 from profiling.timers import CpuClock, summarize
@@ -163,9 +164,10 @@ def test_instrumentation_overhead_is_recorded(run):
     for key in ("prefill_ms_clean", "prefill_ms_hooked", "decode_step_ms_clean",
                 "decode_step_ms_hooked"):
         assert inst[key] > 0, key
-    assert inst["overhead_fraction_decode"] == pytest.approx(
-        inst["decode_step_ms_hooked"] / inst["decode_step_ms_clean"] - 1)
-    # its interval, from both runs' steps (profiling.overhead), holds the figure
+    # each step timed without and with hooks (profiling.steps.paired_runs): the median of the pairs' ratios
+    pairs = zip(run["decode"]["step_ms_list"], inst["decode_step_ms_hooked_list"])
+    assert inst["overhead_fraction_decode"] == pytest.approx(statistics.median(h / c - 1 for c, h in pairs))
+    # its interval, a bootstrap over the pairs (profiling.overhead), holds the figure
     assert inst["overhead_fraction_decode_low"] <= inst["overhead_fraction_decode"] <= \
         inst["overhead_fraction_decode_high"]
     assert len(inst["decode_step_ms_hooked_list"]) == run["decode"]["steps"]
@@ -207,6 +209,26 @@ def test_hooks_are_removed_after_an_error(model):
                 timed_run(model, ids, 1, clock, hooks=hooks)
     finally:
         boom.remove()
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_paired_runs_time_each_call_with_and_without_hooks_and_decode_as_one_run(model):
+    """Each call twice at one position (the cache rewound between): the tokens and cache are a plain
+    greedy run's, every step has a clean and a hooked time, the hooked one its blocks, and no hook
+    is left on the model."""
+    clock = CpuClock()
+    ids = seeded_prompt_ids(model.config.vocab_size, 6, torch.device("cpu"), seed=5)
+    with torch.inference_mode():
+        plain = timed_run(model, ids, 5, clock)
+        clean, hooked = paired_runs(model, ids, 5, clock)
+    assert clean.tokens == hooked.tokens == plain.tokens
+    assert clean.kv_length == hooked.kv_length == plain.kv_length == 11
+    assert len(clean.step_s) == len(hooked.step_s) == len(hooked.step_parts) == 5 and not clean.step_parts
+    assert clean.prefill_s > 0 and hooked.prefill_s > 0 and not clean.prefill_parts
+    layers = model.config.num_hidden_layers
+    for parts in [hooked.prefill_parts, *hooked.step_parts]:
+        assert len([key for key in parts if key[0] == "mlp"]) == layers and ("lm_head", None) in parts
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
 
