@@ -21,6 +21,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -164,14 +165,32 @@ inline void add_weighted_sum(const float* p, const int64_t* keys, int64_t n, con
 // out (G, hd) = p (G, n) times the values of keys: a chunk of keys at a time, every head's sums
 // over it while its values are in L1 (head after head over the whole context would read each value
 // G times from farther away: at thousands of keys, most of the kernel's time).
+// bf16 values are widened once per chunk into float32 (not once per head).
+constexpr int64_t kChunk = 64;  // 64 values of 64 floats: 16 KB
+
 template <class T>
 void weighted_sums(const float* p, const int64_t* keys, int64_t n, int64_t G, const T* v, int64_t v_stride,
                    int64_t hd, float* out) {
-  constexpr int64_t kChunk = 64;  // 64 values of 64 floats: 16 KB
   std::fill(out, out + G * hd, 0.f);
+  std::vector<float> widened;
+  std::vector<int64_t> in_order;
+  if constexpr (!std::is_same_v<T, float>) {
+    widened.resize(kChunk * hd);
+    in_order.resize(kChunk);
+    for (int64_t i = 0; i < kChunk; ++i) in_order[i] = i;
+  }
   for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
     const int64_t m = std::min(kChunk, n - i0);
-    for (int64_t g = 0; g < G; ++g) add_weighted_sum(p + g * n + i0, keys + i0, m, v, v_stride, hd, out + g * hd);
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t g = 0; g < G; ++g) add_weighted_sum(p + g * n + i0, keys + i0, m, v, v_stride, hd, out + g * hd);
+    } else {
+      for (int64_t i = 0; i < m; ++i) {
+        const T* row = v + keys[i0 + i] * v_stride;
+        for (int64_t c = 0; c < hd; ++c) widened[i * hd + c] = static_cast<float>(row[c]);
+      }
+      for (int64_t g = 0; g < G; ++g)
+        add_weighted_sum(p + g * n + i0, in_order.data(), m, widened.data(), hd, hd, out + g * hd);
+    }
   }
 }
 
