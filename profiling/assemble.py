@@ -180,7 +180,7 @@ def breakdown_section(hooked: RunTimes) -> dict:
 
 def instrumentation_section(clean: RunTimes, hooked: RunTimes, timer: str) -> dict:
     """The hooks' cost: the hooked calls' times against the clean ones' (made in pairs, call by call:
-    profiling.steps.paired_runs), the decode figure the median of the per-step ratios with its
+    profiling.steps.paired_runs), the decode figure the per-step ratios' median (per order, averaged) with its
     bootstrap interval (profiling.overhead: noise can still make it negative)."""
     clean_step, hooked_step = summarize(clean.step_s, 1e3), summarize(hooked.step_s, 1e3)
     clean_ms = clean_step["median"] if clean_step else None
@@ -200,7 +200,8 @@ def instrumentation_section(clean: RunTimes, hooked: RunTimes, timer: str) -> di
         "decode_step_ms_hooked": hooked_ms,
         "overhead_fraction_prefill": None if overhead_prefill is None else overhead_prefill - 1.0,
         "overhead_fraction_decode": overhead_decode,
-        "overhead_pairs": "each decode step timed without and with hooks at the same position",
+        "overhead_pairs": "each decode step timed without and with hooks at the same position, "
+                          "which first alternating",
         "overhead_fraction_decode_low": interval[0],
         "overhead_fraction_decode_high": interval[1],
         "decode_step_ms_hooked_list": [s * 1e3 for s in hooked.step_s],

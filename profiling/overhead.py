@@ -4,8 +4,8 @@ The cost is the hooked steps' time against the clean ones'. Two short runs on a 
 differ by more than the hooks cost, so the ratio of two runs' medians alone came out anywhere from
 -22 % to +18 % for a true ~2 %: hooks only add work, so a negative figure is noise, not a speed-up.
 Profiles now time each call with and without hooks side by side (profiling.steps.paired_runs), and
-the figure is the median of the per-pair ratios with a bootstrap over pairs
-(`paired_median_ratio`); for two independent runs (a compiled step against its traced run, older
+the figure is the median of the per-pair ratios (for each of the two orders, then averaged) with a
+bootstrap over pairs (`paired_median_ratio`); for two independent runs (a compiled step against its traced run, older
 run files) both medians are resampled on their own (`median_ratio_interval`). The table writes
 "within noise" whenever the interval reaches zero.
 """
@@ -45,17 +45,26 @@ def median_ratio_interval(clean: list[float], hooked: list[float], resamples: in
 def paired_median_ratio(clean: list[float], hooked: list[float], resamples: int = RESAMPLES,
                         confidence: float = CONFIDENCE) -> tuple[float, float, float] | None:
     """For runs made call by call (profiling.steps.paired_runs: hooked[i] and clean[i] timed a step
-    apart at the same position): the median of the per-pair ratios minus 1 and its bootstrap
-    interval (pairs resampled), or None without two pairs. Pairing takes the machine's drift out,
-    so the interval is a fraction of two independent runs' one."""
-    ratios = [h / c - 1.0 for c, h in zip(clean, hooked) if _finite(c) and _finite(h) and c > 0]
-    if len(ratios) < 2:
+    apart at the same position, the hooked call first at even i): the hooks' cost, hooked / clean - 1,
+    and its bootstrap interval, or None without two pairs. The median ratio is taken for each order
+    and the two averaged, so that whatever the second call of a pair gains or loses by coming
+    second cancels out; the bootstrap resamples each order's pairs. Pairing takes the machine's
+    drift out, so the interval is a fraction of two independent runs' one."""
+    pairs = [(i % 2, h / c - 1.0) for i, (c, h) in enumerate(zip(clean, hooked))
+             if _finite(c) and _finite(h) and c > 0]
+    if len(pairs) < 2:
         return None
+    groups = [ratios for ratios in ([r for order, r in pairs if order == o] for o in (0, 1)) if ratios]
+
+    def estimate(samples) -> float:
+        return statistics.fmean(statistics.median(ratios) for ratios in samples)
+
     draw = random.Random(SEED)
-    medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    estimates = sorted(estimate([draw.choices(ratios, k=len(ratios)) for ratios in groups])
+                       for _ in range(resamples))
     tail = (1.0 - confidence) / 2
-    return (statistics.median(ratios), medians[int(tail * (len(medians) - 1))],
-            medians[math.ceil((1 - tail) * (len(medians) - 1))])
+    return (estimate(groups), estimates[int(tail * (len(estimates) - 1))],
+            estimates[math.ceil((1 - tail) * (len(estimates) - 1))])
 
 
 def old_file_interval(fraction: float, clean: list[float]) -> tuple[float, float] | None:

@@ -133,6 +133,7 @@ class Instrumentation(Section):
     decode_step_ms_hooked: Number = None
     overhead_fraction_prefill: Number = None
     overhead_fraction_decode: Number = None
+    overhead_pairs: Text = None  # how the clean and hooked steps were paired (absent in older files)
     overhead_fraction_decode_low: Number = None     # the bootstrap interval (profiling.overhead)
     overhead_fraction_decode_high: Number = None
     decode_step_ms_hooked_list: Annotated[list[float], Field(max_length=MAX_STEPS)] | None = None

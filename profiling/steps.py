@@ -75,56 +75,63 @@ def timed_run(model, ids: torch.Tensor, new_tokens: int, clock, hooks=None,
             out.step_parts.append(parts)
         tokens.append(token)
 
-    out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
+    _finish(out, session, tokens)
+    return out
+
+
+def _finish(out: RunTimes, session, tokens: list[torch.Tensor]):
+    """The run's tokens and its cache's figures into `out`; the session closed."""
     cache = session.cache
+    out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
     out.on_fast_path = session.fast_path is not None
     out.kv_allocated_bytes = int(cache.allocated_bytes)
     out.kv_used_bytes = int(cache.used_bytes)
     out.kv_length = int(session.length)
     session.close()
-    return out
 
 
 def paired_runs(model, ids: torch.Tensor, new_tokens: int, clock, on_step=None) -> tuple[RunTimes, RunTimes]:
     """A clean run and a hooked one (profiling.hooks.ModuleHooks), made call by call on one
     session: the prefill and each decode step run twice at the same position, once without hooks
-    and once with them (the cache rewound between: the second writes the same slots again), which
-    first alternating. The two samples of a pair are a step apart on the same cache, so their ratio
-    is what the hooks cost, not the machine's drift between two runs: a clean run followed by a
-    hooked run read 11-18 % on eager CPU steps that the hooks slow by ~2 % (docs/benchmarks.md).
-    Returns (clean, hooked); the tokens are the clean calls' (the hooked ones give the same)."""
+    and once with them (the cache rewound between: the second writes the same slots again). The
+    prefill and odd steps (1, 3, ...) go clean first; even steps (0, 2, ...) hooked first
+    (profiling.overhead.paired_median_ratio balances the two orders). The two samples of a pair are
+    a step apart on the same cache, so their ratio is what the hooks cost, not the machine's drift
+    between two runs: a clean run followed by a hooked run read 11-18 % on eager CPU steps that the
+    hooks slow by ~2 % (docs/benchmarks.md). Returns (clean, hooked); the run goes on from the clean
+    calls' tokens, and each run keeps its own (equal unless the hooks changed the math)."""
     from .hooks import ModuleHooks
 
     clean, hooked = RunTimes(), RunTimes()
     session = new_session(model, ids.shape[1] + new_tokens)
     hooks = ModuleHooks(model, clock)
 
-    def twice(call, arg, index: int):
-        """(clean seconds, hooked seconds, hooked parts, the clean call's token) of call(arg)."""
+    def twice(call, arg, hooked_first: bool):
+        """timed_greedy's (token, seconds, parts) of call(arg), clean and hooked, at one position."""
         start, out = session.length, {}
-        for with_hooks in ((True, False) if index % 2 else (False, True)):
+        for with_hooks in ((True, False) if hooked_first else (False, True)):
             session.rewind(start)
             if with_hooks:
                 with hooks:
                     out[True] = timed_greedy(clock, call, arg, hooks=hooks, on_step=on_step)
             else:
                 out[False] = timed_greedy(clock, call, arg, on_step=on_step)
-        return out[False][1], out[True][1], out[True][2], out[False][0]
+        return out[False], out[True]
 
-    clean.prefill_s, hooked.prefill_s, hooked.prefill_parts, token = twice(session.prefill, ids, 0)
-    tokens = [token]
+    (token, clean.prefill_s, _), (hooked_token, hooked.prefill_s, hooked.prefill_parts) = twice(
+        session.prefill, ids, hooked_first=False)
+    tokens, hooked_tokens = [token], [hooked_token]
     for i in range(new_tokens):
-        clean_s, hooked_s, parts, token = twice(session.step, token, i + 1)
+        (token, clean_s, _), (hooked_token, hooked_s, parts) = twice(session.step, token, hooked_first=i % 2 == 0)
         clean.step_s.append(clean_s)
         hooked.step_s.append(hooked_s)
         hooked.step_parts.append(parts)
         tokens.append(token)
-    cache = session.cache
-    for out in (clean, hooked):
-        out.tokens = [int(t) for t in torch.cat(tokens).tolist()]
-        out.kv_allocated_bytes, out.kv_used_bytes = int(cache.allocated_bytes), int(cache.used_bytes)
-        out.kv_length = int(session.length)
-    session.close()
+        hooked_tokens.append(hooked_token)
+    hooked.tokens = [int(t) for t in torch.cat(hooked_tokens).tolist()]
+    _finish(clean, session, tokens)
+    hooked.kv_allocated_bytes, hooked.kv_used_bytes = clean.kv_allocated_bytes, clean.kv_used_bytes
+    hooked.kv_length = clean.kv_length
     return clean, hooked
 
 

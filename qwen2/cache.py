@@ -141,4 +141,9 @@ class RowBatch:
 
     def read(self, pool: torch.Tensor):
         """(B, Hkv, S, hd): each entry's row of `pool` (R, Hkv, L, hd), slots [0, S)."""
-        return pool[self.rows, :, :self.key_slots.shape[0]]
+        return gather_rows(pool, self.rows, self.key_slots.shape[0])
+
+
+def gather_rows(pool: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, Hkv, n, hd): slots [0, n) of `rows` (B,) of `pool` (R, Hkv, L, hd), copied together."""
+    return pool[rows, :, :n]

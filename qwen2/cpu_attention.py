@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from . import cpu_kernels
-from .cache import RowBatch
+from .cache import RowBatch, gather_rows
 from .model import ATTENTION_BACKENDS, CAUSAL, single_query_attention
 
 
@@ -34,7 +34,7 @@ class PooledRows(NamedTuple):
     n: int
 
     def gathered(self) -> torch.Tensor:
-        return self.pool[self.rows, :, :self.n]
+        return gather_rows(self.pool, self.rows, self.n)
 
 
 class PooledRowBatch(RowBatch):
@@ -55,11 +55,11 @@ def kernel_attention(q, k, v, mask, scale):
             k, v = k.gathered(), v.gathered()
         return single_query_attention(q, k, v, mask, scale)
     valid = None if mask is None or mask is CAUSAL else mask[:, 0, 0, :]  # (B or 1, S)
-    if pooled:
-        out = torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k.pool, v.pool, k.rows, k.n, valid, scale)
+    if pooled:  # each entry's row where it lies in the pool
+        k, v, rows, n = k.pool, v.pool, k.rows, k.n
     else:
-        out = torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k, v, None, k.shape[2], valid, scale)
-    return out.view(B, H, 1, hd)
+        rows, n = None, k.shape[2]
+    return torch.ops.qwen2.decode_attention(q.reshape(B, H, hd), k, v, rows, n, valid, scale).view(B, H, 1, hd)
 
 
 ATTENTION_BACKENDS["cpu_kernel"] = kernel_attention

@@ -55,14 +55,22 @@ def test_masked_keys_do_not_count_whatever_they_hold():
 
 
 @needs_kernel
-def test_a_bfloat16_cache_is_summed_in_float32():
-    torch.manual_seed(1)
-    q, k, v = (torch.randn(2, 14, 1, 64).bfloat16(), torch.randn(2, 2, 70, 64).bfloat16(),
-               torch.randn(2, 2, 70, 64).bfloat16())
-    out = cpu_attention.kernel_attention(q, k, v, None, 0.125)
+@pytest.mark.parametrize("head_dim, keys", [(64, 70), (64, 700), (12, 400)])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-keys", "masked"])
+def test_a_bfloat16_cache_is_summed_in_float32(head_dim, keys, masked):
+    """bf16 values widened a chunk at a time (several chunks at 700 keys; at head_dim 12, the plain
+    C++ loops), masked or not: the float64 result of the same bf16 values, rounded once to bf16."""
+    torch.manual_seed(keys + head_dim)
+    q, k, v = (torch.randn(2, 14, 1, head_dim).bfloat16(), torch.randn(2, 2, keys, head_dim).bfloat16(),
+               torch.randn(2, 2, keys, head_dim).bfloat16())
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 1, keys) > 0.5
+        mask[..., -1] = True
+    scale = head_dim ** -0.5
+    out = cpu_attention.kernel_attention(q, k, v, mask, scale)
     assert out.dtype == torch.bfloat16
-    # the float64 result of the same bf16 values, rounded once to bf16
-    torch.testing.assert_close(out.double(), _reference(q, k, v, None, 0.125), atol=0, rtol=2 ** -8)
+    torch.testing.assert_close(out.double(), _reference(q, k, v, mask, scale), atol=1e-6, rtol=2 ** -8)
 
 
 @needs_kernel
@@ -76,7 +84,7 @@ def test_strided_cache_views_and_the_causal_marker():
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("masking", ["none", "per-row"])
+@pytest.mark.parametrize("masking", ["none", "per-row", "shared"])
 def test_rows_read_in_place_from_the_pool_equal_the_gathered_rows(dtype, masking):
     """The serving engine's pool (rows, Hkv, slots, hd): the kernel reads each entry's row where it
     is (PooledRows), the same result as gathering the rows first; nothing past `keys` slots counts."""
@@ -85,9 +93,10 @@ def test_rows_read_in_place_from_the_pool_equal_the_gathered_rows(dtype, masking
     rows, n = torch.tensor([4, 0, 2]), 70
     q = torch.randn(3, 14, 1, 64).to(dtype)
     mask = None
-    if masking == "per-row":
+    if masking != "none":
         mask = torch.rand(3, 1, 1, n) > 0.3
         mask[..., -1] = True
+        mask = mask if masking == "per-row" else mask[:1]  # one mask for every entry, whichever its row
     k, v = cpu_attention.PooledRows(pool_k, rows, n), cpu_attention.PooledRows(pool_v, rows, n)
     out = cpu_attention.kernel_attention(q, k, v, mask, 0.125)
     gathered = cpu_attention.kernel_attention(q, k.gathered(), v.gathered(), mask, 0.125)

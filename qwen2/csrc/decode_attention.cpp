@@ -164,23 +164,17 @@ inline void add_weighted_sum(const float* p, const int64_t* keys, int64_t n, con
 
 // out (G, hd) = p (G, n) times the values of keys: a chunk of keys at a time, every head's sums
 // over it while its values are in L1 (head after head over the whole context would read each value
-// G times from farther away: at thousands of keys, most of the kernel's time).
-// bf16 values are widened once per chunk into float32 (not once per head).
-constexpr int64_t kChunk = 64;  // 64 values of 64 floats: 16 KB
+// G times from farther away: at thousands of keys, most of the kernel's time). bf16 values are
+// widened once per chunk into `widened` (chunk * hd floats), not once per head.
+inline int64_t chunk_keys(int64_t hd) { return std::max<int64_t>(8, 4096 / hd); }  // 16 KB of float32 values
 
 template <class T>
 void weighted_sums(const float* p, const int64_t* keys, int64_t n, int64_t G, const T* v, int64_t v_stride,
-                   int64_t hd, float* out) {
+                   int64_t hd, float* widened, const int64_t* in_order, float* out) {
   std::fill(out, out + G * hd, 0.f);
-  std::vector<float> widened;
-  std::vector<int64_t> in_order;
-  if constexpr (!std::is_same_v<T, float>) {
-    widened.resize(kChunk * hd);
-    in_order.resize(kChunk);
-    for (int64_t i = 0; i < kChunk; ++i) in_order[i] = i;
-  }
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t m = std::min(kChunk, n - i0);
+  const int64_t chunk = chunk_keys(hd);
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t m = std::min(chunk, n - i0);
     if constexpr (std::is_same_v<T, float>) {
       for (int64_t g = 0; g < G; ++g) add_weighted_sum(p + g * n + i0, keys + i0, m, v, v_stride, hd, out + g * hd);
     } else {
@@ -188,8 +182,7 @@ void weighted_sums(const float* p, const int64_t* keys, int64_t n, int64_t G, co
         const T* row = v + keys[i0 + i] * v_stride;
         for (int64_t c = 0; c < hd; ++c) widened[i * hd + c] = static_cast<float>(row[c]);
       }
-      for (int64_t g = 0; g < G; ++g)
-        add_weighted_sum(p + g * n + i0, in_order.data(), m, widened.data(), hd, hd, out + g * hd);
+      for (int64_t g = 0; g < G; ++g) add_weighted_sum(p + g * n + i0, in_order, m, widened, hd, hd, out + g * hd);
     }
   }
 }
@@ -210,6 +203,9 @@ void attend(const float* q, const at::Tensor& k, const at::Tensor& v, const int6
   at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> keys(S);
     std::vector<float> scores(G * S);
+    std::vector<float> widened(std::is_same_v<T, float> ? 0 : chunk_keys(hd) * hd);
+    std::vector<int64_t> in_order(chunk_keys(hd));
+    for (int64_t i = 0; i < static_cast<int64_t>(in_order.size()); ++i) in_order[i] = i;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, h = task % Hkv;
       const bool* row_valid = valid ? valid + (valid_rows == 1 ? 0 : b) * S : nullptr;
@@ -226,7 +222,8 @@ void attend(const float* q, const at::Tensor& k, const at::Tensor& v, const int6
       const float* qh = q + task * G * hd;  // q and out are (B, H, hd), H = Hkv * G
       scores_of(qh, G, kh, k.stride(2), keys.data(), n, hd, scale, scores.data());
       for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * n, n);
-      weighted_sums(scores.data(), keys.data(), n, G, vh, v.stride(2), hd, out + task * G * hd);
+      weighted_sums(scores.data(), keys.data(), n, G, vh, v.stride(2), hd, widened.data(), in_order.data(),
+                    out + task * G * hd);
     }
   });
 }
@@ -247,7 +244,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                   (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
               "decode_attention: k and v must both be float32 or both bfloat16");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v must be contiguous in head_dim");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU only");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+                  (!rows.has_value() || rows->device().is_cpu()) && (!valid.has_value() || valid->device().is_cpu()),
+              "decode_attention: CPU only (q, k, v, rows and valid)");
   at::Tensor row_index;
   if (rows.has_value()) {
     row_index = rows->contiguous();
