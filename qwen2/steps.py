@@ -156,9 +156,11 @@ class CompiledCpuSteps(EagerSteps):
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
         self.inductor_config = {"freezing": True, "compile_threads": 1, "cpp.enable_kernel_profile": True,
                                 **COMPILE_MODES[mode]}
-        # one query row's attention: our kernel where it builds (decode_backend, which may build it:
-        # chosen on the compile thread, so the page never waits for a C++ build)
-        self.attention: str | None = None
+        # One query row's attention: our kernel where it builds. decode_backend may build the kernel
+        # library (~15 s, once per machine; a bf16 or quantized model has built it at load). Chosen
+        # here, not on the compile thread: there, in a full-suite run, the app's first reply stalled
+        # for over a minute while the library loaded beside it (docs/benchmarks.md, tenth round).
+        self.attention = decode_backend(model.device)
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
         self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
@@ -294,8 +296,6 @@ class CompiledCpuSteps(EagerSteps):
 
     def _compile_all(self, pool, progress):
         say = progress or (lambda fraction, message: None)
-        if self.attention is None:
-            self.attention = decode_backend(self.model.device)
         with torch.inference_mode():
             for i, job in enumerate(self.jobs):
                 if job in self.ready:
