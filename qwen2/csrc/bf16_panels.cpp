@@ -38,8 +38,7 @@ inline void panel_rows(const c10::BFloat16* panel, const float* x, int64_t K, fl
     for (int line = 0; line < A / 4 + 1; ++line)  // 4 KB ahead (see int8_blocks.cpp)
       _mm_prefetch(reinterpret_cast<const char*>(run + 2048 + 32 * line), _MM_HINT_T0);
     for (int a = 0; a < A; ++a) {
-      const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(run + 8 * a));
-      const __m256 w = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+      const __m256 w = qwen2::widen_bf16x8(run + 8 * a);
       for (int r = 0; r < T; ++r) acc[r][a] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + r * K + k + a), acc[r][a]);
     }
   }

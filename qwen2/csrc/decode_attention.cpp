@@ -17,6 +17,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "panels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -35,10 +37,7 @@ constexpr int64_t kMaxHeadDim = 256;
 
 #ifdef QWEN2_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
-}
+inline __m256 load8(const c10::BFloat16* p) { return qwen2::widen_bf16x8(p); }
 
 // Eight sums side by side: lane g of the result is the sum of the lanes of v[g].
 inline __m256 sum_lanes(const __m256 v[8]) {

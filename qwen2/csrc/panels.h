@@ -1,8 +1,9 @@
 // What our CPU kernels share: output channels in panels of 8 (one 256-bit register of float32
-// results), and the walk over them.
+// results), and the walk over them; bf16 widened to float32.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -10,7 +11,19 @@
 #include <limits>
 #include <type_traits>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace qwen2 {
+
+#if defined(__AVX2__)
+// Eight bf16 values at p as float32: a bf16 is the top half of a float32, so a shift widens it.
+inline __m256 widen_bf16x8(const c10::BFloat16* p) {
+  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+}
+#endif
 
 constexpr int64_t kBlock = 32;  // inputs per scale of the quantized kernels
 constexpr int64_t kPanel = 8;   // output channels a panel
