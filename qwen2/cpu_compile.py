@@ -28,6 +28,7 @@ import threading
 import time
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .cpu_attention import decode_backend
 from .fast_path import CacheLease, FastPath, cache_bucket
@@ -76,6 +77,23 @@ def recompile_limit_raised():
     """Dynamo's limit of compiles per function raised to _RECOMPILE_LIMIT, around a compile only."""
     config, name = torch._dynamo.config, _recompile_limit_name()
     return config.patch(**{name: max(getattr(config, name), _RECOMPILE_LIMIT)})
+
+
+class CacheKeyTag(CustomGraphPass):
+    """A post-grad pass that changes nothing; its tag joins Inductor's cache key (custom passes'
+    uuid() do). Inductor's cache takes a stored graph whose shape guards hold for the compile's
+    example, whatever range the compile asked for (torch._dynamo.mark_dynamic's min and max): a
+    graph stored for another range of key counts would be taken, and its guards would break this
+    one (ConstraintViolationError). Tagged with its range, each compile finds only its own."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def __call__(self, graph: torch.fx.graph.Graph) -> None:
+        pass
+
+    def uuid(self) -> str:
+        return self.tag
 
 
 class CompiledCpuPath(FastPath):

@@ -11,10 +11,13 @@ twice: for one row, and for 2 to `max_batch` rows with the batch size left symbo
 3 is 3 rows, no padding), and the number of keys read symbolic in both, so a joining or leaving
 conversation or one growing longer never recompiles. It compiles the verification too, for a fixed
 width of VERIFY_WIDTH tokens (shorter drafts are padded: their extra keys land past the row's
-length, where nothing reads them before they are written again). Inductor sums a softmax over
-more than 4096 keys in chunks, and guards the compiled step to the side of that line its example
-fell on, so where rows are longer, the one-row step is compiled a second time for the keys beyond
-(MAX_COMPILED_KEYS): a long conversation keeps its compiled step. The compiles run on a thread of
+length, where nothing reads them before they are written again). A decode step's attention is
+our kernel where it builds (qwen2/cpu_attention.py), which does its own sums: one compile serves
+every key count of a row. Inductor's own softmax (the verification, and the decode steps where the
+kernel does not build) sums over more than 4096 keys in chunks, and guards the compiled step to the
+side of that line its example fell on: the verification serves rows up to 4096 keys, and without
+our kernel the one-row step is compiled a second time for the keys beyond (MAX_COMPILED_KEYS), so
+a long conversation keeps its compiled step. The compiles run on a thread of
 their own while the engine serves eagerly; each is used from the first step after it is ready.
 Prefill stays eager: its shapes change with every prompt, and its products are matrix-matrix,
 already near peak.
@@ -58,6 +61,8 @@ def rows_forward(model, cache: RowCache, rows, ids, positions, key_slots, attent
 # Inductor's CPU sums of float32 switch to chunked (cascade) summation above 4096 terms, and the
 # compiled step is guarded to its example's side of that line (torch 2.13, codegen/cpp.py
 # need_use_acc_helper): one compile serves 2..4096 keys, a second one ("long") the rest of the row.
+# Only where Inductor sums the softmax: our attention kernel sums it itself, and one compile serves
+# the whole row (tests/test_engine.py).
 MAX_COMPILED_KEYS = 4096
 
 # The compiled verification's width: the pending token and up to 3 guesses. On a 2-vCPU AMD EPYC
@@ -136,21 +141,18 @@ class EagerSteps:
 
 class CompiledCpuSteps(EagerSteps):
     """Decode steps compiled by Inductor (one row; 2 to max_batch rows) and the verification of
-    `verify_width` tokens (0: none), in the background by `prepare`."""
+    `verify_width` tokens (0: none), in the background by `prepare`. attention: the decode steps'
+    ("cpu_kernel" or "single_query"; default: our kernel where it builds)."""
 
     name = "cpu-compile"
 
     def __init__(self, model, max_batch: int, mode: str | None = None, verify_width: int = VERIFY_WIDTH,
-                 row_tokens: int = MAX_COMPILED_KEYS):
+                 row_tokens: int = MAX_COMPILED_KEYS, attention: str | None = None):
         from .cpu_compile import COMPILE_MODES, checked_mode
 
         mode = checked_mode(model, mode)
         super().__init__(model)
         self.mode, self.buckets, self.verify_width = mode, batch_buckets(max_batch), verify_width
-        # what to compile, in order: the decode step per batch bucket, the verification, then the
-        # one-row step for keys past MAX_COMPILED_KEYS (rows longer than that only)
-        self.jobs: tuple = (self.buckets + (("verify",) if verify_width >= 2 else ())
-                            + (("long",) if row_tokens - 1 > MAX_COMPILED_KEYS + 1 else ()))
         # Inductor reads `freezing` (weights as constants it may pre-pack for its GEMM kernels) from its
         # global config while it compiles: set around each compile only, never per step.
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
@@ -160,7 +162,11 @@ class CompiledCpuSteps(EagerSteps):
         # library (~15 s, once per machine; a bf16 or quantized model has built it at load). Chosen
         # here, not on the compile thread: there, in a full-suite run, the app's first reply stalled
         # for over a minute while the library loaded beside it (docs/benchmarks.md, tenth round).
-        self.attention = decode_backend(model.device)
+        self.attention = attention or decode_backend(model.device)
+        # what to compile, in order: the decode step per batch bucket, the verification, then (where
+        # Inductor sums the softmax and rows are longer) the one-row step for keys past MAX_COMPILED_KEYS
+        long = self.attention != "cpu_kernel" and row_tokens - 1 > MAX_COMPILED_KEYS + 1
+        self.jobs: tuple = self.buckets + (("verify",) if verify_width >= 2 else ()) + (("long",) if long else ())
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
         self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
         self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
@@ -199,7 +205,7 @@ class CompiledCpuSteps(EagerSteps):
             return self._run(cache, rows, ids, positions, n_keys)
         start = time.perf_counter()
         logits = self._run(cache, rows, ids, positions, n_keys)
-        if n_keys <= self._max_keys(cache):  # the price of a verification is against these steps
+        if n_keys <= self._max_keys(cache, verify=True):  # the price of a verification is against these steps
             self._step_s = _running_mean(self._step_s, time.perf_counter() - start)
         return logits
 
@@ -209,12 +215,14 @@ class CompiledCpuSteps(EagerSteps):
         bucket = next(b for b in self.buckets if b >= batch)
         return bucket in self.ready
 
-    @staticmethod
-    def _max_keys(cache) -> int:
-        """The most keys the compiled steps read, but for the one-row step's "long" compile. Inductor
-        specialises a step to key counts unlike the row's whole length, and to one side of 4096
-        (MAX_COMPILED_KEYS): the symbolic range is kept inside both."""
-        return min(cache.row_len - 1, MAX_COMPILED_KEYS)
+    def _max_keys(self, cache, verify: bool = False) -> int:
+        """The most keys the compiled decode steps (verify: the verification) read, but for the one-row
+        step's "long" compile. Inductor specialises a step to key counts unlike the row's whole length,
+        and, where it sums the softmax itself, to one side of 4096 (MAX_COMPILED_KEYS): the symbolic
+        range is kept inside both."""
+        if verify or self.attention != "cpu_kernel":
+            return min(cache.row_len - 1, MAX_COMPILED_KEYS)
+        return cache.row_len - 1
 
     def _key_range(self, cache, n_keys: int) -> tuple[int, int]:
         """The symbolic range of key counts the compiled step serving `n_keys` was compiled for."""
@@ -233,7 +241,7 @@ class CompiledCpuSteps(EagerSteps):
 
     # -- verification ------------------------------------------------------------------------------
     def _verify_compiled(self, cache, position: int) -> bool:
-        return "verify" in self.ready and position + self.verify_width <= self._max_keys(cache)
+        return "verify" in self.ready and position + self.verify_width <= self._max_keys(cache, verify=True)
 
     @property
     def verify_cost(self):
@@ -249,7 +257,7 @@ class CompiledCpuSteps(EagerSteps):
         """First figures for verify_cost: the medians of `pairs` alternating compiled one-row steps and
         verifications on the scratch row."""
         steps, verifies = [], []
-        row, position = cache.scratch, min(64, self._max_keys(cache) - self.verify_width)
+        row, position = cache.scratch, min(64, self._max_keys(cache, verify=True) - self.verify_width)
         for _ in range(pairs):
             start = time.perf_counter()
             self._run(cache, [row], [0], [position], position + 1)
@@ -279,7 +287,7 @@ class CompiledCpuSteps(EagerSteps):
         ids = torch.tensor([ids + ids[-1:] * (width - len(ids))])  # (1, W)
         positions = torch.arange(position, position + width)[None]
         key_slots = torch.arange(position + width)
-        torch._dynamo.mark_dynamic(key_slots, 0, min=width + 1, max=self._max_keys(cache))
+        torch._dynamo.mark_dynamic(key_slots, 0, min=width + 1, max=self._max_keys(cache, verify=True))
         return self.verify_fn(cache, torch.tensor([row]), ids, positions, key_slots)
 
     # -- background compile --------------------------------------------------------------------
@@ -336,10 +344,16 @@ class CompiledCpuSteps(EagerSteps):
             return True
 
     def _compile(self, cache: RowCache, job):
-        from .cpu_compile import recompile_limit_raised
+        from .cpu_compile import CacheKeyTag, recompile_limit_raised
 
         start = time.perf_counter()
-        with torch._inductor.config.patch(self.inductor_config), recompile_limit_raised():
+        # the job's range of key counts joins Inductor's cache key: a graph it stored for another
+        # range (an older split at 4096 keys, say) is never taken for this one
+        low, high = (self.verify_width + 1, self._max_keys(cache, verify=True)) if job == "verify" \
+            else self._key_range(cache, self._max_keys(cache) + 1 if job == "long" else 2)
+        tag = CacheKeyTag(f"qwen2 {self.attention} attention, keys {low}..{high}")
+        with torch._inductor.config.patch({**self.inductor_config, "post_grad_custom_post_pass": tag}), \
+                recompile_limit_raised():
             if job == "verify":
                 self._run_verify(cache, cache.scratch, [0], 1)
             elif job == "long":
@@ -378,7 +392,8 @@ def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str |
     """The step runner for fast_decode `mode`: "auto" compiles on CPU and runs eagerly elsewhere
     (batched CUDA graphs are not in the engine yet), "compile" (CPU), "off". verify=False: no
     speculative decoding to serve, so no verification to compile. row_tokens: the cache's row
-    length (past MAX_COMPILED_KEYS, the one-row step is compiled a second time for the rest)."""
+    length (past MAX_COMPILED_KEYS, without our attention kernel, the one-row step is compiled a
+    second time for the rest)."""
     from .options import check_fast_decode
 
     fast_decode = check_fast_decode(fast_decode)

@@ -23,10 +23,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qwen2 import cpu_kernels
 from qwen2.config import Qwen2Config
 from qwen2.model import Qwen2ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Our C++ CPU kernels (qwen2/csrc) build where a C++ compiler is; where not, their tests skip, saying why.
+needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
+                                  reason=f"our CPU kernels are not built here: {cpu_kernels.kernel_error()}")
 
 # The tiny shape every random checkpoint starts from: GQA (4 query heads, 2 KV heads), tied embeddings.
 TINY = dict(

@@ -10,12 +10,9 @@ import torch.nn.functional as F
 
 import qwen2
 from profiling.memory import weight_bytes
-from qwen2 import cpu_kernels, upcast
+from qwen2 import upcast
 from qwen2.upcast import Bf16PanelEmbedding, Bf16PanelLinear, panel_rows, to_panels
-from tests.helpers import make_checkpoint, rand_ids
-
-needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
-                                  reason=f"our CPU kernels are not built here: {cpu_kernels.kernel_error()}")
+from tests.helpers import make_checkpoint, needs_kernel, rand_ids
 
 
 def test_panel_order_is_the_documented_one_and_round_trips():

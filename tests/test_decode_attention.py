@@ -13,10 +13,7 @@ from qwen2 import cpu_attention, cpu_kernels
 from qwen2.cpu_compile import CompiledCpuPath
 from qwen2.generate import DecodeSession
 from qwen2.model import CAUSAL, single_query_attention
-from tests.helpers import rand_ids
-
-needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
-                                  reason=f"our CPU kernels are not built here: {cpu_kernels.kernel_error()}")
+from tests.helpers import needs_kernel, rand_ids
 
 
 def _reference(q, k, v, mask, scale):

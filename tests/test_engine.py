@@ -12,10 +12,12 @@ import torch
 
 import qwen2
 from qwen2 import cpu_attention
+from qwen2 import steps as steps_module
 from qwen2.engine import Engine, Limits
 from qwen2.errors import ContextLengthError, GenerationError, LimitError
 from qwen2.sampling import SamplingSettings
 from qwen2.steps import EagerSteps
+from tests.helpers import ROOT, needs_kernel
 
 # A penalty keeps the tiny random model from repeating one token, so the comparisons mean something.
 VARIED = SamplingSettings(repetition_penalty=1.5)
@@ -360,8 +362,8 @@ def test_the_compiled_verification_equals_the_eager_one_and_serves_speculation(m
 
 
 @pytest.fixture(scope="module")
-def long_model(model, tmp_path_factory):
-    """The tiny model's shape with a context past 4096 (random weights)."""
+def long_model_dir(model, tmp_path_factory):
+    """The tiny model's config with a context past 4096 (no weights: load it with random ones)."""
     import json
     from dataclasses import asdict
 
@@ -369,18 +371,29 @@ def long_model(model, tmp_path_factory):
     config = {k: v for k, v in asdict(model.config).items() if not k.startswith("_")}
     config.update(max_position_embeddings=4400, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     (directory / "config.json").write_text(json.dumps(config))
-    return qwen2.load_model(directory, dtype="float32", random_weights=True)
+    return directory
 
 
-def test_rows_longer_than_the_compiled_key_range_get_a_second_one_row_compile(model, long_model):
-    """Inductor guards a compiled step to one side of 4096 keys (qwen2.steps.MAX_COMPILED_KEYS): rows
-    longer than that get the one-row step compiled again for the rest ("long"), last; a batch past
-    the line, and rows that never reach it, keep what they had."""
+@pytest.fixture(scope="module")
+def long_model(long_model_dir):
+    return qwen2.load_model(long_model_dir, dtype="float32", random_weights=True)
+
+
+@pytest.fixture
+def inductor_attention(monkeypatch):
+    """The compiled steps' attention in Inductor's own math (as where our kernel does not build)."""
+    monkeypatch.setattr(steps_module, "decode_backend", lambda device: "single_query")
+
+
+def test_rows_longer_than_the_compiled_key_range_get_a_second_one_row_compile(model, long_model, inductor_attention):
+    """Inductor guards a compiled step that sums the softmax itself to one side of 4096 keys
+    (qwen2.steps.MAX_COMPILED_KEYS): rows longer than that get the one-row step compiled again for
+    the rest ("long"), last; a batch past the line, and rows that never reach it, keep what they had."""
     assert Engine(model, fast_decode="compile", compile_mode="default").steps.jobs == (1, 4, "verify")
     assert Engine(long_model, fast_decode="compile", row_tokens=4098).steps.jobs == (1, 4, "verify")
     engine = Engine(long_model, rows=2, fast_decode="compile", compile_mode="default", row_tokens=4400)
     steps, cache = engine.steps, engine._pool()
-    assert steps.jobs == (1, 2, "verify", "long")
+    assert steps.attention == "single_query" and steps.jobs == (1, 2, "verify", "long")
     steps.ready.update({1: 0.0, 2: 0.0, "verify": 0.0})
     assert steps.compiled_for(cache, 1, 4096) and not steps.compiled_for(cache, 1, 4097)
     steps.ready["long"] = 0.0
@@ -391,24 +404,109 @@ def test_rows_longer_than_the_compiled_key_range_get_a_second_one_row_compile(mo
     engine.close()
 
 
-@pytest.mark.slow
-def test_a_reply_crossing_4096_keys_stays_compiled_and_equals_the_eager_one(long_model):
-    engine = Engine(long_model, rows=1, fast_decode="compile", compile_mode="default", row_tokens=4400,
-                    speculate=False)
+@needs_kernel
+def test_with_our_attention_kernel_one_compile_serves_the_whole_row(long_model):
+    """Our kernel sums the softmax itself: no "long" compile, every batch size compiled at any key
+    count of the row; the verification (Inductor's softmax) still stops at 4096 keys."""
+    engine = Engine(long_model, rows=2, fast_decode="compile", compile_mode="default", row_tokens=4400)
+    steps, cache = engine.steps, engine._pool()
+    assert steps.attention == "cpu_kernel" and steps.jobs == (1, 2, "verify")
+    steps.ready.update({1: 0.0, 2: 0.0, "verify": 0.0})
+    assert all(steps.compiled_for(cache, batch, keys) for batch in (1, 2) for keys in (2, 4096, 4097, 4399))
+    assert not steps.compiled_for(cache, 1, 4400)
+    assert steps._key_range(cache, 17) == steps._key_range(cache, 4397) == (2, 4399)
+    assert steps.max_guesses(cache, 4092) == 3 and steps.max_guesses(cache, 4093) == 0
+    engine.close()
+
+
+# Run in a process of its own, on an Inductor cache of its own: in one process, dynamo would serve
+# the second engine's compile from its own cache of the first, before Inductor's is asked. In bf16:
+# Inductor does not cache a float32 step (its weights prepacked by oneDNN), but it does this one.
+CACHED_ELSEWHERE = """
+import sys, torch, qwen2
+from torch._dynamo.utils import counters
+from qwen2 import steps
+from qwen2.engine import Engine
+from qwen2.steps import EagerSteps
+model = qwen2.load_model(sys.argv[1], dtype="bfloat16", random_weights=True)
+def compiled(max_keys):
+    torch._dynamo.reset()
+    engine = Engine(model, rows=1, fast_decode="compile", compile_mode="default", row_tokens=4400, speculate=False)
+    engine.steps._max_keys = max_keys
     engine.steps.compile_now(engine._pool)
-    assert list(engine.steps.ready) == [1, "long"]
+    assert engine.steps.failed is None, engine.steps.failed
+    return engine
+split = compiled(lambda cache, verify=False: min(cache.row_len - 1, steps.MAX_COMPILED_KEYS))
+assert split.steps._key_range(split._pool(), 17) == (2, 4096)
+whole = compiled(lambda cache, verify=False: cache.row_len - 1)
+assert whole.steps._key_range(whole._pool(), 17) == (2, 4399)
+with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+    cache = whole._pool()
+    a = whole.steps.decode(cache, [0], [7], [4300])
+    torch.testing.assert_close(a, EagerSteps.decode(whole.steps, cache, [0], [7], [4300]), rtol=0.02, atol=0.02)
+print("served 4301 keys compiled", dict(counters["inductor"]))
+"""
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_a_graph_inductor_cached_for_another_key_range_is_not_taken(long_model_dir, tmp_path):
+    """Inductor's cache checks a stored graph's guards against the compile's example alone; each
+    compile's key range joins its cache key (qwen2.cpu_compile.CacheKeyTag), so a step stored for
+    2..4096 keys (as before our kernel served whole rows) does not stand in for one compiled for
+    2..4399, which then serves 4301 keys without compiling anew."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    run = subprocess.run([sys.executable, "-c", CACHED_ELSEWHERE, str(long_model_dir)], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=600)
+    assert run.returncode == 0 and "served 4301 keys compiled" in run.stdout, run.stderr[-3000:]
+    assert "'fxgraph_cache_miss': 2" in run.stdout, run.stdout  # both went to Inductor's cache, neither was taken
+
+
+def crossing_4096_keys(engine, prompt_seed):
+    """One reply from a prompt of 4090 tokens across 4096 keys on `engine`'s compiled steps (compiled
+    here), recompiling nothing; its tokens, and the key counts the compiled one-row step read. The
+    compiled step equals the eager one past the line, on two rows at once too."""
+    engine.steps.compile_now(engine._pool)
     keys = []
     compiled = engine.steps.step_fn
     engine.steps.step_fn = lambda *args: (keys.append(args[-1].shape[0]), compiled(*args))[1]
-    prompt = ids(120, 4090)
+    prompt = ids(prompt_seed, 4090)
     with engine.start(), torch._dynamo.config.patch(error_on_recompile=True):
         out = engine.generate(prompt, settings=VARIED, max_new_tokens=12)
         steps, cache = engine.steps, engine._pool()
         with torch.inference_mode():
-            eager = EagerSteps.decode(steps, cache, [0], [7], [4101])
-            torch.testing.assert_close(steps.decode(cache, [0], [7], [4101]), eager, rtol=1e-4, atol=1e-4)
+            for rows, positions in (([0], [4101]), ([0, 1], [4101, 4050])):
+                if steps.compiled_for(cache, len(rows), max(positions) + 1):
+                    eager = EagerSteps.decode(steps, cache, rows, [7] * len(rows), positions)
+                    torch.testing.assert_close(steps.decode(cache, rows, [7] * len(rows), positions), eager,
+                                               rtol=1e-4, atol=1e-4)
+    engine.steps.step_fn = compiled
+    return out, prompt, keys
+
+
+@pytest.mark.slow
+def test_a_reply_crossing_4096_keys_stays_compiled_and_equals_the_eager_one(long_model, inductor_attention):
+    engine = Engine(long_model, rows=1, fast_decode="compile", compile_mode="default", row_tokens=4400,
+                    speculate=False)
+    out, prompt, keys = crossing_4096_keys(engine, 120)
+    assert list(engine.steps.ready) == [1, "long"]
     assert out == alone(long_model, prompt, 12)
     assert keys[:11] == list(range(4091, 4102)) and keys[-1] == 4102  # every step compiled, both sides of 4096
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_on_our_kernel_a_reply_crossing_4096_keys_needs_one_compile(long_model):
+    engine = Engine(long_model, rows=2, fast_decode="compile", compile_mode="default", row_tokens=4400,
+                    speculate=False)
+    out, prompt, keys = crossing_4096_keys(engine, 121)
+    assert engine.steps.attention == "cpu_kernel" and list(engine.steps.ready) == [1, 2]
+    assert out == alone(long_model, prompt, 12)
+    assert keys[:11] == list(range(4091, 4102)) and keys[-2:] == [4102, 4102]  # one row, then two
 
 
 def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypatch):

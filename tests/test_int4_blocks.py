@@ -9,13 +9,9 @@ import pytest
 import torch
 
 import qwen2
-from qwen2 import cpu_kernels
 from qwen2.quant import (BLOCK, INT4_BLOCKS_LAYOUT, Int4BlockLinear, Int4Linear, Int8BlockLinear, dequantize_int4_blocks,
                          quantize_int4_blocks, quantize_model)
-from tests.helpers import make_checkpoint, rand_ids, round_x_in_blocks
-
-needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
-                                  reason=f"our block kernels are not built here: {cpu_kernels.kernel_error()}")
+from tests.helpers import make_checkpoint, needs_kernel, rand_ids, round_x_in_blocks
 
 
 def by_channel(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +55,8 @@ def min_max_blocks(w: torch.Tensor):
 
 @needs_kernel
 def test_quantize_int4_blocks_beats_min_max_in_every_block():
-    w = torch.randn(24, 128) * torch.rand(24, 4).repeat_interleave(BLOCK, 1) * 3 + 0.5
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 128, generator=gen) * torch.rand(24, 4, generator=gen).repeat_interleave(BLOCK, 1) * 3 + 0.5
     w[3, 64:96] = 0.25  # a constant block
     packed, scales, mins = quantize_int4_blocks(w)
     assert packed.dtype == torch.uint8 and packed.shape == (24, 64)
@@ -69,8 +66,11 @@ def test_quantize_int4_blocks_beats_min_max_in_every_block():
     assert rebuilt[3, 2].eq(0.25).all()
     error = (rebuilt - w.view(24, 4, BLOCK)).pow(2).sum(-1)
     plain = (min_max_blocks(w) - w.view(24, 4, BLOCK)).pow(2).sum(-1)
-    # no worse than min..max in any block (but for the float16 rounding of the chosen pair), better overall
-    assert (error <= plain * 1.01 + 1e-9).all() and error.sum() < 0.9 * plain.sum()
+    # no worse than min..max in any block but for the float16 rounding of the chosen pair (each
+    # element moves by up to half a float16 step of the minimum and of 15 scales; in blocks of tiny
+    # spread that is all the error, and a fixed slack failed 20 seeds of 300), better overall
+    rounding = BLOCK * ((by_channel(mins).float().abs() + 15 * by_channel(scales).float()) * 2 ** -11) ** 2
+    assert (error.sqrt() <= plain.sqrt() * 1.005 + rounding.sqrt()).all() and error.sum() < 0.9 * plain.sum()
 
 
 @needs_kernel

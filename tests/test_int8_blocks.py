@@ -18,10 +18,8 @@ from qwen2 import cpu_kernels
 from qwen2.errors import ConfigError
 from qwen2.quant import (BLOCK, Int8BlockLinear, Int8Linear, dequantize, panel_rows, quantize_blocks, quantize_model,
                          to_panels)
-from tests.helpers import ROOT, float_model_holding_rounded_weights, make_checkpoint, rand_ids, round_x_in_blocks
-
-needs_kernel = pytest.mark.skipif(cpu_kernels.kernel_error() is not None,
-                                  reason=f"the int8 block kernel is not built here: {cpu_kernels.kernel_error()}")
+from tests.helpers import (ROOT, float_model_holding_rounded_weights, make_checkpoint, needs_kernel, rand_ids,
+                           round_x_in_blocks)
 
 
 def test_quantize_blocks_error_is_within_half_a_step_of_each_blocks_stored_scale():

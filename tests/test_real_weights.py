@@ -16,6 +16,8 @@ transformers = pytest.importorskip("transformers", reason="transformers is the t
 pytestmark = pytest.mark.slow  # a 0.5B model on a 2-core CPU: about two minutes for the module
 
 import qwen2  # noqa: E402
+from qwen2.engine import Engine  # noqa: E402
+from qwen2.sampling import SamplingSettings  # noqa: E402
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -33,6 +35,10 @@ TEXTS = [
     "Numbers 1234567890 and 3.14159, URLs https://example.com/a?b=c&d=e",
     "Ünïcödé: Ｆｕｌｌｗｉｄｔｈ, e\u0301 (combining accent), Ω",
 ]
+EDIT = ("Rename the variable `total` to `running_sum` in this function; reply with the whole function.\n\n"
+        "```python\ndef mean_of_positive(values):\n    total = 0\n    count = 0\n    for value in values:\n"
+        "        if value > 0:\n            total += value\n            count += 1\n    if count == 0:\n"
+        "        return 0.0\n    return total / count\n```")
 CONVERSATIONS = {
     "no system prompt": [{"role": "user", "content": "Hi!"}],
     "system prompt": [{"role": "system", "content": "You are a terse assistant."},
@@ -134,6 +140,23 @@ class TestFloat32Parity:
         theirs = out[0, chat_ids.shape[1]:].tolist()
         assert mine == theirs, (tok.decode(mine), tok.decode(theirs))
         assert "def" in tok.decode(mine) or "prime" in tok.decode(mine).lower()  # a trained model's answer
+
+    def test_the_engines_compiled_steps_and_speculation_give_the_eager_reply(self, pair, tok):
+        """The serving engine as the app runs it on CPU (the compiled one-row step on our attention
+        kernel, the compiled verification of prompt-lookup guesses) on a code edit, where guesses are
+        accepted: the same greedy tokens as plain eager decoding, nothing compiled anew."""
+        ours, _ = pair
+        prompt = tok.encode_chat([{"role": "user", "content": EDIT}])
+        n = 40
+        expected = list(qwen2.generate(ours, torch.tensor([prompt]), max_new_tokens=n, stop_token_ids=[]))
+        engine = Engine(ours, rows=1, fast_decode="compile", compile_mode="default")
+        engine.steps.compile_now(engine._pool)
+        assert list(engine.steps.ready) == [1, "verify"] and engine.state == "compiled"
+        with engine, torch._dynamo.config.patch(error_on_recompile=True):
+            reply = engine.submit(prompt, SamplingSettings(), n)
+            out = list(reply)
+        assert out == expected, (tok.decode(out), tok.decode(expected))
+        assert reply.stats.accepted > 0 and "running_sum" in tok.decode(out), reply.stats.line()
 
 
 # ---- weight-only quantization against bf16, teacher-forced on a real reply ---------------------
