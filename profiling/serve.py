@@ -92,10 +92,7 @@ def engine_streams(args):
                for p in CHAT_PROMPTS]
     engine = Engine(model, rows=max(args.users), row_tokens=1024, fast_decode=args.fast_decode,
                     speculate=args.speculate == "on")
-    if hasattr(engine.steps, "compile_now"):
-        print(f"compiling {engine.steps.jobs} (decode step per batch bucket; 'verify': speculative decoding's)...",
-              file=sys.stderr, flush=True)
-        engine.steps.compile_now(engine._pool)
+    engine.compile_now(lambda fraction, message: print(message, file=sys.stderr, flush=True))
     engine.start(compile_in_background=False)
 
     def one(i):

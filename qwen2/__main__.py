@@ -1,10 +1,15 @@
 """Terminal chat: python -m qwen2 --model ID_OR_DIR [--device] [--dtype] [--prompt TEXT] [--tools FILE]
-[--speculate lookup]
+[--speculate auto|lookup|off] [--context N]
 
 With --prompt: one reply, then exit. Without: a multi-turn chat (empty line or Ctrl-D quits).
 After each reply: prompt tokens, time to first token and decode tokens/s. With --tools (a JSON list
 of function specs), the template renders them; a reply's calls are printed as `[tool call] NAME
 {ARGS}`, and a line starting with `tool:` answers them (a "tool" message).
+
+On CPU the chat runs on the serving engine (qwen2/engine.py), as the app does: its compiled steps,
+speculative decoding by prompt lookup (guesses verified only where they pay; the reply is the same)
+and the conversation's row kept between turns. Elsewhere, or with --speculate off, it runs on
+ChatSession (qwen2/chat.py) and the single-stream fast path (CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
@@ -14,20 +19,18 @@ import dataclasses
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from . import load_model
-from .chat import ChatSession
+from .chat import ChatSession, EngineChat
+from .engine import Engine, Limits
 from .fast import make_fast_path, warm_up_or_off
 from .errors import GenerationError, ModelNotFoundError, Qwen2Error, TokenizerError
 from .generate import default_stop_ids
-from .options import FAST_DECODE_MODES, QUANT_SCHEMES, dtype_name
+from .options import FAST_DECODE_MODES, QUANT_SCHEMES
 from .sampling import SamplingSettings, check_seed
-from .speculative import PromptLookupDrafter, speculative_generate
-from .stats import ReplyStats
 from .tokenizer import Tokenizer
 from .tool_calls import parse_tool_calls, tool_names, validate_tools
 
@@ -52,14 +55,22 @@ def parse_args(argv=None):
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=seed_argument, default=None, help="an integer in [0, 2**63)")
     p.add_argument("--random-weights", action="store_true", help="official shape, random weights (no download)")
-    p.add_argument("--speculate", default="off", choices=("off", "lookup"),
-                   help="speculative decoding (lookup: prompt-lookup drafts, verified in one forward when "
-                        "they are likely to pay; the reply is the same, drafted/accepted counts join the stats "
-                        "line). Decodes eagerly, "
-                        "and prefills the whole conversation each turn. Default: off")
+    p.add_argument("--speculate", default="auto", choices=("auto", "lookup", "off"),
+                   help="speculative decoding on the serving engine (lookup: prompt-lookup guesses, verified in "
+                        "one forward where they are likely to pay; the reply is the same, and the stats line "
+                        "counts the guesses kept). auto (default): lookup where the engine's steps compile "
+                        "(CPU), off elsewhere (a GPU's CUDA graphs decode one stream faster)")
+    p.add_argument("--context", type=int, default=None, metavar="TOKENS",
+                   help="on the engine: the tokens a conversation holds, prompts and replies (its KV-cache row, "
+                        f"allocated whole; default: the model's context, at most {ENGINE_CONTEXT})")
     p.add_argument("--tools", default=None, metavar="FILE.json",
                    help="function calling: a JSON list of tool specs ({type: function, function: {name, ...}})")
     return p.parse_args(argv)
+
+
+# The engine's row is allocated whole: 8192 tokens (the app's default slot) is ~200 MB for the 0.5B
+# model in float32; its whole 32768-token context would be four times that, for every chat.
+ENGINE_CONTEXT = 8192
 
 
 def seed_argument(text: str) -> int:
@@ -102,46 +113,19 @@ def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
     text = []
     kwargs = dict(max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
                   **sampling_kwargs(args, model.info.generation_config))
-    speculation = None
-    if getattr(args, "speculate", "off") == "lookup":
-        speculation = speculative_generate(model, torch.tensor([ids]), PromptLookupDrafter(), **kwargs)
-        tokens = timed_reply(chat, len(ids), budget, speculation)
-    else:
-        tokens = chat.reply(ids, **kwargs)
-    for token in tokens:
+    for token in chat.reply(ids, **kwargs):
         piece = stream.push(token)
         text.append(piece)
         out.write(piece)
         out.flush()
     tail = stream.flush()
     text.append(tail)
-    line = chat.stats.line() + (f" · {speculation.stats.line()}" if speculation is not None else "")
-    out.write(f"{tail}\n[{line}]\n")
+    out.write(f"{tail}\n[{chat.stats.line()}]\n")
     content, calls = parse_tool_calls("".join(text), names=tool_names(tools))
     for call in calls:
         out.write(f"[tool call] {call.name} {json.dumps(call.arguments, ensure_ascii=False)}\n")
     message = {"role": "assistant", "content": content}
     return {**message, "tool_calls": [c.to_dict() for c in calls]} if calls else message
-
-
-def timed_reply(chat: ChatSession, prompt_tokens: int, budget: int, tokens):
-    """Stream `tokens` (a reply made outside the chat's cache: --speculate), filling chat.stats as
-    ChatSession.reply does. The chat's kept cache is dropped: the next turn prefills from scratch."""
-    chat.reset()
-    chat.stats = stats = ReplyStats(prompt_tokens=prompt_tokens, device=str(chat.model.device),
-                                    dtype=dtype_name(chat.model.dtype), stopped=True,
-                                    context_used=prompt_tokens, context_limit=chat.limit)
-    started, first, count = time.perf_counter(), None, 0
-    for token in tokens:
-        now = time.perf_counter()
-        first = first or now
-        count += 1
-        stats.new_tokens, stats.context_used = count, prompt_tokens + count
-        stats.ttft_s, stats.decode_s = first - started, now - first
-        yield token
-    stats.stopped = False
-    stats.end = "length" if count >= budget else "stop"
-    stats.ttft_s = stats.ttft_s if first else time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -150,8 +134,6 @@ def main(argv=None) -> int:
         try:
             model = load_model(args.model, device=args.device, dtype=args.dtype,
                                random_weights=args.random_weights, quantize=args.quantize)
-            # speculation runs eagerly (DecodeSession.extend): no decode step to compile or capture
-            fast_path = None if args.speculate != "off" else make_fast_path(model, args.fast_decode)
             tok = load_tokenizer(args.model, model)
         except ModelNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -159,32 +141,64 @@ def main(argv=None) -> int:
         if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
         tools = load_tools(args.tools)
-        chat = ChatSession(model, fast_path=warm_up(fast_path))
-        messages = [{"role": "system", "content": args.system}] if args.system else []
-        if args.prompt is not None:
-            reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args, tools=tools)
-            return 0
-        print(f"Chatting with {args.model} on {model.device}. Empty line or Ctrl-D to quit.")
-        while True:
-            try:
-                user = input("\n> ").strip()
-            except EOFError:
-                return 0
-            if not user:
-                return 0
-            tool_result = user.startswith("tool:")
-            messages.append({"role": "tool", "content": user[5:].strip()} if tool_result
-                            else {"role": "user", "content": user})
-            try:
-                messages.append(reply(chat, tok, messages, args, tools=tools))
-            except Qwen2Error as exc:
-                messages.pop()
-                print(f"error: {exc}", file=sys.stderr)
+        engine = make_engine(model, args) if on_engine(model, args) else None
+        try:
+            chat = EngineChat(engine) if engine is not None else \
+                ChatSession(model, fast_path=warm_up(make_fast_path(model, args.fast_decode)))
+            return converse(chat, tok, args, tools)
+        finally:
+            if engine is not None:
+                engine.close()
     except Qwen2Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def on_engine(model, args) -> bool:
+    """Whether the chat runs on the serving engine: --speculate lookup, or auto where its steps compile."""
+    if args.speculate == "auto":
+        return model.device.type == "cpu" and args.fast_decode in ("auto", "compile")
+    return args.speculate == "lookup"
+
+
+def make_engine(model, args) -> Engine:
+    """A serving engine of one row for the terminal's one conversation, started, its steps compiled
+    now with progress on stderr, not in the first reply (where compiling fails, it says so and
+    decodes eagerly)."""
+    context = args.context or min(model.config.max_position_embeddings, ENGINE_CONTEXT)
+    if not 2 <= context <= model.config.max_position_embeddings:
+        raise Qwen2Error(f"--context {context}: expected 2 to the model's context "
+                         f"({model.config.max_position_embeddings} tokens)")
+    engine = Engine(model, rows=1, row_tokens=context, fast_decode=args.fast_decode, speculate=True,
+                    limits=Limits(prompt_tokens=context, new_tokens=context, wall_s=float("inf")))
+    engine.compile_now(lambda fraction, message: print(message, file=sys.stderr, flush=True))
+    return engine.start(compile_in_background=False)
+
+
+def converse(chat, tok, args, tools) -> int:
+    """One reply to --prompt, or the interactive chat until an empty line or end of input."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        reply(chat, tok, messages + [{"role": "user", "content": args.prompt}], args, tools=tools)
+        return 0
+    print(f"Chatting with {args.model} on {chat.model.device}. Empty line or Ctrl-D to quit.")
+    while True:
+        try:
+            user = input("\n> ").strip()
+        except EOFError:
+            return 0
+        if not user:
+            return 0
+        tool_result = user.startswith("tool:")
+        messages.append({"role": "tool", "content": user[5:].strip()} if tool_result
+                        else {"role": "user", "content": user})
+        try:
+            messages.append(reply(chat, tok, messages, args, tools=tools))
+        except Qwen2Error as exc:
+            messages.pop()
+            print(f"error: {exc}", file=sys.stderr)
 
 
 def warm_up(fast_path):

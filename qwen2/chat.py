@@ -1,5 +1,5 @@
 """A conversation with the model: message text, the per-reply statistics line, and a session that
-keeps the KV cache between turns.
+keeps the KV cache between turns (ChatSession, single stream; EngineChat, on the serving engine).
 
 Each turn's prompt is the whole conversation rendered by the chat template, and it starts with the
 previous turn's prompt and reply. Recomputing that prefix would make every reply wait longer than
@@ -145,3 +145,37 @@ class ChatSession:
             old.close()
         self.session, self.cached = new, self.cached[:keep]
         return new
+
+
+class EngineChat:
+    """One conversation served by a serving engine (qwen2/engine.py), with ChatSession's interface:
+    reply(prompt_ids, ...) streams token ids, `stats` describes the last reply, `limit` is the
+    context. What the engine adds: its compiled steps and speculative decoding (prompt lookup,
+    verified only where it pays), on a row kept between turns. Closing the stream (Stop) cancels
+    the reply after the step in flight. (The terminal chat's; the app's tabs talk to the engine
+    through studio/chat.py.)"""
+
+    def __init__(self, engine):
+        self.engine, self.model = engine, engine.model
+        self.limit = engine.row_tokens
+        self.conversation = engine.conversation()
+        self.stats = ReplyStats(device=str(self.model.device), dtype=dtype_name(self.model.dtype),
+                                context_limit=self.limit)
+
+    def reply(self, prompt_ids: list[int], max_new_tokens: int = 64, stop_token_ids=None, temperature: float = 0.0,
+              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+              seed: int | None = None) -> Iterator[int]:
+        settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+        reply = self.engine.submit(prompt_ids, settings, max_new_tokens, stop_token_ids or (), seed,
+                                   conversation=self.conversation)
+        self.stats = reply.stats
+        return self._stream(reply)
+
+    @staticmethod
+    def _stream(reply) -> Iterator[int]:
+        try:
+            yield from reply
+        finally:
+            if not reply.done:  # the reader stopped early (Stop, Ctrl-C)
+                reply.cancel()
+                reply.wait()

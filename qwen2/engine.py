@@ -96,6 +96,11 @@ class Engine:
                 self.steps.prepare(self._pool, progress)
         return self
 
+    def compile_now(self, progress=None):
+        """The step runner's preparation (compiles) on this thread, before serving: for a terminal
+        chat, where nobody is served meanwhile. progress(fraction, message) hears of each."""
+        self.steps.compile_now(self._pool, progress)
+
     def close(self):
         """Cancel everything, stop the thread and the compiles, free the cache."""
         with self._cv:

@@ -131,6 +131,9 @@ class EagerSteps:
     def prepare(self, pool, progress=None):
         """Start whatever makes later steps faster (nothing here)."""
 
+    def compile_now(self, pool, progress=None):
+        """prepare's work on this thread, done when it returns (nothing here)."""
+
     def stop(self):
         """Stop preparing."""
 

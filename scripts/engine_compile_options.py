@@ -50,7 +50,7 @@ def main():
     if args.no_weight_prepack:
         engine.steps.inductor_config["cpp.weight_prepack"] = False
     start = time.perf_counter()
-    engine.steps.compile_now(engine._pool)
+    engine.compile_now()
     result = {"freezing": not args.no_freezing, "weight_prepack": not args.no_weight_prepack, "mode": args.mode,
               "dtype": args.dtype, "compile_s": round(time.perf_counter() - start, 1)}
     cache = engine._pool()

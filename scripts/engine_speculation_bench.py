@@ -51,8 +51,7 @@ def main(argv=None):
     stop = default_stop_ids(model, tok)
     engine = Engine(model, rows=1, row_tokens=2048, fast_decode=args.fast_decode, compile_mode=args.compile_mode)
     started = time.perf_counter()
-    if args.fast_decode == "compile":
-        engine.steps.compile_now(engine._pool, progress=lambda f, m: print(f"  {m}", file=sys.stderr, flush=True))
+    engine.compile_now(lambda fraction, message: print(f"  {message}", file=sys.stderr, flush=True))
     engine.start(compile_in_background=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f} | {args.model} "
           f"{args.quantize or args.dtype} | engine steps: {engine.state} ({args.compile_mode}, "

@@ -41,12 +41,15 @@ def test_one_shot_prompt_streams_a_reply_and_stats(tiny_model_dir):
 @pytest.mark.slow
 def test_interactive_chat_takes_two_turns_then_quits(tiny_model_dir):
     out = run_cli("--model", str(tiny_model_dir), "--max-new-tokens", "4", "--temperature", "0",
-                  stdin="first question\nsecond question\n\n")
+                  "--speculate", "lookup", stdin="first question\nsecond question\n\n")
     assert out.returncode == 0, out.stderr
     stats = [line for line in out.stdout.splitlines() if "prompt tokens" in line]
     assert len(stats) == 2
     first, second = (prompt_tokens(line) for line in stats)
     assert second > first  # the second prompt carries the first turn
+    # on the engine (--speculate lookup) the conversation's row is kept between turns: the second
+    # turn prefills only what is new
+    assert re.search(r"\((\d+) reused\)", stats[1]) and int(re.search(r"\((\d+) reused\)", stats[1]).group(1)) > 0
 
 
 def test_random_weights_without_tokenizer_uses_byte_fallback(tiny_model_dir, tmp_path, capsys):
@@ -74,15 +77,23 @@ def test_bad_model_and_bad_setting_give_one_line_errors(tiny_model_dir, tmp_path
 @pytest.mark.slow
 def test_auto_fast_decode_compiles_at_start_up_on_cpu(tiny_model_dir, capsys):
     """The default (auto) compiles the decode step before the first reply (in the cheap compile mode
-    the test run sets, $QWEN2_COMPILE_MODE), and the compiled step gives the eager greedy reply."""
-    out = run_cli("--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
-                  "--temperature", "0", "--fast-decode", "auto", timeout=400)
-    assert out.returncode == 0, out.stderr
-    assert "compiling the CPU decode step" in out.stderr and "compiled in" in out.stderr
-    assert f"(Inductor, {os.environ['QWEN2_COMPILE_MODE']})" in out.stderr  # the run's cheap mode reached it
-    assert main(["--model", str(tiny_model_dir), "--prompt", "hello", "--max-new-tokens", "6",
-                 "--temperature", "0", "--fast-decode", "off"]) == 0
+    the test run sets, $QWEN2_COMPILE_MODE): on CPU the engine's steps and verification (speculation
+    on by default), with --speculate off the single-stream fast path's; each gives the eager greedy
+    reply."""
+    mode = os.environ["QWEN2_COMPILE_MODE"]
+    common = ("--model", str(tiny_model_dir), "--prompt", "hello hello hello", "--max-new-tokens", "12",
+              "--temperature", "0", "--fast-decode", "auto")
+    engine = run_cli(*common, timeout=400)
+    assert engine.returncode == 0, engine.stderr
+    assert "compiling the decode step for 1 row" in engine.stderr and "4-token verification" in engine.stderr
+    assert f"Inductor {mode})" in engine.stderr and "decode step compiled for 1 row" in engine.stderr
+    single = run_cli(*common, "--speculate", "off", timeout=400)
+    assert single.returncode == 0, single.stderr
+    assert "compiling the CPU decode step" in single.stderr and "compiled in" in single.stderr
+    assert f"(Inductor, {mode})" in single.stderr  # the run's cheap mode reached it
+    assert main(["--model", str(tiny_model_dir), "--prompt", "hello hello hello", "--max-new-tokens", "12",
+                 "--temperature", "0", "--fast-decode", "off", "--speculate", "off"]) == 0
     eager = capsys.readouterr()
     assert "compiling" not in eager.err
     reply = lambda text: text.rsplit("[", 1)[0]  # noqa: E731 - the text before the stats line
-    assert reply(out.stdout) == reply(eager.out)  # the compiled step gives the same greedy reply
+    assert reply(engine.stdout) == reply(single.stdout) == reply(eager.out)  # the same greedy reply

@@ -433,7 +433,7 @@ def compiled(max_keys):
     torch._dynamo.reset()
     engine = Engine(model, rows=1, fast_decode="compile", compile_mode="default", row_tokens=4400, speculate=False)
     engine.steps._max_keys = max_keys
-    engine.steps.compile_now(engine._pool)
+    engine.compile_now()
     assert engine.steps.failed is None, engine.steps.failed
     return engine
 split = compiled(lambda cache, verify=False: min(cache.row_len - 1, steps.MAX_COMPILED_KEYS))
@@ -470,7 +470,7 @@ def crossing_4096_keys(engine, prompt_seed):
     """One reply from a prompt of 4090 tokens across 4096 keys on `engine`'s compiled steps (compiled
     here), recompiling nothing; its tokens, and the key counts the compiled one-row step read. The
     compiled step equals the eager one past the line, on two rows at once too."""
-    engine.steps.compile_now(engine._pool)
+    engine.compile_now()
     keys = []
     compiled = engine.steps.step_fn
     engine.steps.step_fn = lambda *args: (keys.append(args[-1].shape[0]), compiled(*args))[1]
@@ -519,7 +519,7 @@ def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypa
                         lambda cache, bucket: (threads.append(threading.current_thread()),
                                                engine.steps.ready.__setitem__(bucket, 0.0)))
     messages = []
-    engine.steps.compile_now(engine._pool, progress=lambda fraction, message: messages.append(message))
+    engine.compile_now(progress=lambda fraction, message: messages.append(message))
     assert list(engine.steps.ready) == [1, 2, "verify"] and threads == [threading.current_thread()] * 3
     assert engine.state == "compiled" and "compiled for 1 row and 2 rows, and the 4-token verification" in messages[-1]
     engine.close()
@@ -616,3 +616,23 @@ def test_who_speculates(model):
     # an engine that never speculates compiles no verification
     assert Engine(model, fast_decode="compile", compile_mode="default", speculate=False).steps.jobs == (1, 4)
     assert Engine(model, fast_decode="compile", compile_mode="default").steps.jobs == (1, 4, "verify")
+
+
+def test_engine_chat_streams_the_plain_reply_keeps_the_row_and_stops_when_closed(model):
+    """EngineChat (the terminal chat on the engine): its reply is plain decoding's; closing the
+    stream early cancels the reply (Stop, Ctrl-C), and the next turn reuses the kept row."""
+    from qwen2.chat import EngineChat
+
+    engine = engine_with(model, speculate=True).start()
+    chat = EngineChat(engine)
+    prompt = ids(130, 30)
+    assert list(chat.reply(prompt, 8, repetition_penalty=1.5)) == alone(model, prompt, 8)
+    assert chat.stats.end == "length" and chat.limit == engine.row_tokens
+    stream = chat.reply(prompt + ids(131, 5), 50, repetition_penalty=1.5)
+    first = [next(stream) for _ in range(3)]
+    stream.close()
+    assert chat.stats.end == "cancelled" and chat.stats.new_tokens < 50 and chat.stats.reused_tokens == 30
+    follow_up = prompt + ids(131, 5) + first + ids(132, 4)
+    assert list(chat.reply(follow_up, 4, repetition_penalty=1.5)) == alone(model, follow_up, 4)
+    assert chat.stats.reused_tokens >= len(prompt) + 5 + len(first) - 1
+    engine.close()

@@ -150,7 +150,7 @@ class TestFloat32Parity:
         n = 40
         expected = list(qwen2.generate(ours, torch.tensor([prompt]), max_new_tokens=n, stop_token_ids=[]))
         engine = Engine(ours, rows=1, fast_decode="compile", compile_mode="default")
-        engine.steps.compile_now(engine._pool)
+        engine.compile_now()
         assert list(engine.steps.ready) == [1, "verify"] and engine.state == "compiled"
         with engine, torch._dynamo.config.patch(error_on_recompile=True):
             reply = engine.submit(prompt, SamplingSettings(), n)
