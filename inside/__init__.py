@@ -14,8 +14,9 @@ the hooks fire), qwen2.sampling.Sampler (draw / mark) and processor_stages, and 
 apply_rope and visibility_mask to recompute the attention probabilities SDPA does not expose.
 """
 
+from qwen2.config import parameter_counts
+
 from .session import Forward, InsideSession, inside_view
 from .settings import InsideSettings
-from .views import parameter_counts
 
 __all__ = ["Forward", "InsideSession", "InsideSettings", "inside_view", "parameter_counts"]

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from qwen2.cache import kv_bytes_per_token
+from qwen2.config import parameter_counts
 from qwen2.generate import default_stop_ids
 
 
@@ -34,32 +35,6 @@ def model_facts(model) -> dict:
     """Source, random_weights and quantization, from model.info."""
     info = model.info
     return {"source": info.source, "random_weights": bool(info.random_weights), "quantization": info.quantization}
-
-
-def parameter_counts(config) -> dict[str, int]:
-    """Parameters of each stage, from the config (so right for any size): per layer and model-level."""
-    D, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    counts = {
-        "embedding": V * D,
-        "input_layernorm": D,
-        "q_proj": D * H * hd + H * hd,
-        "k_proj": D * Hkv * hd + Hkv * hd,
-        "v_proj": D * Hkv * hd + Hkv * hd,
-        "o_proj": H * hd * D,
-        "post_attention_layernorm": D,
-        "gate_proj": D * I,
-        "up_proj": D * I,
-        "down_proj": I * D,
-        "final_norm": D,
-        "lm_head": 0 if config.tie_word_embeddings else V * D,
-    }
-    layer_keys = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
-                  "gate_proj", "up_proj", "down_proj")
-    counts["layer"] = sum(counts[k] for k in layer_keys)
-    counts["total"] = (counts["embedding"] + config.num_hidden_layers * counts["layer"] + counts["final_norm"]
-                       + counts["lm_head"])
-    return counts
 
 
 # ----------------------------------------------------------------------------- ranking

@@ -8,12 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qwen2.cache import kv_bytes_per_token
+from qwen2.config import parameter_counts
 from qwen2.options import dtype_name
 
 from . import runfile
 from .environment import environment
 from .hooks import LAYER_BLOCKS
-from .memory import PeakMemory, parameter_count
+from .memory import PeakMemory
 from .overhead import median_ratio_interval, paired_median_ratio
 from .settings import Settings
 from .steps import RunTimes
@@ -64,7 +65,7 @@ def model_facts(model) -> dict:
         "vocab_size": int(cfg.vocab_size),
         "max_position_embeddings": int(cfg.max_position_embeddings),
         "tie_word_embeddings": bool(cfg.tie_word_embeddings),
-        "parameters": parameter_count(model),
+        "parameters": parameter_counts(cfg)["total"],
     }
 
 

@@ -40,15 +40,6 @@ def weight_bytes(model: torch.nn.Module) -> dict:
     return {"parameter_bytes": params, "buffer_bytes": buffers, "weights_bytes": params + buffers}
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 

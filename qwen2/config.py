@@ -143,6 +143,33 @@ class Qwen2Config:
         return out
 
 
+def parameter_counts(config: Qwen2Config) -> dict[str, int]:
+    """The network's parameters, stage by stage, from its shape: what the checkpoint holds, however
+    the weights are stored here (a quantized model's scales are not parameters of the network)."""
+    D, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    H, Hkv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    counts = {
+        "embedding": V * D,
+        "input_layernorm": D,
+        "q_proj": D * H * hd + H * hd,
+        "k_proj": D * Hkv * hd + Hkv * hd,
+        "v_proj": D * Hkv * hd + Hkv * hd,
+        "o_proj": H * hd * D,
+        "post_attention_layernorm": D,
+        "gate_proj": D * I,
+        "up_proj": D * I,
+        "down_proj": I * D,
+        "final_norm": D,
+        "lm_head": 0 if config.tie_word_embeddings else V * D,
+    }
+    layer_keys = ("input_layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
+                  "gate_proj", "up_proj", "down_proj")
+    counts["layer"] = sum(counts[k] for k in layer_keys)
+    counts["total"] = (counts["embedding"] + config.num_hidden_layers * counts["layer"] + counts["final_norm"]
+                       + counts["lm_head"])
+    return counts
+
+
 def _shape(hidden, layers, heads, kv_heads, inter, vocab, tied, max_pos, eps=1e-6):
     return dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv_heads, intermediate_size=inter, vocab_size=vocab,

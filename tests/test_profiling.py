@@ -49,6 +49,22 @@ def model(ckpt):
     return qwen2.load_model(ckpt, device="cpu", dtype="float32")
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_run_counts_the_networks_parameters_however_its_weights_are_stored(tmp_path, tied):
+    """A quantized model holds scales and packed weights as parameters: the run file's count (and
+    the dashboard's "494 M" label) is the network's, the same as the unquantized model's."""
+    from profiling.assemble import model_facts
+
+    path = make_checkpoint(tmp_path, with_tokenizer=False, tie_word_embeddings=tied)
+    plain = qwen2.load_model(path, dtype="float32")
+    stored = sum(p.numel() for p in {id(p): p for p in plain.parameters()}.values())
+    assert model_facts(plain)["parameters"] == stored
+    for scheme in ("int8", "int4"):
+        quantized = qwen2.load_model(path, dtype="float32", quantize=scheme)
+        assert sum(p.numel() for p in quantized.parameters()) != stored  # what the old count read
+        assert model_facts(quantized)["parameters"] == stored, scheme
+
+
 @pytest.fixture(scope="module")
 def traced(model, tmp_path_factory):
     trace_dir = tmp_path_factory.mktemp("traces")
