@@ -6,10 +6,12 @@ After each reply: prompt tokens, time to first token and decode tokens/s. With -
 of function specs), the template renders them; a reply's calls are printed as `[tool call] NAME
 {ARGS}`, and a line starting with `tool:` answers them (a "tool" message).
 
-On CPU the chat runs on the serving engine (qwen2/engine.py), as the app does: its compiled steps,
-speculative decoding by prompt lookup (guesses verified only where they pay; the reply is the same)
-and the conversation's row kept between turns. Elsewhere, or with --speculate off, it runs on
-ChatSession (qwen2/chat.py) and the single-stream fast path (CUDA graphs on a GPU).
+On CPU (with --fast-decode auto or compile) the chat runs on the serving engine (qwen2/engine.py),
+as the app does: its compiled steps, speculative decoding by prompt lookup (guesses verified only
+where they pay; the reply is the same; a seeded sampled reply never speculates) and the
+conversation's row kept between turns; --speculate lookup runs it anywhere (eagerly off the CPU).
+Otherwise, or with --speculate off, it runs on ChatSession (qwen2/chat.py) and the single-stream
+fast path (CUDA graphs on a GPU). Ctrl-C stops a reply and keeps the chat.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+MIN_CONTEXT = 64  # the compiled steps' example shapes need a few dozen slots
+
 # The engine's row is allocated whole: 8192 tokens (the app's default slot) is ~200 MB for the 0.5B
 # model in float32; its whole 32768-token context would be four times that, for every chat.
 ENGINE_CONTEXT = 8192
@@ -108,7 +112,7 @@ def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
     budget = min(args.max_new_tokens, chat.limit - len(ids))
     if budget < 1:
         raise Qwen2Error(f"the conversation ({len(ids)} tokens) fills the context "
-                         f"({chat.limit}); start a new one")
+                         f"({chat.limit}, --context); start a new one")
     stream = tok.detokenizer()
     text = []
     kwargs = dict(max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
@@ -143,8 +147,9 @@ def main(argv=None) -> int:
         tools = load_tools(args.tools)
         engine = make_engine(model, args) if on_engine(model, args) else None
         try:
-            chat = EngineChat(engine) if engine is not None else \
-                ChatSession(model, fast_path=warm_up(make_fast_path(model, args.fast_decode)))
+            chat = EngineChat(engine) if engine is not None else ChatSession(
+                model, max_len=context_tokens(model, args, model.config.max_position_embeddings),
+                fast_path=warm_up(make_fast_path(model, args.fast_decode)))
             return converse(chat, tok, args, tools)
         finally:
             if engine is not None:
@@ -163,15 +168,30 @@ def on_engine(model, args) -> bool:
     return args.speculate == "lookup"
 
 
+def context_tokens(model, args, default: int) -> int:
+    """--context, checked against the model's context, or `default`."""
+    most = model.config.max_position_embeddings
+    context = default if args.context is None else args.context
+    if not min(MIN_CONTEXT, most) <= context <= most:
+        raise Qwen2Error(f"--context {context}: expected {min(MIN_CONTEXT, most)} to the model's context ({most} tokens)")
+    return context
+
+
 def make_engine(model, args) -> Engine:
     """A serving engine of one row for the terminal's one conversation, started, its steps compiled
     now with progress on stderr, not in the first reply (where compiling fails, it says so and
-    decodes eagerly)."""
-    context = args.context or min(model.config.max_position_embeddings, ENGINE_CONTEXT)
-    if not 2 <= context <= model.config.max_position_embeddings:
-        raise Qwen2Error(f"--context {context}: expected 2 to the model's context "
-                         f"({model.config.max_position_embeddings} tokens)")
-    engine = Engine(model, rows=1, row_tokens=context, fast_decode=args.fast_decode, speculate=True,
+    decodes eagerly). The row is never given up while the chat lasts (the app's engine frees idle
+    rows for other visitors; here there are none)."""
+    context = context_tokens(model, args, min(model.config.max_position_embeddings, ENGINE_CONTEXT))
+    fast_decode = args.fast_decode
+    if model.device.type != "cpu" or fast_decode == "graphs":  # the engine compiles CPU steps only
+        if fast_decode not in ("auto", "off"):
+            print(f"note: --fast-decode {fast_decode}: the serving engine (--speculate {args.speculate}) compiles "
+                  f"CPU steps only, and decodes eagerly here; --speculate off for the single-stream fast path",
+                  file=sys.stderr)
+        fast_decode = "off"
+    engine = Engine(model, rows=1, row_tokens=context, fast_decode=fast_decode, speculate=True,
+                    idle_release_s=float("inf"),
                     limits=Limits(prompt_tokens=context, new_tokens=context, wall_s=float("inf")))
     engine.compile_now(lambda fraction, message: print(message, file=sys.stderr, flush=True))
     return engine.start(compile_in_background=False)
@@ -199,6 +219,9 @@ def converse(chat, tok, args, tools) -> int:
         except Qwen2Error as exc:
             messages.pop()
             print(f"error: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat (twice quits)
+            messages.pop()
+            print("\n[stopped: the message and its partial reply are dropped]", file=sys.stderr)
 
 
 def warm_up(fast_path):

@@ -178,4 +178,4 @@ class EngineChat:
         finally:
             if not reply.done:  # the reader stopped early (Stop, Ctrl-C)
                 reply.cancel()
-                reply.wait()
+                reply.wait(timeout=30)  # after the step in flight

@@ -320,7 +320,7 @@ class CompiledCpuSteps(EagerSteps):
                         time.sleep(0.1)
                 except Exception as exc:  # noqa: BLE001 - no C++ compiler, say: the eager steps still answer
                     self.failed = exc
-                    say(1.0, f"compile failed ({type(exc).__name__}: {exc}); decoding eagerly")
+                    say(1.0, f"compile failed ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly")
                     return
             verify = f", and the {self._job_text('verify')}," if "verify" in self.jobs else ""
             long = f" (1 row also past {MAX_COMPILED_KEYS} tokens)" if "long" in self.jobs else ""

@@ -72,6 +72,42 @@ def test_bad_model_and_bad_setting_give_one_line_errors(tiny_model_dir, tmp_path
     assert "top_p" in _one_error_line(capsys)
     assert main(["--model", "Org/NotCached", "--prompt", "hi"]) == 2  # offline, an empty hub cache
     assert "Org/NotCached" in _one_error_line(capsys)
+    for context in ("0", "100000"):  # the tiny model holds 256 positions
+        for path in ("lookup", "off"):
+            assert main(["--model", str(tiny_model_dir), "--prompt", "hi", "--fast-decode", "off",
+                         "--speculate", path, "--context", context]) == 2
+            assert f"--context {context}: expected 64 to the model's context (256 tokens)" in _one_error_line(capsys)
+
+
+def test_speculation_off_the_engines_compiled_steps_decodes_eagerly_and_says_so(tiny_model_dir, capsys):
+    """--speculate lookup with --fast-decode graphs (CUDA graphs are the single stream's): the engine
+    runs eagerly, and a note names both flags, where the engine used to refuse the setting."""
+    assert main(["--model", str(tiny_model_dir), "--prompt", "hello hello", "--max-new-tokens", "4",
+                 "--temperature", "0", "--fast-decode", "graphs", "--speculate", "lookup"]) == 0
+    out = capsys.readouterr()
+    assert "--fast-decode graphs" in out.err and "--speculate off" in out.err and "prompt tokens" in out.out
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tiny_model_dir, capsys, monkeypatch):
+    import qwen2.__main__ as cli
+
+    lines = iter(["first question", "second question", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    real_reply, calls = cli.reply, []
+
+    def reply(chat, tok, messages, args, **kwargs):
+        calls.append([m["content"] for m in messages])
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the first reply
+        return real_reply(chat, tok, messages, args, **kwargs)
+
+    monkeypatch.setattr(cli, "reply", reply)
+    assert main(["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--temperature", "0",
+                 "--fast-decode", "off", "--speculate", "lookup"]) == 0
+    out = capsys.readouterr()
+    assert "[stopped" in out.err
+    assert calls == [["first question"], ["second question"]]  # the stopped message was dropped
+    assert len([line for line in out.out.splitlines() if "prompt tokens" in line]) == 1
 
 
 @pytest.mark.slow
