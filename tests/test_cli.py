@@ -49,7 +49,8 @@ def test_interactive_chat_takes_two_turns_then_quits(tiny_model_dir):
     assert second > first  # the second prompt carries the first turn
     # on the engine (--speculate lookup) the conversation's row is kept between turns: the second
     # turn prefills only what is new
-    assert re.search(r"\((\d+) reused\)", stats[1]) and int(re.search(r"\((\d+) reused\)", stats[1]).group(1)) > 0
+    reused = re.search(r"\((\d+) reused\)", stats[1])
+    assert reused and int(reused.group(1)) > 0
 
 
 def test_random_weights_without_tokenizer_uses_byte_fallback(tiny_model_dir, tmp_path, capsys):
