@@ -145,6 +145,7 @@ def main(argv=None) -> int:
         if model.info.random_weights:
             print("note: random weights: replies are noise", file=sys.stderr)
         tools = load_tools(args.tools)
+        sampling_kwargs(args, model.info.generation_config)  # a bad flag is refused before minutes of compiling
         engine = make_engine(model, args) if on_engine(model, args) else None
         try:
             chat = EngineChat(engine) if engine is not None else ChatSession(

@@ -71,6 +71,9 @@ def test_bad_model_and_bad_setting_give_one_line_errors(tiny_model_dir, tmp_path
     assert "model directory not found" in _one_error_line(capsys)
     assert main(["--model", str(tiny_model_dir), "--prompt", "hi", "--top-p", "0"]) == 2
     assert "top_p" in _one_error_line(capsys)
+    assert main(["--model", str(tiny_model_dir), "--prompt", "hi", "--top-k", "-4", "--fast-decode", "compile"]) == 2
+    err = _one_error_line(capsys)
+    assert "top_k=-4" in err and "compiling" not in err  # refused before the compile, not after it
     assert main(["--model", "Org/NotCached", "--prompt", "hi"]) == 2  # offline, an empty hub cache
     assert "Org/NotCached" in _one_error_line(capsys)
     for context in ("0", "100000"):  # the tiny model holds 256 positions
