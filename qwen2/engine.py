@@ -414,18 +414,18 @@ class Engine:
         stats.batch_size = max(stats.batch_size, 1)
         stats.drafted, stats.accepted = speculation.stats.drafted, speculation.stats.accepted
         stats.decode_forwards += 1
-        for t in guess[:kept] + [token]:
+        for i, t in enumerate(guess[:kept] + [token]):
             reply.sampler.mark(torch.tensor([t], device=self.model.device))
-            self._sampled(reply, t)
+            self._sampled(reply, t, guessed=i < kept)
             if reply.done:
                 return
 
-    def _sampled(self, reply: Reply, token: int):
+    def _sampled(self, reply: Reply, token: int, guessed: bool = False):
         """A row's new token: the end of its reply, or streamed and fed to the next step."""
         if token in reply.stop_ids:
             reply._finish("stop")
             return
-        reply._emit(token, time.perf_counter())
+        reply._emit(token, time.perf_counter(), guessed)
         if len(reply.tokens) == reply.max_new_tokens:
             reply._finish("length")
         else:

@@ -77,7 +77,9 @@ class Reply:
     """One request: iterate it for the new token ids as they are made (the stop token is not one).
 
     `cancel()` ends it after the step in flight; `stats` says what it cost; `tokens` holds every id
-    it produced; `reason` says why it ended ("stop", "length", "cancelled", "time", "error").
+    it produced; `guessed` the indices into `tokens` of those that came from a guess the model kept
+    (speculative decoding: no step of their own), each recorded before its token is streamed;
+    `reason` says why it ended ("stop", "length", "cancelled", "time", "error").
     """
 
     def __init__(self, prompt: list[int], settings: SamplingSettings, max_new_tokens: int, stop_ids: set[int],
@@ -88,6 +90,7 @@ class Reply:
         self.wall_s = wall_s
         self.own_conversation = own_conversation  # a one-off request: its row goes back when it ends
         self.tokens: list[int] = []
+        self.guessed: list[int] = []
         self.reason: str | None = None
         self.error: BaseException | None = None
         self.submitted = time.perf_counter()
@@ -131,7 +134,9 @@ class Reply:
     def decoding(self) -> bool:
         return self.next_id is not None
 
-    def _emit(self, token: int, now: float):
+    def _emit(self, token: int, now: float, guessed: bool = False):
+        if guessed:
+            self.guessed.append(len(self.tokens))
         self.tokens.append(token)
         self.first = self.first or now
         stats = self.stats

@@ -4,6 +4,7 @@ stopped. ChatError (a VisitorError) carries the message the page shows."""
 
 from __future__ import annotations
 
+import html
 import json
 import time
 import traceback
@@ -204,6 +205,20 @@ class Chat:
             reply.cancel()  # a no-op once it ended; Stop closes this generator at its yield
         yield text, self.stats_text(reply.stats, notes)
 
+    def stats_message(self, key: str) -> dict | None:
+        """The statistics message under the session's latest reply (None when its conversation was
+        cleared); a reply that kept guesses shows its text in it, those tokens marked."""
+        reply = self.conversations.replies.get(key)
+        if reply is None:
+            return None
+        marked = ""
+        if reply.guessed:
+            detokenizer = self.lm.tokenizer.detokenizer()
+            pieces = [self.lm.token_text(detokenizer, t) for t in reply.tokens]
+            pieces[-1] += detokenizer.flush()
+            marked = guessed_marks(pieces, reply.guessed)
+        return stats_message(reply.stats, marked)
+
     def stats_text(self, stats, notes=()) -> str:
         if stats is None:
             return ""
@@ -238,6 +253,28 @@ class Chat:
         return self.lm.text_of(reply.tokens), reply.stats
 
 
-def stats_message(stats) -> dict:
-    return {"role": "assistant", "content": context_meter(stats.context_used, stats.context_limit),
+def guessed_marks(pieces: list[str], guessed) -> str:
+    """A reply's text (`pieces`: each token's text) with its tokens at the indices `guessed` marked:
+    those that came from a guess the model kept, with no decode step of their own. HTML in a <pre>
+    block, which Markdown leaves as written (the text escaped: a reply's own tags stay text)."""
+    guessed = set(guessed)
+    runs: list[tuple[bool, str]] = []
+    for i, piece in enumerate(pieces):
+        if runs and runs[-1][0] == (i in guessed):
+            runs[-1] = (runs[-1][0], runs[-1][1] + piece)
+        else:
+            runs.append((i in guessed, piece))
+    body = "".join(f"<mark>{html.escape(text, quote=False)}</mark>" if mark else html.escape(text, quote=False)
+                   for mark, text in runs if text)
+    count = sum(1 for i in guessed if i < len(pieces))
+    legend = (f"Marked: the {count} of {len(pieces)} new tokens that came from guesses the model kept "
+              "(prompt lookup, checked in one forward), with no decode step of their own.")
+    return f"{legend}\n\n<pre class=\"guessed-tokens\">{body}</pre>"
+
+
+def stats_message(stats, marked: str = "") -> dict:
+    """The "Stats: ..." message under a reply: the statistics line as its title; the context meter and
+    `marked` (guessed_marks) inside."""
+    content = context_meter(stats.context_used, stats.context_limit)
+    return {"role": "assistant", "content": f"{content}\n\n{marked}" if marked else content,
             "metadata": {"title": STATS_TITLE + stats.line(), "status": "done"}}

@@ -146,6 +146,40 @@ def test_stop_keeps_the_text_and_statistics_of_the_same_tokens(endless_dir):
     assert chat.stop("page") == (None, None)  # a second Stop, or one after the end, changes nothing
 
 
+@pytest.mark.parametrize("speculate", [True, False], ids=["speculating", "plain"])
+def test_the_statistics_under_a_reply_mark_the_tokens_its_kept_guesses_gave(endless_dir, speculate):
+    """A tiny random model's greedy reply falls into a loop, which prompt lookup guesses: the
+    statistics under it show the reply's text with exactly the kept guesses' tokens marked."""
+    import html
+    import re
+
+    from qwen2.engine import Limits
+    from studio.chat import Chat, sampling_settings
+    from studio.hosting import Busy, LoadedModel
+
+    lm = LoadedModel(str(endless_dir), "cpu", "float32", None, fast_decode="off", speculate=speculate,
+                     limits=Limits(new_tokens=4096)).start()
+    try:
+        chat = Chat(lm, Busy(lm.engine))
+        text, _ = list(chat.stream("page", "Say something long.", [], "", sampling_settings(0, 1, 0, 1, 120, -1),
+                                   120))[-1]
+        reply, message = chat.conversations.replies["page"], chat.stats_message("page")
+    finally:
+        lm.engine.close()
+    content = message["content"]
+    if not speculate:
+        assert reply.stats.drafted == 0 and "<mark>" not in content and "<pre" not in content, content
+        return
+    assert reply.stats.accepted > 0 and len(reply.guessed) == reply.stats.accepted, reply.stats
+    pre = re.search(r'<pre class="guessed-tokens">(.*)</pre>', content, re.DOTALL).group(1)
+    assert html.unescape(re.sub(r"</?mark>", "", pre)) == text  # the reply, whole
+    detokenizer = lm.tokenizer.detokenizer()
+    pieces = [lm.token_text(detokenizer, t) for t in reply.tokens]
+    marked = "".join(piece for i, piece in enumerate(pieces) if i in reply.guessed)
+    assert html.unescape("".join(re.findall(r"<mark>(.*?)</mark>", pre, re.DOTALL))) == marked
+    assert f"the {reply.stats.accepted} of 120 new tokens" in content
+
+
 def test_bad_settings_give_a_readable_error_and_the_app_keeps_serving(app):
     client = app.client()
     _, before = client.predict("Remember this.", max_new_tokens=3, api_name="/chat")
@@ -786,6 +820,23 @@ def test_history_arrives_as_strings_or_content_parts():
     stats = stats_message(ReplyStats(prompt_tokens=5, new_tokens=2, context_used=7, context_limit=256))
     assert history_messages([*api, stats]) == api  # the per-reply statistics are not conversation
     assert message_text({"text": "multimodal", "files": []}) == "multimodal"
+
+
+def test_a_replys_tokens_from_kept_guesses_are_marked_and_its_text_stays_text():
+    from qwen2.chat import ReplyStats
+    from studio.chat import guessed_marks, history_messages, stats_message
+
+    pieces = ["def", " f", "(x", "):\n", "  ", "<b>", "x", " & y", "`"]
+    marked = guessed_marks(pieces, [1, 2, 5, 6, 8])
+    assert marked.startswith("Marked: the 5 of 9 new tokens")
+    pre = marked[marked.index("<pre"):]
+    # runs of kept guesses in one <mark> each; the reply's own tags and entities escaped, not rendered
+    assert pre == ('<pre class="guessed-tokens">def<mark> f(x</mark>):\n  <mark>&lt;b&gt;x</mark>'
+                   ' &amp; y<mark>`</mark></pre>'), pre
+    message = stats_message(ReplyStats(new_tokens=9, drafted=6, accepted=5, context_used=20, context_limit=64),
+                            marked)
+    assert message["content"].endswith(marked) and message["metadata"]["title"].startswith("Stats: ")
+    assert history_messages([{"role": "user", "content": "Hi"}, message]) == [{"role": "user", "content": "Hi"}]
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
 """The app in a real browser: Debian's chromium driven by Playwright (never a downloaded browser).
 
-Chat: an empty message shows the hint; a reply streams, Stop keeps it with its statistics under it;
+Chat: an empty message shows the hint; a reply streams, Stop keeps it with its statistics under it
+(which mark the tokens that came from kept guesses);
 an invalid setting gives a readable error with the message back in the box and the conversation
 kept; four turns prefill about as much each (the KV cache is kept). Dashboard: the shipped reference
 runs are preselected and shown with the headline-figures table; a profile renders the charts and
@@ -166,6 +167,18 @@ def test_chat_hint_stream_stop_blocker_and_stats(page, artifacts):
     assert page.locator("#chatbot").get_by_text("Stats: length limit reached: 24 new tokens").count() == 1, \
         page.locator("#chatbot").inner_text()[-500:]
     assert stats_numbers(line)["reused"] > 0, line  # the first turn came from the kept cache
+
+    # A greedy reply of random weights falls into a loop that prompt lookup guesses: its statistics
+    # open to the reply's text with the kept guesses' tokens marked, long lines wrapped.
+    set_number(page, "Temperature", "0")
+    set_number(page, "Max new tokens", "120", "max-new-tokens")
+    send(page, "And a greedy one.")
+    line = wait_for_reply_stats(page, 3)
+    assert "guessed tokens kept" in line, line
+    page.locator("#chatbot").get_by_text(line).click()
+    marked = page.locator("#chatbot pre.guessed-tokens")  # random weights' marks may hold only spaces
+    wait_until(lambda: marked.is_visible() and marked.locator("mark").count() > 0, 10, "the marked tokens")
+    assert marked.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
     page.get_by_text("System prompt and sampling").click()  # fold the settings away again
     page.screenshot(path=str(artifacts / "04-chat-reply-with-stats.png"), full_page=True)
 

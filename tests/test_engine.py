@@ -579,6 +579,7 @@ def test_a_reply_decoding_alone_speculates_and_gets_the_tokens_it_would_get_with
     assert second.stats.reused_tokens == len(prompt) + len(out) - 1
     assert f"{reply.stats.accepted}/{reply.stats.drafted} guessed tokens kept" in reply.stats.line()
     assert reply.stats.decode_forwards == 39 - reply.stats.accepted  # 39 tokens after the prefill's
+    assert len(reply.guessed) == reply.stats.accepted and 0 not in reply.guessed  # the first is the prefill's
 
 
 def test_rejected_guesses_are_rolled_back(model):
@@ -599,6 +600,8 @@ def test_rejected_guesses_are_rolled_back(model):
     expected = alone(model, prompt, 16)
     assert out == expected and reply.stats.drafted > 0
     assert reply.stats.accepted == sum(1 for a, b in zip(out, out[1:]) if b == (a + 1) % 512)
+    # each kept guess is the pending token + 1: the reply knows which of its tokens they are
+    assert reply.guessed == [i for i in range(1, len(out)) if out[i] == (out[i - 1] + 1) % 512], reply.guessed
 
 
 def test_who_speculates(model):

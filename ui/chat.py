@@ -8,7 +8,7 @@ import gradio as gr
 
 from qwen2.chat import message_text
 from qwen2.tool_calls import parse_tool_calls, tool_names
-from studio.chat import EMPTY_HINT, Chat, ChatError, stats_message
+from studio.chat import EMPTY_HINT, Chat, ChatError
 from studio.hosting import LoadedModel
 
 from .queues import CHAT_CONCURRENCY, CHAT_QUEUE
@@ -69,11 +69,11 @@ def make_chat_events(chat: Chat):
             gr.Warning(f"Could not reply: {type(exc).__name__}: {exc}")
             yield before, f"⚠ Could not reply: {type(exc).__name__}: {exc}", box_ready(value=pending)
             return
-        stats = chat.conversations.stats(request.session_hash)
+        stats = chat.stats_message(request.session_hash)
         if stats is None:  # the conversation was cleared while the reply ended
             yield [*chatbot, {"role": "assistant", "content": reply}], gr.skip(), box_ready()
             return
-        yield [*chatbot, {"role": "assistant", "content": reply}, stats_message(stats)], gr.skip(), box_ready()
+        yield [*chatbot, {"role": "assistant", "content": reply}, stats], gr.skip(), box_ready()
 
     def stop(request: gr.Request):
         """Stop: the engine ends the reply after the step in flight; `respond` then shows it whole, with

@@ -16,6 +16,10 @@ CSS = """
 #notice { border-left: 4px solid #f59e0b; padding: 0.25rem 0.75rem; background: #f59e0b14; }
 #busy-note:not(:empty) { border-left: 4px solid #3b82f6; padding: 0 0.75rem; }
 #kpi-table, #trace-ops { overflow-x: auto; }
+/* A reply's tokens from kept guesses (studio/chat.py: guessed_marks): long lines wrap, and the marks
+   are translucent so that they read in both themes. */
+#chatbot pre.guessed-tokens { white-space: pre-wrap; overflow-wrap: anywhere; }
+#chatbot pre.guessed-tokens mark { background: #facc1566; color: inherit; border-radius: 2px; }
 @media (max-width: 720px) { .gradio-container { padding: 0 4px !important; } }
 /* The dashboard's checkboxes (ui/dashboard.py): Gradio lets a row of them shrink to clip their
    labels; each keeps its label's width and they wrap instead. */
