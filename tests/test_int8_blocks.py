@@ -189,3 +189,39 @@ def test_a_damaged_library_in_the_cache_is_built_anew(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "None", done.stderr[-2000:]
     assert library.stat().st_size > 10_000
+
+
+def _our_products():
+    """Each of our product kernels as (name, x -> y) over random weights of 24 outputs and 2048 inputs."""
+    from qwen2.quant import quantize_int4_blocks
+    from qwen2.upcast import to_panels as bf16_panels
+
+    w = torch.randn(24, 2048)
+    int8 = to_panels(*quantize_blocks(w))
+    int4 = quantize_int4_blocks(w)
+    bf16 = bf16_panels(w.bfloat16())
+    return [("int8_block_mm", lambda x: torch.ops.qwen2.int8_block_mm(x, *int8)),
+            ("int4_block_mm", lambda x: torch.ops.qwen2.int4_block_mm(x, *int4)),
+            ("bf16_panel_mm", lambda x: torch.ops.qwen2.bf16_panel_mm(x, bf16))]
+
+
+@needs_kernel
+def test_each_kernel_takes_x_in_its_dtype_and_keeps_no_state_between_calls():
+    """bf16 x is read and y written in bf16 by the kernels themselves: y is the float32 product of the
+    same x, rounded once. Small calls reuse the calling thread's working memory, a prompt's larger
+    one gets its own: calls of any size, in any order, give the same results."""
+    torch.manual_seed(0)
+    xs = [torch.randn(rows, 2048) for rows in (1, 300, 2, 1, 150, 4)]  # 300 x 2048 int16: past the kept 1 MB
+    for name, product in _our_products():
+        first = [product(x) for x in xs]
+        again = [product(x) for x in reversed(xs)][::-1]
+        for x, y, y_again in zip(xs, first, again):
+            assert torch.equal(y, y_again), (name, x.shape)
+            x16 = x.bfloat16()
+            assert torch.equal(product(x16), product(x16.float()).bfloat16()), (name, x.shape)
+        # a float16 x takes float32 copies: the same product, in float16
+        x = xs[0].half()
+        assert torch.equal(product(x), product(x.float()).half()), name
+        # a non-contiguous x (a view) reads as its contiguous copy
+        wide = torch.randn(3, 4096)[:, ::2]
+        assert torch.equal(product(wide), product(wide.contiguous())), name

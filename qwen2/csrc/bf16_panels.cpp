@@ -26,8 +26,8 @@ namespace {
 
 constexpr int64_t kChains = 8;  // K must be a multiple: the most FMA chains a row gets
 
-template <int T>
-inline void panel_rows(const c10::BFloat16* panel, const float* x, int64_t K, float* y, int64_t y_stride) {
+template <int T, class Out>
+inline void panel_rows(const c10::BFloat16* panel, const float* x, int64_t K, Out* y, int64_t y_stride) {
 #ifdef QWEN2_AVX2
   constexpr int A = T >= 4 ? 2 : T == 1 ? 8 : 4;
   __m256 acc[T][A];
@@ -45,14 +45,14 @@ inline void panel_rows(const c10::BFloat16* panel, const float* x, int64_t K, fl
   for (int r = 0; r < T; ++r) {
     __m256 sum = acc[r][0];
     for (int a = 1; a < A; ++a) sum = _mm256_add_ps(sum, acc[r][a]);
-    _mm256_storeu_ps(y + r * y_stride, sum);
+    qwen2::store8(y + r * y_stride, sum);
   }
 #else
   for (int r = 0; r < T; ++r) {
     float total[8] = {};
     for (int64_t k = 0; k < K; ++k)
       for (int c = 0; c < 8; ++c) total[c] += static_cast<float>(panel[k * 8 + c]) * x[r * K + k];
-    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = total[c];
+    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = static_cast<Out>(total[c]);
   }
 #endif
 }
@@ -64,15 +64,15 @@ at::Tensor bf16_panel_mm(const at::Tensor& x, const at::Tensor& w) {
               " divisible by ", kChains, " and N by 8; got ", w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_panel_mm: w must be bfloat16");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "bf16_panel_mm: CPU only");
-  const at::Tensor x32 = x.to(at::kFloat).contiguous(), wc = w.contiguous();
-  at::Tensor y = at::empty({M, N}, x32.options());
+  const at::Tensor wc = w.contiguous();
   const c10::BFloat16* wp = wc.data_ptr<c10::BFloat16>();
-  const float* xp = x32.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
-    panel_rows<decltype(tile)::value>(wp + p * 8 * K, xp + m * K, K, yp + m * N + 8 * p, N);
+  return qwen2::with_rows_of(x, N, [&](const auto* xp, auto* yp) {
+    qwen2::Workspace work;
+    const float* x32 = qwen2::as_float(xp, M * K, work);
+    qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+      panel_rows<decltype(tile)::value>(wp + p * 8 * K, x32 + m * K, K, yp + m * N + 8 * p, N);
+    });
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace

@@ -60,9 +60,9 @@ inline float hsum(__m256 v) {
 // y[r * y_stride + 0..7]. Within a block, products of levels (<= 15) and x (|qx| <= 127) are
 // summed as int16 over its 32 inputs (at most 8 * 2 * 15 * 127 = 30480: no overflow), then to
 // int32 and float once per block.
-template <int T>
+template <int T, class Out>
 inline void panel_rows(const uint8_t* panel, const c10::Half* scales, const c10::Half* mins, const int8_t* qx,
-                       const float* dx, const float* xsum, int64_t K, float* y, int64_t y_stride) {
+                       const float* dx, const float* xsum, int64_t K, Out* y, int64_t y_stride) {
   const int64_t G = K / kBlock;
 #ifdef QWEN2_AVX2
   __m256 acc[T];
@@ -93,7 +93,7 @@ inline void panel_rows(const uint8_t* panel, const c10::Half* scales, const c10:
       acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(xsum[r * G + b]), acc[r]);
     }
   }
-  for (int r = 0; r < T; ++r) _mm256_storeu_ps(y + r * y_stride, acc[r]);
+  for (int r = 0; r < T; ++r) qwen2::store8(y + r * y_stride, acc[r]);
 #else
   for (int r = 0; r < T; ++r) {
     float total[8] = {};
@@ -111,7 +111,7 @@ inline void panel_rows(const uint8_t* panel, const c10::Half* scales, const c10:
                     + static_cast<float>(mins[b * 8 + c]) * xsum[r * G + b];
       }
     }
-    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = total[c];
+    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = static_cast<Out>(total[c]);
   }
 #endif
 }
@@ -228,23 +228,20 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
               "int4_block_mm: q must be uint8, scales and mins float16");
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scales.device().is_cpu() && mins.device().is_cpu(),
               "int4_block_mm: CPU only");
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const at::Tensor qc = q.contiguous(), sc = scales.contiguous(), mc = mins.contiguous();
-  at::Tensor qx = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({M, G}, x32.options()), xsum = at::empty({M, G}, x32.options());
-  qwen2::round_x_in_blocks(x32.data_ptr<float>(), qx.data_ptr<int8_t>(), dx.data_ptr<float>(), xsum.data_ptr<float>(),
-                           M, K);
-  at::Tensor y = at::empty({M, N}, x32.options());
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const c10::Half *sp = sc.data_ptr<c10::Half>(), *mp = mc.data_ptr<c10::Half>();
-  const int8_t* qxp = qx.data_ptr<int8_t>();
-  const float *dxp = dx.data_ptr<float>(), *xsp = xsum.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
-    panel_rows<decltype(tile)::value>(qp + p * 8 * (K / 2), sp + p * 8 * G, mp + p * 8 * G, qxp + m * K, dxp + m * G,
-                                      xsp + m * G, K, yp + m * N + 8 * p, N);
+  return qwen2::with_rows_of(x, N, [&](const auto* xp, auto* yp) {
+    qwen2::Workspace work;
+    int8_t* qxp = work.get<int8_t>(0, M * K);
+    float* dxp = work.get<float>(1, M * G);
+    float* xsp = work.get<float>(2, M * G);
+    qwen2::round_x_in_blocks(xp, qxp, dxp, xsp, M, K);
+    qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+      panel_rows<decltype(tile)::value>(qp + p * 8 * (K / 2), sp + p * 8 * G, mp + p * 8 * G, qxp + m * K,
+                                        dxp + m * G, xsp + m * G, K, yp + m * N + 8 * p, N);
+    });
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace

@@ -44,9 +44,9 @@ using qwen2::kBlock;
 
 // T rows of rounded x against one panel (8 output channels), all blocks, written to
 // y[r * y_stride + 0..7].
-template <int T>
+template <int T, class Out>
 inline void panel_rows(const int8_t* panel, const c10::Half* scales, const int16_t* qx, const float* dx, int64_t K,
-                       float* y, int64_t y_stride) {
+                       Out* y, int64_t y_stride) {
   const int64_t G = K / kBlock;
 #ifdef QWEN2_AVX2
   __m256 acc[T];
@@ -69,7 +69,7 @@ inline void panel_rows(const int8_t* panel, const c10::Half* scales, const int16
     for (int r = 0; r < T; ++r)
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_mul_ps(scale, _mm256_set1_ps(dx[r * G + b])), acc[r]);
   }
-  for (int r = 0; r < T; ++r) _mm256_storeu_ps(y + r * y_stride, acc[r]);
+  for (int r = 0; r < T; ++r) qwen2::store8(y + r * y_stride, acc[r]);
 #else
   for (int r = 0; r < T; ++r) {
     float total[8] = {};
@@ -82,7 +82,7 @@ inline void panel_rows(const int8_t* panel, const c10::Half* scales, const int16
         total[c] += static_cast<float>(sum) * (static_cast<float>(scales[b * 8 + c]) * dx[r * G + b]);
       }
     }
-    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = total[c];
+    for (int c = 0; c < 8; ++c) y[r * y_stride + c] = static_cast<Out>(total[c]);
   }
 #endif
 }
@@ -97,21 +97,19 @@ at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
   TORCH_CHECK(q.scalar_type() == at::kChar && scales.scalar_type() == at::kHalf,
               "int8_block_mm: q must be int8 and scales float16");
   TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scales.device().is_cpu(), "int8_block_mm: CPU only");
-  const at::Tensor x32 = x.to(at::kFloat).contiguous();
   const at::Tensor qc = q.contiguous(), sc = scales.contiguous();
-  at::Tensor qx = at::empty({M, K}, x.options().dtype(at::kShort));
-  at::Tensor dx = at::empty({M, G}, x32.options());
-  qwen2::round_x_in_blocks(x32.data_ptr<float>(), qx.data_ptr<int16_t>(), dx.data_ptr<float>(), nullptr, M, K);
-  at::Tensor y = at::empty({M, N}, x32.options());
   const int8_t* qp = qc.data_ptr<int8_t>();
   const c10::Half* sp = sc.data_ptr<c10::Half>();
-  const int16_t* qxp = qx.data_ptr<int16_t>();
-  const float* dxp = dx.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
-    panel_rows<decltype(tile)::value>(qp + p * 8 * K, sp + p * 8 * G, qxp + m * K, dxp + m * G, K, yp + m * N + 8 * p, N);
+  return qwen2::with_rows_of(x, N, [&](const auto* xp, auto* yp) {
+    qwen2::Workspace work;
+    int16_t* qxp = work.get<int16_t>(0, M * K);
+    float* dxp = work.get<float>(1, M * G);
+    qwen2::round_x_in_blocks(xp, qxp, dxp, static_cast<float*>(nullptr), M, K);
+    qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+      panel_rows<decltype(tile)::value>(qp + p * 8 * K, sp + p * 8 * G, qxp + m * K, dxp + m * G, K,
+                                        yp + m * N + 8 * p, N);
+    });
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 }  // namespace

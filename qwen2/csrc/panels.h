@@ -1,8 +1,11 @@
 // What our CPU kernels share: output channels in panels of 8 (one 256-bit register of float32
-// results), and the walk over them; bf16 widened to float32.
+// results), and the walk over them; bf16 widened to float32; x and y in the caller's dtype, and the
+// per-call working memory.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -10,6 +13,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -25,20 +29,93 @@ inline __m256 widen_bf16x8(const c10::BFloat16* p) {
 }
 #endif
 
+#if defined(__AVX2__)
+// Eight float32 results to y, rounded to y's type (bf16: to nearest even, as torch's .to does).
+inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
+inline void store8(c10::BFloat16* y, __m256 v) {
+  alignas(32) float f[8];
+  _mm256_store_ps(f, v);
+  for (int c = 0; c < 8; ++c) y[c] = c10::BFloat16(f[c]);
+}
+#endif
+
+// A product's x and y in the dtype the model runs in (float32 or bfloat16), read and written as
+// they are: a decode step makes ~100 products of one row each, and converting x to float32 and y
+// back as tensors cost each one two ATen calls, ~5-10 us, more than a small product itself
+// (docs/benchmarks.md). Another dtype (float16) goes through float32 copies. `body(x, y)` gets
+// typed pointers to contiguous rows.
+template <class Body>
+at::Tensor with_rows_of(const at::Tensor& x, int64_t N, const Body& body) {
+  const auto dtype = x.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kBFloat16) {
+    return with_rows_of(x.to(at::kFloat), N, body).to(dtype);
+  }
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), N}, xc.options());
+  if (dtype == at::kFloat) {
+    body(xc.data_ptr<float>(), y.data_ptr<float>());
+  } else {
+    body(xc.data_ptr<c10::BFloat16>(), y.data_ptr<c10::BFloat16>());
+  }
+  return y;
+}
+
+// Working memory of one call (rounded x, its scales), reused by the calling thread's next call
+// while it is small (an ATen allocation per product cost ~1-2 us each, a decode step makes ~100);
+// a prompt's larger buffers are allocated per call and let go.
+class Workspace {
+ public:
+  template <class T>
+  T* get(int slot, int64_t count) {
+    constexpr size_t kKept = size_t{1} << 20;  // bytes a slot keeps between calls
+    const size_t bytes = static_cast<size_t>(count) * sizeof(T) + 64;
+    if (bytes > kKept) {
+      own_[slot] = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+      return align<T>(own_[slot].data_ptr<uint8_t>());
+    }
+    std::vector<uint8_t>& buffer = kept(slot);
+    if (buffer.size() < bytes) buffer.resize(bytes);
+    return align<T>(buffer.data());
+  }
+
+ private:
+  static constexpr int kSlots = 3;
+  static std::vector<uint8_t>& kept(int slot) {
+    thread_local std::vector<uint8_t> buffers[kSlots];
+    return buffers[slot];
+  }
+  template <class T>
+  static T* align(uint8_t* p) {
+    return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63});
+  }
+  at::Tensor own_[kSlots];
+};
+
+// x as float32: itself, or widened into the workspace's slot 0.
+inline const float* as_float(const float* x, int64_t, Workspace&) { return x; }
+inline const float* as_float(const c10::BFloat16* x, int64_t count, Workspace& work) {
+  float* out = work.get<float>(0, count);
+  at::parallel_for(0, count, 1 << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(x[i]);
+  });
+  return out;
+}
+
 constexpr int64_t kBlock = 32;  // inputs per scale of the quantized kernels
 constexpr int64_t kPanel = 8;   // output channels a panel
 constexpr int64_t kTile = 4;    // rows of x that meet a panel's weights at once
 
-// x (M, K) float32 -> qx (M, K) of Level (int8 or int16), with dx (M, K / 32) float32 the scale of
+// x (M, K) float32 or bf16 -> qx (M, K) of Level (int8 or int16), with dx (M, K / 32) float32 the scale of
 // each block of 32, and, where xsum is given, each block's float32 sum of x. The scale is
 // max(Level) / max |x| (rounded once, in float32) and levels round half to even, so torch
 // reproduces qx exactly (tests/helpers.py, round_x_in_blocks).
-template <class Level>
-void round_x_in_blocks(const float* x, Level* qx, float* dx, float* xsum, int64_t M, int64_t K) {
+template <class In, class Level>
+void round_x_in_blocks(const In* x, Level* qx, float* dx, float* xsum, int64_t M, int64_t K) {
   constexpr float kLevels = static_cast<float>(std::numeric_limits<Level>::max());
   at::parallel_for(0, M * (K / kBlock), 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float* xb = x + i * kBlock;
+      float xb[kBlock];
+      for (int k = 0; k < kBlock; ++k) xb[k] = static_cast<float>(x[i * kBlock + k]);
       Level* qb = qx + i * kBlock;
       float amax = 0.f;
       for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(xb[k]));
