@@ -391,6 +391,7 @@ class Engine:
             reply.position += 1
             reply.stats.batch_size = max(reply.stats.batch_size, len(batch))
             reply.stats.decode_forwards += 1
+            reply.stats.decode_steps += 1.0
             self._sampled(reply, int(reply.sampler(logits[i:i + 1])))
 
     def _speculate(self, reply: Reply):
@@ -401,7 +402,8 @@ class Engine:
         cache, speculation = self._pool(), reply.speculation
         room = min(reply.max_new_tokens - len(reply.tokens) - 1, self.steps.max_guesses(cache, reply.position))
         # the context ends with the pending token; the gate prices guesses at the runner's latest timings
-        guess = speculation.plan(reply.prompt + reply.tokens, room, self.steps.verify_cost)
+        costs = self.steps.verify_cost  # in one-token steps, by tokens fed
+        guess = speculation.plan(reply.prompt + reply.tokens, room, costs)
         fed = [reply.next_id] + guess
         if guess:
             logits = self.steps.verify(cache, reply.row, fed, reply.position)  # (k + 1, V)
@@ -414,6 +416,7 @@ class Engine:
         stats.batch_size = max(stats.batch_size, 1)
         stats.drafted, stats.accepted = speculation.stats.drafted, speculation.stats.accepted
         stats.decode_forwards += 1
+        stats.decode_steps += costs[min(len(fed), len(costs)) - 1] / costs[0]
         for i, t in enumerate(guess[:kept] + [token]):
             reply.sampler.mark(torch.tensor([t], device=self.model.device))
             self._sampled(reply, t, guessed=i < kept)

@@ -25,6 +25,15 @@ class ReplyStats:
     drafted: int = 0  # speculative decoding: guessed tokens the model checked
     accepted: int = 0  # of which it kept (each one a token without a step of its own)
     decode_forwards: int = 0  # forwards after the prefill's: one per token, fewer with speculation
+    decode_steps: float = 0.0  # what those forwards cost in one-token steps, as the step runner prices a verification
+
+    @property
+    def speculation_speedup(self) -> float | None:
+        """Decode tokens per one-token step's worth of forwards: what speculation gained over a plain
+        decode, a verification priced at the step runner's measured cost (qwen2/steps.py)."""
+        if not self.drafted or self.new_tokens < 2 or self.decode_steps <= 0:
+            return None
+        return (self.new_tokens - 1) / self.decode_steps
 
     @property
     def prefilled_tokens(self) -> int:
@@ -63,6 +72,8 @@ class ReplyStats:
             kept = f"{self.accepted}/{self.drafted} guessed tokens kept ({self.accepted / self.drafted:.0%})"
             if self.decode_forwards:
                 kept += f", {(self.new_tokens - 1) / self.decode_forwards:.2f} tokens per decode forward"
+            if self.speculation_speedup is not None:
+                kept += f", est. {self.speculation_speedup:.2f}x a plain decode"
             parts.append(kept)
         if self.batch_size > 1:
             parts.append(f"batched with up to {self.batch_size - 1} other repl{'y' if self.batch_size == 2 else 'ies'}")

@@ -16,6 +16,7 @@ from qwen2 import steps as steps_module
 from qwen2.engine import Engine, Limits
 from qwen2.errors import ContextLengthError, GenerationError, LimitError
 from qwen2.sampling import SamplingSettings
+from qwen2.speculative import CPU_VERIFY_COST
 from qwen2.steps import EagerSteps
 from tests.helpers import ROOT, needs_kernel
 
@@ -580,6 +581,32 @@ def test_a_reply_decoding_alone_speculates_and_gets_the_tokens_it_would_get_with
     assert f"{reply.stats.accepted}/{reply.stats.drafted} guessed tokens kept" in reply.stats.line()
     assert reply.stats.decode_forwards == 39 - reply.stats.accepted  # 39 tokens after the prefill's
     assert len(reply.guessed) == reply.stats.accepted and 0 not in reply.guessed  # the first is the prefill's
+    # the estimated speed-up prices each forward at the step runner's cost table (eager: CPU_VERIFY_COST)
+    stats = reply.stats
+    assert stats.decode_forwards < stats.decode_steps <= stats.decode_forwards * max(CPU_VERIFY_COST), stats
+    assert f"est. {39 / stats.decode_steps:.2f}x a plain decode" in stats.line(), stats.line()
+
+
+def test_the_speed_up_estimate_prices_each_forward_at_the_step_runners_cost(model):
+    """One guess a round, priced at 2.5 steps for two tokens: every forward that carried a guess costs
+    2.5, the plain ones (no room left for a guess) 1; the line says tokens per step's worth."""
+    from qwen2.speculative import Draft, Drafter, Speculation
+
+    class OneGuess(Drafter):
+        def propose(self, context, max_tokens):
+            return Draft([(context[-1] + 1) % 512][:max_tokens])
+
+    engine = Engine(model, fast_decode="off")
+    engine.steps.__class__ = type("PricedSteps", (type(engine.steps),), {"verify_cost": (1.0, 2.5, 2.5, 2.5)})
+    reply = engine.submit(ids(64, 9), SamplingSettings(), 12)
+    reply.speculation = Speculation(OneGuess(), gated=False)
+    with engine:
+        out = list(reply)
+    stats = reply.stats
+    assert out == alone(model, ids(64, 9), 12, SamplingSettings()) and stats.drafted > 0
+    assert stats.decode_steps == 2.5 * stats.drafted + (stats.decode_forwards - stats.drafted), stats
+    assert stats.speculation_speedup == 11 / stats.decode_steps
+    assert f"est. {11 / stats.decode_steps:.2f}x a plain decode" in stats.line()
 
 
 def test_rejected_guesses_are_rolled_back(model):
