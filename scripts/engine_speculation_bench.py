@@ -9,7 +9,9 @@ One engine (one row) with its steps compiled first (decode step and verification
 submits every prompt twice, plain (`speculate=False`) and speculating, the order reversed every
 other round. Decode tok/s is the reply's own statistic ((new tokens - 1) / time from the first token
 to the last): the prefill, the same for both, is left out. Prints the median tok/s of each, the
-speed-up (median of the per-round ratios), the guesses kept and whether the tokens were identical.
+speed-up (median of the per-round ratios), the guesses kept and whether the tokens were identical,
+and the speed-up the reply's statistics line estimated (ReplyStats.speculation_speedup; 1.00 where it
+did not speculate).
 On a shared machine absolute speeds are noise: the ratios, taken round by round, are the result.
 """
 
@@ -65,7 +67,7 @@ def main(argv=None):
     print(f"{'prompt':<26}{'tokens':>7}{'plain tok/s':>12}{'spec tok/s':>11}{'speed-up':>9}{'kept':>14}  same")
     for name, prompt in encoded.items():
         rates = {"plain": [], "spec": []}
-        outs, kept = {}, []
+        outs, kept, estimates = {}, [], []
         for r in range(args.rounds):
             for which in ("plain", "spec") if r % 2 == 0 else ("spec", "plain"):
                 reply = engine.submit(prompt, greedy, args.new_tokens, stop, speculate=which == "spec")
@@ -73,6 +75,7 @@ def main(argv=None):
                 rates[which].append(reply.stats.decode_tok_s or float("nan"))
                 if which == "spec":
                     kept.append((reply.stats.accepted, reply.stats.drafted))
+                    estimates.append(reply.stats.speculation_speedup or 1.0)
         ratios = [s / p for s, p in zip(rates["spec"], rates["plain"])]
         diff = first_difference(outs["plain"], outs["spec"])
         accepted, drafted = kept[-1]
@@ -81,7 +84,8 @@ def main(argv=None):
               f"{accepted:>7}/{drafted:<4}{accepted / drafted if drafted else 0:>3.0%}  "
               f"{'yes' if diff is None else f'no (first difference at token {diff})'}")
         print(f"{'':<26}rounds tok/s: plain {' '.join(f'{x:.2f}' for x in rates['plain'])} | "
-              f"spec {' '.join(f'{x:.2f}' for x in rates['spec'])} | prompt {len(prompt)} tokens", flush=True)
+              f"spec {' '.join(f'{x:.2f}' for x in rates['spec'])} | prompt {len(prompt)} tokens | the "
+              f"statistics line's estimate {statistics.median(estimates):.2f}x", flush=True)
     engine.close()
 
 
