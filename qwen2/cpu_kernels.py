@@ -18,7 +18,8 @@ or rows of the engine's pool, its masked keys skipped, for the compiled CPU deco
 (qwen2/cpu_attention.py).
 
 All are one library and registered as operators (torch.ops.qwen2.*), so that compiled steps call
-them like any aten kernel.
+them like any aten kernel. The products take x and give y in the model's dtype (float32 or bf16)
+and keep their small working memory per calling thread between calls (csrc/panels.h).
 
 The build takes ~15 s once per machine (torch's extension builder, with the `ninja` of
 requirements.txt, found beside the interpreter where a virtual environment is not activated);
