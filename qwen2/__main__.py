@@ -62,6 +62,9 @@ def parse_args(argv=None):
                         "one forward where they are likely to pay; the reply is the same, and the stats line "
                         "counts the guesses kept). auto (default): lookup where the engine's steps compile "
                         "(CPU), off elsewhere (a GPU's CUDA graphs decode one stream faster)")
+    p.add_argument("--show-guesses", action="store_true",
+                   help="on the engine: underline the reply's tokens that came from kept guesses (no decode "
+                        "step of their own), with terminal escape codes")
     p.add_argument("--context", type=int, default=None, metavar="TOKENS",
                    help="on the engine: the tokens a conversation holds, prompts and replies (its KV-cache row, "
                         f"allocated whole; default: the model's context, at most {ENGINE_CONTEXT})")
@@ -102,6 +105,26 @@ def load_tools(path) -> list[dict] | None:
         raise TokenizerError(f"--tools {path}: {exc}") from None
 
 
+class GuessMarks:
+    """--show-guesses: underlines each streamed piece whose token came from a kept guess. The engine
+    records a token's index in `Reply.guessed` before streaming it, so it is known when the token
+    arrives; the single-stream chat has no guesses, and nothing is marked."""
+
+    UNDERLINE, PLAIN = "\x1b[4m", "\x1b[24m"
+
+    def __init__(self, chat):
+        self.chat, self.index, self.seen = chat, -1, 0
+
+    def mark(self, piece: str) -> str:
+        self.index += 1
+        guessed = getattr(getattr(self.chat, "current", None), "guessed", ())
+        while self.seen < len(guessed) and guessed[self.seen] < self.index:
+            self.seen += 1
+        if piece and self.seen < len(guessed) and guessed[self.seen] == self.index:
+            return f"{self.UNDERLINE}{piece}{self.PLAIN}"
+        return piece
+
+
 def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
     """Stream one reply to the conversation `messages` (to `out`, default: sys.stdout as it is at the
     call), then its statistics line; returns the assistant message (with its `tool_calls` when it
@@ -117,10 +140,11 @@ def reply(chat: ChatSession, tok, messages, args, out=None, tools=None) -> dict:
     text = []
     kwargs = dict(max_new_tokens=budget, stop_token_ids=default_stop_ids(model, tok),
                   **sampling_kwargs(args, model.info.generation_config))
+    guessed = GuessMarks(chat) if getattr(args, "show_guesses", False) else None
     for token in chat.reply(ids, **kwargs):
         piece = stream.push(token)
         text.append(piece)
-        out.write(piece)
+        out.write(guessed.mark(piece) if guessed is not None else piece)
         out.flush()
     tail = stream.flush()
     text.append(tail)

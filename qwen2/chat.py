@@ -161,6 +161,7 @@ class EngineChat:
         self.conversation = engine.conversation()
         self.stats = ReplyStats(device=str(self.model.device), dtype=dtype_name(self.model.dtype),
                                 context_limit=self.limit)
+        self.current = None  # the engine's Reply being streamed (its `guessed` tokens: --show-guesses)
 
     def reply(self, prompt_ids: list[int], max_new_tokens: int = 64, stop_token_ids=None, temperature: float = 0.0,
               top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -168,7 +169,7 @@ class EngineChat:
         settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
         reply = self.engine.submit(prompt_ids, settings, max_new_tokens, stop_token_ids or (), seed,
                                    conversation=self.conversation)
-        self.stats = reply.stats
+        self.stats, self.current = reply.stats, reply
         return self._stream(reply)
 
     @staticmethod

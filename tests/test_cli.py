@@ -137,3 +137,23 @@ def test_auto_fast_decode_compiles_at_start_up_on_cpu(tiny_model_dir, capsys):
     assert "compiling" not in eager.err
     reply = lambda text: text.rsplit("[", 1)[0]  # noqa: E731 - the text before the stats line
     assert reply(engine.stdout) == reply(single.stdout) == reply(eager.out)  # the same greedy reply
+
+
+def test_show_guesses_underlines_the_tokens_kept_guesses_gave_and_nothing_else(tiny_model_dir, capsys):
+    """A greedy reply of random weights loops, and prompt lookup guesses the loop: with --show-guesses
+    the pieces of the kept guesses' tokens are underlined; without the escape codes the reply is
+    the one printed without the flag, and the statistics line counts as many kept guesses."""
+    from qwen2.__main__ import GuessMarks
+
+    common = ["--model", str(tiny_model_dir), "--max-new-tokens", "60", "--temperature", "0",
+              "--fast-decode", "off", "--speculate", "lookup", "--prompt", "Say something long."]
+    assert main(common) == 0
+    plain = capsys.readouterr().out
+    assert main([*common, "--show-guesses"]) == 0
+    shown = capsys.readouterr().out
+    kept = int(re.search(r"(\d+)/\d+ guessed tokens kept", shown).group(1))
+    assert kept > 0 and GuessMarks.UNDERLINE not in plain
+    marked = re.findall(re.escape(GuessMarks.UNDERLINE) + "(.*?)" + re.escape(GuessMarks.PLAIN), shown, re.DOTALL)
+    assert 0 < len(marked) <= kept, (len(marked), kept)  # a piece per token; a token with no text is not marked
+    reply = shown.replace(GuessMarks.UNDERLINE, "").replace(GuessMarks.PLAIN, "")
+    assert reply[:reply.rindex("\n[")] == plain[:plain.rindex("\n[")]  # the statistics line's times differ
