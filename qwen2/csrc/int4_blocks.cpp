@@ -83,6 +83,7 @@ inline void panel_rows(const uint8_t* panel, const c10::Half* scales, const c10:
         std::memcpy(&x0, xs, 4), std::memcpy(&x1, xs + 4, 4);
         sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(first, _mm256_set1_epi32(x0)));
         sums[r] = _mm256_add_epi16(sums[r], _mm256_maddubs_epi16(second, _mm256_set1_epi32(x1)));
+        qwen2::keep_in_register(sums[r]);
       }
     }
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8)));

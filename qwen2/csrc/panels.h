@@ -30,6 +30,18 @@ inline __m256 widen_bf16x8(const c10::BFloat16* p) {
 #endif
 
 #if defined(__AVX2__)
+// An empty instruction that claims to change v, so v is summed in the order written. Integer sums
+// may be reassociated, and GCC turns a tile's four rows of running sums into trees of all of a
+// block's products, which spill registers to the stack: four rows of the int4 kernel cost 2.1x one
+// row, 1.3x without the spills (docs/benchmarks.md, fourteenth round).
+inline void keep_in_register(__m256i& v) {
+#if defined(__GNUC__)
+  asm("" : "+x"(v));
+#endif
+}
+#endif
+
+#if defined(__AVX2__)
 // Eight float32 results to y, rounded to y's type (bf16: to nearest even, as torch's .to does).
 inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
 inline void store8(c10::BFloat16* y, __m256 v) {
