@@ -63,7 +63,6 @@ inline void panel_rows(const int8_t* panel, const c10::Half* scales, const int16
         int32_t pair;  // inputs 2t and 2t + 1 of row r
         std::memcpy(&pair, qx + r * K + b * kBlock + 2 * t, 4);
         sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(w, _mm256_set1_epi32(pair)));
-        qwen2::keep_in_register(sums[r]);
       }
     }
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * 8)));

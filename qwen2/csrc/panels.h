@@ -36,7 +36,7 @@ inline __m256 widen_bf16x8(const c10::BFloat16* p) {
 // row, 1.3x without the spills (docs/benchmarks.md, fourteenth round).
 inline void keep_in_register(__m256i& v) {
 #if defined(__GNUC__)
-  asm("" : "+x"(v));
+  asm("" : "+v"(v));  // "v": any vector register, the 32 of AVX-512 included
 #endif
 }
 #endif
