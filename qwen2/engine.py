@@ -43,6 +43,7 @@ import torch
 from .cache import RowCache
 from .errors import GenerationError, LimitError
 from .generate import _check_ids, check_budget
+from .openmp import release_workers
 from .options import dtype_name
 from .sampling import Sampler, SamplingSettings, check_seed
 from .session import Conversation, Limits, Reply, common_prefix
@@ -90,6 +91,9 @@ class Engine:
     def start(self, compile_in_background: bool = True, progress=None) -> Engine:
         """Start serving now; the step runner's preparation (compiles) runs beside the replies."""
         if self._thread is None:
+            # The steps run on the engine's thread: this one (which loaded the model) gives its CPU
+            # workers back, or every step waits for sleeping ones (qwen2/openmp.py)
+            release_workers()
             self._thread = threading.Thread(target=self._serve, name="qwen2-engine", daemon=True)
             self._thread.start()
             if compile_in_background:
@@ -191,6 +195,7 @@ class Engine:
             with self.steps.paused():
                 yield self.model
         finally:
+            release_workers()  # the holder's CPU workers, before the engine's steps run again
             with self._cv:
                 self._exclusive -= 1
                 self._cv.notify_all()
