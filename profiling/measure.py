@@ -86,9 +86,11 @@ class _Stages:
     def fast_run(self, fast_path) -> RunTimes:
         """One greedy run of the timed length on `fast_path`: a FastPath (a pooled cache of its own,
         through DecodeSession) or the serving engine's step runner (EngineDecode)."""
+        beat = self.plan.heartbeat
         if isinstance(fast_path, EngineDecode):
-            return fast_path.timed_run(self.ids, self.settings.new_tokens, self.clock)
-        return timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, fast_path=fast_path)
+            return fast_path.timed_run(self.ids, self.settings.new_tokens, self.clock, on_step=beat)
+        return timed_run(self.model, self.ids, self.settings.new_tokens, self.clock, on_step=beat,
+                         fast_path=fast_path)
 
     def fast_decode(self) -> dict | None:
         """The fast decode path given to profile_model, timed without hooks, then traced (per block)."""

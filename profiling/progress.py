@@ -24,6 +24,11 @@ class Plan:
         self.done = min(self.done + units, self.total)
         self._report()
 
+    def heartbeat(self) -> None:
+        """Report again without advancing: for work the plan did not count (the fast path's runs), so
+        that a callback which stops the run (the app's cancel) is heard there too."""
+        self._report()
+
     def finish(self, desc: str = "done") -> None:
         self.done, self.desc = self.total, desc
         self._report()

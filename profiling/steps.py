@@ -153,15 +153,16 @@ class EngineDecode:
             return f"its step is not compiled for one row reading {tokens} keys (still compiling, or too many keys)"
         return None
 
-    def timed_run(self, ids: torch.Tensor, new_tokens: int, clock) -> RunTimes:
+    def timed_run(self, ids: torch.Tensor, new_tokens: int, clock, on_step=None) -> RunTimes:
         """timed_run's greedy prefill + `new_tokens` steps through the engine's runner."""
         out = RunTimes()
         steps, cache, row = self.steps, self.cache, self.cache.scratch
         n_prompt = ids.shape[1]
-        token, out.prefill_s, _ = timed_greedy(clock, steps.prefill, cache, row, ids, 0)
+        token, out.prefill_s, _ = timed_greedy(clock, steps.prefill, cache, row, ids, 0, on_step=on_step)
         out.tokens = [int(token[0])]
         for i in range(new_tokens):
-            token, seconds, _ = timed_greedy(clock, steps.decode, cache, [row], [out.tokens[-1]], [n_prompt + i])
+            token, seconds, _ = timed_greedy(clock, steps.decode, cache, [row], [out.tokens[-1]], [n_prompt + i],
+                                             on_step=on_step)
             out.step_s.append(seconds)
             out.tokens.append(int(token[0]))
         out.on_fast_path = steps.compiled_for(cache, 1, n_prompt + new_tokens)

@@ -169,6 +169,7 @@ class Dashboard:
                 except Exception as exc:  # bad settings, a missing device, OOM: say so and keep serving
                     traceback.print_exc()
                     raise VisitorError(f"Profiling on {device} failed: {hide_paths(str(exc))}") from None
+        report_to(1.0, "saving the run")  # a profile cancelled in its last steps saves nothing either
         files = self.runs.save_profile(runs, devices, stamp)
         traces = [str(t) for t in (trace_file(run, path) for run, path in zip(runs, files)) if t]
         report_path = self.runs.folder / f"{stamp}-report.html"

@@ -680,3 +680,29 @@ def test_cuda_bandwidth_limit_from_the_table_or_measured():
     assert source in ("table", "measured") and bandwidth > 1e10
     if "H200" in torch.cuda.get_device_name():
         assert (bandwidth, source) == (4.8e12, "table")
+
+
+def test_the_fast_paths_runs_report_every_step_so_a_cancel_is_heard(model):
+    """The fast path's runs are not counted in the plan; each step still reports (heartbeat), at
+    the plan's fraction, so that the app's cancel, raised from the callback, stops them mid-run."""
+    from profiling.measure import _Stages
+    from profiling.progress import Plan
+    from profiling.settings import check_settings
+
+    class Cancelled(Exception):
+        pass
+
+    heard = []
+
+    def callback(fraction, desc):
+        heard.append((fraction, desc))
+        if len(heard) == 4:
+            raise Cancelled
+
+    plan = Plan(callback, total=10)
+    plan.advance(3)
+    heard.clear()
+    stages = _Stages(model, check_settings(model, prompt_tokens=PROMPT, new_tokens=NEW), plan)
+    with pytest.raises(Cancelled):
+        stages.fast_run(None)  # eager steps: the same loop a fast path runs
+    assert heard == [(0.3, "")] * 4  # the prefill and three steps, then the cancel; nothing advanced
