@@ -27,9 +27,8 @@ def events(dash: Dashboard):
 
     def profile(devices=None, dtype="auto", prompt_tokens=64, new_tokens=16, baseline=False, sweep=False,
                 trace=False, theme="light", progress=gr.Progress()):  # noqa: B008 (Gradio's idiom)
-        run = dash.profile(devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme)
         try:
-            for now in run:
+            for now in dash.profile(devices, dtype, prompt_tokens, new_tokens, baseline, sweep, trace, theme):
                 if isinstance(now, Progress):
                     progress(now.fraction, desc=now.desc)
                     yield [gr.skip()] * (len(VIEW_SLOTS) + 2) + [dash.progress_status(now), gr.skip()]
@@ -37,10 +36,6 @@ def events(dash: Dashboard):
                     yield outputs(now, dash.runs.choices())
         except VisitorError as exc:
             raise api_error("/profile", exc) from None
-        finally:
-            # A cancel closes this generator: close the profile's now, which stops it. Left to the
-            # garbage collector, it ran on to the end and saved its run (tests/test_app.py).
-            run.close()
 
     def compare(selected=None, uploaded=None, theme="light"):
         uploads = [(u if isinstance(u, str) else u.name, getattr(u, "orig_name", None)) for u in uploaded or []]
