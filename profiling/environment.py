@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qwen2 import cpu_kernels
 from qwen2.options import dtype_name
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "cpu_count": os.cpu_count(),
         "cpus_usable": cpus_usable(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_kernels": cpu_kernels.instruction_set(build=False) if device.type == "cpu" else None,
         "gpu_name": None,
         "gpu_memory_bytes": None,
         "torch_version": torch.__version__,

@@ -55,8 +55,8 @@ def _summary_table(runs: list[dict]) -> str:
 
 
 def _environment_table(runs: list[dict], labels: list[str]) -> str:
-    keys = ["device_name", "cpu_model", "cpu_count", "cpus_usable", "torch_threads", "load_average", "gpu_name",
-            "gpu_memory_bytes", "torch_version", "cuda_version", "python_version", "timestamp"]
+    keys = ["device_name", "cpu_model", "cpu_count", "cpus_usable", "torch_threads", "cpu_kernels", "load_average",
+            "gpu_name", "gpu_memory_bytes", "torch_version", "cuda_version", "python_version", "timestamp"]
     head = "<th class='l'>run</th>" + "".join(f"<th class='l'>{k}</th>" for k in keys) + \
         "<th class='l'>git commit</th><th class='l'>timer</th>"
     rows = []

@@ -192,6 +192,7 @@ class Environment(Section):
     cpu_count: Count = None
     cpus_usable: Count = None      # the CPUs this process may run on (a container's share)
     torch_threads: Count = None
+    cpu_kernels: Text = None       # the instructions our CPU kernels were built for (qwen2.cpu_kernels)
     gpu_name: Text = None
     gpu_memory_bytes: Number = None
     gpu_capability: Text = None

@@ -24,7 +24,9 @@ and keep their small working memory per calling thread between calls (csrc/panel
 The build takes ~15 s once per machine (torch's extension builder, with the `ninja` of
 requirements.txt, found beside the interpreter where a virtual environment is not activated);
 `QWEN2_KERNEL_CACHE` moves the cache (default ~/.cache/qwen2-studio/kernels), a damaged library in
-it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the build fails, int8 falls
+it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the CPU has AVX-512 with
+VNNI, the quantized kernels use it (`instruction_set()` says which were built);
+`QWEN2_KERNEL_AVX512=0` builds the AVX2 ones instead, which is how the tests check both on one CPU. Where the build fails, int8 falls
 back to torch's per-channel kernel, int4 to torch's int4 kernel, bf16 prompts to float32 copies
 (qwen2/upcast.py), decode attention to Inductor's fusion of the model's math, and `kernel_error()` says why.
 """
@@ -53,6 +55,12 @@ PANEL = 8  # output channels the kernels take at once (csrc/panels.h): weights' 
 # EPYC with AVX-512 (docs/benchmarks.md, fourteenth round).
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-falign-functions=64"]  # OpenMP for at::parallel_for, resolved to torch's own runtime
 
+
+def _cflags() -> list[str]:
+    if os.environ.get("QWEN2_KERNEL_AVX512", "").strip() == "0":
+        return CFLAGS + ["-mno-avx512f"]  # off with every AVX-512 extension
+    return CFLAGS
+
 _lock = threading.Lock()
 _error: list[str | None] = []  # [] before the first try; then [None] or [why not]
 
@@ -73,7 +81,7 @@ def _cpu_flags() -> str:
 
 
 def _build_key() -> str:
-    text = "\n".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__, " ".join(CFLAGS), _cpu_flags()])
+    text = "\n".join([*(source.read_text() for source in SOURCES + HEADERS), torch.__version__, " ".join(_cflags()), _cpu_flags()])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -109,7 +117,7 @@ def _build_and_load() -> None:
         try:
             if _ninja_dir():
                 os.environ["PATH"] = os.pathsep.join([_ninja_dir(), path])
-            cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=CFLAGS, build_directory=str(build),
+            cpp_extension.load(name=name, sources=[str(source) for source in SOURCES], extra_cflags=_cflags(), build_directory=str(build),
                                is_python_module=False, verbose=False)
             os.replace(build / f"{name}.so", library)  # whole or absent: another process may be reading it
         finally:
@@ -150,6 +158,14 @@ def kernel_error() -> str | None:
                                   f"float32 copies, decode attention to the model's math: {_error[0]}",
                                   stacklevel=2)
         return _error[0]
+
+
+def instruction_set(build: bool = True) -> str | None:
+    """The instructions our kernels were built for ("avx512-vnni", "avx2" or "scalar"); None without
+    them, or, with build=False, before this process first needed them (a run file's note)."""
+    if not build and not _error:
+        return None
+    return None if kernel_error() else torch.ops.qwen2.instruction_set()
 
 
 def blocks_available(device: torch.device) -> bool:

@@ -11,7 +11,9 @@ twice: for one row, and for 2 to `max_batch` rows with the batch size left symbo
 3 is 3 rows, no padding), and the number of keys read symbolic in both, so a joining or leaving
 conversation or one growing longer never recompiles. It compiles the verification too, for a fixed
 width of VERIFY_WIDTH tokens (shorter drafts are padded: their extra keys land past the row's
-length, where nothing reads them before they are written again). A decode step's attention is
+length, where nothing reads them before they are written again), and a second time for
+WIDE_VERIFY_WIDTH tokens where that costs little more (`verify_widths`): long drafts of code copied
+from the prompt then go through in one forward. A decode step's attention is
 our kernel where it builds (qwen2/cpu_attention.py), which does its own sums: one compile serves
 every key count of a row. Inductor's own softmax (the verification, and the decode steps where the
 kernel does not build) sums over more than 4096 keys in chunks, and guards the compiled step to the
@@ -71,6 +73,25 @@ MAX_COMPILED_KEYS = 4096
 # (3), 2.23 (5), 3.05 (9). Four tokens get the most guesses for the price of about two steps; what
 # it costs on the machine at hand is timed as it runs (`verify_cost`).
 VERIFY_WIDTH = 4
+
+# The wide verification (up to 8 guesses), compiled beside the narrow one where our int8 / int4
+# kernels are built for AVX-512 VNNI: they take up to nine rows of x against each weight in one pass
+# (qwen2/csrc/panels.h), so nine tokens cost a fraction more than four. On a 2-vCPU AMD EPYC with
+# AVX-512 (Zen 5), int8, a nine-token verification cost 1.58 steps against 1.24 for four, and code
+# edits sped up 2.25x / 2.57x with both widths against 1.67x / 1.78x with four only
+# (docs/benchmarks.md, fifteenth round). Elsewhere nine rows cost 3-4 steps: the narrow width alone.
+WIDE_VERIFY_WIDTH = 9
+
+
+def verify_widths(model) -> tuple[int, ...]:
+    """The verification widths worth compiling for `model`: VERIFY_WIDTH, and WIDE_VERIFY_WIDTH where
+    its products run on our quantized kernels built for AVX-512 VNNI."""
+    from . import cpu_kernels
+    from .quant import Int4BlockLinear, Int8BlockLinear
+
+    wide = model.device.type == "cpu" and cpu_kernels.instruction_set(build=False) == "avx512-vnni" and \
+        any(isinstance(module, (Int8BlockLinear, Int4BlockLinear)) for module in model.modules())
+    return (VERIFY_WIDTH, WIDE_VERIFY_WIDTH) if wide else (VERIFY_WIDTH,)
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -144,18 +165,20 @@ class EagerSteps:
 
 class CompiledCpuSteps(EagerSteps):
     """Decode steps compiled by Inductor (one row; 2 to max_batch rows) and the verification of
-    `verify_width` tokens (0: none), in the background by `prepare`. attention: the decode steps'
-    ("cpu_kernel" or "single_query"; default: our kernel where it builds)."""
+    `verify_width` tokens (0: none) and of `wide_width` tokens (0: none), in the background by
+    `prepare`. attention: the decode steps' ("cpu_kernel" or "single_query"; default: our kernel where
+    it builds)."""
 
     name = "cpu-compile"
 
     def __init__(self, model, max_batch: int, mode: str | None = None, verify_width: int = VERIFY_WIDTH,
-                 row_tokens: int = MAX_COMPILED_KEYS, attention: str | None = None):
+                 row_tokens: int = MAX_COMPILED_KEYS, attention: str | None = None, wide_width: int = 0):
         from .cpu_compile import COMPILE_MODES, checked_mode
 
         mode = checked_mode(model, mode)
         super().__init__(model)
         self.mode, self.buckets, self.verify_width = mode, batch_buckets(max_batch), verify_width
+        self.wide_width = wide_width if verify_width >= 2 and wide_width > verify_width else 0
         # Inductor reads `freezing` (weights as constants it may pre-pack for its GEMM kernels) from its
         # global config while it compiles: set around each compile only, never per step.
         # (cpp.enable_kernel_profile: kernels named in a profiler's trace, as in cpu_compile.py)
@@ -166,14 +189,18 @@ class CompiledCpuSteps(EagerSteps):
         # here, not on the compile thread: there, in a full-suite run, the app's first reply stalled
         # for over a minute while the library loaded beside it (docs/benchmarks.md, tenth round).
         self.attention = attention or decode_backend(model.device)
-        # what to compile, in order: the decode step per batch bucket, the verification, then (where
+        # what to compile, in order: the decode step per batch bucket, the verifications, then (where
         # Inductor sums the softmax and rows are longer) the one-row step for keys past MAX_COMPILED_KEYS
         long = self.attention != "cpu_kernel" and row_tokens - 1 > MAX_COMPILED_KEYS + 1
-        self.jobs: tuple = self.buckets + (("verify",) if verify_width >= 2 else ()) + (("long",) if long else ())
+        self.jobs: tuple = self.buckets + (("verify",) if verify_width >= 2 else ()) + \
+            (("wide",) if self.wide_width else ()) + (("long",) if long else ())
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+        # one compiled function per width, each with its own graph and guards
         self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
-        self._step_s = self._verify_s = None  # running means of a compiled one-row step and verification
-        self.ready: dict = {}  # job (1, max_batch standing for 2..max_batch, "verify", "long") -> compile seconds
+        self.wide_fn = torch.compile(self._verify_wide, fullgraph=True, dynamic=False)
+        # running means of a compiled one-row step and of a verification (narrow, wide)
+        self._step_s = self._verify_s = self._wide_s = None
+        self.ready: dict = {}  # job (1, max_batch standing for 2..max_batch, "verify", "wide", "long") -> compile seconds
         self.failed: Exception | None = None
         self._hold = 0  # paused() holders: no new compile starts
         self._compile_lock = threading.Lock()  # held while one job compiles
@@ -185,6 +212,9 @@ class CompiledCpuSteps(EagerSteps):
 
     def _verify(self, cache, rows, ids, positions, key_slots):
         return rows_forward(self.model, cache, rows, ids, positions, key_slots, last_only=False)[0]
+
+    def _verify_wide(self, cache, rows, ids, positions, key_slots):
+        return self._verify(cache, rows, ids, positions, key_slots)
 
     @property
     def compiling(self) -> bool:
@@ -243,55 +273,81 @@ class CompiledCpuSteps(EagerSteps):
         return self.step_fn(cache, rows, ids, positions, key_slots)
 
     # -- verification ------------------------------------------------------------------------------
-    def _verify_compiled(self, cache, position: int) -> bool:
-        return "verify" in self.ready and position + self.verify_width <= self._max_keys(cache, verify=True)
+    def _widths(self) -> list[tuple[int, str]]:
+        """(width, job) of each verification compiled so far, narrowest first."""
+        return [(width, job) for width, job in ((self.verify_width, "verify"), (self.wide_width, "wide"))
+                if width and job in self.ready]
+
+    def _width_for(self, cache, position: int, tokens: int) -> int | None:
+        """The narrowest compiled verification that takes `tokens` tokens at `position`, or None."""
+        for width, _ in self._widths():
+            if tokens <= width and position + width <= self._max_keys(cache, verify=True):
+                return width
+        return None
 
     @property
     def verify_cost(self):
-        """One price for 2..W tokens (padded), in compiled one-row steps: timed after the compile, then
-        kept up to date by every compiled one-row step and verification (so it follows this machine's
-        load and the context lengths its chats reach; a profile's traced steps count too, ~6 % slower,
-        and the mean forgets them within a few dozen steps)."""
+        """One price for 2..W tokens (padded), and one for W+1..the wide width where it is compiled,
+        in compiled one-row steps: timed after each compile, then kept up to date by every compiled
+        one-row step and verification (so it follows this machine's load and the context lengths its
+        chats reach; a profile's traced steps count too, ~6 % slower, and the mean forgets them within
+        a few dozen steps)."""
         if "verify" not in self.ready or not self._step_s or not self._verify_s:
             return super().verify_cost
-        return (1.0,) + (max(1.0, self._verify_s / self._step_s),) * (self.verify_width - 1)
+        narrow = max(1.0, self._verify_s / self._step_s)
+        costs = (1.0,) + (narrow,) * (self.verify_width - 1)
+        if "wide" in self.ready and self._wide_s:
+            costs += (max(narrow, self._wide_s / self._step_s),) * (self.wide_width - self.verify_width)
+        return costs
 
-    def _time_verify(self, cache, pairs: int = 5):
+    def _time_verify(self, cache, width: int, pairs: int = 5):
         """First figures for verify_cost: the medians of `pairs` alternating compiled one-row steps and
-        verifications on the scratch row."""
+        verifications of `width` tokens on the scratch row."""
         steps, verifies = [], []
-        row, position = cache.scratch, min(64, self._max_keys(cache, verify=True) - self.verify_width)
+        row, position = cache.scratch, min(64, self._max_keys(cache, verify=True) - width)
         for _ in range(pairs):
             start = time.perf_counter()
             self._run(cache, [row], [0], [position], position + 1)
             steps.append(time.perf_counter() - start)
             start = time.perf_counter()
-            self._run_verify(cache, row, [0], position)
+            self._run_verify(cache, row, [0], position, width)
             verifies.append(time.perf_counter() - start)
-        self._step_s, self._verify_s = statistics.median(steps), statistics.median(verifies)
+        self._step_s = statistics.median(steps)
+        if width == self.verify_width:
+            self._verify_s = statistics.median(verifies)
+        else:
+            self._wide_s = statistics.median(verifies)
 
     def max_guesses(self, cache, position):
         if "verify" in self.ready:
-            return self.verify_width - 1 if self._verify_compiled(cache, position) else 0
+            fits = [width for width, _ in self._widths() if position + width <= self._max_keys(cache, verify=True)]
+            return fits[-1] - 1 if fits else 0
         return super().max_guesses(cache, position)
 
     def verify(self, cache, row, ids, position):
-        if len(ids) > self.verify_width or not self._verify_compiled(cache, position):
+        width = self._width_for(cache, position, len(ids))
+        if width is None:
             return super().verify(cache, row, ids, position)
         start = time.perf_counter()
-        logits = self._run_verify(cache, row, ids, position)[:len(ids)]
-        self._verify_s = _running_mean(self._verify_s, time.perf_counter() - start)
+        logits = self._run_verify(cache, row, ids, position, width)[:len(ids)]
+        seconds = time.perf_counter() - start
+        if width == self.verify_width:
+            self._verify_s = _running_mean(self._verify_s, seconds)
+        else:
+            self._wide_s = _running_mean(self._wide_s, seconds)
         return logits
 
-    def _run_verify(self, cache, row, ids, position):
-        """The compiled verification: `ids` padded to verify_width with copies of its last id, whose
-        keys go to slots past the row's length (nothing reads a slot before its own token rewrites it)."""
-        width = self.verify_width
+    def _run_verify(self, cache, row, ids, position, width: int | None = None):
+        """The compiled verification of `width` tokens (default: the narrow one): `ids` padded with
+        copies of its last id, whose keys go to slots past the row's length (nothing reads a slot
+        before its own token rewrites it)."""
+        width = width or self.verify_width
         ids = torch.tensor([ids + ids[-1:] * (width - len(ids))])  # (1, W)
         positions = torch.arange(position, position + width)[None]
         key_slots = torch.arange(position + width)
         torch._dynamo.mark_dynamic(key_slots, 0, min=width + 1, max=self._max_keys(cache, verify=True))
-        return self.verify_fn(cache, torch.tensor([row]), ids, positions, key_slots)
+        run = self.verify_fn if width == self.verify_width else self.wide_fn
+        return run(cache, torch.tensor([row]), ids, positions, key_slots)
 
     # -- background compile --------------------------------------------------------------------
     def prepare(self, pool, progress=None):
@@ -322,7 +378,7 @@ class CompiledCpuSteps(EagerSteps):
                     self.failed = exc
                     say(1.0, f"compile failed ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly")
                     return
-            verify = f", and the {self._job_text('verify')}," if "verify" in self.jobs else ""
+            verify = "".join(f", and the {self._job_text(job)}," for job in ("verify", "wide") if job in self.jobs)
             long = f" (1 row also past {MAX_COMPILED_KEYS} tokens)" if "long" in self.jobs else ""
             say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))}{long}{verify} "
                      f"in {sum(self.ready.values()):.0f} s")
@@ -330,6 +386,8 @@ class CompiledCpuSteps(EagerSteps):
     def _job_text(self, job) -> str:
         if job == "verify":
             return f"{self.verify_width}-token verification (speculative decoding)"
+        if job == "wide":
+            return f"{self.wide_width}-token verification (long drafts)"
         if job == "long":
             return f"decode step for 1 row past {MAX_COMPILED_KEYS} tokens of context"
         return f"decode step for {self._rows_text(job)}"
@@ -352,13 +410,14 @@ class CompiledCpuSteps(EagerSteps):
         start = time.perf_counter()
         # the job's range of key counts joins Inductor's cache key: a graph it stored for another
         # range (an older split at 4096 keys, say) is never taken for this one
-        low, high = (self.verify_width + 1, self._max_keys(cache, verify=True)) if job == "verify" \
+        width = self.wide_width if job == "wide" else self.verify_width
+        low, high = (width + 1, self._max_keys(cache, verify=True)) if job in ("verify", "wide") \
             else self._key_range(cache, self._max_keys(cache) + 1 if job == "long" else 2)
         tag = CacheKeyTag(f"qwen2 {self.attention} attention, keys {low}..{high}")
         with torch._inductor.config.patch({**self.inductor_config, "post_grad_custom_post_pass": tag}), \
                 recompile_limit_raised():
-            if job == "verify":
-                self._run_verify(cache, cache.scratch, [0], 1)
+            if job in ("verify", "wide"):
+                self._run_verify(cache, cache.scratch, [0], 1, width)
             elif job == "long":
                 n_keys = self._max_keys(cache) + 2
                 self._run(cache, [cache.scratch], [0], [n_keys - 1], n_keys)
@@ -366,8 +425,8 @@ class CompiledCpuSteps(EagerSteps):
                 batch = min(job, 2)
                 self._run(cache, [cache.scratch] * batch, [0] * batch, [1] * batch, 16)
         self.ready[job] = time.perf_counter() - start
-        if job == "verify" and 1 in self.ready:  # against the compiled one-row step (compiled first)
-            self._time_verify(cache)
+        if job in ("verify", "wide") and 1 in self.ready:  # against the compiled one-row step (compiled first)
+            self._time_verify(cache, width)
 
     def stop(self):
         self._stopping = True
@@ -406,7 +465,8 @@ def make_steps(model, fast_decode: str = "auto", max_batch: int = 4, mode: str |
     if fast_decode == "off":
         return EagerSteps(model)
     if fast_decode == "compile":
-        return CompiledCpuSteps(model, max_batch, mode, verify_width=VERIFY_WIDTH if verify else 0,
-                                row_tokens=row_tokens)
+        widths = verify_widths(model) if verify else (0,)
+        return CompiledCpuSteps(model, max_batch, mode, verify_width=widths[0], row_tokens=row_tokens,
+                                wide_width=widths[-1] if len(widths) > 1 else 0)
     raise ConfigError(f"fast_decode={fast_decode!r}: the serving engine runs 'compile' (CPU) or 'off'; "
                       "CUDA graphs serve single-stream decoding (qwen2.generate) only")

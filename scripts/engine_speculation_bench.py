@@ -35,6 +35,16 @@ from qwen2.sampling import SamplingSettings  # noqa: E402
 from scripts.speculative_bench import PROMPTS, first_difference  # noqa: E402
 
 
+def verify_prices(costs) -> str:
+    """"of 2-4 tokens at 1.24 steps, 5-9 at 1.64": each run of tokens with one price (a compiled width)."""
+    spans, start = [], 1
+    for tokens in range(2, len(costs) + 1):
+        if tokens == len(costs) or costs[tokens] != costs[tokens - 1]:
+            spans.append(f"{start + 1}-{tokens} tokens at {costs[tokens - 1]:.2f} steps")
+            start = tokens
+    return "of " + ", ".join(spans)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=".models/Qwen2.5-Coder-0.5B-Instruct")
@@ -57,8 +67,8 @@ def main(argv=None):
     engine.start(compile_in_background=False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f} | {args.model} "
           f"{args.quantize or args.dtype} | engine steps: {engine.state} ({args.compile_mode}, "
-          f"{time.perf_counter() - started:.0f} s) | verification of 2-{len(engine.steps.verify_cost)} tokens "
-          f"timed at {engine.steps.verify_cost[-1]:.2f} steps | greedy, {args.new_tokens} new tokens, {args.rounds} rounds")
+          f"{time.perf_counter() - started:.0f} s) | verification {verify_prices(engine.steps.verify_cost)} | greedy, "
+          f"{args.new_tokens} new tokens, {args.rounds} rounds")
     greedy = SamplingSettings()
     encoded = {name: tok.encode_chat([{"role": "user", "content": PROMPTS[name][1]}]) for name in args.prompts.split(",")}
     for prompt in encoded.values():  # warm-up: both ways, once

@@ -366,6 +366,58 @@ def test_the_compiled_verification_equals_the_eager_one_and_serves_speculation(m
     assert out == alone(model, prompt, 30, SamplingSettings()) and reply.stats.accepted > 0, reply.stats
 
 
+@needs_kernel
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_the_wide_verification_is_compiled_where_our_quantized_kernels_run_on_avx512(model, tiny_model_dir, quantize):
+    from qwen2 import cpu_kernels
+
+    assert steps_module.verify_widths(model) == (4,)  # float32: torch's products, nine rows cost nine
+    quantized = qwen2.load_model(tiny_model_dir, dtype="float32", quantize=quantize)
+    wide = cpu_kernels.instruction_set() == "avx512-vnni"
+    assert steps_module.verify_widths(quantized) == ((4, 9) if wide else (4,))
+    jobs = Engine(quantized, rows=1, fast_decode="compile", compile_mode="default").steps.jobs
+    assert jobs == ((1, "verify", "wide") if wide else (1, "verify"))
+
+
+def test_the_wide_verification_takes_long_drafts_in_one_forward_and_equals_the_eager_one(model, monkeypatch):
+    """Where nine tokens cost little more than four (qwen2.steps.verify_widths: our kernels on
+    AVX-512 VNNI), a second verification is compiled for 9 tokens: drafts of 4 go through the narrow
+    one, 5 to 9 through the wide one, each equal to the eager forward; near the end of the compiled
+    key range only the narrow one fits; a reply speculating through it gets the plain tokens."""
+    monkeypatch.setattr(steps_module, "verify_widths", lambda model: (4, 9))
+    engine = Engine(model, rows=1, fast_decode="compile", compile_mode="default")
+    steps, cache = engine.steps, engine._pool()
+    assert steps.jobs == (1, "verify", "wide") and (steps.verify_width, steps.wide_width) == (4, 9)
+    engine.compile_now()
+    prompt = echoing_prompt(64)
+    used = []
+    for name in ("verify_fn", "wide_fn"):
+        compiled = getattr(steps, name)
+        monkeypatch.setattr(steps, name, lambda *args, f=compiled, name=name: used.append(name) or f(*args))
+    with torch.inference_mode():
+        steps.prefill(cache, cache.scratch, torch.tensor([prompt]), 0)
+        for fed, fn in ((prompt[3:7], "verify_fn"), (prompt[3:8], "wide_fn"), (prompt[3:12], "wide_fn")):
+            eager = EagerSteps.verify(steps, cache, cache.scratch, fed, len(prompt))
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                compiled = steps.verify(cache, cache.scratch, fed, len(prompt))
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+            assert used[-1] == fn, (len(fed), used)
+    cost = steps.verify_cost  # one price for 2-4 tokens, one for 5-9
+    assert len(cost) == 9 and cost[0] == 1.0 and len(set(cost[1:4])) == 1 and len(set(cost[4:])) == 1
+    assert cost[4] == max(cost[1], steps._wide_s / steps._step_s)
+    last = steps._max_keys(cache, verify=True)
+    assert steps.max_guesses(cache, len(prompt)) == 8
+    assert steps.max_guesses(cache, last - 9) == 8 and steps.max_guesses(cache, last - 8) == 3
+    assert steps.max_guesses(cache, last - 3) == 0
+    # priced at one step each, the gate verifies every guess a draft offers (the test is about tokens)
+    steps._verify_s = steps._wide_s = steps._step_s
+    used.clear()
+    with engine.start(), torch._dynamo.config.patch(error_on_recompile=True):
+        reply = engine.submit(prompt, SamplingSettings(), 30)
+        out = list(reply)
+    assert out == alone(model, prompt, 30, SamplingSettings()) and "wide_fn" in used, (used, reply.stats)
+
+
 @pytest.fixture(scope="module")
 def long_model_dir(model, tmp_path_factory):
     """The tiny model's config with a context past 4096 (no weights: load it with random ones)."""

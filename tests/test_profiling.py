@@ -29,7 +29,7 @@ from profiling.steps import paired_runs, timed_run
 from profiling.trace import top_ops
 from profiling.trace_chart import trace_timeline
 from profiling.timers import CpuClock, summarize
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, needs_kernel
 
 qwen2 = pytest.importorskip("qwen2")
 
@@ -202,6 +202,16 @@ def test_memory_peak_and_environment(run):
         assert key in env, key
     assert env["torch_version"] == torch.__version__
     assert set(env["git"]) == {"commit", "dirty"}
+
+
+@needs_kernel
+def test_a_cpu_runs_environment_names_the_instructions_its_kernels_were_built_for():
+    from profiling.environment import environment
+    from qwen2 import cpu_kernels
+
+    built = cpu_kernels.instruction_set()
+    assert built in {"avx512-vnni", "avx2", "scalar"}
+    assert environment(torch.device("cpu"), torch.float32)["cpu_kernels"] == built
 
 
 def test_progress_reaches_one(traced):

@@ -117,6 +117,62 @@ inline void panel_rows(const uint8_t* panel, const c10::Half* scales, const c10:
 #endif
 }
 
+#ifdef QWEN2_AVX512
+// T rows against panels p and p + 1 at once (AVX-512, panels.h): one 512-bit register holds four
+// levels of each of 16 channels, and _mm512_dpbusd_epi32 multiplies four levels by four values of x
+// and adds them to an int32 sum in one instruction (panel_rows: two, and a widening per block). The
+// integer sums are exact either way and the float32 operations are panel_rows' in its order: the
+// results are identical.
+template <int T, class Out>
+inline void panel_pair_rows(const uint8_t* panel, const c10::Half* scales, const c10::Half* mins, const int8_t* qx,
+                            const float* dx, const float* xsum, int64_t K, Out* y, int64_t y_stride) {
+  const int64_t G = K / kBlock;
+  const uint8_t* next = panel + 8 * (K / 2);  // panel p + 1
+  const c10::Half *next_scales = scales + 8 * G, *next_mins = mins + 8 * G;
+  __m512 acc[T];
+#pragma GCC unroll 16
+  for (int r = 0; r < T; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(15);
+  for (int64_t b = 0; b < G; ++b) {
+    const uint8_t *pa = panel + b * 128, *pb = next + b * 128;
+    {  // 4096 bytes ahead in each panel's stream, as panel_rows does (past the end: into panel p + 2)
+      const int64_t ahead = b * 128 + 4096 < 4 * K ? 4096 : 4096 + 4 * K;
+      for (int line = 0; line < 2; ++line) {
+        _mm_prefetch(reinterpret_cast<const char*>(pa + ahead + 64 * line), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pb + ahead + 64 * line), _MM_HINT_T0);
+      }
+    }
+    __m512i sums[T];
+#pragma GCC unroll 16
+    for (int r = 0; r < T; ++r) sums[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      const __m512i bytes = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pa + 32 * s))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + 32 * s)), 1);
+      const __m512i first = _mm512_and_si512(bytes, low4), second = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+#pragma GCC unroll 16
+      for (int r = 0; r < T; ++r) {
+        const int8_t* xs = qx + r * K + b * kBlock + 8 * s;
+        int32_t x0, x1;
+        std::memcpy(&x0, xs, 4), std::memcpy(&x1, xs + 4, 4);
+        sums[r] = _mm512_dpbusd_epi32(sums[r], first, _mm512_set1_epi32(x0));
+        sums[r] = _mm512_dpbusd_epi32(sums[r], second, _mm512_set1_epi32(x1));
+      }
+    }
+    const __m512 scale = qwen2::widen_halves(scales + b * 8, next_scales + b * 8);
+    const __m512 minimum = qwen2::widen_halves(mins + b * 8, next_mins + b * 8);
+#pragma GCC unroll 16
+    for (int r = 0; r < T; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(scale, _mm512_set1_ps(dx[r * G + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(xsum[r * G + b]), acc[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < T; ++r) qwen2::store16(y + r * y_stride, acc[r]);
+}
+#endif
+
 // Weights (N, K) float32 -> levels packed two a byte (N, K / 2), float16 scales and minimums
 // (N, K / 32). Per block, the scale and minimum that minimise the squared error: min..max in 15
 // steps, and 21 candidate scales around it, each with the least-squares scale and minimum for its
@@ -238,10 +294,18 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
     float* dxp = work.get<float>(1, M * G);
     float* xsp = work.get<float>(2, M * G);
     qwen2::round_x_in_blocks(xp, qxp, dxp, xsp, M, K);
-    qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+    const auto single = [&](auto tile, int64_t p, int64_t m) {
       panel_rows<decltype(tile)::value>(qp + p * 8 * (K / 2), sp + p * 8 * G, mp + p * 8 * G, qxp + m * K,
                                         dxp + m * G, xsp + m * G, K, yp + m * N + 8 * p, N);
-    });
+    };
+#ifdef QWEN2_AVX512
+    qwen2::for_each_panel_pair_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+      panel_pair_rows<decltype(tile)::value>(qp + p * 8 * (K / 2), sp + p * 8 * G, mp + p * 8 * G, qxp + m * K,
+                                             dxp + m * G, xsp + m * G, K, yp + m * N + 8 * p, N);
+    }, single);
+#else
+    qwen2::for_each_panel_tile(N, M, single);
+#endif
   });
 }
 

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -87,6 +88,52 @@ inline void panel_rows(const int8_t* panel, const c10::Half* scales, const int16
 #endif
 }
 
+#ifdef QWEN2_AVX512
+// T rows against panels p and p + 1 at once (AVX-512, panels.h): one 512-bit register holds two
+// weights of each of 16 channels, and _mm512_dpwssd_epi32 multiplies pairs of int16 and adds them
+// to the int32 sums in one instruction. The same exact sums and the same float32 operations in the
+// same order as panel_rows: the results are identical.
+template <int T, class Out>
+inline void panel_pair_rows(const int8_t* panel, const c10::Half* scales, const int16_t* qx, const float* dx,
+                            int64_t K, Out* y, int64_t y_stride) {
+  const int64_t G = K / kBlock;
+  const int8_t* next = panel + 8 * K;           // panel p + 1
+  const c10::Half* next_scales = scales + 8 * G;
+  __m512 acc[T];
+#pragma GCC unroll 16
+  for (int r = 0; r < T; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < G; ++b) {
+    const int8_t *pa = panel + b * 256, *pb = next + b * 256;
+    {  // 8192 bytes ahead in each panel's stream, as panel_rows does (past the end: into panel p + 2)
+      const int64_t ahead = b * 256 + 8192 < 8 * K ? 8192 : 8192 + 8 * K;
+      for (int line = 0; line < 4; ++line) {
+        _mm_prefetch(reinterpret_cast<const char*>(pa + ahead + 64 * line), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(pb + ahead + 64 * line), _MM_HINT_T0);
+      }
+    }
+    __m512i sums[T];
+#pragma GCC unroll 16
+    for (int r = 0; r < T; ++r) sums[r] = _mm512_setzero_si512();
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+      const __m512i w = _mm512_cvtepi8_epi16(qwen2::join16(pa + 16 * t, pb + 16 * t));
+#pragma GCC unroll 16
+      for (int r = 0; r < T; ++r) {
+        int32_t pair;  // inputs 2t and 2t + 1 of row r
+        std::memcpy(&pair, qx + r * K + b * kBlock + 2 * t, 4);
+        sums[r] = _mm512_dpwssd_epi32(sums[r], w, _mm512_set1_epi32(pair));
+      }
+    }
+    const __m512 scale = qwen2::widen_halves(scales + b * 8, next_scales + b * 8);
+#pragma GCC unroll 16
+    for (int r = 0; r < T; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), _mm512_mul_ps(scale, _mm512_set1_ps(dx[r * G + b])), acc[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < T; ++r) qwen2::store16(y + r * y_stride, acc[r]);
+}
+#endif
+
 at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && scales.dim() == 2, "int8_block_mm: x, q and scales must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = K / kBlock;
@@ -105,17 +152,28 @@ at::Tensor int8_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
     int16_t* qxp = work.get<int16_t>(0, M * K);
     float* dxp = work.get<float>(1, M * G);
     qwen2::round_x_in_blocks(xp, qxp, dxp, static_cast<float*>(nullptr), M, K);
-    qwen2::for_each_panel_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+    const auto single = [&](auto tile, int64_t p, int64_t m) {
       panel_rows<decltype(tile)::value>(qp + p * 8 * K, sp + p * 8 * G, qxp + m * K, dxp + m * G, K,
                                         yp + m * N + 8 * p, N);
-    });
+    };
+#ifdef QWEN2_AVX512
+    qwen2::for_each_panel_pair_tile(N, M, [&](auto tile, int64_t p, int64_t m) {
+      panel_pair_rows<decltype(tile)::value>(qp + p * 8 * K, sp + p * 8 * G, qxp + m * K, dxp + m * G, K,
+                                             yp + m * N + 8 * p, N);
+    }, single);
+#else
+    qwen2::for_each_panel_tile(N, M, single);
+#endif
   });
 }
 
 }  // namespace
 
+std::string instruction_set() { return qwen2::instruction_set(); }
+
 TORCH_LIBRARY_FRAGMENT(qwen2, m) {
   m.def("int8_block_mm(Tensor x, Tensor q, Tensor scales) -> Tensor");
+  m.def("instruction_set() -> str", &instruction_set);
 }
 
 TORCH_LIBRARY_IMPL(qwen2, CPU, m) {

@@ -19,7 +19,27 @@
 #include <immintrin.h>
 #endif
 
+// AVX-512 with its integer dot products (VNNI): the quantized kernels take two panels (16 channels,
+// one 512-bit register) and up to eight rows of x at once, and one instruction multiplies and adds
+// what took two or three (docs/benchmarks.md, fifteenth round). Built with -march=native, so it is
+// on exactly where the CPU has it; QWEN2_KERNEL_AVX512=0 builds the AVX2 kernels instead.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    defined(__AVX512VNNI__) && defined(__F16C__)
+#define QWEN2_AVX512 1
+#endif
+
 namespace qwen2 {
+
+// Which instructions the library was built for ("avx512-vnni", "avx2" or "scalar"), for run files.
+inline const char* instruction_set() {
+#if defined(QWEN2_AVX512)
+  return "avx512-vnni";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
 
 #if defined(__AVX2__)
 // Eight bf16 values at p as float32: a bf16 is the top half of a float32, so a shift widens it.
@@ -41,6 +61,23 @@ inline void keep_in_register(__m256i& v) {
 }
 #endif
 
+#if defined(QWEN2_AVX512)
+inline void keep_in_register(__m512i& v) {
+#if defined(__GNUC__)
+  asm("" : "+v"(v));
+#endif
+}
+
+// The 16 bytes at a then the 16 at b, as one register (two panels' runs side by side).
+inline __m256i join16(const void* a, const void* b) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(a))),
+                                 _mm_loadu_si128(static_cast<const __m128i*>(b)), 1);
+}
+
+// Two panels' eight float16 values each (scales of one block) as 16 float32.
+inline __m512 widen_halves(const c10::Half* a, const c10::Half* b) { return _mm512_cvtph_ps(join16(a, b)); }
+#endif
+
 #if defined(__AVX2__)
 // Eight float32 results to y, rounded to y's type (bf16: to nearest even, as torch's .to does).
 inline void store8(float* y, __m256 v) { _mm256_storeu_ps(y, v); }
@@ -48,6 +85,15 @@ inline void store8(c10::BFloat16* y, __m256 v) {
   alignas(32) float f[8];
   _mm256_store_ps(f, v);
   for (int c = 0; c < 8; ++c) y[c] = c10::BFloat16(f[c]);
+}
+#endif
+
+#if defined(QWEN2_AVX512)
+// Sixteen float32 results (two panels' eight) to y, rounded to y's type as store8 does.
+inline void store16(float* y, __m512 v) { _mm512_storeu_ps(y, v); }
+inline void store16(c10::BFloat16* y, __m512 v) {
+  store8(y, _mm512_castps512_ps256(v));
+  store8(y + 8, _mm512_extractf32x8_ps(v, 1));
 }
 #endif
 
@@ -116,6 +162,8 @@ inline const float* as_float(const c10::BFloat16* x, int64_t count, Workspace& w
 constexpr int64_t kBlock = 32;  // inputs per scale of the quantized kernels
 constexpr int64_t kPanel = 8;   // output channels a panel
 constexpr int64_t kTile = 4;    // rows of x that meet a panel's weights at once
+constexpr int64_t kPairTile = 9;  // rows of x that meet a pair of panels at once (AVX-512: 32 registers): a
+                                  // speculative verification of 8 guesses in one tile
 
 // x (M, K) float32 or bf16 -> qx (M, K) of Level (int8 or int16), with dx (M, K / 32) float32 the scale of
 // each block of 32, and, where xsum is given, each block's float32 sum of x. The scale is
@@ -143,21 +191,63 @@ void round_x_in_blocks(const In* x, Level* qx, float* dx, float* xsum, int64_t M
   });
 }
 
+// Calls rows(std::integral_constant<int, T>, p, m) for every tile of T <= 4 rows of x against panel
+// p, starting at row m. T is a compile-time constant for the kernel's unrolled loops.
+template <class Rows>
+void for_each_tile(int64_t p, int64_t M, const Rows& rows) {
+  for (int64_t m = 0; m < M;) {
+    const int64_t tile = std::min<int64_t>(M - m, kTile);
+    switch (tile) {
+      case 4: rows(std::integral_constant<int, 4>{}, p, m); break;
+      case 3: rows(std::integral_constant<int, 3>{}, p, m); break;
+      case 2: rows(std::integral_constant<int, 2>{}, p, m); break;
+      default: rows(std::integral_constant<int, 1>{}, p, m);
+    }
+    m += tile;
+  }
+}
+
 // Calls rows(std::integral_constant<int, T>, p, m) for every panel p of the N / 8 and every tile of
 // T <= 4 rows of x starting at row m: each thread takes runs of four panels (32 channels), and a
 // panel meets x four rows at a time, so that its weights are widened once per four rows and the
-// accumulators stay in registers. T is a compile-time constant for the kernel's unrolled loops.
+// accumulators stay in registers.
 template <class Rows>
 void for_each_panel_tile(int64_t N, int64_t M, const Rows& rows) {
   at::parallel_for(0, N / kPanel, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t m = 0; m < M;) {
-        const int64_t tile = std::min<int64_t>(M - m, kTile);
+    for (int64_t p = begin; p < end; ++p) for_each_tile(p, M, rows);
+  });
+}
+
+// From four rows of x: calls pair(std::integral_constant<int, T>, p, m) for panels p and p + 1
+// together, every even p, and every tile of 4 <= T <= 9 rows of x starting at row m, the tiles as
+// even as they go (10 rows: 5 + 5, not 9 + 1, since a tile's rows are independent chains of sums
+// and a lone row waits on each of its own); a last odd panel goes to single(...) as in
+// for_each_panel_tile. Each thread takes runs of two pairs (32 channels). Below four rows,
+// for_each_panel_tile(N, M, single): a pair reads two streams of weights at once, and one or two
+// rows (decode) ran 10-30 % slower that way, where four rows ran as fast and eight or nine 1.5-2x faster
+// (docs/benchmarks.md, fifteenth round).
+constexpr int64_t kPairRows = 4;
+
+template <class Pair, class Single>
+void for_each_panel_pair_tile(int64_t N, int64_t M, const Pair& pair, const Single& single) {
+  if (M < kPairRows) return for_each_panel_tile(N, M, single);
+  const int64_t panels = N / kPanel, tiles = (M + kPairTile - 1) / kPairTile;  // each of 4..9 rows
+  at::parallel_for(0, (panels + 1) / 2, 2, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = 2 * i;
+      if (p + 1 == panels) {
+        for_each_tile(p, M, single);
+        continue;
+      }
+      for (int64_t m = 0, t = 0; m < M; ++t) {
+        const int64_t tile = M / tiles + (t < M % tiles);
         switch (tile) {
-          case 4: rows(std::integral_constant<int, 4>{}, p, m); break;
-          case 3: rows(std::integral_constant<int, 3>{}, p, m); break;
-          case 2: rows(std::integral_constant<int, 2>{}, p, m); break;
-          default: rows(std::integral_constant<int, 1>{}, p, m);
+          case 9: pair(std::integral_constant<int, 9>{}, p, m); break;
+          case 8: pair(std::integral_constant<int, 8>{}, p, m); break;
+          case 7: pair(std::integral_constant<int, 7>{}, p, m); break;
+          case 6: pair(std::integral_constant<int, 6>{}, p, m); break;
+          case 5: pair(std::integral_constant<int, 5>{}, p, m); break;
+          default: pair(std::integral_constant<int, 4>{}, p, m);
         }
         m += tile;
       }
