@@ -135,13 +135,7 @@ inline void panel_pair_rows(const uint8_t* panel, const c10::Half* scales, const
   const __m512i low4 = _mm512_set1_epi8(15);
   for (int64_t b = 0; b < G; ++b) {
     const uint8_t *pa = panel + b * 128, *pb = next + b * 128;
-    {  // 4096 bytes ahead in each panel's stream, as panel_rows does (past the end: into panel p + 2)
-      const int64_t ahead = b * 128 + 4096 < 4 * K ? 4096 : 4096 + 4 * K;
-      for (int line = 0; line < 2; ++line) {
-        _mm_prefetch(reinterpret_cast<const char*>(pa + ahead + 64 * line), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pb + ahead + 64 * line), _MM_HINT_T0);
-      }
-    }
+    qwen2::prefetch_pair<2>(pa, pb, b * 128, 4096, 4 * K);  // as far ahead as panel_rows
     __m512i sums[T];
 #pragma GCC unroll 16
     for (int r = 0; r < T; ++r) sums[r] = _mm512_setzero_si512();

@@ -104,13 +104,7 @@ inline void panel_pair_rows(const int8_t* panel, const c10::Half* scales, const 
   for (int r = 0; r < T; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < G; ++b) {
     const int8_t *pa = panel + b * 256, *pb = next + b * 256;
-    {  // 8192 bytes ahead in each panel's stream, as panel_rows does (past the end: into panel p + 2)
-      const int64_t ahead = b * 256 + 8192 < 8 * K ? 8192 : 8192 + 8 * K;
-      for (int line = 0; line < 4; ++line) {
-        _mm_prefetch(reinterpret_cast<const char*>(pa + ahead + 64 * line), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(pb + ahead + 64 * line), _MM_HINT_T0);
-      }
-    }
+    qwen2::prefetch_pair<4>(pa, pb, b * 256, 8192, 8 * K);  // as far ahead as panel_rows
     __m512i sums[T];
 #pragma GCC unroll 16
     for (int r = 0; r < T; ++r) sums[r] = _mm512_setzero_si512();

@@ -76,6 +76,19 @@ inline __m256i join16(const void* a, const void* b) {
 
 // Two panels' eight float16 values each (scales of one block) as 16 float32.
 inline __m512 widen_halves(const c10::Half* a, const c10::Half* b) { return _mm512_cvtph_ps(join16(a, b)); }
+
+// Lines cache lines `distance` bytes ahead in each of a pair's two streams, a and b being `offset`
+// bytes into panels p and p + 1 (each panel_bytes long): past a panel's end its stream goes on in
+// panel p + 2 or p + 3, where the walk goes next (a single panel's kernel prefetches as far ahead
+// in its one stream).
+template <int Lines>
+inline void prefetch_pair(const void* a, const void* b, int64_t offset, int64_t distance, int64_t panel_bytes) {
+  const int64_t ahead = offset + distance < panel_bytes ? distance : distance + panel_bytes;
+  for (int line = 0; line < Lines; ++line) {
+    _mm_prefetch(static_cast<const char*>(a) + ahead + 64 * line, _MM_HINT_T0);
+    _mm_prefetch(static_cast<const char*>(b) + ahead + 64 * line, _MM_HINT_T0);
+  }
+}
 #endif
 
 #if defined(__AVX2__)
