@@ -26,9 +26,10 @@ requirements.txt, found beside the interpreter where a virtual environment is no
 `QWEN2_KERNEL_CACHE` moves the cache (default ~/.cache/qwen2-studio/kernels), a damaged library in
 it is built anew, and `QWEN2_NO_KERNELS=1` turns the kernels off. Where the CPU has AVX-512 with
 VNNI, the quantized kernels use it (`instruction_set()` says which were built);
-`QWEN2_KERNEL_AVX512=0` builds the AVX2 ones instead, which is how the tests check both on one CPU. Where the build fails, int8 falls
-back to torch's per-channel kernel, int4 to torch's int4 kernel, bf16 prompts to float32 copies
-(qwen2/upcast.py), decode attention to Inductor's fusion of the model's math, and `kernel_error()` says why.
+`QWEN2_KERNEL_AVX512=0` builds the AVX2 ones instead, which is how the tests check both on one CPU.
+Where the build fails, int8 falls back to torch's per-channel kernel, int4 to torch's int4 kernel,
+bf16 prompts to float32 copies (qwen2/upcast.py), decode attention to Inductor's fusion of the
+model's math, and `kernel_error()` says why.
 """
 
 from __future__ import annotations

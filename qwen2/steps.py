@@ -192,14 +192,17 @@ class CompiledCpuSteps(EagerSteps):
         # what to compile, in order: the decode step per batch bucket, the verifications, then (where
         # Inductor sums the softmax and rows are longer) the one-row step for keys past MAX_COMPILED_KEYS
         long = self.attention != "cpu_kernel" and row_tokens - 1 > MAX_COMPILED_KEYS + 1
-        self.jobs: tuple = self.buckets + (("verify",) if verify_width >= 2 else ()) + \
-            (("wide",) if self.wide_width else ()) + (("long",) if long else ())
+        self.verify_jobs = {job: width for job, width in (("verify", verify_width), ("wide", self.wide_width))
+                            if width >= 2}  # the verifications to compile, narrowest first
+        self.jobs: tuple = self.buckets + tuple(self.verify_jobs) + (("long",) if long else ())
         self.step_fn = torch.compile(self._step, fullgraph=True, dynamic=False)
-        # one compiled function per width, each with its own graph and guards
-        self.verify_fn = torch.compile(self._verify, fullgraph=True, dynamic=False)
-        self.wide_fn = torch.compile(self._verify_wide, fullgraph=True, dynamic=False)
-        # running means of a compiled one-row step and of a verification (narrow, wide)
-        self._step_s = self._verify_s = self._wide_s = None
+        # one compiled function per width (a code object of its own: its own graph and guards)
+        functions = {"verify": self._verify, "wide": self._verify_wide}
+        self.verify_fns = {width: torch.compile(functions[job], fullgraph=True, dynamic=False)
+                           for job, width in self.verify_jobs.items()}
+        # running means of a compiled one-row step, and of a verification by width
+        self._step_s: float | None = None
+        self._verify_s: dict[int, float] = {}
         self.ready: dict = {}  # job (1, max_batch standing for 2..max_batch, "verify", "wide", "long") -> compile seconds
         self.failed: Exception | None = None
         self._hold = 0  # paused() holders: no new compile starts
@@ -273,17 +276,10 @@ class CompiledCpuSteps(EagerSteps):
         return self.step_fn(cache, rows, ids, positions, key_slots)
 
     # -- verification ------------------------------------------------------------------------------
-    def _widths(self) -> list[tuple[int, str]]:
-        """(width, job) of each verification compiled so far, narrowest first."""
-        return [(width, job) for width, job in ((self.verify_width, "verify"), (self.wide_width, "wide"))
-                if width and job in self.ready]
-
-    def _width_for(self, cache, position: int, tokens: int) -> int | None:
-        """The narrowest compiled verification that takes `tokens` tokens at `position`, or None."""
-        for width, _ in self._widths():
-            if tokens <= width and position + width <= self._max_keys(cache, verify=True):
-                return width
-        return None
+    def _fitting(self, cache, position: int) -> list[int]:
+        """The widths of the verifications compiled so far that fit at `position`, narrowest first."""
+        last = self._max_keys(cache, verify=True)
+        return [width for job, width in self.verify_jobs.items() if job in self.ready and position + width <= last]
 
     @property
     def verify_cost(self):
@@ -292,13 +288,14 @@ class CompiledCpuSteps(EagerSteps):
         one-row step and verification (so it follows this machine's load and the context lengths its
         chats reach; a profile's traced steps count too, ~6 % slower, and the mean forgets them within
         a few dozen steps)."""
-        if "verify" not in self.ready or not self._step_s or not self._verify_s:
+        timed = [width for job, width in self.verify_jobs.items() if job in self.ready and width in self._verify_s]
+        if not self._step_s or not timed or timed[0] != self.verify_width:
             return super().verify_cost
-        narrow = max(1.0, self._verify_s / self._step_s)
-        costs = (1.0,) + (narrow,) * (self.verify_width - 1)
-        if "wide" in self.ready and self._wide_s:
-            costs += (max(narrow, self._wide_s / self._step_s),) * (self.wide_width - self.verify_width)
-        return costs
+        costs, price = [1.0], 1.0
+        for width in timed:  # a wider verification never priced below a narrower one
+            price = max(price, self._verify_s[width] / self._step_s)
+            costs += [price] * (width - len(costs))
+        return tuple(costs)
 
     def _time_verify(self, cache, width: int, pairs: int = 5):
         """First figures for verify_cost: the medians of `pairs` alternating compiled one-row steps and
@@ -312,42 +309,31 @@ class CompiledCpuSteps(EagerSteps):
             start = time.perf_counter()
             self._run_verify(cache, row, [0], position, width)
             verifies.append(time.perf_counter() - start)
-        self._step_s = statistics.median(steps)
-        if width == self.verify_width:
-            self._verify_s = statistics.median(verifies)
-        else:
-            self._wide_s = statistics.median(verifies)
+        self._step_s, self._verify_s[width] = statistics.median(steps), statistics.median(verifies)
 
     def max_guesses(self, cache, position):
         if "verify" in self.ready:
-            fits = [width for width, _ in self._widths() if position + width <= self._max_keys(cache, verify=True)]
-            return fits[-1] - 1 if fits else 0
+            fitting = self._fitting(cache, position)
+            return fitting[-1] - 1 if fitting else 0
         return super().max_guesses(cache, position)
 
     def verify(self, cache, row, ids, position):
-        width = self._width_for(cache, position, len(ids))
+        width = next((width for width in self._fitting(cache, position) if len(ids) <= width), None)
         if width is None:
             return super().verify(cache, row, ids, position)
         start = time.perf_counter()
         logits = self._run_verify(cache, row, ids, position, width)[:len(ids)]
-        seconds = time.perf_counter() - start
-        if width == self.verify_width:
-            self._verify_s = _running_mean(self._verify_s, seconds)
-        else:
-            self._wide_s = _running_mean(self._wide_s, seconds)
+        self._verify_s[width] = _running_mean(self._verify_s.get(width), time.perf_counter() - start)
         return logits
 
-    def _run_verify(self, cache, row, ids, position, width: int | None = None):
-        """The compiled verification of `width` tokens (default: the narrow one): `ids` padded with
-        copies of its last id, whose keys go to slots past the row's length (nothing reads a slot
-        before its own token rewrites it)."""
-        width = width or self.verify_width
+    def _run_verify(self, cache, row, ids, position, width: int):
+        """The compiled verification of `width` tokens: `ids` padded with copies of its last id, whose
+        keys go to slots past the row's length (nothing reads a slot before its own token rewrites it)."""
         ids = torch.tensor([ids + ids[-1:] * (width - len(ids))])  # (1, W)
         positions = torch.arange(position, position + width)[None]
         key_slots = torch.arange(position + width)
         torch._dynamo.mark_dynamic(key_slots, 0, min=width + 1, max=self._max_keys(cache, verify=True))
-        run = self.verify_fn if width == self.verify_width else self.wide_fn
-        return run(cache, torch.tensor([row]), ids, positions, key_slots)
+        return self.verify_fns[width](cache, torch.tensor([row]), ids, positions, key_slots)
 
     # -- background compile --------------------------------------------------------------------
     def prepare(self, pool, progress=None):
@@ -378,16 +364,15 @@ class CompiledCpuSteps(EagerSteps):
                     self.failed = exc
                     say(1.0, f"compile failed ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly")
                     return
-            verify = "".join(f", and the {self._job_text(job)}," for job in ("verify", "wide") if job in self.jobs)
+            verify = "".join(f", and the {self._job_text(job)}," for job in self.verify_jobs)
             long = f" (1 row also past {MAX_COMPILED_KEYS} tokens)" if "long" in self.jobs else ""
             say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))}{long}{verify} "
                      f"in {sum(self.ready.values()):.0f} s")
 
     def _job_text(self, job) -> str:
-        if job == "verify":
-            return f"{self.verify_width}-token verification (speculative decoding)"
-        if job == "wide":
-            return f"{self.wide_width}-token verification (long drafts)"
+        if job in self.verify_jobs:
+            kind = "speculative decoding" if job == "verify" else "long drafts"
+            return f"{self.verify_jobs[job]}-token verification ({kind})"
         if job == "long":
             return f"decode step for 1 row past {MAX_COMPILED_KEYS} tokens of context"
         return f"decode step for {self._rows_text(job)}"
@@ -410,13 +395,13 @@ class CompiledCpuSteps(EagerSteps):
         start = time.perf_counter()
         # the job's range of key counts joins Inductor's cache key: a graph it stored for another
         # range (an older split at 4096 keys, say) is never taken for this one
-        width = self.wide_width if job == "wide" else self.verify_width
-        low, high = (width + 1, self._max_keys(cache, verify=True)) if job in ("verify", "wide") \
+        width = self.verify_jobs.get(job)  # a verification's, else None
+        low, high = (width + 1, self._max_keys(cache, verify=True)) if width \
             else self._key_range(cache, self._max_keys(cache) + 1 if job == "long" else 2)
         tag = CacheKeyTag(f"qwen2 {self.attention} attention, keys {low}..{high}")
         with torch._inductor.config.patch({**self.inductor_config, "post_grad_custom_post_pass": tag}), \
                 recompile_limit_raised():
-            if job in ("verify", "wide"):
+            if width:
                 self._run_verify(cache, cache.scratch, [0], 1, width)
             elif job == "long":
                 n_keys = self._max_keys(cache) + 2
@@ -425,7 +410,7 @@ class CompiledCpuSteps(EagerSteps):
                 batch = min(job, 2)
                 self._run(cache, [cache.scratch] * batch, [0] * batch, [1] * batch, 16)
         self.ready[job] = time.perf_counter() - start
-        if job in ("verify", "wide") and 1 in self.ready:  # against the compiled one-row step (compiled first)
+        if width and 1 in self.ready:  # against the compiled one-row step (compiled first)
             self._time_verify(cache, width)
 
     def stop(self):

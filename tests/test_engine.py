@@ -355,11 +355,11 @@ def test_the_compiled_verification_equals_the_eager_one_and_serves_speculation(m
             torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     cost = steps.verify_cost  # timed as the compiled steps run: one price for 2 to 4 tokens
     assert steps.max_guesses(cache, len(prompt)) == 3 and len(cost) == 4 and cost[0] == 1.0
-    assert cost[1] == cost[2] == cost[3] == max(1.0, steps._verify_s / steps._step_s)
+    assert cost[1] == cost[2] == cost[3] == max(1.0, steps._verify_s[4] / steps._step_s)
     # Whether the gate finds a verification worth its price depends on this machine's timings (the
     # tiny model's steps are mostly fixed costs): start the reply at the price of one step, so that
     # it speculates here as on a real model, and the test is about the tokens.
-    steps._verify_s = steps._step_s
+    steps._verify_s[4] = steps._step_s
     with torch._dynamo.config.patch(error_on_recompile=True):
         reply = compiled_engine.submit(prompt, SamplingSettings(), 30)
         out = list(reply)
@@ -390,32 +390,32 @@ def test_the_wide_verification_takes_long_drafts_in_one_forward_and_equals_the_e
     assert steps.jobs == (1, "verify", "wide") and (steps.verify_width, steps.wide_width) == (4, 9)
     engine.compile_now()
     prompt = echoing_prompt(64)
-    used = []
-    for name in ("verify_fn", "wide_fn"):
-        compiled = getattr(steps, name)
-        monkeypatch.setattr(steps, name, lambda *args, f=compiled, name=name: used.append(name) or f(*args))
+    used = []  # the width of each compiled verification run
+    for width, compiled in list(steps.verify_fns.items()):
+        monkeypatch.setitem(steps.verify_fns, width,
+                            lambda *args, f=compiled, width=width: used.append(width) or f(*args))
     with torch.inference_mode():
         steps.prefill(cache, cache.scratch, torch.tensor([prompt]), 0)
-        for fed, fn in ((prompt[3:7], "verify_fn"), (prompt[3:8], "wide_fn"), (prompt[3:12], "wide_fn")):
+        for fed, width in ((prompt[3:7], 4), (prompt[3:8], 9), (prompt[3:12], 9)):
             eager = EagerSteps.verify(steps, cache, cache.scratch, fed, len(prompt))
             with torch._dynamo.config.patch(error_on_recompile=True):
                 compiled = steps.verify(cache, cache.scratch, fed, len(prompt))
             torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-            assert used[-1] == fn, (len(fed), used)
+            assert used[-1] == width, (len(fed), used)
     cost = steps.verify_cost  # one price for 2-4 tokens, one for 5-9
     assert len(cost) == 9 and cost[0] == 1.0 and len(set(cost[1:4])) == 1 and len(set(cost[4:])) == 1
-    assert cost[4] == max(cost[1], steps._wide_s / steps._step_s)
+    assert cost[4] == max(cost[1], steps._verify_s[9] / steps._step_s)
     last = steps._max_keys(cache, verify=True)
     assert steps.max_guesses(cache, len(prompt)) == 8
     assert steps.max_guesses(cache, last - 9) == 8 and steps.max_guesses(cache, last - 8) == 3
     assert steps.max_guesses(cache, last - 3) == 0
     # priced at one step each, the gate verifies every guess a draft offers (the test is about tokens)
-    steps._verify_s = steps._wide_s = steps._step_s
+    steps._verify_s[4] = steps._verify_s[9] = steps._step_s
     used.clear()
     with engine.start(), torch._dynamo.config.patch(error_on_recompile=True):
         reply = engine.submit(prompt, SamplingSettings(), 30)
         out = list(reply)
-    assert out == alone(model, prompt, 30, SamplingSettings()) and "wide_fn" in used, (used, reply.stats)
+    assert out == alone(model, prompt, 30, SamplingSettings()) and 9 in used, (used, reply.stats)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@
 #endif
 
 // AVX-512 with its integer dot products (VNNI): the quantized kernels take two panels (16 channels,
-// one 512-bit register) and up to eight rows of x at once, and one instruction multiplies and adds
+// one 512-bit register) and up to nine rows of x at once, and one instruction multiplies and adds
 // what took two or three (docs/benchmarks.md, fifteenth round). Built with -march=native, so it is
 // on exactly where the CPU has it; QWEN2_KERNEL_AVX512=0 builds the AVX2 kernels instead.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
