@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import huge_pages
 from .config import Qwen2Config
 from .errors import GenerationError
 
@@ -27,8 +28,8 @@ def kv_bytes_per_token(config: Qwen2Config, dtype: torch.dtype, batch_size: int 
 class KVCache:
     def __init__(self, config: Qwen2Config, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)  # (B, Hkv, S, hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [huge_pages.zeros(shape, device, dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [huge_pages.zeros(shape, device, dtype) for _ in range(config.num_hidden_layers)]
         self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # (B, S)
         self.bytes_per_token = kv_bytes_per_token(config, dtype, batch_size)
         self.batch_size, self.max_len = batch_size, max_len
@@ -111,8 +112,8 @@ class RowCache:
 
     def __init__(self, config: Qwen2Config, rows: int, row_len: int, device, dtype):
         shape = (rows + 1, config.num_key_value_heads, row_len, config.head_dim)  # (R+1, Hkv, S, hd)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.k = [huge_pages.zeros(shape, device, dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [huge_pages.zeros(shape, device, dtype) for _ in range(config.num_hidden_layers)]
         self.rows, self.row_len, self.scratch = rows, row_len, rows
         self.bytes_per_token = kv_bytes_per_token(config, dtype)
 

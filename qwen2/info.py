@@ -20,3 +20,7 @@ class ModelInfo:
     # how quantized weights are laid out (qwen2/quant.py): int8 "blocks of 32" or "per channel",
     # int4 "blocks of 32, x in int8" (our kernel) or "groups of N" (torch's)
     quant_layout: str | None = None
+    # int4 blocks rounded with each input's error weighed by its size on a calibration text
+    # (qwen2/calibration.py), rather than every input alike
+    quant_weighed: bool = False
+    huge_page_bytes: int = 0  # weights held in 2 MB pages (qwen2/huge_pages.py)

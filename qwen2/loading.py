@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import hub
+from . import cpu_kernels, hub
+from .calibration import checkpoint_importance
 from .config import Qwen2Config, official_config
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
+from .huge_pages import place_in_huge_pages
 from .model import ATTENTION_BACKENDS, Qwen2ForCausalLM
 from .options import check_quantize, default_dtype, parse_dtype, quantized_wants_bfloat16, resolve_device
 from .quant import quantize_model
@@ -139,7 +141,8 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     when `source` is a directory, else from the built-in table of official Qwen2/Qwen2.5 shapes.
     dtype=None picks the checkpoint's dtype on GPU; on CPU bf16 where the CPU computes in bf16 (or
     with quantize), else fp32. quantize="int8" / "int4" stores the linear weights quantized
-    (qwen2/quant.py). fuse=True builds one q|k|v and one gate|up product per layer. None of these
+    (qwen2/quant.py); int4 in our kernel's blocks weighs each input's rounding error by its size on
+    a calibration chat read by the checkpoint's tokenizer (qwen2/calibration.py). fuse=True builds one q|k|v and one gate|up product per layer. None of these
     changes the math. Where the model came from is in `model.info` (qwen2/info.py); how its decode
     steps are launched is chosen apart from it (qwen2/fast.py, qwen2/engine.py).
     """
@@ -165,9 +168,11 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
     model.info.random_weights = random_weights
     model.info.generation_config = _read_generation_config(directory)
     if quantize:
-        quantize_model(model, quantize)
+        calibrated = quantize == "int4" and not random_weights and cpu_kernels.blocks_available(model.device)
+        quantize_model(model, quantize, importance=checkpoint_importance(model, directory) if calibrated else None)
     elif wants_upcast(model):
         float32_products(model)  # bf16 weights, float32 products (qwen2/upcast.py)
+    model.info.huge_page_bytes = place_in_huge_pages(model)  # decode streams them (qwen2/huge_pages.py)
     return model
 
 

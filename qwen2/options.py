@@ -116,8 +116,13 @@ def quantized_wants_bfloat16(device: torch.device, quantize: str | None) -> bool
 
 def default_dtype(device: torch.device, config_dtype: str | None = None,
                   quantize: str | None = None) -> torch.dtype:
-    """On CPU: bf16 where the CPU has bf16 math or the quantized kernels want it (above); else fp32,
-    which int8 and int4 in blocks keep, and with it their quality. On GPU the checkpoint's dtype."""
+    """On CPU: fp32 for int8 and int4 in our blocks, which sum in float32 whatever x is: bf16
+    activations cost them quality (int8's KL from the float32 reference 5.6e-5 -> 2.3e-4) and bought
+    no speed, even where the CPU has bf16 math (docs/benchmarks.md, sixteenth round); else bf16 where
+    the CPU has bf16 math or torch's quantized kernels want it (above); else fp32. On GPU the
+    checkpoint's dtype."""
     if device.type == "cpu":
+        if quantize and not quantized_wants_bfloat16(device, quantize):
+            return torch.float32
         return torch.bfloat16 if cpu_has_bfloat16_math() or quantized_wants_bfloat16(device, quantize) else torch.float32
     return parse_dtype(config_dtype) or torch.bfloat16

@@ -36,7 +36,8 @@ block of 32 values of a row of x to int8 against its own scale, so that a block'
 as integers, 8 output channels at a time (qwen2/csrc/int4_blocks.cpp). Converting nibbles to float
 was the bottleneck; on the real 0.5B model this is 1.6x torch's int4 kernel for decode and 2.1x for
 prompts (docs/benchmarks.md). Each block's scale and minimum are searched for the least squared error,
-as llama.cpp does for Q4_K: on that model, 0.56x the KL of plain min..max. Where the kernel is not
+as llama.cpp does for Q4_K: on that model, 0.56x the KL of plain min..max; load_model weighs each
+input's error by its size on a calibration chat (qwen2/calibration.py): another 0.9x. Where the kernel is not
 built (or `blocks=False`, or group sizes 64 / 128), int4 is torch's `_weight_int4pack_mm_for_cpu` in
 groups of `group_size` with the model's dtype for scale and zero point, and x stays in that dtype.
 
@@ -236,13 +237,14 @@ class Int8Embedding(nn.Module):
 # ----------------------------------------------------------------------------- int4
 
 
-def quantize_int4_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4_blocks(weight: torch.Tensor, importance: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, in) float weight, out a multiple of 8 -> packed levels (out, in / 2) uint8, float16 scales
     and minimums (out, in / BLOCK), by our kernel library: per block the scale and minimum of least
-    squared error among 22 candidates, rounded to float16 before the levels are set. All three are in
-    the kernel's panel order (8 output channels interleaved; qwen2/csrc/int4_blocks.cpp), not [o, i]:
-    dequantize_int4_blocks reads them back."""
-    return torch.ops.qwen2.quantize_int4_blocks(weight)
+    squared error among 22 candidates, each input's error weighted by `importance` (in,) where given,
+    rounded to float16 before the levels are set. All three are in the kernel's panel order (8 output
+    channels interleaved; qwen2/csrc/int4_blocks.cpp), not [o, i]: dequantize_int4_blocks reads them back."""
+    return torch.ops.qwen2.quantize_int4_blocks(weight, importance)
 
 
 def dequantize_int4_blocks(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
@@ -269,8 +271,8 @@ class Int4BlockLinear(nn.Module):
         self.in_features, self.out_features = weight.shape[1] * 2, weight.shape[0]
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias) -> "Int4BlockLinear":
-        return cls(*(_int8_parameter(t) for t in quantize_int4_blocks(weight)), bias)
+    def from_weight(cls, weight: torch.Tensor, bias, importance: torch.Tensor | None = None) -> "Int4BlockLinear":
+        return cls(*(_int8_parameter(t) for t in quantize_int4_blocks(weight, importance)), bias)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4_blocks(self.weight, self.scales, self.mins)
@@ -391,7 +393,7 @@ class Int4Linear(nn.Module):
 
 @torch.no_grad()
 def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZE, head: str | None = None,
-                   blocks: bool | None = None):
+                   blocks: bool | None = None, importance: dict[str, torch.Tensor] | None = None):
     """Replace every linear layer (and the embedding / LM head) of `model` by its quantized version, in place.
 
     scheme "int8" or "int4". `head` is how the LM head is stored: "int8" (the default for both
@@ -399,6 +401,8 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     CPU kernels (True: int8 as Q8_0, int4 as Q4_1 with x rounded to int8), or in torch's layouts
     (False: int8 per channel, int4 in groups of `group_size`); None picks blocks wherever the kernels
     are built. int4 in blocks has groups of 32 only; another `group_size` means torch's layout.
+    importance: {qualified name of a decoder layer's product: (in,) weights}, how much each input's
+    error counts in int4 blocks' rounding (qwen2/calibration.py); None counts every input alike.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"quantize={scheme!r} is not supported; expected one of {SCHEMES} or None")
@@ -424,17 +428,22 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
             return Int8BlockLinear.from_linear(linear)
         return Int8Linear.from_linear(linear, fused, rows)
 
-    def int4(weight: torch.Tensor, bias) -> nn.Module:
+    def int4(weight: torch.Tensor, bias, weighing: torch.Tensor | None = None) -> nn.Module:
         if int4_blocks and _fits_blocks(*weight.shape):
-            return Int4BlockLinear.from_weight(weight, bias)
+            return Int4BlockLinear.from_weight(weight, bias, weighing)
         return Int4Linear.from_weight(weight, bias, group_size)
 
+    importance, weighed = importance or {}, 0
     plain_layers(model)  # a bf16 model's panel layers (qwen2/upcast.py) back to nn.Linear first
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
+    for i, layer in enumerate(model.model.layers):
+        for block_name in ("self_attn", "mlp"):
+            block = getattr(layer, block_name)
             for name in [n for n, m in block.named_children() if isinstance(m, nn.Linear)]:
                 linear = getattr(block, name)  # fused or not
-                setattr(block, name, int4(linear.weight.data, linear.bias) if scheme == "int4" else int8(linear))
+                weighing = importance.get(f"model.layers.{i}.{block_name}.{name}")
+                quantized = int4(linear.weight.data, linear.bias, weighing) if scheme == "int4" else int8(linear)
+                weighed += weighing is not None and isinstance(quantized, Int4BlockLinear)
+                setattr(block, name, quantized)
 
     embedding = model.model.embed_tokens.weight.data
     embed_blocks = blocks and _fits_blocks(*embedding.shape)
@@ -451,6 +460,7 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     model.info.quantization = scheme
     if scheme == "int4":
         model.info.quant_layout = INT4_BLOCKS_LAYOUT if int4_blocks else f"groups of {group_size}"
+        model.info.quant_weighed = weighed > 0
     else:
         model.info.quant_layout = f"blocks of {BLOCK}" if blocks else "per channel"
     return model

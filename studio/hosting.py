@@ -163,7 +163,9 @@ class LoadedModel:
         params = sum(p.numel() for p in self.model.parameters())
         return (f"**Model** `{self.source}` · {params / 1e6:,.1f} M parameters · {cfg.num_hidden_layers} "
                 f"layers · context {cfg.max_position_embeddings:,} · **device** {self.device} · {self.dtype}"
-                + (f" · {self.quantize} ({self.model.info.quant_layout})" if self.quantize else ""))
+                + (f" · {self.quantize} ({self.model.info.quant_layout}"
+                   + (", rounding weighed on a calibration chat" if self.model.info.quant_weighed else "") + ")"
+                   if self.quantize else ""))
 
     def serving(self) -> str:
         """The engine's state for the page header: decode path, rows, live replies."""

@@ -74,6 +74,32 @@ def test_quantize_int4_blocks_beats_min_max_in_every_block():
 
 
 @needs_kernel
+def test_importance_weighs_each_inputs_error_and_all_ones_is_the_plain_search():
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=gen) * 0.05
+    assert all(torch.equal(a, b) for a, b in zip(quantize_int4_blocks(w), quantize_int4_blocks(w, torch.ones(256))))
+    # inputs 1000x apart in importance: the weighed search trades the quiet inputs' error for the loud ones'
+    importance = torch.where(torch.rand(256, generator=gen) < 0.25, 1000.0, 1.0)
+
+    def weighed_error(quantized):
+        return ((dequantize_int4_blocks(*quantized) - w).square() * importance).view(64, -1, BLOCK).sum(-1)
+
+    weighed, plain = weighed_error(quantize_int4_blocks(w, importance)), weighed_error(quantize_int4_blocks(w))
+    baseline = ((min_max_blocks(w) - w.view(64, -1, BLOCK)).square() * importance.view(-1, BLOCK)).sum(-1)
+    assert (weighed <= baseline * 1.01).all()  # the search starts from min..max (float16 rounding aside)
+    assert weighed.sum() < 0.8 * plain.sum()
+
+
+@needs_kernel
+@pytest.mark.parametrize("importance, expected", [(torch.ones(128), "(256,)"), (-torch.ones(256), ">= 0"),
+                                                  (torch.full((256,), float("nan")), "finite")])
+def test_importance_must_be_one_finite_non_negative_value_per_input(importance, expected):
+    with pytest.raises(RuntimeError, match="importance") as caught:
+        quantize_int4_blocks(torch.randn(8, 256), importance)
+    assert expected in str(caught.value)
+
+
+@needs_kernel
 def test_packed_layout_is_the_documented_panel_order():
     # channel c, input k holds level (k + c) % 16: every block spans 0..15, so scale 1 and minimum 0 exactly
     levels = (torch.arange(64)[None, :] + torch.arange(16)[:, None]) % 16

@@ -27,6 +27,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -35,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -168,12 +170,14 @@ inline void panel_pair_rows(const uint8_t* panel, const c10::Half* scales, const
 #endif
 
 // Weights (N, K) float32 -> levels packed two a byte (N, K / 2), float16 scales and minimums
-// (N, K / 32). Per block, the scale and minimum that minimise the squared error: min..max in 15
-// steps, and 21 candidate scales around it, each with the least-squares scale and minimum for its
-// levels (llama.cpp's search for Q4_K, make_qkx2_quants). On the real 0.5B model this halves the
-// KL of plain min..max (docs/benchmarks.md); it costs ~2 s at load, where torch ops took minutes.
-// The chosen scale and minimum are rounded to float16 before the levels are set against them.
-void quantize_block(const float* w, uint8_t* levels, c10::Half* scale_out, c10::Half* min_out) {
+// (N, K / 32). Per block, the scale and minimum that minimise the squared error, each input's error
+// weighted by its importance a[k] (all 1 when none is given): min..max in 15 steps, and 21 candidate
+// scales around it, each with the weighted least-squares scale and minimum for its levels (llama.cpp's
+// search for Q4_K, make_qkx2_quants, which weights by an importance matrix the same way). On the
+// real 0.5B model the search halves the KL of plain min..max (docs/benchmarks.md); it costs ~2 s at
+// load, where torch ops took minutes. The chosen scale and minimum are rounded to float16 before the
+// levels are set against them. With every a[k] = 1 the sums are the unweighted ones bit for bit.
+void quantize_block(const float* w, const float* a, uint8_t* levels, c10::Half* scale_out, c10::Half* min_out) {
   float lo = w[0], hi = w[0];
   for (int k = 1; k < kBlock; ++k) lo = std::min(lo, w[k]), hi = std::max(hi, w[k]);
   float best_scale = (hi - lo) / 15.f, best_min = lo, best_error = INFINITY;
@@ -182,17 +186,17 @@ void quantize_block(const float* w, uint8_t* levels, c10::Half* scale_out, c10::
     for (int k = 0; k < kBlock; ++k) {
       const float level = scale > 0.f ? std::min(15.f, std::max(0.f, std::nearbyint((w[k] - minimum) / scale))) : 0.f;
       const float d = level * scale + minimum - w[k];
-      error += d * d;
+      error += a[k] * d * d;
     }
     return error;
   };
   if (hi > lo) {
     best_error = error_of(best_scale, best_min);
-    float sw = 0.f;
-    for (int k = 0; k < kBlock; ++k) sw += w[k];
+    float sa = 0.f, sw = 0.f;
+    for (int k = 0; k < kBlock; ++k) sa += a[k], sw += a[k] * w[k];
 #ifdef QWEN2_AVX2
-    __m256 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + 8 * j);
+    __m256 wv[4], av[4];
+    for (int j = 0; j < 4; ++j) wv[j] = _mm256_loadu_ps(w + 8 * j), av[j] = _mm256_loadu_ps(a + 8 * j);
     const __m256 low = _mm256_set1_ps(lo), zero = _mm256_setzero_ps(), fifteen = _mm256_set1_ps(15.f);
 #endif
     for (int i = 0; i <= 20; ++i) {
@@ -203,31 +207,32 @@ void quantize_block(const float* w, uint8_t* levels, c10::Half* scale_out, c10::
       for (int j = 0; j < 4; ++j) {
         const __m256 t = _mm256_mul_ps(_mm256_sub_ps(wv[j], low), _mm256_set1_ps(inverse));
         q[j] = _mm256_min_ps(fifteen, _mm256_max_ps(zero, _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-        vq = _mm256_add_ps(vq, q[j]), vqq = _mm256_fmadd_ps(q[j], q[j], vqq), vqw = _mm256_fmadd_ps(q[j], wv[j], vqw);
+        const __m256 aq = _mm256_mul_ps(av[j], q[j]);
+        vq = _mm256_add_ps(vq, aq), vqq = _mm256_fmadd_ps(aq, q[j], vqq), vqw = _mm256_fmadd_ps(aq, wv[j], vqw);
       }
       sq = hsum(vq), sqq = hsum(vqq), sqw = hsum(vqw);
 #else
       float q[kBlock];
       for (int k = 0; k < kBlock; ++k) {
         q[k] = std::min(15.f, std::max(0.f, std::nearbyint((w[k] - lo) * inverse)));
-        sq += q[k], sqq += q[k] * q[k], sqw += q[k] * w[k];
+        sq += a[k] * q[k], sqq += a[k] * q[k] * q[k], sqw += a[k] * q[k] * w[k];
       }
 #endif
-      const float det = kBlock * sqq - sq * sq;
+      const float det = sa * sqq - sq * sq;
       if (det <= 0.f) continue;
-      scale = (kBlock * sqw - sq * sw) / det, minimum = (sw - scale * sq) / kBlock;
+      scale = (sa * sqw - sq * sw) / det, minimum = (sw - scale * sq) / sa;
       if (!(scale > 0.f)) continue;
 #ifdef QWEN2_AVX2
       __m256 ve = zero;
       for (int j = 0; j < 4; ++j) {
         const __m256 d = _mm256_sub_ps(_mm256_fmadd_ps(q[j], _mm256_set1_ps(scale), _mm256_set1_ps(minimum)), wv[j]);
-        ve = _mm256_fmadd_ps(d, d, ve);
+        ve = _mm256_fmadd_ps(_mm256_mul_ps(av[j], d), d, ve);
       }
       error = hsum(ve);
 #else
       for (int k = 0; k < kBlock; ++k) {
         const float d = q[k] * scale + minimum - w[k];
-        error += d * d;
+        error += a[k] * d * d;
       }
 #endif
       if (error < best_error) best_error = error, best_scale = scale, best_min = minimum;
@@ -242,13 +247,20 @@ void quantize_block(const float* w, uint8_t* levels, c10::Half* scale_out, c10::
     levels[k] = static_cast<uint8_t>(std::min(15.f, std::max(0.f, std::nearbyint((w[k] - minimum) / scale))));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_blocks(const at::Tensor& weight) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_blocks(const at::Tensor& weight,
+                                                                    const std::optional<at::Tensor>& importance) {
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) % kBlock == 0 && weight.device().is_cpu(),
               "quantize_int4_blocks: weight must be a 2-D CPU tensor with inputs divisible by ", kBlock, "; got ",
               weight.sizes());
   TORCH_CHECK(weight.size(0) % 8 == 0, "quantize_int4_blocks: outputs must be a multiple of 8; got ", weight.size(0));
   const int64_t N = weight.size(0), K = weight.size(1), G = K / kBlock;
   const at::Tensor w = weight.to(at::kFloat).contiguous();
+  const at::Tensor a = importance ? importance->to(at::kFloat).contiguous() : at::ones({K}, w.options());
+  TORCH_CHECK(a.dim() == 1 && a.size(0) == K && a.device().is_cpu(),
+              "quantize_int4_blocks: importance must be (", K, ",) on the CPU, one value per input; got ", a.sizes());
+  TORCH_CHECK(a.ge(0).all().item<bool>() && a.isfinite().all().item<bool>(),
+              "quantize_int4_blocks: importance must be finite and >= 0");
+  const float* ap = a.data_ptr<float>();
   at::Tensor packed = at::empty({N, K / 2}, w.options().dtype(at::kByte));
   at::Tensor scales = at::empty({N, G}, w.options().dtype(at::kHalf)), mins = at::empty({N, G}, scales.options());
   const float* wp = w.data_ptr<float>();
@@ -258,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_int4_blocks(const at::Te
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / G, b = i % G, panel = n / 8, c = n % 8, at = (panel * G + b) * 8 + c;
       uint8_t levels[kBlock];
-      quantize_block(wp + i * kBlock, levels, sp + at, mp + at);
+      quantize_block(wp + i * kBlock, ap + b * kBlock, levels, sp + at, mp + at);
       uint8_t* pb = pp + (panel * G + b) * 128;  // see the layout at the top
       for (int s = 0; s < 4; ++s)
         for (int j = 0; j < 4; ++j) pb[32 * s + 4 * c + j] = levels[8 * s + j] | (levels[8 * s + 4 + j] << 4);
@@ -307,7 +319,7 @@ at::Tensor int4_block_mm(const at::Tensor& x, const at::Tensor& q, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(qwen2, m) {
   m.def("int4_block_mm(Tensor x, Tensor q, Tensor scales, Tensor mins) -> Tensor");
-  m.def("quantize_int4_blocks(Tensor weight) -> (Tensor, Tensor, Tensor)");
+  m.def("quantize_int4_blocks(Tensor weight, Tensor? importance=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(qwen2, CPU, m) {
