@@ -35,9 +35,9 @@ import torch
 COMPILED_CALL = "## Call CompiledFxGraph"
 # The events that are matrix products: library calls (int4: `quantized::int4mm_packed_weight_cpu`,
 # what Inductor lowers torch's int4 kernel to; ours: `qwen2::int8_block_mm` / `int4_block_mm` /
-# `bf16_panel_mm`, not `qwen2::decode_attention`), and Inductor's C++ GEMM templates (named after
+# `bf16_panel_mm` / `bf16_linear`, not `qwen2::decode_attention`), and Inductor's C++ GEMM templates (named after
 # the template, or plainly `graph_N_kernel` for its int8 weight-only template).
-PRODUCT = re.compile(r"^(mkl|mkldnn|onednn|quantized)::|^qwen2::\w+_mm$|"
+PRODUCT = re.compile(r"^(mkl|mkldnn|onednn|quantized)::|^qwen2::(\w+_mm|bf16_linear)$|"
                      r"^aten::(mm|addmm|bmm|_weight_int8pack_mm|_weight_int4pack_mm\w*)$|"
                      r"Gemm|_template|(^|_)gemm_|^graph_\d+_kernel$")
 

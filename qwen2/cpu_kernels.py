@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name("csrc") / name for name in ("int8_blocks.cpp", "int4_blocks.cpp", "bf16_panels.cpp",
-                                                                      "decode_attention.cpp")]
+                                                                      "bf16_dot.cpp", "decode_attention.cpp")]
 HEADERS = [Path(__file__).with_name("csrc") / "panels.h"]
 BLOCK = 32  # weights per scale, fixed by the kernels
 PANEL = 8  # output channels the kernels take at once (csrc/panels.h): weights' outputs come in multiples
@@ -132,6 +132,10 @@ def _build_and_load() -> None:
     @torch.library.register_fake("qwen2::int4_block_mm")
     def _(x, q, scales, mins):
         return x.new_empty(x.shape[0], q.shape[0])
+
+    @torch.library.register_fake("qwen2::bf16_linear")
+    def _(x, w, bias=None):
+        return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("qwen2::bf16_panel_mm")
     def _(x, w):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from . import cpu_kernels, hub
+from .bf16_dot import dot_products, wants_bf16_dot
 from .calibration import checkpoint_importance
 from .config import Qwen2Config, official_config
 from .errors import CheckpointError, ConfigError, ModelNotFoundError
@@ -172,6 +173,8 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
         quantize_model(model, quantize, importance=checkpoint_importance(model, directory) if calibrated else None)
     elif wants_upcast(model):
         float32_products(model)  # bf16 weights, float32 products (qwen2/upcast.py)
+    elif wants_bf16_dot(model):
+        dot_products(model)  # bf16 decode through our dot products (qwen2/bf16_dot.py)
     model.info.huge_page_bytes = place_in_huge_pages(model)  # decode streams them (qwen2/huge_pages.py)
     return model
 

@@ -68,7 +68,8 @@ def test_greedy_rows_batched_equal_each_row_alone(model):
     prompts = [ids(i, 3 + 9 * i) for i in range(4)]
     lengths = [16, 10, 12, 9]  # rows leave at different steps
     with engine_with(model, rows=4, prefill_chunk=8) as engine:
-        replies = [engine.submit(p, VARIED, n) for p, n in zip(prompts, lengths)]
+        with engine.exclusive():  # all four wait for the engine together, whatever the threads' timing
+            replies = [engine.submit(p, VARIED, n) for p, n in zip(prompts, lengths)]
         outs = [list(r) for r in replies]
     assert max(r.stats.batch_size for r in replies) == 4  # they did decode together
     for prompt, n, out, reply in zip(prompts, lengths, outs, replies):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen2
+from qwen2.bf16_dot import Bf16DotLinear, wants_bf16_dot
 from qwen2 import upcast
 from qwen2.quant import Int8BlockLinear, Int8Linear
 from qwen2.upcast import UPCAST_ABOVE_ROWS, UpcastLinear
@@ -100,11 +101,13 @@ def test_a_bf16_model_multiplies_in_float32_where_the_cpu_has_no_bf16_math(tiny_
         pytest.skip(f"our CPU kernels are not built here: {upcast.cpu_kernels.kernel_error()}")
     model = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
     kinds = {type(m).__name__ for layer in model.model.layers for m in (*layer.self_attn.children(), *layer.mlp.children())}
-    expected = "Linear" if bf16_math else "Bf16PanelLinear" if kernels else "UpcastLinear"
+    # with bf16 math: torch's product, or our dot products where the kernels have them (qwen2/bf16_dot.py)
+    dot = bf16_math and wants_bf16_dot(model)
+    expected = ("Bf16DotLinear" if dot else "Linear") if bf16_math else "Bf16PanelLinear" if kernels else "UpcastLinear"
     assert kinds == {expected}
     # the head in panels too where the kernels build, a tied embedding reading its rows from them
     panels = kernels and not bf16_math
-    assert type(model.lm_head) is (upcast.Bf16PanelLinear if panels else torch.nn.Linear)
+    assert type(model.lm_head) is (upcast.Bf16PanelLinear if panels else Bf16DotLinear if dot else torch.nn.Linear)
     assert type(model.model.embed_tokens) is (upcast.Bf16PanelEmbedding if panels else torch.nn.Embedding)
     assert model.model.embed_tokens.weight is model.lm_head.weight  # one table, tied as in the checkpoint
     assert all(type(m) is torch.nn.Linear for m in qwen2.load_model(tiny_model_dir, dtype="float32").modules()

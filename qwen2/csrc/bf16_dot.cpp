@@ -1,0 +1,127 @@
+// y = x @ W^T + bias with W bf16 in its plain (N, K) order and x bf16, on CPUs that multiply bf16
+// themselves (AVX-512 BF16): the decode products of a bf16 model.
+//
+// A decode step reads every weight once and does little else, so it runs at the memory's pace only
+// if the product streams the weights and nothing more; torch's bf16 product (oneDNN) reached 22-26 GB/s
+// for one row of x where this kernel streams ~40 GB/s, and Inductor's pre-packed oneDNN product keeps a
+// second, packed copy of the weights (docs/benchmarks.md, sixteenth round). Here each output channel is
+// one dot product along the weights' row: _mm512_dpbf16_ps multiplies 32 pairs of bf16 exactly and adds
+// them to 16 float32 sums, four channels at a time (four streams of the weights, one after another in
+// memory), each against up to kDotRows rows of x. More rows (a prompt) are compute-bound, where oneDNN's
+// blocked GEMM is the faster one: those go to at::linear, so the one operator serves every row count
+// and the weights keep one (plain) copy.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define QWEN2_BF16_DOT 1
+#endif
+
+namespace {
+
+constexpr int64_t kDotRows = 4;  // rows of x a call takes through the dot products
+constexpr int64_t kStep = 32;    // inputs one instruction takes: K must be a multiple
+// Output channels at once: four streams of the weights, which the hardware prefetcher follows on its
+// own (a software prefetch of the next four rows made a pass over the 0.5B model's weights 15-20 %
+// slower; two channels or eight were slower too: docs/benchmarks.md, sixteenth round).
+constexpr int64_t kChannels = 4;
+
+#ifdef QWEN2_BF16_DOT
+// Channels [n0, n1) (multiples of kChannels) of T rows of x.
+template <int T>
+void dot_rows(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K, int64_t N,
+              int64_t n0, int64_t n1, c10::BFloat16* y) {
+  for (int64_t n = n0; n < n1; n += kChannels) {
+    const c10::BFloat16* row = w + n * K;  // kChannels rows of K, one after another
+    __m512 acc[T][kChannels];
+#pragma GCC unroll 4
+    for (int r = 0; r < T; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += kStep) {
+      __m512bh weights[kChannels];
+#pragma GCC unroll 4
+      for (int c = 0; c < kChannels; ++c) weights[c] = (__m512bh)_mm512_loadu_si512(row + c * K + k);
+#pragma GCC unroll 4
+      for (int r = 0; r < T; ++r) {
+        const __m512bh xs = (__m512bh)_mm512_loadu_si512(x + r * K + k);
+#pragma GCC unroll 4
+        for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], weights[c], xs);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < T; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < kChannels; ++c) {
+        const float sum = _mm512_reduce_add_ps(acc[r][c]) + (bias ? static_cast<float>(bias[n + c]) : 0.f);
+        y[r * N + n + c] = c10::BFloat16(sum);
+      }
+  }
+}
+#endif
+
+bool dot_fits(const at::Tensor& x, const at::Tensor& w) {
+#ifdef QWEN2_BF16_DOT
+  return x.dim() == 2 && w.dim() == 2 && x.size(0) <= kDotRows && x.size(1) == w.size(1) && w.size(1) % kStep == 0 &&
+         w.size(0) % kChannels == 0 && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
+         x.device().is_cpu() && w.device().is_cpu();
+#else
+  return false;
+#endif
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_linear: x must be (M, K) and w (N, K); got ",
+              x.sizes(), " and ", w.sizes());
+  if (!dot_fits(x, w) || (bias && (bias->scalar_type() != at::kBFloat16 || bias->numel() != w.size(0)))) {
+    return at::linear(x, w, bias);
+  }
+#ifdef QWEN2_BF16_DOT
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor y = at::empty({M, N}, xc.options());
+  const c10::BFloat16 *xp = xc.data_ptr<c10::BFloat16>(), *wp = wc.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* bp = bias ? bc.data_ptr<c10::BFloat16>() : nullptr;
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, N / kChannels, 16, [&](int64_t begin, int64_t end) {
+    const int64_t n0 = begin * kChannels, n1 = end * kChannels;
+    switch (M) {
+      case 4: dot_rows<4>(wp, xp, bp, K, N, n0, n1, yp); break;
+      case 3: dot_rows<3>(wp, xp, bp, K, N, n0, n1, yp); break;
+      case 2: dot_rows<2>(wp, xp, bp, K, N, n0, n1, yp); break;
+      case 1: dot_rows<1>(wp, xp, bp, K, N, n0, n1, yp); break;
+      default: break;  // M == 0
+    }
+  });
+  return y;
+#else
+  return at::linear(x, w, bias);
+#endif
+}
+
+bool bf16_dot_available() {
+#ifdef QWEN2_BF16_DOT
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(qwen2, m) {
+  m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("bf16_dot_available() -> bool", &bf16_dot_available);
+}
+
+TORCH_LIBRARY_IMPL(qwen2, CPU, m) {
+  m.impl("bf16_linear", &bf16_linear);
+}
