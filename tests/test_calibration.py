@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import qwen2
-from qwen2 import calibration
+from qwen2 import calibration, loading
 from qwen2.calibration import (CALIBRATION_CHAT, calibration_ids, checkpoint_importance, decoder_products,
                                input_importance)
 from qwen2.quant import Int4BlockLinear, quantize_int4_blocks
@@ -45,6 +45,7 @@ def test_importance_is_each_inputs_mean_square_plus_its_mean(tiny_model_dir):
 
 @needs_kernel
 def test_a_cpu_without_bf16_math_calibrates_on_the_bf16_panels(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(loading, "wants_bf16_dot", lambda model: False)  # plain nn.Linear layers, as loaded there
     plain = qwen2.load_model(tiny_model_dir, dtype="bfloat16")
     expected = checkpoint_importance(plain, tiny_model_dir)
     monkeypatch.setattr(calibration, "wants_upcast", lambda model: True)

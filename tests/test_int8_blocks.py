@@ -144,7 +144,8 @@ def test_asking_for_blocks_where_the_kernel_is_missing_names_why(tiny_model_dir,
 
 
 @pytest.mark.parametrize("env, why", [({"QWEN2_NO_KERNELS": "1"}, "turned off by QWEN2_NO_KERNELS"),
-                                      ({"CXX": "/bin/false"}, "building int8_blocks.cpp, int4_blocks.cpp, bf16_panels.cpp, decode_attention.cpp failed")],
+                                      ({"CXX": "/bin/false"},
+                                       f"building {', '.join(source.name for source in cpu_kernels.SOURCES)} failed")],
                          ids=["turned-off", "no-compiler"])
 def test_without_the_kernels_int8_and_int4_fall_back_to_torchs_and_say_why(tiny_model_dir, tmp_path, env, why):
     code = ("import warnings, qwen2\n"
