@@ -37,7 +37,7 @@ as integers, 8 output channels at a time (qwen2/csrc/int4_blocks.cpp). Convertin
 was the bottleneck; on the real 0.5B model this is 1.6x torch's int4 kernel for decode and 2.1x for
 prompts (docs/benchmarks.md). Each block's scale and minimum are searched for the least squared error,
 as llama.cpp does for Q4_K: on that model, 0.56x the KL of plain min..max; load_model weighs each
-input's error by its size on a calibration chat (qwen2/calibration.py): another 0.9x. Where the kernel is not
+input's error by its size on a calibration chat (qwen2/calibration.py): another 0.96x. Where the kernel is not
 built (or `blocks=False`, or group sizes 64 / 128), int4 is torch's `_weight_int4pack_mm_for_cpu` in
 groups of `group_size` with the model's dtype for scale and zero point, and x stays in that dtype.
 
