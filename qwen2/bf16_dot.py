@@ -18,16 +18,11 @@ from torch import nn
 
 from . import cpu_kernels
 from .options import cpu_has_bfloat16_math
+from .upcast import SameWeightsLinear
 
 
-class Bf16DotLinear(nn.Linear):
+class Bf16DotLinear(SameWeightsLinear):
     """nn.Linear (the same plain weight and bias) whose product is torch.ops.qwen2.bf16_linear."""
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Bf16DotLinear":
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.qwen2.bf16_linear(x.reshape(-1, self.in_features), self.weight, self.bias)

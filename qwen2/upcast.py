@@ -55,14 +55,19 @@ class _Scratch:
 _scratch = _Scratch()
 
 
-class UpcastLinear(nn.Linear):
-    """nn.Linear whose products of more than UPCAST_ABOVE_ROWS rows run in float32 (module docstring)."""
+class SameWeightsLinear(nn.Linear):
+    """An nn.Linear subclass made from an nn.Linear: the same Parameter objects (a tie stays a tie),
+    another forward."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "UpcastLinear":
+    def from_linear(cls, linear: nn.Linear):
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
         return new
+
+
+class UpcastLinear(SameWeightsLinear):
+    """nn.Linear whose products of more than UPCAST_ABOVE_ROWS rows run in float32 (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Dynamo reads is_dynamo_compiling() as True while it traces (and only then, on any thread):

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qwen2  # noqa: E402
+from profiling.alternate import decode_rounds, print_speeds  # noqa: E402
 from qwen2.bf16_dot import Bf16DotLinear, wants_bf16_dot  # noqa: E402
 from qwen2.fast import make_fast_path  # noqa: E402
 
@@ -66,16 +65,9 @@ def main(argv=None) -> int:
         print(f"{name}: the compiled step added {resident_mb() - before} MB to the process")
         runs[name] = (model, fast_path, tokens)
     print("same 32 greedy tokens:", runs["torch's product"][2] == runs["our dot products"][2])
-    speeds = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, (model, fast_path, _tokens) in runs.items():
-            times = [time.perf_counter() for _t in qwen2.generate(model, ids, max_new_tokens=args.new_tokens,
-                                                                  fast_path=fast_path, stop_token_ids=[])]
-            speeds[name].append((len(times) - 1) / (times[-1] - times[0]))
-    for name, values in speeds.items():
-        print(f"{name}: " + " ".join(f"{v:6.1f}" for v in values) + f"  median {statistics.median(values):.1f} tok/s")
-    ratio = statistics.median(speeds["our dot products"]) / statistics.median(speeds["torch's product"])
-    print(f"ours / torch's: {ratio:.2f}x")
+    speeds = decode_rounds({name: (model, fast_path) for name, (model, fast_path, *_) in runs.items()}, ids,
+                           args.rounds, args.new_tokens)
+    print_speeds(speeds, "our dot products", "torch's product")
     return 0
 
 

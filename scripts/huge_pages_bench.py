@@ -11,9 +11,7 @@ the kernel holds in huge pages (AnonHugePages). Two models of the same checkpoin
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qwen2  # noqa: E402
+from profiling.alternate import decode_rounds, print_speeds  # noqa: E402
 from qwen2.fast import make_fast_path  # noqa: E402
 
 PROMPT = "Write a Python function that checks whether a string is a palindrome, ignoring case and punctuation."
@@ -69,18 +68,9 @@ def main(argv=None) -> int:
         runs[name] = (model, fast_path)
     print(f"{model.dtype}, quantize={quantize}: {runs['2 MB pages'][0].info.huge_page_bytes / 1e6:.0f} MB of "
           f"weights placed in huge pages; AnonHugePages {anon_huge_pages()}")
-    speeds = {name: [] for name in runs}
-    for _ in range(args.rounds):
-        for name, (model, fast_path) in runs.items():
-            times = []
-            for _token in qwen2.generate(model, ids, max_new_tokens=args.new_tokens, fast_path=fast_path,
-                                         stop_token_ids=[]):
-                times.append(time.perf_counter())
-            speeds[name].append((len(times) - 1) / (times[-1] - times[0]))
-    for name, values in speeds.items():
-        print(f"{name}: " + " ".join(f"{v:6.1f}" for v in values) + f"  median {statistics.median(values):.1f} tok/s")
-    ratio = statistics.median(speeds["2 MB pages"]) / statistics.median(speeds["4 KB pages"])
-    print(f"2 MB / 4 KB pages: {ratio:.2f}x")
+    speeds = decode_rounds({name: (model, fast_path) for name, (model, fast_path, *_) in runs.items()}, ids,
+                           args.rounds, args.new_tokens)
+    print_speeds(speeds, "2 MB pages", "4 KB pages")
     return 0
 
 
