@@ -34,6 +34,17 @@ constexpr int64_t kStep = 32;    // inputs one instruction takes: K must be a mu
 constexpr int64_t kChannels = 4;
 
 #ifdef QWEN2_BF16_DOT
+// The four channels' sums at once, [sum a[0], .., sum a[3]]: three rounds of adds across the four
+// registers (10 instructions) in place of four separate reductions (~32).
+inline __m128 sum_each(const __m512 a[4]) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a[0], a[1]), _mm512_unpackhi_ps(a[0], a[1]));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(a[2], a[3]), _mm512_unpackhi_ps(a[2], a[3]));
+  // each 128-bit lane: [a0, a1, a2, a3], partial sums of that lane's elements
+  const __m512 lanes = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(lanes), _mm512_extractf32x8_ps(lanes, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
 // Channels [n0, n1) (multiples of kChannels) of T rows of x.
 template <int T>
 void dot_rows(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K, int64_t N,
@@ -57,12 +68,13 @@ void dot_rows(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat1
       }
     }
 #pragma GCC unroll 4
-    for (int r = 0; r < T; ++r)
+    for (int r = 0; r < T; ++r) {
+      alignas(16) float sums[kChannels];
+      _mm_store_ps(sums, sum_each(acc[r]));
 #pragma GCC unroll 4
-      for (int c = 0; c < kChannels; ++c) {
-        const float sum = _mm512_reduce_add_ps(acc[r][c]) + (bias ? static_cast<float>(bias[n + c]) : 0.f);
-        y[r * N + n + c] = c10::BFloat16(sum);
-      }
+      for (int c = 0; c < kChannels; ++c)
+        y[r * N + n + c] = c10::BFloat16(sums[c] + (bias ? static_cast<float>(bias[n + c]) : 0.f));
+    }
   }
 }
 #endif
