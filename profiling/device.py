@@ -60,8 +60,8 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
 
 def _buffer(n: int, device: torch.device) -> torch.Tensor:
     """n float32 values where the model keeps its weights: on CPU in 2 MB pages (qwen2/huge_pages.py)."""
-    memory = huge_page_empty(n * 4) if device.type == "cpu" else None
-    return memory.view(torch.float32) if memory is not None else torch.empty(n, dtype=torch.float32, device=device)
+    memory = huge_page_empty((n,), torch.float32) if device.type == "cpu" else None
+    return memory if memory is not None else torch.empty(n, dtype=torch.float32, device=device)
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,6 +18,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .options import cpu_has_bfloat16_math
+from .products import swap_products
 from .upcast import SameWeightsLinear
 
 
@@ -38,11 +39,7 @@ def wants_bf16_dot(model) -> bool:
 def dot_products(model):
     """Swap the decoder layers' nn.Linear layers and the LM head for Bf16DotLinear, in place; the
     Parameters are the same objects (a tied embedding keeps sharing its table with the head)."""
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name, module in list(block.named_children()):
-                if type(module) is nn.Linear:
-                    setattr(block, name, Bf16DotLinear.from_linear(module))
+    swap_products(model, lambda name, module: Bf16DotLinear.from_linear(module) if type(module) is nn.Linear else None)
     if type(model.lm_head) is nn.Linear:
         model.lm_head = Bf16DotLinear.from_linear(model.lm_head)
     return model

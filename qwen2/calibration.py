@@ -24,8 +24,8 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from .products import decoder_products
 from .tokenizer import Tokenizer
 from .upcast import float32_products, wants_upcast
 
@@ -37,14 +37,6 @@ def calibration_ids(tokenizer: Tokenizer, limit: int = CALIBRATION_TOKENS) -> to
     """The calibration chat rendered by `tokenizer`'s chat template, its first `limit` ids: (1, T)."""
     messages = json.loads(CALIBRATION_CHAT.read_text(encoding="utf-8"))["messages"]
     return torch.tensor([tokenizer.encode_chat(messages, add_generation_prompt=False)[:limit]])
-
-
-def decoder_products(model) -> dict[str, nn.Module]:
-    """{qualified name: module} of every linear product of the decoder layers (attention and MLP),
-    whatever class holds it (nn.Linear, or qwen2/upcast.py's panels)."""
-    return {f"model.layers.{i}.{block}.{name}": module
-            for i, layer in enumerate(model.model.layers) for block in ("self_attn", "mlp")
-            for name, module in getattr(layer, block).named_children() if hasattr(module, "in_features")}
 
 
 @torch.inference_mode()

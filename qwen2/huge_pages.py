@@ -10,8 +10,9 @@ kernel may already hold in large pages.
 
 `place_in_huge_pages(model)` copies each large parameter and buffer into its own mapping that
 starts on a 2 MB boundary and is advised MADV_HUGEPAGE before it is first touched, one at a time
-(the peak is the model plus its largest tensor); `zeros` makes a KV cache's layers the same way. Where that is not possible (not Linux, huge pages
-off, madvise refused) tensors stay where they are: the math is the same either way.
+(the peak is the model plus its largest tensor); `zeros` makes a KV cache's layers the same way.
+Where that is not possible (not Linux, huge pages off, madvise refused) tensors stay where they
+are: the math is the same either way.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from torch import nn
 HUGE_PAGE = 2 << 20
 
 
-def huge_page_empty(nbytes: int) -> torch.Tensor | None:
-    """A uint8 CPU tensor of `nbytes` in fresh anonymous memory (it reads as zeros) that starts on a
-    2 MB boundary, advised MADV_HUGEPAGE; None below 2 MB or where that is not possible.
+def huge_page_empty(shape, dtype: torch.dtype) -> torch.Tensor | None:
+    """A CPU tensor of `shape` and `dtype` in fresh anonymous memory (it reads as zeros) that starts
+    on a 2 MB boundary, advised MADV_HUGEPAGE; None below 2 MB or where that is not possible.
 
     The memory is its own mapping rather than torch's allocator's: malloc hands out memory that
     freed tensors left behind, already in 4 KB pages, and advice does not change pages that exist.
     Nothing is resident until written; the mapping goes when the tensor's storage does."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     try:
@@ -41,16 +43,7 @@ def huge_page_empty(nbytes: int) -> torch.Tensor | None:
         memory.madvise(mmap.MADV_HUGEPAGE, start - start % mmap.PAGESIZE, nbytes + start % mmap.PAGESIZE)
     except (OSError, ValueError):
         return None
-    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=start)
-
-
-def _in_huge_pages(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A copy of `tensor` (contiguous, CPU) in huge pages, or None."""
-    nbytes = tensor.numel() * tensor.element_size()
-    memory = huge_page_empty(nbytes)
-    if memory is None:
-        return None
-    return memory.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+    return torch.frombuffer(memory, dtype=torch.uint8, count=nbytes, offset=start).view(dtype).view(shape)
 
 
 @torch.no_grad()
@@ -68,13 +61,14 @@ def place_in_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
                 entry[1].append((module, name, is_parameter))
     moved = 0
     for tensor, places in tensors.values():
-        nbytes = tensor.numel() * tensor.element_size()
+        nbytes = tensor.nbytes
         if nbytes < min_bytes or not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != nbytes \
                 or any((m._parameters if p else m._buffers)[n] is not tensor for m, n, p in places):
             continue  # small, a view, or storage shared between distinct tensors
-        copy = _in_huge_pages(tensor)
+        copy = huge_page_empty(tensor.shape, tensor.dtype)
         if copy is None:
             return moved
+        copy.copy_(tensor)
         for module, name, is_parameter in places:
             if is_parameter:
                 module._parameters[name].data = copy  # the Parameter object stays (tied weights keep their tie)
@@ -87,9 +81,5 @@ def place_in_huge_pages(model: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
 def zeros(shape, device, dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros(shape), in huge pages where it is a large CPU tensor (a KV cache's layers: decode
     at a long context reads them as it reads the weights)."""
-    if torch.device(device).type == "cpu":
-        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        memory = huge_page_empty(nbytes)
-        if memory is not None:
-            return memory.view(dtype).view(shape)  # fresh memory: zeros
-    return torch.zeros(shape, device=device, dtype=dtype)
+    memory = huge_page_empty(shape, dtype) if torch.device(device).type == "cpu" else None
+    return memory if memory is not None else torch.zeros(shape, device=device, dtype=dtype)  # fresh memory: zeros

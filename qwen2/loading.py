@@ -140,12 +140,15 @@ def load_model(source, device="cpu", dtype=None, random_weights: bool = False,
 
     random_weights=True builds the shape without any weights file: from the directory's config.json
     when `source` is a directory, else from the built-in table of official Qwen2/Qwen2.5 shapes.
-    dtype=None picks the checkpoint's dtype on GPU; on CPU bf16 where the CPU computes in bf16 (or
-    with quantize), else fp32. quantize="int8" / "int4" stores the linear weights quantized
+    dtype=None picks the checkpoint's dtype on GPU; on CPU fp32 with quantize (bf16 where only torch's
+    quantized kernels are there), else bf16 where the CPU computes in bf16, else fp32
+    (options.default_dtype). quantize="int8" / "int4" stores the linear weights quantized
     (qwen2/quant.py); int4 in our kernel's blocks weighs each input's rounding error by its size on
-    a calibration chat read by the checkpoint's tokenizer (qwen2/calibration.py). fuse=True builds one q|k|v and one gate|up product per layer. None of these
-    changes the math. Where the model came from is in `model.info` (qwen2/info.py); how its decode
-    steps are launched is chosen apart from it (qwen2/fast.py, qwen2/engine.py).
+    a calibration chat read by the checkpoint's tokenizer (qwen2/calibration.py). fuse=True builds
+    one q|k|v and one gate|up product per layer. Large weights go into 2 MB pages
+    (qwen2/huge_pages.py). None of these changes the math. Where the model came from is in
+    `model.info` (qwen2/info.py); how its decode steps are launched is chosen apart from it
+    (qwen2/fast.py, qwen2/engine.py).
     """
     dev = resolve_device(device)
     quantize = check_quantize(quantize)

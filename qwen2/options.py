@@ -122,7 +122,7 @@ def default_dtype(device: torch.device, config_dtype: str | None = None,
     the CPU has bf16 math or torch's quantized kernels want it (above); else fp32. On GPU the
     checkpoint's dtype."""
     if device.type == "cpu":
-        if quantize and not quantized_wants_bfloat16(device, quantize):
-            return torch.float32
-        return torch.bfloat16 if cpu_has_bfloat16_math() or quantized_wants_bfloat16(device, quantize) else torch.float32
+        if quantize:
+            return torch.bfloat16 if quantized_wants_bfloat16(device, quantize) else torch.float32
+        return torch.bfloat16 if cpu_has_bfloat16_math() else torch.float32
     return parse_dtype(config_dtype) or torch.bfloat16

@@ -37,9 +37,10 @@ as integers, 8 output channels at a time (qwen2/csrc/int4_blocks.cpp). Convertin
 was the bottleneck; on the real 0.5B model this is 1.6x torch's int4 kernel for decode and 2.1x for
 prompts (docs/benchmarks.md). Each block's scale and minimum are searched for the least squared error,
 as llama.cpp does for Q4_K: on that model, 0.56x the KL of plain min..max; load_model weighs each
-input's error by its size on a calibration chat (qwen2/calibration.py): another 0.96x. Where the kernel is not
-built (or `blocks=False`, or group sizes 64 / 128), int4 is torch's `_weight_int4pack_mm_for_cpu` in
-groups of `group_size` with the model's dtype for scale and zero point, and x stays in that dtype.
+input's error by its size on a calibration chat (qwen2/calibration.py): another 0.96x. Where the
+kernel is not built (or `blocks=False`, or group sizes 64 / 128), int4 is torch's
+`_weight_int4pack_mm_for_cpu` in groups of `group_size` with the model's dtype for scale and zero
+point, and x stays in that dtype.
 
 With int4 the layers are int4 and the tied embedding / LM head stays int8 by default (`head="int8"`):
 the head decides every token, and int4 there costs agreement for a fifth of the bytes; `head="int4"`
@@ -59,6 +60,7 @@ from .cpu_kernels import BLOCK, PANEL
 from .errors import ConfigError
 from .options import QUANT_SCHEMES as SCHEMES  # the one list of schemes
 from .options import cpu_has_bfloat16_math
+from .products import swap_products
 from .upcast import plain_layers
 
 # Group size of int4 (weights per scale/min pair along the input dimension): 32, 64 or 128.
@@ -433,17 +435,19 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
             return Int4BlockLinear.from_weight(weight, bias, weighing)
         return Int4Linear.from_weight(weight, bias, group_size)
 
-    importance, weighed = importance or {}, 0
+    importance, weighed = importance or {}, []
+
+    def quantized(name: str, linear: nn.Module) -> nn.Module | None:  # fused or not
+        if not isinstance(linear, nn.Linear):
+            return None
+        weighing = importance.get(name)
+        new = int4(linear.weight.data, linear.bias, weighing) if scheme == "int4" else int8(linear)
+        if weighing is not None and isinstance(new, Int4BlockLinear):
+            weighed.append(name)
+        return new
+
     plain_layers(model)  # a bf16 model's panel layers (qwen2/upcast.py) back to nn.Linear first
-    for i, layer in enumerate(model.model.layers):
-        for block_name in ("self_attn", "mlp"):
-            block = getattr(layer, block_name)
-            for name in [n for n, m in block.named_children() if isinstance(m, nn.Linear)]:
-                linear = getattr(block, name)  # fused or not
-                weighing = importance.get(f"model.layers.{i}.{block_name}.{name}")
-                quantized = int4(linear.weight.data, linear.bias, weighing) if scheme == "int4" else int8(linear)
-                weighed += weighing is not None and isinstance(quantized, Int4BlockLinear)
-                setattr(block, name, quantized)
+    swap_products(model, quantized)
 
     embedding = model.model.embed_tokens.weight.data
     embed_blocks = blocks and _fits_blocks(*embedding.shape)
@@ -460,7 +464,7 @@ def quantize_model(model, scheme: str = "int8", group_size: int = INT4_GROUP_SIZ
     model.info.quantization = scheme
     if scheme == "int4":
         model.info.quant_layout = INT4_BLOCKS_LAYOUT if int4_blocks else f"groups of {group_size}"
-        model.info.quant_weighed = weighed > 0
+        model.info.quant_weighed = bool(weighed)
     else:
         model.info.quant_layout = f"blocks of {BLOCK}" if blocks else "per channel"
     return model

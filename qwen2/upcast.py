@@ -26,6 +26,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .options import cpu_has_bfloat16_math
+from .products import swap_products
 
 # Rows of x above which the float32 product wins, copy included (the 0.5B model's four products per
 # layer, 2 threads, AMD EPYC AVX2: bf16 ahead at 8 rows; float32 1.3x faster at 16, 2.6x at 47;
@@ -163,12 +164,13 @@ def float32_products(model):
     a tied embedding then reads its rows out of the head's panels (Bf16PanelEmbedding). Without the
     kernels the head stays as it is: a prompt needs its last row only."""
     panels = cpu_kernels.blocks_available(model.device)
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name, module in list(block.named_children()):
-                if type(module) is nn.Linear:
-                    setattr(block, name, (Bf16PanelLinear if panels and _fits_panels(module) else UpcastLinear)
-                            .from_linear(module))
+
+    def products(name, module):
+        if type(module) is nn.Linear:
+            return (Bf16PanelLinear if panels and _fits_panels(module) else UpcastLinear).from_linear(module)
+        return None
+
+    swap_products(model, products)
     head = model.lm_head
     if panels and type(head) is nn.Linear and _fits_panels(head):
         tied = head.weight is model.model.embed_tokens.weight
@@ -181,11 +183,7 @@ def float32_products(model):
 def plain_layers(model):
     """Undo float32_products' panels, in place: nn.Linear layers and head, nn.Embedding (quantize_model
     starts from these)."""
-    for layer in model.model.layers:
-        for block in (layer.self_attn, layer.mlp):
-            for name, module in list(block.named_children()):
-                if isinstance(module, Bf16PanelLinear):
-                    setattr(block, name, module.as_linear())
+    swap_products(model, lambda name, module: module.as_linear() if isinstance(module, Bf16PanelLinear) else None)
     if isinstance(model.lm_head, Bf16PanelLinear):
         model.lm_head = model.lm_head.as_linear()
         if isinstance(model.model.embed_tokens, Bf16PanelEmbedding):

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = qwen2.Tokenizer.from_pretrained(args.model)
     ids = torch.tensor([tokenizer.encode_chat([{"role": "user", "content": PROMPT}])])
-    runs = {}
+    runs, tokens = {}, {}
     for name in ("torch's product", "our dot products"):
         model = qwen2.load_model(args.model, dtype="bfloat16")
         if not wants_bf16_dot(model):
@@ -61,12 +61,11 @@ def main(argv=None) -> int:
             with_torchs_product(model)
         before = resident_mb()
         fast_path = make_fast_path(model, "compile")
-        tokens = list(qwen2.generate(model, ids, max_new_tokens=32, fast_path=fast_path, stop_token_ids=[]))
+        tokens[name] = list(qwen2.generate(model, ids, max_new_tokens=32, fast_path=fast_path, stop_token_ids=[]))
         print(f"{name}: the compiled step added {resident_mb() - before} MB to the process")
-        runs[name] = (model, fast_path, tokens)
-    print("same 32 greedy tokens:", runs["torch's product"][2] == runs["our dot products"][2])
-    speeds = decode_rounds({name: (model, fast_path) for name, (model, fast_path, *_) in runs.items()}, ids,
-                           args.rounds, args.new_tokens)
+        runs[name] = (model, fast_path)
+    print("same 32 greedy tokens:", tokens["torch's product"] == tokens["our dot products"])
+    speeds = decode_rounds(runs, ids, args.rounds, args.new_tokens)
     print_speeds(speeds, "our dot products", "torch's product")
     return 0
 

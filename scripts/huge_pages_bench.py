@@ -68,8 +68,7 @@ def main(argv=None) -> int:
         runs[name] = (model, fast_path)
     print(f"{model.dtype}, quantize={quantize}: {runs['2 MB pages'][0].info.huge_page_bytes / 1e6:.0f} MB of "
           f"weights placed in huge pages; AnonHugePages {anon_huge_pages()}")
-    speeds = decode_rounds({name: (model, fast_path) for name, (model, fast_path, *_) in runs.items()}, ids,
-                           args.rounds, args.new_tokens)
+    speeds = decode_rounds(runs, ids, args.rounds, args.new_tokens)
     print_speeds(speeds, "2 MB pages", "4 KB pages")
     return 0
 

@@ -11,8 +11,8 @@ import torch
 
 import qwen2
 from qwen2 import calibration, loading
-from qwen2.calibration import (CALIBRATION_CHAT, calibration_ids, checkpoint_importance, decoder_products,
-                               input_importance)
+from qwen2.calibration import CALIBRATION_CHAT, calibration_ids, checkpoint_importance, input_importance
+from qwen2.products import decoder_products
 from qwen2.quant import Int4BlockLinear, quantize_int4_blocks
 from qwen2.tokenizer import Tokenizer
 from qwen2.upcast import Bf16PanelLinear

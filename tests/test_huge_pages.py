@@ -63,7 +63,7 @@ def test_large_tensors_move_to_aligned_advised_memory_with_their_values_and_ties
 
 @linux
 def test_huge_page_memory_starts_as_zeros_and_is_refused_below_a_page():
-    assert huge_page_empty(HUGE_PAGE - 1) is None
+    assert huge_page_empty((HUGE_PAGE - 1,), torch.uint8) is None
     cache = zeros((3, 2, 1024, 64), "cpu", torch.float32)  # 1.5 MB: ordinary zeros
     assert cache.shape == (3, 2, 1024, 64) and not cache.any()
     layer = zeros((4, 2, 4096, 64), "cpu", torch.bfloat16)  # 4 MB

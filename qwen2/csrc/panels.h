@@ -62,12 +62,6 @@ inline void keep_in_register(__m256i& v) {
 #endif
 
 #if defined(QWEN2_AVX512)
-inline void keep_in_register(__m512i& v) {
-#if defined(__GNUC__)
-  asm("" : "+v"(v));
-#endif
-}
-
 // The 16 bytes at a then the 16 at b, as one register (two panels' runs side by side).
 inline __m256i join16(const void* a, const void* b) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(static_cast<const __m128i*>(a))),
