@@ -21,10 +21,12 @@ sixteenth round): a small gain, for 1.5 s at load. The first CALIBRATION_TOKENS 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
+from .errors import TokenizerError
 from .products import decoder_products
 from .tokenizer import Tokenizer
 from .upcast import float32_products, wants_upcast
@@ -68,11 +70,17 @@ def input_importance(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
 def checkpoint_importance(model, directory: Path | None) -> dict[str, torch.Tensor] | None:
     """input_importance on the calibration chat as the checkpoint at `directory` tokenizes it; None
     where there is no tokenizer.json to read it with (a bare weights directory, random weights of an
-    official shape). A bf16 model on a CPU without bf16 math runs it on our bf16 panels first, as it
+    official shape), or, with a warning naming why, where it cannot be read: the weights load
+    unweighed, as they did before calibration, and the tokenizer's own loader reports the file
+    where the tokenizer is used (the app falls back to bytes). A bf16 model on a CPU without bf16 math runs it on our bf16 panels first, as it
     would run a prompt (qwen2/upcast.py: plain bf16 products there take ~10x longer)."""
     if directory is None or not (Path(directory) / "tokenizer.json").is_file():
         return None
-    tokenizer = Tokenizer.from_pretrained(directory)
+    try:
+        tokenizer = Tokenizer.from_pretrained(directory)
+    except TokenizerError as exc:
+        warnings.warn(f"int4 rounding not weighed by a calibration chat: {exc}", stacklevel=3)
+        return None
     limit = min(CALIBRATION_TOKENS, model.config.max_position_embeddings)
     if wants_upcast(model):
         float32_products(model)

@@ -75,13 +75,18 @@ def test_the_loader_weighs_int4_rounding_by_the_checkpoints_calibration(tmp_path
 
 
 @needs_kernel
-@pytest.mark.parametrize("why", ["no tokenizer", "random weights"])
+@pytest.mark.parametrize("why", ["no tokenizer", "broken tokenizer", "random weights"])
 def test_without_a_tokenizer_or_weights_every_input_counts_alike(tmp_path, why):
     directory = make_checkpoint(tmp_path, dtype=torch.bfloat16, with_tokenizer=why != "no tokenizer")
     random_weights = why == "random weights"
     reference = qwen2.load_model(directory, dtype="bfloat16", random_weights=random_weights)
     weights = {name: module.weight.data.clone() for name, module in decoder_products(reference).items()}
-    q4 = qwen2.load_model(directory, quantize="int4", dtype="bfloat16", random_weights=random_weights)
+    if why == "broken tokenizer":  # the model still loads, unweighed, and says why
+        (directory / "tokenizer.json").write_text("{not json")
+        with pytest.warns(UserWarning, match="not weighed.*tokenizer.json"):
+            q4 = qwen2.load_model(directory, quantize="int4", dtype="bfloat16")
+    else:
+        q4 = qwen2.load_model(directory, quantize="int4", dtype="bfloat16", random_weights=random_weights)
     assert not q4.info.quant_weighed
     for name, module in decoder_products(q4).items():
         assert torch.equal(module.weight, quantize_int4_blocks(weights[name])[0])
