@@ -79,18 +79,25 @@ VERIFY_WIDTH = 4
 # (qwen2/csrc/panels.h), so nine tokens cost a fraction more than four. On a 2-vCPU AMD EPYC with
 # AVX-512 (Zen 5), int8, a nine-token verification cost 1.58 steps against 1.24 for four, and code
 # edits sped up 2.25x / 2.57x with both widths against 1.67x / 1.78x with four only
-# (docs/benchmarks.md, fifteenth round). Elsewhere nine rows cost 3-4 steps: the narrow width alone.
+# (docs/benchmarks.md, fifteenth round). A bf16 model's dot products (qwen2/csrc/bf16_dot.cpp, CPUs
+# with AVX-512 BF16) take up to nine rows the same way: nine tokens at ~1.25 steps
+# (seventeenth round). Elsewhere nine rows cost 3-4 steps: the narrow width alone.
 WIDE_VERIFY_WIDTH = 9
 
 
 def verify_widths(model) -> tuple[int, ...]:
     """The verification widths worth compiling for `model`: VERIFY_WIDTH, and WIDE_VERIFY_WIDTH where
-    its products run on our quantized kernels built for AVX-512 VNNI."""
+    its products run on our kernels that take nine rows in one pass over the weights: the quantized
+    ones built for AVX-512 VNNI, or the bf16 dot products."""
     from . import cpu_kernels
+    from .bf16_dot import Bf16DotLinear
     from .quant import Int4BlockLinear, Int8BlockLinear
 
-    wide = model.device.type == "cpu" and cpu_kernels.instruction_set(build=False) == "avx512-vnni" and \
-        any(isinstance(module, (Int8BlockLinear, Int4BlockLinear)) for module in model.modules())
+    if model.device.type != "cpu":
+        return (VERIFY_WIDTH,)
+    vnni = cpu_kernels.instruction_set(build=False) == "avx512-vnni"
+    wide = any(isinstance(module, Bf16DotLinear) or (vnni and isinstance(module, (Int8BlockLinear, Int4BlockLinear)))
+               for module in model.modules())
     return (VERIFY_WIDTH, WIDE_VERIFY_WIDTH) if wide else (VERIFY_WIDTH,)
 
 

@@ -13,6 +13,7 @@ from qwen2 import cpu_kernels
 from qwen2.bf16_dot import Bf16DotLinear, dot_products, wants_bf16_dot
 from qwen2.options import cpu_has_bfloat16_math
 from qwen2.quant import quantize_model
+from qwen2.steps import VERIFY_WIDTH, WIDE_VERIFY_WIDTH, verify_widths
 from tests.helpers import make_checkpoint, needs_kernel
 
 needs_dot = pytest.mark.skipif(
@@ -29,8 +30,10 @@ def within_rounding(y: torch.Tensor, x, w, bias=None) -> bool:
 
 
 @needs_dot
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 9])  # ours up to four, oneDNN above
-@pytest.mark.parametrize("shape", [(40, 96), (1152, 896), (36, 4864)], ids=["small", "qkv", "down"])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 10, 17])  # ours up to nine, oneDNN above
+# 36 and 132 channels: not a multiple of the eight that three or four rows take at once, and 132 splits
+# between two threads at a channel that is not either
+@pytest.mark.parametrize("shape", [(40, 96), (1152, 896), (36, 4864), (132, 128)], ids=["small", "qkv", "down", "odd"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_kernel_equals_the_float64_product_of_the_bf16_values(rows, shape, with_bias):
     gen = torch.Generator().manual_seed(rows)
@@ -58,14 +61,14 @@ def test_the_operator_refuses_mismatched_shapes_with_what_it_expected():
 
 
 @needs_dot
-@pytest.mark.parametrize("rows", [1, 4, 70], ids=["decode", "verification", "prompt"])
+@pytest.mark.parametrize("rows", [1, 4, 9, 70], ids=["decode", "verification", "wide verification", "prompt"])
 def test_layer_equals_torchs_product_and_compiles_to_the_same_bits(rows):
     linear = torch.nn.Linear(96, 40, bias=True).bfloat16()
     layer = Bf16DotLinear.from_linear(linear)
     assert layer.weight is linear.weight and layer.bias is linear.bias
-    x = torch.randn(2, rows, 96).bfloat16()
+    x = torch.randn(1, rows, 96).bfloat16()
     got = layer(x)
-    assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 40)
+    assert got.dtype == torch.bfloat16 and got.shape == (1, rows, 40)
     torch.testing.assert_close(got, linear(x), atol=2 ** -6, rtol=2 ** -7)
     with torch.inference_mode():
         assert torch.equal(torch.compile(layer, fullgraph=True)(x), layer(x))
@@ -87,6 +90,8 @@ def test_the_loader_gives_a_bf16_model_the_dot_products_and_the_model_stays_the_
                 linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 linear.weight, linear.bias = child.weight, child.bias
                 setattr(module, name, linear)
+    # nine rows in one pass over the weights: the engine compiles the wide verification for ours only
+    assert verify_widths(model) == (VERIFY_WIDTH, WIDE_VERIFY_WIDTH) and verify_widths(plain) == (VERIFY_WIDTH,)
     ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ours, torchs = model(ids), plain(ids)

@@ -7,8 +7,8 @@
 // second, packed copy of the weights (docs/benchmarks.md, sixteenth round). Here each output channel is
 // one dot product along the weights' row: _mm512_dpbf16_ps multiplies 32 pairs of bf16 exactly and adds
 // them to 16 float32 sums, four channels at a time (four streams of the weights, one after another in
-// memory), each against up to kDotRows rows of x. More rows (a prompt) are compute-bound, where oneDNN's
-// blocked GEMM is the faster one: those go to at::linear, so the one operator serves every row count
+// memory), each against up to kDotRows rows of x (a decode step; a speculative verification). More rows
+// (a prompt) are compute-bound, where oneDNN's blocked GEMM is the faster one: those go to at::linear, so the one operator serves every row count
 // and the weights keep one (plain) copy.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -26,12 +26,18 @@
 
 namespace {
 
-constexpr int64_t kDotRows = 4;  // rows of x a call takes through the dot products
-constexpr int64_t kStep = 32;    // inputs one instruction takes: K must be a multiple
-// Output channels at once: four streams of the weights, which the hardware prefetcher follows on its
-// own (a software prefetch of the next four rows made a pass over the 0.5B model's weights 15-20 %
-// slower; two channels or eight were slower too: docs/benchmarks.md, sixteenth round).
-constexpr int64_t kChannels = 4;
+// Rows of x a call takes through the dot products: a decode step's one per sequence, and the engine's
+// speculative verifications (qwen2/steps.py: VERIFY_WIDTH 4, WIDE_VERIFY_WIDTH 9).
+constexpr int64_t kDotRows = 9;
+constexpr int64_t kStep = 32;     // inputs one instruction takes: K must be a multiple
+constexpr int64_t kChannels = 4;  // output channels at once (four streams of the weights): N must be a multiple
+// One or two rows of x: the hardware prefetcher follows the four streams on its own (a software
+// prefetch made one row's pass over the 0.5B model's weights 15-20 % slower; two channels at once or
+// eight were slower too). Three rows and more do 3-9x the multiplies per byte, and with the prefetcher
+// alone four rows took 2.0-2.2x one row's time; prefetching each stream 1 KB ahead (to L1) and 16 KB
+// ahead (to L2) brings four rows to ~1.15x and nine to ~1.25x (docs/benchmarks.md, seventeenth round).
+constexpr int kPrefetchFromRows = 3;
+constexpr int64_t kNearAhead = 1024, kFarAhead = 16384;  // bytes
 
 #ifdef QWEN2_BF16_DOT
 // The four channels' sums at once, [sum a[0], .., sum a[3]]: three rounds of adds across the four
@@ -52,22 +58,29 @@ void dot_rows(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat1
   for (int64_t n = n0; n < n1; n += kChannels) {
     const c10::BFloat16* row = w + n * K;  // kChannels rows of K, one after another
     __m512 acc[T][kChannels];
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int r = 0; r < T; ++r)
 #pragma GCC unroll 4
       for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += kStep) {
       __m512bh weights[kChannels];
 #pragma GCC unroll 4
-      for (int c = 0; c < kChannels; ++c) weights[c] = (__m512bh)_mm512_loadu_si512(row + c * K + k);
-#pragma GCC unroll 4
+      for (int c = 0; c < kChannels; ++c) {
+        const char* at = reinterpret_cast<const char*>(row + c * K + k);
+        if constexpr (T >= kPrefetchFromRows) {
+          _mm_prefetch(at + kNearAhead, _MM_HINT_T0);
+          _mm_prefetch(at + kFarAhead, _MM_HINT_T1);
+        }
+        weights[c] = (__m512bh)_mm512_loadu_si512(at);
+      }
+#pragma GCC unroll 16
       for (int r = 0; r < T; ++r) {
         const __m512bh xs = (__m512bh)_mm512_loadu_si512(x + r * K + k);
 #pragma GCC unroll 4
         for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], weights[c], xs);
       }
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int r = 0; r < T; ++r) {
       alignas(16) float sums[kChannels];
       _mm_store_ps(sums, sum_each(acc[r]));
@@ -75,6 +88,16 @@ void dot_rows(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat1
       for (int c = 0; c < kChannels; ++c)
         y[r * N + n + c] = c10::BFloat16(sums[c] + (bias ? static_cast<float>(bias[n + c]) : 0.f));
     }
+  }
+}
+
+// dot_rows<M> for M = 1..kDotRows.
+template <int T = kDotRows>
+void dot_rows_of(int64_t M, const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K,
+                 int64_t N, int64_t n0, int64_t n1, c10::BFloat16* y) {
+  if constexpr (T > 0) {
+    if (M == T) return dot_rows<T>(w, x, bias, K, N, n0, n1, y);
+    dot_rows_of<T - 1>(M, w, x, bias, K, N, n0, n1, y);
   }
 }
 #endif
@@ -104,14 +127,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   const c10::BFloat16* bp = bias ? bc.data_ptr<c10::BFloat16>() : nullptr;
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, N / kChannels, 16, [&](int64_t begin, int64_t end) {
-    const int64_t n0 = begin * kChannels, n1 = end * kChannels;
-    switch (M) {
-      case 4: dot_rows<4>(wp, xp, bp, K, N, n0, n1, yp); break;
-      case 3: dot_rows<3>(wp, xp, bp, K, N, n0, n1, yp); break;
-      case 2: dot_rows<2>(wp, xp, bp, K, N, n0, n1, yp); break;
-      case 1: dot_rows<1>(wp, xp, bp, K, N, n0, n1, yp); break;
-      default: break;  // M == 0
-    }
+    dot_rows_of(M, wp, xp, bp, K, N, begin * kChannels, end * kChannels, yp);  // nothing for M == 0
   });
   return y;
 #else
