@@ -371,7 +371,9 @@ class CompiledCpuSteps(EagerSteps):
                     self.failed = exc
                     say(1.0, f"compile failed ({type(exc).__name__}: {str(exc)[:200]}); decoding eagerly")
                     return
-            verify = "".join(f", and the {self._job_text(job)}," for job in self.verify_jobs)
+            verifications = [f"the {self._job_text(job)}" for job in self.verify_jobs]
+            verify = "".join(f", {text}" for text in verifications[:-1]) + \
+                (f", and {verifications[-1]}," if verifications else "")
             long = f" (1 row also past {MAX_COMPILED_KEYS} tokens)" if "long" in self.jobs else ""
             say(1.0, f"decode step compiled for {' and '.join(map(self._rows_text, self.buckets))}{long}{verify} "
                      f"in {sum(self.ready.values()):.0f} s")

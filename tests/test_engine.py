@@ -583,7 +583,15 @@ def test_compile_now_compiles_every_bucket_on_the_calling_thread(model, monkeypa
     messages = []
     engine.compile_now(progress=lambda fraction, message: messages.append(message))
     assert list(engine.steps.ready) == [1, 2, "verify"] and threads == [threading.current_thread()] * 3
-    assert engine.state == "compiled" and "compiled for 1 row and 2 rows, and the 4-token verification" in messages[-1]
+    assert engine.state == "compiled" and messages[-1].startswith(
+        "decode step compiled for 1 row and 2 rows, and the 4-token verification (speculative decoding), in ")
+    engine.close()
+    monkeypatch.setattr(steps_module, "verify_widths", lambda model: (4, 9))  # and with the wide one
+    engine = Engine(model, rows=2, fast_decode="compile", compile_mode="default")
+    monkeypatch.setattr(engine.steps, "_compile", lambda cache, job: engine.steps.ready.__setitem__(job, 0.0))
+    engine.compile_now(progress=lambda fraction, message: messages.append(message))
+    assert messages[-1].startswith("decode step compiled for 1 row and 2 rows, the 4-token verification (speculative "
+                                   "decoding), and the 9-token verification (long drafts), in "), messages[-1]
     engine.close()
 
 
