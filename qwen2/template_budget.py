@@ -188,15 +188,24 @@ def running(limits: TemplateLimits, compiling: bool):
         _RUN.reset(token)
 
 
+# Where a compile's own Python code lives: the deadline is raised only in calls of these modules.
+COMPILING_MODULES = ("jinja2.", "markupsafe", "qwen2.template")
+
+
 def deadline_tracer(seconds: float):
     """A trace function that raises once `seconds` have passed, for compiling: it sees every
     Python call of Jinja's lexer, parser, optimiser and code generator, which have no hooks of
     their own. (Renders are not traced: tracing makes all Python code several times slower,
-    and their loops and calls check the deadline themselves.)"""
+    and their loops and calls check the deadline themselves.)
+
+    It raises only in the compile's own calls (COMPILING_MODULES): a weakref callback or __del__
+    that garbage collection runs in the middle of a compile is traced too, and Python swallows an
+    exception raised there and drops the trace function, which ended the deadline for the rest of
+    the compile."""
     deadline, clock = time.monotonic() + seconds, time.monotonic
 
     def on_call(frame, event, arg):
-        if clock() > deadline:
+        if clock() > deadline and frame.f_globals.get("__name__", "").startswith(COMPILING_MODULES):
             expired(seconds)
 
     return on_call

@@ -234,5 +234,6 @@ def compile_template(source: str, limits: TemplateLimits):
             template = env.from_string(ast)
         finally:
             sys.settrace(previous)  # first: a Python-level call here could still be interrupted
+        tick()  # a compile that outran its deadline without a traced call to stop it
     _guard_joins(template)
     return variables, template

@@ -279,6 +279,37 @@ def test_a_template_that_does_not_compile_fails_fast_every_time(tiny_dir, tmp_pa
     assert time.perf_counter() - start < 0.1  # the second time, the remembered error
 
 
+def test_a_callback_that_runs_during_a_compile_cannot_switch_the_deadline_off(tiny_dir, tmp_path, monkeypatch):
+    """Python drops a trace function that raises, and an exception raised inside a weakref callback
+    or a __del__ (garbage collection can run either in the middle of a compile) is printed and
+    swallowed: once the deadline had passed, the first such call ended the deadline for the rest of
+    that compile, and a template over its time limit compiled (seen in CI, a dynamo weakref callback)."""
+    import gc
+    import weakref
+
+    from qwen2 import template_sandbox
+
+    class Freed:
+        pass
+
+    limits = TemplateLimits(seconds=0.2)
+    guard_loops = template_sandbox._guard_loops
+
+    def guard_loops_after_a_callback(ast, env):
+        time.sleep(limits.seconds * 1.5)  # past the deadline (a C call: no trace event)
+        freed = Freed()
+        ref = weakref.ref(freed, lambda _: gc.collect)  # a Python frame, traced, that swallows errors
+        del freed
+        assert ref() is None
+        return guard_loops(ast, env)
+
+    monkeypatch.setattr(template_sandbox, "_guard_loops", guard_loops_after_a_callback)
+    tok = Tokenizer.from_pretrained(_with_template(tiny_dir, tmp_path / "t", "{{ messages[0].content }}"))
+    tok.template_limits = limits
+    with pytest.raises(TokenizerError, match="does not compile"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
 @pytest.mark.parametrize("template", [
     "{{ guard_loop }}{{ environment }}{{ concat }}",  # the checks' hooks are not reachable by name
     "{{ range.__globals__ }}",
