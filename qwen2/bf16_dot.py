@@ -4,9 +4,9 @@ dot-product kernel, prompts through oneDNN, one plain copy of the weights.
 torch's bf16 product of one row of x (oneDNN) streamed the weights at about half the rate our kernels
 reach, and Inductor's frozen decode step pre-packs every weight into a second copy for it. Where our
 kernels build with AVX-512 BF16, the decoder layers' linear layers and the LM head become
-Bf16DotLinear: `torch.ops.qwen2.bf16_linear` takes up to nine rows of x (a decode step, a speculative
-verification) as dot products along the weights' own rows (qwen2/csrc/bf16_dot.cpp), and hands more
-rows (a prompt) to at::linear. Being one operator Inductor cannot see into, the compiled steps call
+Bf16DotLinear: `torch.ops.qwen2.bf16_linear` takes up to nine rows of x at once (a decode step, a
+speculative verification) as dot products along the weights' own rows (qwen2/csrc/bf16_dot.cpp), a
+short prompt's up to 24 rows nine at a time, and hands longer prompts to at::linear. Being one operator Inductor cannot see into, the compiled steps call
 it as it is: no packed copy. The math is the product's: the same bf16 weights and x, float32 sums,
 one rounding to bf16 with the bias.
 (CPUs without bf16 math: qwen2/upcast.py.)

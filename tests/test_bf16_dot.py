@@ -30,7 +30,8 @@ def within_rounding(y: torch.Tensor, x, w, bias=None) -> bool:
 
 
 @needs_dot
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 10, 17])  # ours up to nine, oneDNN above
+# ours up to nine rows at once, up to 24 in tiles of nine (10 = 9 + 1, 17, 24 = 9 + 9 + 6), oneDNN above
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 10, 17, 24, 25, 40])
 # 36 and 132 channels: not a multiple of the eight that three or four rows take at once, and 132 splits
 # between two threads at a channel that is not either
 @pytest.mark.parametrize("shape", [(40, 96), (1152, 896), (36, 4864), (132, 128)], ids=["small", "qkv", "down", "odd"])
@@ -61,7 +62,8 @@ def test_the_operator_refuses_mismatched_shapes_with_what_it_expected():
 
 
 @needs_dot
-@pytest.mark.parametrize("rows", [1, 4, 9, 70], ids=["decode", "verification", "wide verification", "prompt"])
+@pytest.mark.parametrize("rows", [1, 4, 9, 20, 70],
+                         ids=["decode", "verification", "wide verification", "short prompt", "prompt"])
 def test_layer_equals_torchs_product_and_compiles_to_the_same_bits(rows):
     linear = torch.nn.Linear(96, 40, bias=True).bfloat16()
     layer = Bf16DotLinear.from_linear(linear)

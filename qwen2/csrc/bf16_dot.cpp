@@ -7,9 +7,10 @@
 // second, packed copy of the weights (docs/benchmarks.md, sixteenth round). Here each output channel is
 // one dot product along the weights' row: _mm512_dpbf16_ps multiplies 32 pairs of bf16 exactly and adds
 // them to 16 float32 sums, four channels at a time (four streams of the weights, one after another in
-// memory), each against up to kDotRows rows of x (a decode step; a speculative verification). More rows
-// (a prompt) are compute-bound, where oneDNN's blocked GEMM is the faster one: those go to at::linear, so the one operator serves every row count
-// and the weights keep one (plain) copy.
+// memory), each against up to kDotRows rows of x (a decode step; a speculative verification), or a
+// short prompt's rows kDotRows at a time. More rows (a prompt past kTiledRows) are compute-bound,
+// where oneDNN's blocked GEMM is the faster one: those go to at::linear, so the one operator serves
+// every row count and the weights keep one (plain) copy.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -17,7 +18,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -29,6 +32,11 @@ namespace {
 // Rows of x a call takes through the dot products: a decode step's one per sequence, and the engine's
 // speculative verifications (qwen2/steps.py: VERIFY_WIDTH 4, WIDE_VERIFY_WIDTH 9).
 constexpr int64_t kDotRows = 9;
+// Up to here a short prompt's rows go through the dot products too, kDotRows at a time against weights
+// the first tile brought into cache; past it oneDNN's blocked GEMM is faster. Over the 0.5B model's
+// layers (715 MB): 10 rows 20 ms against oneDNN's 31, 16 rows 26 / 33, 24 rows 35 / 39, 32 rows
+// 48 / 46 (docs/benchmarks.md, seventeenth round).
+constexpr int64_t kTiledRows = 24;
 constexpr int64_t kStep = 32;     // inputs one instruction takes: K must be a multiple
 constexpr int64_t kChannels = 4;  // output channels at once (four streams of the weights): N must be a multiple
 // One or two rows of x: the hardware prefetcher follows the four streams on its own (a software
@@ -51,60 +59,75 @@ inline __m128 sum_each(const __m512 a[4]) {
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
 
-// Channels [n0, n1) (multiples of kChannels) of T rows of x.
+// Channels [n, n + kChannels) of T rows of x, to the same rows of y (rows N apart).
 template <int T>
-void dot_rows(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K, int64_t N,
-              int64_t n0, int64_t n1, c10::BFloat16* y) {
-  for (int64_t n = n0; n < n1; n += kChannels) {
-    const c10::BFloat16* row = w + n * K;  // kChannels rows of K, one after another
-    __m512 acc[T][kChannels];
+inline void dot_group(const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K, int64_t N,
+                      int64_t n, c10::BFloat16* y) {
+  const c10::BFloat16* row = w + n * K;  // kChannels rows of K, one after another
+  __m512 acc[T][kChannels];
 #pragma GCC unroll 16
-    for (int r = 0; r < T; ++r)
+  for (int r = 0; r < T; ++r)
 #pragma GCC unroll 4
-      for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += kStep) {
-      __m512bh weights[kChannels];
+    for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kStep) {
+    __m512bh weights[kChannels];
 #pragma GCC unroll 4
-      for (int c = 0; c < kChannels; ++c) {
-        const char* at = reinterpret_cast<const char*>(row + c * K + k);
-        if constexpr (T >= kPrefetchFromRows) {
-          _mm_prefetch(at + kNearAhead, _MM_HINT_T0);
-          _mm_prefetch(at + kFarAhead, _MM_HINT_T1);
-        }
-        weights[c] = (__m512bh)_mm512_loadu_si512(at);
+    for (int c = 0; c < kChannels; ++c) {
+      const char* at = reinterpret_cast<const char*>(row + c * K + k);
+      if constexpr (T >= kPrefetchFromRows) {
+        _mm_prefetch(at + kNearAhead, _MM_HINT_T0);
+        _mm_prefetch(at + kFarAhead, _MM_HINT_T1);
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < T; ++r) {
-        const __m512bh xs = (__m512bh)_mm512_loadu_si512(x + r * K + k);
-#pragma GCC unroll 4
-        for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], weights[c], xs);
-      }
+      weights[c] = (__m512bh)_mm512_loadu_si512(at);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < T; ++r) {
-      alignas(16) float sums[kChannels];
-      _mm_store_ps(sums, sum_each(acc[r]));
+      const __m512bh xs = (__m512bh)_mm512_loadu_si512(x + r * K + k);
 #pragma GCC unroll 4
-      for (int c = 0; c < kChannels; ++c)
-        y[r * N + n + c] = c10::BFloat16(sums[c] + (bias ? static_cast<float>(bias[n + c]) : 0.f));
+      for (int c = 0; c < kChannels; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], weights[c], xs);
     }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < T; ++r) {
+    alignas(16) float sums[kChannels];
+    _mm_store_ps(sums, sum_each(acc[r]));
+#pragma GCC unroll 4
+    for (int c = 0; c < kChannels; ++c)
+      y[r * N + n + c] = c10::BFloat16(sums[c] + (bias ? static_cast<float>(bias[n + c]) : 0.f));
   }
 }
 
-// dot_rows<M> for M = 1..kDotRows.
-template <int T = kDotRows>
-void dot_rows_of(int64_t M, const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K,
-                 int64_t N, int64_t n0, int64_t n1, c10::BFloat16* y) {
+// body(std::integral_constant<int, M>) for M = 1..kDotRows: the row count as a template argument.
+template <int T = kDotRows, class Body>
+inline void with_row_count(int64_t M, const Body& body) {
   if constexpr (T > 0) {
-    if (M == T) return dot_rows<T>(w, x, bias, K, N, n0, n1, y);
-    dot_rows_of<T - 1>(M, w, x, bias, K, N, n0, n1, y);
+    if (M == T) return body(std::integral_constant<int, T>{});
+    with_row_count<T - 1>(M, body);
   }
+}
+
+// Channels [n0, n1) (multiples of kChannels) of all M rows of x. Past kDotRows rows (a short prompt),
+// each group of channels meets the rows kDotRows at a time, its weights read from memory by the
+// first tile and from cache by the others.
+void dot_rows(int64_t M, const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K,
+              int64_t N, int64_t n0, int64_t n1, c10::BFloat16* y) {
+  if (M <= kDotRows) {
+    with_row_count(M, [&](auto rows) {
+      for (int64_t n = n0; n < n1; n += kChannels) dot_group<decltype(rows)::value>(w, x, bias, K, N, n, y);
+    });
+    return;
+  }
+  for (int64_t n = n0; n < n1; n += kChannels)
+    for (int64_t r = 0; r < M; r += kDotRows)
+      with_row_count(std::min(kDotRows, M - r), [&](auto rows) {
+        dot_group<decltype(rows)::value>(w, x + r * K, bias, K, N, n, y + r * N);
+      });
 }
 #endif
 
 bool dot_fits(const at::Tensor& x, const at::Tensor& w) {
 #ifdef QWEN2_BF16_DOT
-  return x.dim() == 2 && w.dim() == 2 && x.size(0) <= kDotRows && x.size(1) == w.size(1) && w.size(1) % kStep == 0 &&
+  return x.dim() == 2 && w.dim() == 2 && x.size(0) <= kTiledRows && x.size(1) == w.size(1) && w.size(1) % kStep == 0 &&
          w.size(0) % kChannels == 0 && x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 &&
          x.device().is_cpu() && w.device().is_cpu();
 #else
@@ -127,7 +150,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w, const std::opti
   const c10::BFloat16* bp = bias ? bc.data_ptr<c10::BFloat16>() : nullptr;
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   at::parallel_for(0, N / kChannels, 16, [&](int64_t begin, int64_t end) {
-    dot_rows_of(M, wp, xp, bp, K, N, begin * kChannels, end * kChannels, yp);  // nothing for M == 0
+    dot_rows(M, wp, xp, bp, K, N, begin * kChannels, end * kChannels, yp);
   });
   return y;
 #else
