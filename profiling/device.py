@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from qwen2.huge_pages import huge_page_empty
+from qwen2 import huge_pages
 
 # Published HBM/GDDR bandwidth of common inference GPUs, bytes/s. Matched against the CUDA device
 # name (case-insensitive) in order, so the more specific patterns come first.
@@ -58,17 +58,13 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
-def _buffer(n: int, device: torch.device) -> torch.Tensor:
-    """n float32 values where the model keeps its weights: on CPU in 2 MB pages (qwen2/huge_pages.py)."""
-    memory = huge_page_empty((n,), torch.float32) if device.type == "cpu" else None
-    return memory if memory is not None else torch.empty(n, dtype=torch.float32, device=device)
-
-
 @functools.lru_cache(maxsize=None)
 def _measure(device_str: str, nbytes: int, repeats: int) -> dict:
     device = torch.device(device_str)
     n = nbytes // 4
-    src, dst = _buffer(n, device).fill_(1.0), _buffer(n, device)
+    # where the model keeps its weights: on CPU in 2 MB pages (qwen2/huge_pages.py)
+    src = huge_pages.zeros((n,), device, torch.float32).fill_(1.0)
+    dst = huge_pages.zeros((n,), device, torch.float32)
     dst.copy_(src)  # touch the pages once so the first timed pass does not page-fault
     src.sum()
     copy_s = _best_time(lambda: dst.copy_(src), device, repeats)

@@ -6,9 +6,9 @@ reach, and Inductor's frozen decode step pre-packs every weight into a second co
 kernels build with AVX-512 BF16, the decoder layers' linear layers and the LM head become
 Bf16DotLinear: `torch.ops.qwen2.bf16_linear` takes up to nine rows of x at once (a decode step, a
 speculative verification) as dot products along the weights' own rows (qwen2/csrc/bf16_dot.cpp), a
-short prompt's up to 24 rows nine at a time, and hands longer prompts to at::linear. Being one operator Inductor cannot see into, the compiled steps call
-it as it is: no packed copy. The math is the product's: the same bf16 weights and x, float32 sums,
-one rounding to bf16 with the bias.
+short prompt's up to 24 rows nine at a time, and hands longer prompts to at::linear. Being one
+operator Inductor cannot see into, the compiled steps call it as it is: no packed copy. The math is
+the product's: the same bf16 weights and x, float32 sums, one rounding to bf16 with the bias.
 (CPUs without bf16 math: qwen2/upcast.py.)
 """
 

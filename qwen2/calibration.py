@@ -72,8 +72,9 @@ def checkpoint_importance(model, directory: Path | None) -> dict[str, torch.Tens
     where there is no tokenizer.json to read it with (a bare weights directory, random weights of an
     official shape), or, with a warning naming why, where it cannot be read: the weights load
     unweighed, as they did before calibration, and the tokenizer's own loader reports the file
-    where the tokenizer is used (the app falls back to bytes). A bf16 model on a CPU without bf16 math runs it on our bf16 panels first, as it
-    would run a prompt (qwen2/upcast.py: plain bf16 products there take ~10x longer)."""
+    where the tokenizer is used (the app falls back to bytes). A bf16 model on a CPU without bf16
+    math runs it on our bf16 panels first, as it would run a prompt (qwen2/upcast.py: plain bf16
+    products there take ~10x longer)."""
     if directory is None or not (Path(directory) / "tokenizer.json").is_file():
         return None
     try:

@@ -27,8 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profiling.device import measure_bandwidth  # noqa: E402
-from qwen2 import cpu_kernels  # noqa: E402
-from qwen2.huge_pages import huge_page_empty  # noqa: E402
+from qwen2 import cpu_kernels, huge_pages  # noqa: E402
 from qwen2.quant import quantize_blocks, to_panels  # noqa: E402
 from qwen2.upcast import to_panels as bf16_panels  # noqa: E402
 
@@ -45,12 +44,7 @@ def weights_of(kind: str, weight: torch.Tensor) -> tuple:
         operands = to_panels(*quantize_blocks(weight))
     else:
         operands = tuple(torch.ops.qwen2.quantize_int4_blocks(weight))
-    return tuple(in_huge_pages(t) for t in operands)
-
-
-def in_huge_pages(t: torch.Tensor) -> torch.Tensor:
-    placed = huge_page_empty(t.shape, t.dtype)
-    return t if placed is None else placed.copy_(t)
+    return tuple(huge_pages.zeros(t.shape, t.device, t.dtype).copy_(t) for t in operands)
 
 
 def product_of(kind: str):

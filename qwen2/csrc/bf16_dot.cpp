@@ -1,5 +1,5 @@
 // y = x @ W^T + bias with W bf16 in its plain (N, K) order and x bf16, on CPUs that multiply bf16
-// themselves (AVX-512 BF16): the decode products of a bf16 model.
+// themselves (AVX-512 BF16): the decode, verification and short-prompt products of a bf16 model.
 //
 // A decode step reads every weight once and does little else, so it runs at the memory's pace only
 // if the product streams the weights and nothing more; torch's bf16 product (oneDNN) reached 22-26 GB/s
@@ -111,7 +111,7 @@ inline void with_row_count(int64_t M, const Body& body) {
 // first tile and from cache by the others.
 void dot_rows(int64_t M, const c10::BFloat16* w, const c10::BFloat16* x, const c10::BFloat16* bias, int64_t K,
               int64_t N, int64_t n0, int64_t n1, c10::BFloat16* y) {
-  if (M <= kDotRows) {
+  if (M <= kDotRows) {  // one tile: its row count picked once for the range, not per group of channels
     with_row_count(M, [&](auto rows) {
       for (int64_t n = n0; n < n1; n += kChannels) dot_group<decltype(rows)::value>(w, x, bias, K, N, n, y);
     });
